@@ -1,0 +1,329 @@
+"""Export a Hugging Face model folder to ONNX with optimum, then prove it against PyTorch.
+
+Why our own validation: optimum's check uses an absolute tolerance (1e-5 by default) on random
+dummy inputs, which flags float noise on large logits and KV caches and says nothing about real
+text. Here the exported graph and the PyTorch model run on the same tokenized sentences (padded,
+so the attention mask matters) and each output is judged by ``max|onnx - torch| / max|torch|``,
+a tolerance relative to the output's scale. The export goes to a temporary folder next to the
+destination and is renamed into place only once it validates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from factorlm.errors import ConfigError, ModelLoadError
+
+__all__ = ["TASKS", "ExportResult", "OutputCheck", "check_model_dir", "export", "validate"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = (
+    "feature-extraction",
+    "text-classification",
+    "text-generation",
+    "text-generation-with-past",
+)
+
+#: Files copied next to model.onnx when present in the source folder (optimum saves most).
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "sentence_bert_config.json",
+    "modules.json",
+)
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+_SAMPLE_TEXTS = (
+    "The film is a quiet triumph, funny and sad in equal measure.",
+    "A tedious, overlong mess.",
+)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """How one ONNX output compares with PyTorch on the validation batch."""
+
+    name: str
+    max_abs_diff: float
+    scale: float  # max |reference|
+
+    @property
+    def relative(self) -> float:
+        """Max difference relative to the output's scale."""
+        return self.max_abs_diff / self.scale if self.scale > 0 else self.max_abs_diff
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The exported model and the evidence that it matches PyTorch."""
+
+    model: Path
+    task: str
+    opset: int
+    checks: tuple[OutputCheck, ...] = field(default_factory=tuple)
+    rtol: float = 1e-3
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Largest absolute difference over every output."""
+        return max((c.max_abs_diff for c in self.checks), default=0.0)
+
+    @property
+    def max_relative(self) -> float:
+        """Largest scale-relative difference over every output."""
+        return max((c.relative for c in self.checks), default=0.0)
+
+
+def check_model_dir(model_dir: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Return the folder's config.json after checking it is a loadable, safe HF model folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir} is not a folder; pass a Hugging Face model folder.")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a Hugging Face model folder (no config.json).")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{config_path} does not name a model_type.")
+    if not any(next(model_dir.glob(p), None) for p in _WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"{model_dir} has no weights (*.safetensors or pytorch_model.bin) next to config.json."
+        )
+    if not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if config["model_type"] not in CONFIG_MAPPING:
+            needs = "its own Python code" if "auto_map" in config else "an unknown architecture"
+            raise ModelLoadError(
+                f"{model_dir} needs {needs} (model_type {config['model_type']!r}); "
+                "pass --trust-remote-code only if you trust that code."
+            )
+    return config
+
+
+def _load_torch_model(model_dir: Path, task: str, trust_remote_code: bool) -> Any:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loaders: dict[str, Callable[..., Any]] = {
+        "feature-extraction": AutoModel.from_pretrained,
+        "text-classification": AutoModelForSequenceClassification.from_pretrained,
+        "text-generation": AutoModelForCausalLM.from_pretrained,
+        "text-generation-with-past": AutoModelForCausalLM.from_pretrained,
+    }
+    model = loaders[task](model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+def _tokenize(model_dir: Path, trust_remote_code: bool) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batch = tokenizer(list(_SAMPLE_TEXTS), padding=True, return_tensors="np")
+    return {k: np.asarray(v, dtype=np.int64) for k, v in batch.items()}
+
+
+def validate(
+    onnx_model: Path,
+    model_dir: Path,
+    task: str,
+    *,
+    trust_remote_code: bool = False,
+    torch_model: Any = None,
+) -> tuple[OutputCheck, ...]:
+    """Run the ONNX model and PyTorch on the same real sentences; compare every output."""
+    import onnxruntime as ort
+    import torch
+
+    tokens = _tokenize(model_dir, trust_remote_code)
+    model = torch_model or _load_torch_model(model_dir, task, trust_remote_code)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(onnx_model), options, providers=["CPUExecutionProvider"])
+
+    mask = tokens["attention_mask"]
+    batch = mask.shape[0]
+    position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        if inp.name in tokens:
+            feeds[inp.name] = tokens[inp.name]
+        elif inp.name == "token_type_ids":
+            feeds[inp.name] = np.zeros_like(tokens["input_ids"])
+        elif inp.name == "position_ids":
+            feeds[inp.name] = position_ids
+        elif inp.name.startswith("past_key_values"):
+            heads, head_dim = inp.shape[1], inp.shape[3]
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                raise ModelLoadError(f"{onnx_model} input {inp.name} has no static head shape.")
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        else:
+            raise ModelLoadError(
+                f"{onnx_model} has an input {inp.name!r} that factorlm cannot feed."
+            )
+    output_names = [o.name for o in session.get_outputs()]
+    onnx_out = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+
+    kwargs: dict[str, Any] = {
+        k: torch.from_numpy(v) for k, v in feeds.items() if not k.startswith("past_key_values")
+    }
+    if task.startswith("text-generation"):
+        kwargs["use_cache"] = task.endswith("with-past")
+    with torch.inference_mode():
+        out = model(**kwargs)
+    reference: dict[str, np.ndarray] = {}
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(out, name, None)
+        if value is not None:
+            reference[name] = value.float().numpy()
+    cache = getattr(out, "past_key_values", None)
+    if cache is not None:
+        legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+        for i, (key, value) in enumerate(legacy):
+            reference[f"present.{i}.key"] = key.float().numpy()
+            reference[f"present.{i}.value"] = value.float().numpy()
+
+    checks = []
+    for name, got in onnx_out.items():
+        if name not in reference:
+            logger.info("Output %s has no PyTorch counterpart; not compared", name)
+            continue
+        ref = reference[name]
+        if ref.shape != got.shape:
+            raise ModelLoadError(
+                f"{onnx_model} output {name} has shape {got.shape}, PyTorch gives {ref.shape}."
+            )
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        checks.append(OutputCheck(name, diff, scale))
+    if not checks:
+        raise ModelLoadError(f"{onnx_model} has no output that PyTorch also produces.")
+    return tuple(checks)
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def export(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    task: str = "feature-extraction",
+    opset: int | None = None,
+    trust_remote_code: bool = False,
+    rtol: float = 1e-3,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer, config) and validate it.
+
+    Raises ``ModelLoadError`` for a folder that is not a model and when an output differs from
+    PyTorch by more than ``rtol`` times that output's largest magnitude; ``ConfigError`` for an
+    unsupported task/opset or an existing non-empty ``out_dir`` without ``overwrite``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if task not in TASKS:
+        raise ConfigError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if opset is not None and not 11 <= opset <= 23:
+        raise ConfigError(f"Opset {opset} is outside the supported range 11-23.")
+    if not rtol > 0:
+        raise ConfigError(f"The validation tolerance rtol={rtol} must be positive.")
+    check_model_dir(model_dir, trust_remote_code=trust_remote_code)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"{out_dir} already exists and is not empty; pass --overwrite.")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ConfigError(f"{out_dir} is the model folder itself; choose another output folder.")
+
+    from optimum.exporters.onnx import main_export
+    from rich.console import Console
+
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output folder
+    console = Console(stderr=True, quiet=not progress)
+    try:
+        with console.status(f"Exporting {model_dir.name} ({task}) with optimum"):
+            try:
+                main_export(
+                    str(model_dir),
+                    output=stage,
+                    task=task,
+                    opset=opset,
+                    device="cpu",
+                    dtype="fp32",
+                    library_name="transformers",
+                    trust_remote_code=trust_remote_code,
+                    local_files_only=True,
+                    do_validation=False,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"optimum cannot export {model_dir} as {task}: {exc}") from exc
+            except (OSError, KeyError) as exc:
+                raise ModelLoadError(f"{model_dir} could not be loaded for export: {exc}") from exc
+        onnx_path = stage / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"optimum wrote no model.onnx for {model_dir} ({task}).")
+        for name in _SIDE_FILES:
+            source = model_dir / name
+            if source.is_file() and not (stage / name).exists():
+                shutil.copy2(source, stage / name)
+        with console.status("Validating the ONNX outputs against PyTorch"):
+            checks = validate(onnx_path, model_dir, task, trust_remote_code=trust_remote_code)
+        for check in checks:
+            logger.info(
+                "%s: max |onnx - torch| = %.3g (scale %.3g, relative %.3g)",
+                check.name, check.max_abs_diff, check.scale, check.relative,
+            )  # fmt: skip
+        worst = max(checks, key=lambda c: c.relative)
+        if worst.relative > rtol:
+            raise ModelLoadError(
+                f"The ONNX export of {model_dir} differs from PyTorch on output {worst.name} by "
+                f"{worst.max_abs_diff:.3g} ({worst.relative:.2g} of its scale {worst.scale:.3g}, "
+                f"tolerance {rtol:g})."
+            )
+        opset_used = _onnx_opset(onnx_path)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        stage.rename(out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return ExportResult(
+        model=out_dir / "model.onnx",
+        task=task,
+        opset=opset_used,
+        checks=checks,
+        rtol=rtol,
+        seconds=time.perf_counter() - start,
+    )
