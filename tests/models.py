@@ -80,7 +80,13 @@ def mlp(
 
 
 def gemm_model(
-    k: int = 40, n: int = 48, *, trans_b: int = 1, alpha: float = 0.5, beta: float = 2.0, seed: int = 3
+    k: int = 40,
+    n: int = 48,
+    *,
+    trans_b: int = 1,
+    alpha: float = 0.5,
+    beta: float = 2.0,
+    seed: int = 3,
 ) -> onnx.ModelProto:
     """x[batch, k] -> Gemm(x, W, b; transB, alpha, beta) -> y[batch, n]."""
     w = random_weight(k, n, seed)
@@ -101,7 +107,10 @@ def gemm_model(
         "gemm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
-        [numpy_helper.from_array(stored, "proj.weight"), numpy_helper.from_array(bias, "proj.bias")],
+        [
+            numpy_helper.from_array(stored, "proj.weight"),
+            numpy_helper.from_array(bias, "proj.bias"),
+        ],
     )
     return _finish(graph)
 
@@ -144,7 +153,9 @@ def embedding_lm(
     ]
     if tie == "transpose":
         nodes += [
-            helper.make_node("Transpose", ["embed.weight"], ["embed_t"], name="head/T", perm=[1, 0]),
+            helper.make_node(
+                "Transpose", ["embed.weight"], ["embed_t"], name="head/T", perm=[1, 0]
+            ),
             helper.make_node("MatMul", ["h", "embed_t"], ["logits"], name="head/MatMul"),
         ]
     elif tie == "gemm":
@@ -158,7 +169,9 @@ def embedding_lm(
     else:
         head = random_weight(d, vocab, seed + 2)
         inits.append(numpy_helper.from_array(head, "head.weight"))
-        nodes.append(helper.make_node("MatMul", ["h", "head.weight"], ["logits"], name="head/MatMul"))
+        nodes.append(
+            helper.make_node("MatMul", ["h", "head.weight"], ["logits"], name="head/MatMul")
+        )
     out_shape: list[int | str] = ["batch", "seq", vocab] if tie != "gemm" else ["tokens", vocab]
     graph = helper.make_graph(
         nodes,

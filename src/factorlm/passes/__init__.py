@@ -1,0 +1,41 @@
+"""Graph surgery on onnx_ir models: analysis, then one rewrite pass per factorization form.
+
+The passes do no math: they receive factors computed by ``factorlm.decompose`` (keyed by
+initializer name, as in a plan) and only rewire the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from factorlm.passes.analysis import (
+    FACTOR_METADATA_KEY,
+    Analysis,
+    Candidate,
+    Skipped,
+    Use,
+    analyze,
+    factor_names,
+)
+from factorlm.passes.cleanup import RemoveReplacedWeightsPass
+from factorlm.passes.embedding import LowRankEmbeddingPass
+from factorlm.passes.kronecker import KroneckerPass
+from factorlm.passes.linear import LowRankLinearPass
+from factorlm.passes.lowrank_sparse import LowRankSparsePass
+
+__all__ = [
+    "FACTOR_METADATA_KEY",
+    "Analysis",
+    "Candidate",
+    "KroneckerPass",
+    "LowRankEmbeddingPass",
+    "LowRankLinearPass",
+    "LowRankSparsePass",
+    "RemoveReplacedWeightsPass",
+    "Skipped",
+    "Use",
+    "analyze",
+    "factor_names",
+]
+
+logger = logging.getLogger(__name__)

@@ -1,0 +1,70 @@
+"""Low-rank token embeddings: ``Gather(E, ids)`` → ``MatMul(Gather(P, ids), Q)``.
+
+``E ≈ P @ Q`` with ``P: (vocab, r)`` and ``Q: (r, d)``: looking up rows of ``P`` and multiplying by
+``Q`` equals looking up rows of ``P @ Q``. The Gather node keeps its name and now reads ``P``; a new
+MatMul produces the original output value (same name, same consumers, graph output kept). An LM
+head tied to ``E`` (directly or through a Transpose) is rewritten with the same ``P`` and ``Q``, so
+the factors are stored once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import onnx_ir as ir
+
+from factorlm.decompose import LowRank
+from factorlm.passes._graph import GraphEditor, stored_factors
+from factorlm.passes.analysis import Use, analyze
+from factorlm.passes.linear import rewrite_linear_use
+
+__all__ = ["LowRankEmbeddingPass", "rewrite_gather_use"]
+
+logger = logging.getLogger(__name__)
+
+
+def rewrite_gather_use(editor: GraphEditor, use: Use, p: ir.Value, q: ir.Value) -> None:
+    """``Gather(E, ids) -> y`` becomes ``Gather(P, ids) -> t``, ``MatMul(t, Q) -> y``."""
+    gather = use.node
+    new_out = editor.take_output(gather, "factorlm_lowrank")
+    matmul = editor.node(
+        "MatMul",
+        [gather.outputs[0], q],
+        name=f"{gather.name or 'Gather'}/factorlm_right",
+        output=new_out,
+    )
+    gather.replace_input_with(0, p)
+    editor.graph.insert_after(gather, matmul)
+
+
+class LowRankEmbeddingPass(ir.passes.InPlacePass):
+    """Replace each planned embedding (and its tied LM head) by shared low-rank factors.
+
+    Attributes:
+        factors: initializer name -> ``LowRank`` of the embedding matrix ``(vocab, d)``.
+    """
+
+    def __init__(self, factors: Mapping[str, LowRank]) -> None:
+        super().__init__()
+        self.factors = dict(factors)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        editor = GraphEditor(model)
+        count = 0
+        for cand in analyze(model).candidates:
+            low_rank = self.factors.get(cand.name)
+            if low_rank is None or cand.kind != "embedding":
+                continue
+            p_arr, q_arr = stored_factors(cand, low_rank.left, low_rank.right)
+            p = editor.initializer(f"{cand.name}.factorlm_left", p_arr, factor_of=cand.name)
+            q = editor.initializer(f"{cand.name}.factorlm_right", q_arr, factor_of=cand.name)
+            for use in cand.uses:
+                if use.form == "gather":
+                    rewrite_gather_use(editor, use, p, q)
+                else:
+                    rewrite_linear_use(editor, use, p, q)
+            count += 1
+        editor.tag_model()
+        logger.info("Factorized %s embeddings", count)
+        return ir.passes.PassResult(model, modified=count > 0)

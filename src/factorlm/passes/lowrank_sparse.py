@@ -1,0 +1,97 @@
+"""Low-rank plus sparse rewrite: ``MatMul(x, W)`` → ``MatMul(MatMul(x, L), R) + sparse branch``.
+
+``W ≈ L @ R + S``. The sparse branch is stored in a form a backend can use:
+
+- ``"column"``: ``S`` is non-zero on ``k`` input features only, so ``x @ S = x[..., rows] @ V``
+  with ``V: (k, out)``: ``Gather(x, rows, axis=-1)`` then a compact MatMul.
+- ``"2:4"`` and ``"unstructured"``: a dense residual MatMul ``x @ S`` whose zeros a sparse
+  backend (TensorRT structured sparsity for 2:4) can exploit.
+
+The original MatMul keeps its name and computes ``t @ R``; a new Add produces the original output
+value from the two branches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import onnx_ir as ir
+
+from factorlm.passes._graph import GraphEditor
+from factorlm.passes.analysis import Candidate, analyze
+
+__all__ = ["LowRankSparsePass", "supports_lowrank_sparse"]
+
+if TYPE_CHECKING:  # landing in factorlm.decompose; only attributes are read here
+    from factorlm.decompose import LowRankSparse
+
+logger = logging.getLogger(__name__)
+
+
+def supports_lowrank_sparse(candidate: Candidate) -> str | None:
+    """None when the low-rank + sparse rewrite applies, else the reason it does not."""
+    if candidate.kind != "linear" or candidate.uses[0].form != "x@W":
+        return f"the low-rank + sparse rewrite needs MatMul(x, W), not {candidate.uses[0].form}"
+    return None
+
+
+class LowRankSparsePass(ir.passes.InPlacePass):
+    """Replace each planned ``MatMul(x, W)`` by a low-rank branch plus a sparse branch.
+
+    Attributes:
+        factors: initializer name -> ``LowRankSparse``.
+    """
+
+    def __init__(self, factors: Mapping[str, LowRankSparse]) -> None:
+        super().__init__()
+        self.factors = dict(factors)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        editor = GraphEditor(model)
+        count = 0
+        for cand in analyze(model).candidates:
+            lrs = self.factors.get(cand.name)
+            if lrs is None or supports_lowrank_sparse(cand) is not None:
+                continue
+            self._rewrite(editor, cand, lrs)
+            count += 1
+        editor.tag_model()
+        logger.info("Factorized %s weights as low-rank + sparse", count)
+        return ir.passes.PassResult(model, modified=count > 0)
+
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, lrs: LowRankSparse) -> None:
+        node = cand.uses[0].node
+        base = node.name or "MatMul"
+        name = cand.name
+        x = node.inputs[0]
+        left = editor.initializer(f"{name}.factorlm_left", lrs.low_rank.left, factor_of=name)
+        right = editor.initializer(f"{name}.factorlm_right", lrs.low_rank.right, factor_of=name)
+        first = editor.node("MatMul", [x, left], name=f"{base}/factorlm_lowrank")
+        branch: list[ir.Node] = [first]
+        if lrs.structure == "column":
+            assert lrs.rows is not None and lrs.values is not None
+            rows = editor.initializer(f"{name}.factorlm_sparse_rows", lrs.rows, factor_of=name)
+            values = editor.initializer(
+                f"{name}.factorlm_sparse_values", lrs.values, factor_of=name
+            )
+            picked = editor.node(
+                "Gather", [x, rows], name=f"{base}/factorlm_sparse_gather", axis=-1
+            )
+            sparse = editor.node(
+                "MatMul", [picked.outputs[0], values], name=f"{base}/factorlm_sparse"
+            )
+            branch += [picked, sparse]
+        else:
+            residual = editor.initializer(f"{name}.factorlm_sparse", lrs.residual, factor_of=name)
+            sparse = editor.node("MatMul", [x, residual], name=f"{base}/factorlm_sparse")
+            branch.append(sparse)
+        editor.graph.insert_before(node, branch)
+        node.replace_input_with(0, first.outputs[0])
+        node.replace_input_with(1, right)
+        total = editor.take_output(node, "factorlm_lowrank")
+        add = editor.node(
+            "Add", [node.outputs[0], sparse.outputs[0]], name=f"{base}/factorlm_add", output=total
+        )
+        editor.graph.insert_after(node, add)
