@@ -162,9 +162,7 @@ def svd_rank(
     return _exact_svd(matrix, rank)
 
 
-def factors_from_svd(
-    u: np.ndarray, s: np.ndarray, vt: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split singular values as square roots: ``(U diag(√s), diag(√s) Vᵀ)`` in float64."""
     root = np.sqrt(np.maximum(s, 0.0))
     return u * root[None, :], root[:, None] * vt
