@@ -1,0 +1,385 @@
+"""The benchmark report: one JSON document, rendered as Markdown, HTML and JUnit XML.
+
+report.json schema, version 1 (``schema`` = ``"factorlm.bench"``, ``schema_version`` = 1):
+
+```
+created            ISO-8601 UTC time
+environment        {cpu, cpu_count, affinity, platform, python, libraries: {name: version}}
+settings           {shapes: ["1x128", ...], warmup, iterations, seed, confidence, task, data,
+                    regression_basis, ...}
+reference          {name, path, backend, file, session: {providers, intra_op_threads,
+                    inter_op_threads, graph_optimization_level}, inputs, outputs, manifest}
+candidates         [same as reference, one per candidate]
+latency            [{shape, batch, seq,
+                     results: {model name: {samples_ms: [...], p50_ms, p90_ms, p99_ms, mean_ms,
+                                            std_ms, throughput_per_s}},
+                     speedup: {candidate name: {estimate, ci_low, ci_high, confidence}}}]
+                   samples_ms[i] of every model come from the same alternation round i
+fidelity           {candidate name: {inputs: "data" | "random",
+                                     outputs: {output: {rows, cosine_mean, cosine_min,
+                                       max_abs_error, rel_l2_error, argmax_agreement,
+                                       kl_divergence, pooled_cosine_mean?, pooled_cosine_min?}},
+                                     random: {...same outputs block on random feeds...}}}
+task               null or {task, metric, higher_is_better, drop_unit ("points" | "percent"),
+                            reference, candidates: {name: value}, drop: {name: value}, details}
+goals              [{type, value, candidate, passed, measured, margin, detail}]
+passed             true when every goal passed (true when there are no goals)
+```
+
+A later schema version only adds keys; readers check ``schema_version <= SCHEMA_VERSION``.
+Files are written under a temporary name in the output folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from factorlm.benchmark.goals import GoalResult
+from factorlm.errors import ConfigError
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Report", "load_report", "write_text_atomic"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "factorlm.bench"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Report:
+    """A finished benchmark; ``data`` follows the schema above, ``goals`` are the judged goals."""
+
+    data: dict[str, Any]
+    goals: list[GoalResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.goals)
+
+    @property
+    def failed_goals(self) -> list[GoalResult]:
+        return [g for g in self.goals if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.data)
+        out["goals"] = [g.to_dict() for g in self.goals]
+        out["passed"] = self.passed
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False) + "\n"
+
+    def write(self, out_dir: Path, *, html_report: bool = True) -> dict[str, Path]:
+        """Write report.json, report.md, report.html and junit.xml into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = {
+            "json": out_dir / "report.json",
+            "markdown": out_dir / "report.md",
+            "junit": out_dir / "junit.xml",
+        }
+        write_text_atomic(files["json"], self.to_json())
+        write_text_atomic(files["markdown"], render_markdown(self))
+        write_text_atomic(files["junit"], render_junit(self))
+        if html_report:
+            files["html"] = out_dir / "report.html"
+            write_text_atomic(files["html"], render_html(self))
+        return files
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file next to ``path`` and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read a stored report.json (a baseline); any problem is one ConfigError sentence."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Baseline report {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"Baseline report {path} is unreadable ({type(exc).__name__}).") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ConfigError(f"Baseline report {path} is not a factorlm bench report.json.")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"Baseline report {path} has schema version {version!r}; this factorlm reads up to "
+            f"{SCHEMA_VERSION}."
+        )
+    try:
+        ref = data["reference"]["name"]
+        for entry in data["latency"]:
+            names = [ref] + [c["name"] for c in data["candidates"]]
+            for name in names:
+                if not entry["results"][name]["samples_ms"]:
+                    raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"Baseline report {path} lacks latency samples.") from None
+    return data
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table, shared by the Markdown and HTML renderings."""
+    d = report.data
+    ref = d["reference"]["name"]
+    tables = []
+    rows = []
+    for entry in d["latency"]:
+        for name, res in entry["results"].items():
+            sp = entry["speedup"].get(name)
+            speed = (
+                f"{sp['estimate']:.3f}x [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp else "1 (reference)"
+            )
+            rows.append([
+                entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}",
+                f"{res['p99_ms']:.3f}", f"{res['throughput_per_s']:.1f}", speed,
+            ])
+    conf = d["settings"].get("confidence", 0.95)
+    tables.append((
+        "Latency",
+        ["shape", "model", "p50 ms", "p90 ms", "p99 ms", "seq/s", f"speedup [{conf:.0%} CI]"],
+        rows,
+    ))
+    rows = []
+    for name, block in d["fidelity"].items():
+        for output, m in block["outputs"].items():
+            rows.append([
+                name, output, block["inputs"], _fmt(m.get("cosine_mean"), 6),
+                _fmt(m.get("cosine_min"), 6), _fmt(m.get("pooled_cosine_mean"), 6),
+                _fmt(m.get("max_abs_error")), _fmt(m.get("rel_l2_error")),
+                _fmt(m.get("argmax_agreement")), _fmt(m.get("kl_divergence")),
+            ])
+    tables.append((
+        f"Fidelity against {ref}",
+        ["candidate", "output", "inputs", "cosine mean", "cosine min", "pooled cosine",
+         "max abs err", "rel L2 err", "argmax agree", "KL (nats)"],
+        rows,
+    ))
+    task = d.get("task")
+    if task:
+        unit = "%" if task["drop_unit"] == "percent" else " pts"
+        rows = [[ref, _fmt(task["reference"], 6), "–"]]
+        rows += [
+            [n, _fmt(v, 6), f"{task['drop'][n]:+.3f}{unit}"] for n, v in task["candidates"].items()
+        ]
+        tables.append((f"Task: {task['task']} ({task['metric']})", ["model", task["metric"], "drop"], rows))
+    if report.goals:
+        rows = [
+            [g.candidate, g.goal.label, "PASS" if g.passed else "FAIL", _fmt(g.measured), g.detail]
+            for g in report.goals
+        ]
+        tables.append(("Goals", ["candidate", "goal", "result", "measured", "detail"], rows))
+    return tables
+
+
+def _summary_line(report: Report) -> str:
+    if not report.goals:
+        return "No goals were set."
+    failed = report.failed_goals
+    if not failed:
+        return f"All {len(report.goals)} goals passed."
+    return f"{len(failed)} of {len(report.goals)} goals failed: " + "; ".join(
+        f"{g.candidate} {g.goal.label} ({g.detail})" for g in failed
+    )
+
+
+def _environment_line(report: Report) -> str:
+    env = report.data["environment"]
+    libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+    ref = report.data["reference"]
+    session = ref.get("session", {})
+    threads = session.get("intra_op_threads")
+    return (
+        f"{env.get('cpu')} ({env.get('cpu_count')} cores), {env.get('platform')}, Python "
+        f"{env.get('python')}; {libs}. Backend {ref['backend']}"
+        + (f", providers {', '.join(session.get('providers', []))}, intra-op threads "
+           f"{threads or 'auto'}, graph optimization {session.get('graph_optimization_level')}"
+           if session else "")
+        + "."
+    )
+
+
+def render_markdown(report: Report) -> str:
+    d = report.data
+    s = d["settings"]
+    lines = [
+        "# factorlm benchmark",
+        "",
+        f"**{'PASS' if report.passed else 'FAIL'}** — {_summary_line(report)}",
+        "",
+        f"Reference `{d['reference']['name']}` ({d['reference']['path']}); candidates: "
+        + ", ".join(f"`{c['name']}` ({c['path']})" for c in d["candidates"])
+        + ".",
+        "",
+        f"Latency: {s['iterations']} alternating rounds after {s['warmup']} warm-up rounds per "
+        f"shape; speedup = median of per-round t_ref / t_cand with a bootstrap CI.",
+        "",
+        f"Machine: {_environment_line(report)}",
+        "",
+    ]
+    for title, header, rows in _tables(report):
+        lines += [f"## {title}", "", _markdown_table(header, rows), ""]
+    return "\n".join(lines)
+
+
+def render_junit(report: Report) -> str:
+    cases = []
+    for g in report.goals:
+        name = quoteattr(f"{g.candidate}: {g.goal.label}")
+        body = "" if g.passed else (
+            f"<failure message={quoteattr(g.detail)} type=\"GoalFailed\">{escape(g.detail)}</failure>"
+        )
+        cases.append(f'    <testcase classname="factorlm.bench" name={name} time="0">{body}</testcase>')
+    failures = len(report.failed_goals)
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<testsuites tests="{len(report.goals)}" failures="{failures}">\n'
+        f'  <testsuite name="factorlm.bench" tests="{len(report.goals)}" failures="{failures}" '
+        f'errors="0" skipped="0" timestamp={quoteattr(report.data.get("created", ""))}>\n'
+        + "".join(c + "\n" for c in cases)
+        + "  </testsuite>\n</testsuites>\n"
+    )
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _plots(report: Report) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    d = report.data
+    ref = d["reference"]["name"]
+    out = []
+    latency = d["latency"]
+    names = list(latency[0]["results"]) if latency else []
+    if latency:
+        fig, axes = plt.subplots(1, len(latency), figsize=(4.2 * len(latency), 3.2), squeeze=False)
+        for ax, entry in zip(axes[0], latency, strict=True):
+            ax.boxplot([entry["results"][n]["samples_ms"] for n in names], showfliers=True)
+            ax.set_xticks(range(1, len(names) + 1), names, rotation=20, fontsize=8)
+            ax.set_title(f"shape {entry['shape']}")
+            ax.set_ylabel("ms per inference")
+        fig.tight_layout()
+        out.append(("Latency distributions", _png(fig)))
+        plt.close(fig)
+        cands = [c["name"] for c in d["candidates"]]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        width = 0.8 / max(len(cands), 1)
+        for k, name in enumerate(cands):
+            est = [e["speedup"][name]["estimate"] for e in latency]
+            lo = [e["speedup"][name]["estimate"] - e["speedup"][name]["ci_low"] for e in latency]
+            hi = [e["speedup"][name]["ci_high"] - e["speedup"][name]["estimate"] for e in latency]
+            xs = [i + (k - (len(cands) - 1) / 2) * width for i in range(len(latency))]
+            ax.bar(xs, est, width, yerr=[lo, hi], capsize=3, label=name)
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.set_xticks(range(len(latency)), [e["shape"] for e in latency])
+        ax.set_ylabel(f"speedup vs {ref}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out.append(("Speedup per shape", _png(fig)))
+        plt.close(fig)
+    if len(d["candidates"]) >= 2 and latency:
+        task = d.get("task")
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for c in d["candidates"]:
+            name = c["name"]
+            speed = min(e["speedup"][name]["estimate"] for e in latency)
+            if task:
+                y, ylabel = task["candidates"][name], task["metric"]
+            else:
+                y = min(m.get("cosine_mean", 1.0) for m in d["fidelity"][name]["outputs"].values())
+                ylabel = "worst output cosine"
+            ax.scatter([speed], [y])
+            ax.annotate(name, (speed, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if task:
+            ax.scatter([1.0], [task["reference"]], marker="*", s=120, label=ref)
+            ax.legend(fontsize=8)
+        ax.set_xlabel("speedup (worst shape)")
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        out.append(("Accuracy vs speed", _png(fig)))
+        plt.close(fig)
+    return out
+
+
+def render_html(report: Report) -> str:
+    """A self-contained page: tables plus plots embedded as base64 PNG."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>factorlm benchmark</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 7px;text-align:left}.pass{color:#176f2c}.fail{color:#b00020}</style>",
+        "</head><body><h1>factorlm benchmark</h1>",
+        f"<p class='{'pass' if report.passed else 'fail'}'><b>{'PASS' if report.passed else 'FAIL'}"
+        f"</b> — {html.escape(_summary_line(report))}</p>",
+        f"<p>Machine: {html.escape(_environment_line(report))}</p>",
+    ]
+    for title, header, rows in _tables(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>")
+        parts += [f"<th>{html.escape(h)}</th>" for h in header]
+        parts.append("</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    for title, png in _plots(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                     f"src='data:image/png;base64,{png}'>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
