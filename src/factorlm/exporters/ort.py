@@ -50,6 +50,7 @@ __all__ = [
     "EngineManifest",
     "QuantizationReport",
     "build_ort_engine",
+    "check_output_dir",
     "constant_matmul_weights",
     "copy_sidecars",
     "detect_model_type",
@@ -254,7 +255,8 @@ def copy_sidecars(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def _check_output_dir(source: Path, out: Path) -> None:
+def check_output_dir(source: Path, out: Path) -> None:
+    """Refuse an output that is a file or that would contain (and so overwrite) the source."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"Output {out} exists and is not a directory.")
     src = source.resolve()
@@ -649,7 +651,7 @@ def build_ort_engine(
         raise ConfigError(f"Unknown model type {model_type!r}; choose one of {choices}.")
     header = load_onnx(source)
     chosen = resolve_providers(providers)
-    _check_output_dir(source, Path(out_dir))
+    check_output_dir(source, Path(out_dir))
     config = _read_config(source)
     if model_type in (None, "auto"):
         resolved_type = detect_model_type(header, config)
