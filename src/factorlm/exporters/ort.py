@@ -255,8 +255,8 @@ def copy_sidecars(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def check_output_dir(source: Path, out: Path) -> None:
-    """Refuse an output that is a file or that would contain (and so overwrite) the source."""
+def check_output_dir(source: Path, out: Path, *, overwrite: bool = False) -> None:
+    """Refuse an output that is a file, holds files (unless ``overwrite``) or contains the source."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"Output {out} exists and is not a directory.")
     src = source.resolve()
@@ -266,6 +266,8 @@ def check_output_dir(source: Path, out: Path) -> None:
             f"Output directory {out} contains the source model {source}; choose another -o so the "
             "input is not overwritten."
         )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"Output directory {out} is not empty; pass --overwrite to replace it.")
 
 
 @contextmanager
@@ -531,6 +533,15 @@ def constant_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
     return result
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def _quantize_int8(
     source: Path, target: Path, *, per_channel: bool, reduce_range: bool
 ) -> QuantizationReport:
@@ -538,16 +549,22 @@ def _quantize_int8(
 
     before = constant_matmul_weights(onnx.load(str(source), load_external_data=False))
     op_types = ("MatMul", "Attention")
-    quantize_dynamic(
-        str(source),
-        str(target),
-        op_types_to_quantize=list(op_types),
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=source.stat().st_size > _EXTERNAL_DATA_THRESHOLD,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-    )
+    root = logging.getLogger()
+    quiet = _DropMessage("Please consider to run pre-processing")
+    root.addFilter(quiet)  # the quantizer nags on the root logger about an unrelated tool
+    try:
+        quantize_dynamic(
+            str(source),
+            str(target),
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=source.stat().st_size > _EXTERNAL_DATA_THRESHOLD,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+    finally:
+        root.removeFilter(quiet)
     after = constant_matmul_weights(onnx.load(str(target), load_external_data=False))
     left = tuple(sorted(name for name in before if name in after))
     factors = [name for name, is_factor in before.items() if is_factor]
@@ -632,13 +649,15 @@ def build_ort_engine(
     providers: Sequence[str] | str | None = None,
     int8_per_channel: bool = False,
     int8_reduce_range: bool = False,
+    overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> EngineManifest:
     """Build an ONNX Runtime engine directory from ``model`` and return its manifest.
 
     ``model_type`` is ``bert``, ``gpt2``, ``llama``, ``none`` (plain graph optimization) or None
     (detect from config.json next to the model, else from the graph). ``format="ort"`` writes an
-    ORT-format model for mobile and edge runtimes. ``progress`` receives a short label per step.
+    ORT-format model for mobile and edge runtimes. A non-empty ``out_dir`` is replaced only with
+    ``overwrite``. ``progress`` receives a short label per step.
     """
     source = Path(model)
     say = progress or (lambda _msg: None)
@@ -651,7 +670,7 @@ def build_ort_engine(
         raise ConfigError(f"Unknown model type {model_type!r}; choose one of {choices}.")
     header = load_onnx(source)
     chosen = resolve_providers(providers)
-    check_output_dir(source, Path(out_dir))
+    check_output_dir(source, Path(out_dir), overwrite=overwrite)
     config = _read_config(source)
     if model_type in (None, "auto"):
         resolved_type = detect_model_type(header, config)

@@ -411,6 +411,7 @@ def build_trt_engine(
     timing_cache: str | os.PathLike[str] | bool | None = None,
     workspace_gib: float | None = None,
     optimization_level: int | None = None,
+    overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> EngineManifest:
     """Build ``model.plan`` plus ``manifest.json`` into ``out_dir`` with TensorRT.
@@ -431,7 +432,7 @@ def build_trt_engine(
         workspace_gib=workspace_gib,
         optimization_level=optimization_level,
     )
-    check_output_dir(plan.source, Path(out_dir))
+    check_output_dir(plan.source, Path(out_dir), overwrite=overwrite)
     trt = import_tensorrt()
     say("hashing source")
     src_info = source_info(plan.source, header)
