@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import mlp, run_ort
 from onnx import external_data_helper
 
 from factorlm.errors import ModelLoadError
 from factorlm.io import load_model, save_model
+from models import mlp, run_ort
 
 
 def _external(tmp_path: Path, location: str = "weights.bin") -> Path:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from models import attention_block, embedding_lm, gemm_model, left_matmul, mlp, quantized_model
 from onnx import helper
 
 from factorlm.passes import analyze
+from models import attention_block, embedding_lm, gemm_model, left_matmul, mlp, quantized_model
 
 
 def _ir(proto: object) -> ir.Model:

@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from models import embedding_lm, gemm_model, left_matmul, mlp, run_ort
 from onnx import numpy_helper
 
 from factorlm.decompose import LowRank, truncated_svd
@@ -26,6 +25,7 @@ from factorlm.passes import (
     RemoveReplacedWeightsPass,
     analyze,
 )
+from models import embedding_lm, gemm_model, left_matmul, mlp, run_ort
 
 RNG = np.random.default_rng(0)
 FEEDS: dict[str, Callable[[], dict[str, np.ndarray]]] = {

@@ -1,0 +1,506 @@
+"""The compression plan as data: which weight gets which factorization, and what it costs.
+
+``make_plan`` is a pure function of the analysed weights, optional calibration statistics and a
+budget. Its result is JSON keyed by initializer name that a user can read, edit (a rank, a method,
+Kronecker shapes) and pass back with ``--plan``; ``validate_plan`` checks an edited plan against
+the model and recomputes its costs. Numbers (spectra, global rank allocation, break-even) come
+from ``factorlm.decompose``; this module only chooses and counts.
+
+Costs follow docs/CONTRACTS.md: parameters stored, and FLOPs per token ``2·multiply-adds``. A
+token embedding's Gather costs no FLOPs; factorized, its lookup adds the ``r × d`` MatMul.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from factorlm.decompose import (
+    METHODS,
+    WeightSpectrum,
+    allocate_ranks,
+    break_even_rank,
+    propose_kronecker_shapes,
+    rank_for_energy,
+    round_rank,
+    spectrum,
+)
+from factorlm.errors import ConfigError, PlanError
+from factorlm.passes.analysis import Analysis, Candidate
+from factorlm.passes.kronecker import supports_kronecker
+from factorlm.passes.lowrank_sparse import supports_lowrank_sparse
+
+__all__ = [
+    "ALL_METHODS",
+    "DATA_AWARE",
+    "PLAN_FORMAT",
+    "Plan",
+    "StatsLike",
+    "WeightPlan",
+    "make_plan",
+    "validate_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT = "factorlm.plan/1"
+ALL_METHODS: tuple[str, ...] = (*METHODS, "kron", "losparse")
+#: Method -> the statistic it needs (CalibrationStats field).
+DATA_AWARE: dict[str, str] = {
+    "whiten": "gram",
+    "drone": "gram",
+    "asvd": "mean_abs",
+    "fwsvd": "fisher",
+}
+SPARSE_STRUCTURES = ("column", "unstructured", "2:4")
+
+
+class StatsLike(Protocol):
+    """What planning reads from ``factorlm.calibration.CalibrationStats``."""
+
+    gram: dict[str, np.ndarray]
+    mean_abs: dict[str, np.ndarray]
+    fisher: dict[str, np.ndarray]
+
+
+@dataclass
+class WeightPlan:
+    """One weight's entry. ``rank`` for low-rank methods, ``kron`` / ``sparse`` for the others."""
+
+    nodes: list[str]
+    kind: str
+    shape: list[int]  # (in, out) as the decomposition sees it
+    stored_shape: list[int]
+    method: str
+    rank: int | None = None
+    kron: dict[str, Any] | None = None  # {"a_shape": [a_in, a_out], "b_shape": [...], "terms": t}
+    sparse: dict[str, Any] | None = None  # {"structure": ..., "density": ...}
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    expected_error: float | None = None  # relative (data-aware when stats exist) Frobenius error
+
+
+@dataclass
+class Plan:
+    """Weights to factorize (keyed by initializer name), weights left dense, and the budget."""
+
+    method: str
+    budget: dict[str, Any]
+    weights: dict[str, WeightPlan] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        """Parameters and FLOPs per token of the planned weights, before and after."""
+        keys = ("params_before", "params_after", "flops_before", "flops_after")
+        return {k: sum(int(getattr(w, k)) for w in self.weights.values()) for k in keys}
+
+    def to_json(self) -> str:
+        data = {
+            "format": PLAN_FORMAT,
+            "method": self.method,
+            "budget": self.budget,
+            "totals": self.totals(),
+            "weights": {name: asdict(w) for name, w in self.weights.items()},
+            "skipped": self.skipped,
+        }
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "plan") -> Plan:
+        """Parse a plan, raising PlanError that names the file and the bad entry."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(
+                f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})."
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source} is not a factorlm plan (expected format {PLAN_FORMAT!r}).")
+        weights_raw = data.get("weights")
+        if not isinstance(weights_raw, dict):
+            raise PlanError(f"{source} has no 'weights' object.")
+        known = set(WeightPlan.__dataclass_fields__)
+        weights: dict[str, WeightPlan] = {}
+        for name, entry in weights_raw.items():
+            if not isinstance(entry, dict):
+                raise PlanError(f"{source}: entry {name!r} is not an object.")
+            unknown = set(entry) - known
+            if unknown:
+                raise PlanError(f"{source}: entry {name!r} has unknown keys {sorted(unknown)}.")
+            try:
+                weights[name] = WeightPlan(**entry)
+            except TypeError:
+                raise PlanError(
+                    f"{source}: entry {name!r} lacks 'nodes', 'kind', 'shape', 'stored_shape' or 'method'."
+                ) from None
+        skipped = data.get("skipped") or {}
+        return cls(
+            method=str(data.get("method", "svd")),
+            budget=dict(data.get("budget") or {}),
+            weights=weights,
+            skipped={str(k): str(v) for k, v in skipped.items()},
+        )
+
+
+def _costs(cand: Candidate, entry: WeightPlan) -> None:
+    """Fill params/FLOPs before and after for ``entry`` (in place)."""
+    m, n = cand.shape
+    linear_uses = sum(1 for u in cand.uses if u.form != "gather")
+    gathers = len(cand.uses) - linear_uses
+    entry.params_before = m * n
+    entry.flops_before = 2 * m * n * linear_uses
+    if entry.method == "kron" and entry.kron is not None:
+        (a_in, a_out), (b_in, b_out) = entry.kron["a_shape"], entry.kron["b_shape"]
+        t = int(entry.kron["terms"])
+        entry.params_after = t * (a_in * a_out + b_in * b_out)
+        # X (a_in, b_in): Âᵀ X costs t·a_out·a_in·b_in, then (a_out, t·b_in) @ B̂ costs a_out·t·b_in·b_out.
+        entry.flops_after = 2 * t * a_out * b_in * (a_in + b_out)
+        return
+    r = int(entry.rank or 0)
+    entry.params_after = r * (m + n)
+    entry.flops_after = 2 * r * (m + n) * linear_uses + 2 * r * n * gathers
+    if entry.method == "losparse" and entry.sparse is not None:
+        structure, density = entry.sparse["structure"], float(entry.sparse["density"])
+        if structure == "column":
+            k = round(density * m)
+            entry.params_after += k * n
+            entry.flops_after += 2 * k * n
+        else:  # stored and executed as a dense residual matrix
+            entry.params_after += m * n
+            entry.flops_after += 2 * m * n
+
+
+def _relative_error(s: np.ndarray, rank: int) -> float:
+    power = s.astype(np.float64) ** 2
+    total = float(power.sum())
+    return math.sqrt(float(power[rank:].sum()) / total) if total > 0 else 0.0
+
+
+def _matches(pattern: re.Pattern[str], name: str, nodes: Sequence[str]) -> bool:
+    return bool(pattern.search(name)) or any(pattern.search(node) for node in nodes)
+
+
+def _compile(pattern: str | None, option: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"{option} pattern {pattern!r} is not a valid regular expression ({exc})."
+        ) from None
+
+
+def _stat(stats: StatsLike | None, method: str, name: str) -> dict[str, np.ndarray | None]:
+    """The statistic a data-aware method needs for one weight, as decompose keyword arguments."""
+    found: dict[str, np.ndarray | None] = {"gram": None, "mean_abs": None, "fisher": None}
+    key = DATA_AWARE.get(method)
+    if key is None:
+        return found
+    if stats is None:
+        raise ConfigError(
+            f"method {method!r} needs calibration statistics ({key}): pass --calib DATA (with "
+            "--tokenizer) or --stats STATS.npz."
+        )
+    table: Mapping[str, np.ndarray] = getattr(stats, key)
+    if name not in table:
+        raise PlanError(f"the calibration statistics have no {key} for weight {name!r}.")
+    found[key] = table[name]
+    return found
+
+
+def make_plan(
+    analysis: Analysis,
+    *,
+    method: str = "svd",
+    ratio: float = 0.5,
+    energy: float | None = None,
+    rank_multiple: int = 8,
+    include: str | None = None,
+    exclude: str | None = None,
+    embeddings: float | None = None,
+    stats: StatsLike | None = None,
+    sparse_structure: str = "column",
+    sparse_density: float = 0.05,
+) -> Plan:
+    """Choose a factorization for every analysed weight under one budget.
+
+    ``ratio`` is the fraction of the targeted linear weights' parameters that remains, spent
+    globally by ``allocate_ranks`` over the (data-aware when ``stats``) spectra; ``energy``
+    instead keeps that fraction of each weight's spectral energy. ``embeddings`` is the ratio for
+    token embeddings (None leaves them dense). Weights whose best rank would not reduce their cost
+    stay dense, with the reason in ``Plan.skipped``.
+    """
+    if method not in ALL_METHODS:
+        raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
+    if not (isinstance(ratio, int | float) and 0.0 < ratio < 1.0):
+        raise ConfigError(f"ratio {ratio!r} is out of range: it must be strictly between 0 and 1.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ConfigError(f"energy {energy!r} is out of range: it must be in (0, 1].")
+    if embeddings is not None and not 0.0 < embeddings < 1.0:
+        raise ConfigError(f"embeddings ratio {embeddings!r} is out of range: it must be in (0, 1).")
+    if rank_multiple < 1:
+        raise ConfigError(f"rank multiple {rank_multiple!r} must be a positive integer.")
+    if method == "losparse":
+        if sparse_structure not in SPARSE_STRUCTURES:
+            raise ConfigError(
+                f"sparse structure {sparse_structure!r} is unknown; use one of {', '.join(SPARSE_STRUCTURES)}."
+            )
+        if not 0.0 <= sparse_density < ratio:
+            raise ConfigError(f"sparse density {sparse_density!r} must be in [0, ratio {ratio}).")
+    if method in DATA_AWARE and stats is None:
+        _stat(None, method, "")
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    if inc is not None:
+        names = [(c.name, c.node_names) for c in analysis.candidates]
+        names += [(s.name, list(s.nodes)) for s in analysis.skipped]
+        if not any(_matches(inc, n, nodes) for n, nodes in names):
+            raise ConfigError(
+                f"--include pattern {include!r} matches no weight or node of the model."
+            )
+
+    plan = Plan(
+        method=method,
+        budget={
+            "ratio": ratio,
+            "energy": energy,
+            "rank_multiple": rank_multiple,
+            "embeddings": embeddings,
+            "include": include,
+            "exclude": exclude,
+            **(
+                {"sparse_structure": sparse_structure, "sparse_density": sparse_density}
+                if method == "losparse"
+                else {}
+            ),
+        },
+        skipped={s.name: s.reason for s in analysis.skipped},
+    )
+    linear: list[Candidate] = []
+    for cand in analysis.candidates:
+        if inc is not None and not _matches(inc, cand.name, cand.node_names):
+            plan.skipped[cand.name] = f"not matched by --include {include!r}"
+        elif exc is not None and _matches(exc, cand.name, cand.node_names):
+            plan.skipped[cand.name] = f"excluded by --exclude {exclude!r}"
+        elif cand.kind == "embedding":
+            _plan_embedding(plan, cand, embeddings, rank_multiple)
+        else:
+            linear.append(cand)
+    if method == "kron":
+        for cand in linear:
+            _plan_kronecker(plan, cand, ratio)
+    else:
+        _plan_low_rank(
+            plan,
+            linear,
+            method,
+            ratio,
+            energy,
+            rank_multiple,
+            stats,
+            sparse_structure,
+            sparse_density,
+        )
+    logger.info("Planned %d weights, %d left dense", len(plan.weights), len(plan.skipped))
+    return plan
+
+
+def _entry(cand: Candidate, method: str, **fields: Any) -> WeightPlan:
+    return WeightPlan(
+        nodes=cand.node_names,
+        kind=cand.kind,
+        shape=list(cand.shape),
+        stored_shape=list(cand.stored_shape),
+        method=method,
+        **fields,
+    )
+
+
+def _plan_embedding(plan: Plan, cand: Candidate, ratio: float | None, multiple: int) -> None:
+    if ratio is None:
+        plan.skipped[cand.name] = (
+            "token embedding left dense (set --embeddings RATIO to factorize it)"
+        )
+        return
+    m, n = cand.shape
+    limit = break_even_rank(m, n)
+    rank = (int(ratio * m * n / (m + n)) // multiple) * multiple
+    if rank < 1 or rank > limit:
+        plan.skipped[cand.name] = (
+            f"no rank multiple of {multiple} below break-even {limit} fits ratio {ratio}"
+        )
+        return
+    s = spectrum(cand.matrix(), "svd")
+    entry = _entry(cand, "svd", rank=rank, expected_error=_relative_error(s, rank))
+    _costs(cand, entry)
+    plan.weights[cand.name] = entry
+
+
+def _plan_kronecker(plan: Plan, cand: Candidate, ratio: float) -> None:
+    reason = supports_kronecker(cand)
+    if reason is not None:
+        plan.skipped[cand.name] = reason
+        return
+    m, n = cand.shape
+    for a_shape, b_shape in propose_kronecker_shapes(m, n):
+        per_term = a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+        terms = min(
+            int(ratio * m * n) // per_term, a_shape[0] * a_shape[1], b_shape[0] * b_shape[1]
+        )
+        if terms >= 1:
+            kron = {"a_shape": list(a_shape), "b_shape": list(b_shape), "terms": terms}
+            entry = _entry(cand, "kron", kron=kron)
+            _costs(cand, entry)
+            plan.weights[cand.name] = entry
+            return
+    plan.skipped[cand.name] = f"no Kronecker split of {m}x{n} fits ratio {ratio}"
+
+
+def _plan_low_rank(
+    plan: Plan,
+    linear: list[Candidate],
+    method: str,
+    ratio: float,
+    energy: float | None,
+    multiple: int,
+    stats: StatsLike | None,
+    structure: str,
+    density: float,
+) -> None:
+    core_method = "svd" if method == "losparse" else method
+    targets: list[Candidate] = []
+    for cand in linear:
+        reason = supports_lowrank_sparse(cand) if method == "losparse" else None
+        if reason is not None:
+            plan.skipped[cand.name] = reason
+        else:
+            targets.append(cand)
+    spectra: dict[str, np.ndarray] = {}
+    for cand in targets:
+        found = _stat(stats, core_method, cand.name)
+        spectra[cand.name] = spectrum(
+            cand.matrix(),
+            core_method,
+            gram=found["gram"],
+            mean_abs=found["mean_abs"],
+            fisher=found["fisher"],
+        )
+    if energy is not None:
+        ranks: dict[str, int | None] = {}
+        for cand in targets:
+            m, n = cand.shape
+            r = round_rank(rank_for_energy(spectra[cand.name], energy), multiple)
+            ranks[cand.name] = r if r <= break_even_rank(m, n) else None
+    else:
+        # losparse spends part of each weight's budget on the sparse part.
+        lr_ratio = ratio - density if method == "losparse" else ratio
+        ranks = (
+            allocate_ranks(
+                [WeightSpectrum(c.name, c.shape, spectra[c.name]) for c in targets],
+                ratio=lr_ratio,
+                multiple=multiple,
+            )
+            if targets
+            else {}
+        )
+    for cand in targets:
+        chosen = ranks.get(cand.name)
+        m, n = cand.shape
+        limit = break_even_rank(m, n)
+        if chosen is None:
+            if limit < multiple:
+                plan.skipped[cand.name] = (
+                    f"would not reduce cost: break-even rank {limit} is below the rank multiple {multiple}"
+                )
+            elif energy is not None:
+                plan.skipped[cand.name] = (
+                    f"would not reduce cost: energy {energy} needs a rank above break-even {limit}"
+                )
+            else:
+                plan.skipped[cand.name] = (
+                    "left dense by the global rank allocation (cutting it costs the most error)"
+                )
+            continue
+        sparse = {"structure": structure, "density": density} if method == "losparse" else None
+        entry = _entry(
+            cand,
+            method,
+            rank=chosen,
+            sparse=sparse,
+            expected_error=_relative_error(spectra[cand.name], chosen),
+        )
+        _costs(cand, entry)
+        plan.weights[cand.name] = entry
+
+
+def validate_plan(plan: Plan, analysis: Analysis) -> Plan:
+    """Check a (user-edited) plan against the model and recompute its costs; PlanError if wrong."""
+    skipped = {s.name: s.reason for s in analysis.skipped}
+    for name, entry in plan.weights.items():
+        cand = analysis.candidate(name)
+        if cand is None:
+            if name in skipped:
+                raise PlanError(f"plan weight {name!r} cannot be factorized: it {skipped[name]}.")
+            raise PlanError(f"plan names initializer {name!r}, which is not in the model.")
+        if entry.method not in ALL_METHODS:
+            raise PlanError(
+                f"plan weight {name!r} has unknown method {entry.method!r}; use one of {', '.join(ALL_METHODS)}."
+            )
+        if cand.kind == "embedding" and entry.method != "svd":
+            raise PlanError(
+                f"plan weight {name!r} is a token embedding; only method 'svd' applies to it."
+            )
+        entry.nodes, entry.kind = cand.node_names, cand.kind
+        entry.shape, entry.stored_shape = list(cand.shape), list(cand.stored_shape)
+        m, n = cand.shape
+        if entry.method == "kron":
+            _validate_kron(name, entry, cand)
+        else:
+            rank = entry.rank
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+                raise PlanError(
+                    f"plan weight {name!r} has rank {rank!r}, out of range: it must be an integer in [1, {min(m, n)}]."
+                )
+        if entry.method == "losparse":
+            reason = supports_lowrank_sparse(cand)
+            sparse = entry.sparse or {}
+            if reason is not None:
+                raise PlanError(f"plan weight {name!r}: {reason}.")
+            if sparse.get("structure") not in SPARSE_STRUCTURES or not isinstance(
+                sparse.get("density"), int | float
+            ):
+                raise PlanError(
+                    f"plan weight {name!r} needs sparse {{'structure': one of {list(SPARSE_STRUCTURES)}, 'density': number}}."
+                )
+        _costs(cand, entry)
+    return plan
+
+
+def _validate_kron(name: str, entry: WeightPlan, cand: Candidate) -> None:
+    reason = supports_kronecker(cand)
+    if reason is not None:
+        raise PlanError(f"plan weight {name!r}: {reason}.")
+    kron = entry.kron or {}
+    try:
+        (a_in, a_out), (b_in, b_out) = kron["a_shape"], kron["b_shape"]
+        terms = int(kron["terms"])
+    except (KeyError, TypeError, ValueError):
+        raise PlanError(
+            f"plan weight {name!r} needs kron {{'a_shape': [i, o], 'b_shape': [i, o], 'terms': t}}."
+        ) from None
+    m, n = cand.shape
+    if a_in * b_in != m or a_out * b_out != n:
+        raise PlanError(
+            f"plan weight {name!r}: Kronecker shapes {[a_in, a_out]} x {[b_in, b_out]} do not make its shape {[m, n]}."
+        )
+    if not 1 <= terms <= min(a_in * a_out, b_in * b_out):
+        raise PlanError(f"plan weight {name!r} has {terms} Kronecker terms, out of range.")
