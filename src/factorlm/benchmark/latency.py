@@ -1,8 +1,8 @@
 """Latency measured fairly on a noisy machine: alternation, pairing, and bootstrap intervals.
 
-Every runner (reference first) runs once per iteration on the same feeds, with the starting runner
-rotated each iteration, so slow drifts of the machine (another job, thermal state, a neighbour's
-compile) hit all models alike. Iteration ``i`` of the reference and of a candidate form a pair;
+Every runner runs once per iteration on the same feeds, in a fresh random order each iteration, so
+slow drifts of the machine (another job, thermal state, a neighbour's compile) and the cache state
+left by the previous model hit all models alike. Iteration ``i`` of the reference and of a candidate form a pair;
 the speedup is the median of the per-pair ratios ``t_ref / t_cand`` and its confidence interval
 comes from a percentile bootstrap over pairs with an explicit ``numpy.random.Generator``.
 
@@ -64,9 +64,11 @@ def measure_alternating(
     *,
     warmup: int = 5,
     iterations: int = 30,
+    rng: np.random.Generator | None = None,
     on_iteration: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Seconds per inference, shape ``(iterations, len(runners))``, measured in rotating order."""
+    """Seconds per inference, shape ``(iterations, len(runners))``, each round in random order."""
+    rng = rng if rng is not None else np.random.default_rng(0)
     if iterations < 3:
         raise ValueError("at least 3 iterations are needed for percentiles and a bootstrap")
     count = len(runners)
@@ -75,8 +77,7 @@ def measure_alternating(
             runner.infer(feeds)
     times = np.empty((iterations, count), dtype=np.float64)
     for i in range(iterations):
-        for k in range(count):
-            j = (i + k) % count
+        for j in rng.permutation(count):
             runners[j].infer(feeds)
             elapsed = runners[j].last_inference_time
             times[i, j] = float(elapsed) if elapsed is not None else np.nan

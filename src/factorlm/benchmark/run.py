@@ -209,8 +209,9 @@ def run_benchmark(
     for runner, name in zip(runners, _unique_names([r.name for r in runners]), strict=True):
         runner.name = name
 
-    seeds = np.random.SeedSequence(seed).spawn(2)
-    feed_rng, boot_rng = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
+    feed_rng, boot_rng, order_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
     with ExitStack() as stack:
         for runner in runners:
             stack.enter_context(runner)
@@ -233,7 +234,7 @@ def run_benchmark(
                     progress(f"latency {label}", i + 1, iterations)
 
             times = measure_alternating(
-                runners, feeds, warmup=warmup, iterations=iterations, on_iteration=tick
+                runners, feeds, warmup=warmup, iterations=iterations, rng=order_rng, on_iteration=tick
             )
             entry: dict[str, Any] = {
                 "shape": shape.label,

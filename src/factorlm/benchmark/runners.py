@@ -178,6 +178,8 @@ class OrtRunner(BaseRunner):
         providers: execution providers in priority order (default: CPU).
         intra_op_threads / inter_op_threads: ORT thread pools; 0 lets ORT decide.
         graph_optimization_level: ``disable|basic|extended|layout|all``.
+        allow_spinning: let idle ORT worker threads busy-wait. Off by default: in an alternating
+            benchmark a spinning pool of one session steals the cores the next session needs.
     """
 
     backend = "onnxruntime"
@@ -191,8 +193,10 @@ class OrtRunner(BaseRunner):
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
         graph_optimization_level: str = "all",
+        allow_spinning: bool = False,
     ) -> None:
         super().__init__(path, name)
+        self.allow_spinning = allow_spinning
         if graph_optimization_level not in _ORT_LEVELS:
             raise ConfigError(
                 f"Graph optimization level {graph_optimization_level!r} is not one of "
@@ -221,6 +225,9 @@ class OrtRunner(BaseRunner):
             ort.GraphOptimizationLevel, _ORT_LEVELS[self.graph_optimization_level]
         )
         options.log_severity_level = 3
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if not self.path.is_file():
             raise ModelLoadError(f"Model file {self.path} does not exist.")
         try:
@@ -250,6 +257,7 @@ class OrtRunner(BaseRunner):
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
             "graph_optimization_level": self.graph_optimization_level,
+            "allow_spinning": self.allow_spinning,
         }
         return info
 
