@@ -12,7 +12,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from factorlm.benchmark.report import Report
@@ -99,7 +106,7 @@ def register(app: typer.Typer) -> None:
             console=_console,
             transient=True,
         ) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def progress(description: str, done: int, total: int) -> None:
                 if description not in tasks:
