@@ -1,0 +1,86 @@
+"""``factorlm build``: a thin CLI over the engine builders; user mistakes are one line, exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from factorlm.cli import main
+from models import mlp
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(mlp(), path)
+    return path
+
+
+def test_ort_build_writes_engine_and_manifest(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "engine"
+    assert main(["build", str(model_path), "--backend", "ort", "-o", str(out), "--int8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["int8"] and manifest["quantization"]["quantized"] == 2
+    assert "2/2 constant MatMul weights quantized" in capsys.readouterr().out
+    assert main(["build", str(model_path), "-o", str(out), "--format", "ort", "--overwrite"]) == 0
+    assert (out / "model.ort").is_file() and not (out / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--backend", "onnx"], "Unknown backend 'onnx'"),
+        (["--backend", "tensorrt", "--shapes", "x:1x16,8x128"], "has 2 shapes"),
+        (["--backend", "tensorrt", "--shapes", "x:1xx16,1x1x32,1x1x32"], "Malformed shape"),
+        (["--backend", "tensorrt", "--shapes", "ids:1x1x32,1x1x32,1x1x32"], "does not have"),
+        (["--backend", "tensorrt", "--shapes", "x:1x1x8,1x1x8,1x1x8"], "fixed to 32"),
+        (["--backend", "tensorrt", "--shapes", "x:1x16,8x128,32x512"], "rank 2"),
+        (["--backend", "tensorrt", "--format", "ort"], "--format does not apply"),
+        (["--shapes", "x:1x1x32,1x1x32,1x1x32"], "--shapes does not apply to the ort"),
+        (["--fp16", "--int8"], "cannot be combined"),
+        (["--format", "tflite"], "Unknown engine format"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line_and_write_nothing(
+    model_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    needle: str,
+) -> None:
+    out = tmp_path / "engine"
+    assert main(["build", str(model_path), "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err.replace("\n", " ") and "Traceback" not in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_non_onnx_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("definitely not protobuf")
+    assert main(["build", str(bogus), "-o", str(tmp_path / "engine")]) == 2
+    err = capsys.readouterr().err
+    assert "is not an ONNX model" in err and "Traceback" not in err
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is absent")
+def test_tensorrt_backend_without_tensorrt_exits_2(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "engine"
+    args = ["build", str(model_path), "--backend", "tensorrt", "-o", str(out), "--fp16"]
+    assert main([*args, "--no-timing-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed; install the extra with `pip install factorlm" in err
+    assert not out.exists()
