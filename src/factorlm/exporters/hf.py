@@ -166,27 +166,9 @@ def validate(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(str(onnx_model), options, providers=["CPUExecutionProvider"])
 
-    mask = tokens["attention_mask"]
-    batch = mask.shape[0]
-    position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in session.get_inputs():
-        if inp.name in tokens:
-            feeds[inp.name] = tokens[inp.name]
-        elif inp.name == "token_type_ids":
-            feeds[inp.name] = np.zeros_like(tokens["input_ids"])
-        elif inp.name == "position_ids":
-            feeds[inp.name] = position_ids
-        elif inp.name.startswith("past_key_values"):
-            heads, head_dim = inp.shape[1], inp.shape[3]
-            if not isinstance(heads, int) or not isinstance(head_dim, int):
-                raise ModelLoadError(f"{onnx_model} input {inp.name} has no static head shape.")
-            dtype = np.float16 if "float16" in inp.type else np.float32
-            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
-        else:
-            raise ModelLoadError(
-                f"{onnx_model} has an input {inp.name!r} that factorlm cannot feed."
-            )
+    from factorlm.calibration.capture import text_feeds
+
+    feeds = text_feeds(session.get_inputs(), tokens, str(onnx_model))
     output_names = [o.name for o in session.get_outputs()]
     onnx_out = dict(zip(output_names, session.run(output_names, feeds), strict=True))
 

@@ -1,0 +1,387 @@
+"""Input statistics of every linear weight, captured by running the ONNX model in ONNX Runtime.
+
+Why ORT and not PyTorch: the statistics must be keyed by the ONNX initializers the passes
+rewrite, and must describe the activations of *that* graph. The data input of every target
+weight is added as an extra graph output; each batch's activations are reduced at once, in
+float64, to ``X^T X``, ``Σ|x|`` and a token count, so memory stays flat in the number of
+samples. Padding positions are dropped with the attention mask before reducing.
+
+Results are cached under ``<cache>/calibration/`` keyed by the model's sha256, the texts used,
+the tokenizer and the settings, so a second call with the same inputs is a file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from scipy.linalg.blas import dsyrk
+
+from factorlm.calibration.stats import CalibrationStats
+from factorlm.calibration.targets import Target, find_targets
+from factorlm.errors import ConfigError, DataError, ModelLoadError
+
+__all__ = [
+    "TextTokenizer",
+    "collect_statistics",
+    "file_digest",
+    "find_tokenizer",
+    "load_texts",
+    "text_feeds",
+]
+
+logger = logging.getLogger(__name__)
+
+_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file and of any external-data files next to it that the model names."""
+    from factorlm.assets.prepare import sha256_file
+
+    digest = hashlib.sha256(sha256_file(path).encode())
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for init in model.graph.initializer
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    for location in sorted(locations):
+        extra = path.parent / location
+        if extra.is_file():
+            digest.update(sha256_file(extra).encode())
+    return digest.hexdigest()
+
+
+def find_tokenizer(model: Path, tokenizer: Path | None) -> Path:
+    """The tokenizer folder: ``tokenizer`` if given, else the ONNX model's own folder."""
+    folder = Path(tokenizer) if tokenizer is not None else Path(model).parent
+    if folder.is_file():
+        folder = folder.parent
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        where = "given" if tokenizer is not None else f"next to {model}"
+        raise DataError(
+            f"No tokenizer found in {folder} ({where}); pass the tokenizer folder explicitly."
+        )
+    return folder
+
+
+def load_texts(data: Path | Sequence[str], text_column: str, max_samples: int) -> list[str]:
+    """Calibration texts from a data file/folder or an in-memory list (first ``max_samples``)."""
+    from factorlm.data import read_texts
+
+    if max_samples < 1:
+        raise DataError(f"max_samples must be at least 1, not {max_samples}.")
+    if isinstance(data, str | Path):
+        return read_texts(Path(data), text_column=text_column, max_samples=max_samples)
+    texts = [t for t in list(data)[:max_samples] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError("The calibration text list holds no non-empty texts.")
+    return texts
+
+
+def text_feeds(
+    inputs: Sequence[Any], tokens: dict[str, np.ndarray], model_name: str
+) -> dict[str, np.ndarray]:
+    """ORT feeds for a text model: token ids, mask, type ids, positions, empty KV cache.
+
+    ``inputs`` are ``session.get_inputs()``; ``tokens`` the tokenizer output as int64 arrays.
+    """
+    mask = tokens["attention_mask"]
+    batch = mask.shape[0]
+    feeds: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        if inp.name in tokens:
+            feeds[inp.name] = tokens[inp.name]
+        elif inp.name == "token_type_ids":
+            feeds[inp.name] = np.zeros_like(tokens["input_ids"])
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        elif inp.name.startswith("past_key_values"):
+            heads, head_dim = inp.shape[1], inp.shape[3]
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                raise ModelLoadError(f"{model_name} input {inp.name} has no static head shape.")
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        else:
+            raise ModelLoadError(
+                f"{model_name} has an input {inp.name!r} that factorlm cannot feed from text."
+            )
+    return feeds
+
+
+def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path) -> Any:
+    """An ORT session of the model with every target's activation exposed as an output."""
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(model_path))
+    except Exception as exc:
+        raise ModelLoadError(f"{model_path} is not a readable ONNX model ({exc}).") from exc
+    existing = {o.name for o in model.graph.output}
+    elem_types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            elem_types[vi.name] = vi.type.tensor_type.elem_type
+    except Exception as exc:  # shape inference is an aid here, not a requirement
+        logger.info("Shape inference failed (%s); assuming float32 activations", exc)
+    for activation in dict.fromkeys(t.activation for t in targets):
+        if activation in existing:
+            continue
+        elem = elem_types.get(activation) or onnx.TensorProto.FLOAT
+        model.graph.output.append(onnx.helper.make_tensor_value_info(activation, elem, None))
+    options = ort.SessionOptions()
+    # Fusions would swallow the exposed MatMul inputs; basic optimizations keep them.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if model.ByteSize() < 2**31 - 1:
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    path = scratch / "instrumented.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="instrumented.onnx.data")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
+    """Rows of ``X`` (one per real token) from an activation tensor, padding removed."""
+    if transpose and value.ndim == 2:
+        value = value.T
+    if value.ndim >= 3 and value.shape[:2] == mask.shape:
+        return value[mask.astype(bool)].reshape(-1, value.shape[-1])
+    if value.ndim == 2 and value.shape[0] == mask.size:
+        return value[mask.reshape(-1).astype(bool)]
+    return value.reshape(-1, value.shape[-1])
+
+
+def _batches(texts: list[str], batch_size: int) -> Iterator[list[str]]:
+    for start in range(0, len(texts), batch_size):
+        yield texts[start : start + batch_size]
+
+
+def _cache_key(parts: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    from factorlm.assets.prepare import sha256_file
+
+    digest = hashlib.sha256()
+    for name in sorted((*_TOKENIZER_FILES, "special_tokens_map.json")):
+        if (folder / name).is_file():
+            digest.update(name.encode() + sha256_file(folder / name).encode())
+    return digest.hexdigest()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """A fast tokenizer from ``folder`` that can pad (pad falls back to EOS, as for decoders)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise DataError(f"The tokenizer in {folder} could not be loaded ({exc}).") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+class TextTokenizer:
+    """Batch tokenization to int64 arrays, right-padded and truncated.
+
+    Why not ``transformers.AutoTokenizer``: importing transformers costs 5-20 s on a busy
+    2-core machine, longer than a small calibration run. ``tokenizer.json`` is read with the
+    ``tokenizers`` library directly (same Rust code); other formats fall back to transformers.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._fast: Any = None
+        self._slow: Any = None
+        tokenizer_json = self.folder / "tokenizer.json"
+        if tokenizer_json.is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                self._fast = Tokenizer.from_file(str(tokenizer_json))
+            except Exception as exc:
+                raise DataError(f"{tokenizer_json} could not be loaded ({exc}).") from exc
+            self._fast.no_padding()
+            self._fast.no_truncation()
+            self._pad_id = self._pad_token_id()
+        else:
+            self._slow = load_tokenizer(self.folder)
+
+    def _special(self, name: str) -> str | None:
+        for file in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = self.folder / file
+            if path.is_file():
+                value = json.loads(path.read_text()).get(name)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    return value
+        return None
+
+    def _pad_token_id(self) -> int:
+        for name in ("pad_token", "eos_token", "unk_token"):
+            token = self._special(name)
+            if token is not None and self._fast.token_to_id(token) is not None:
+                return int(self._fast.token_to_id(token))
+        return 0
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+        """``input_ids``, ``attention_mask`` and ``token_type_ids`` (batch, longest) int64."""
+        if self._slow is not None:
+            enc = self._slow(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="np",
+            )
+            return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
+        # The tokenizer's own truncation keeps room for the special tokens ([CLS] ... [SEP]).
+        self._fast.enable_truncation(max_length)
+        encodings = self._fast.encode_batch(list(texts))
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
+        types = np.zeros((len(encodings), longest), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+            types[row, :n] = encoding.type_ids
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def collect_statistics(
+    model: Path,
+    data: Path | Sequence[str],
+    *,
+    tokenizer: Path | None = None,
+    text_column: str = "text",
+    max_samples: int = 256,
+    max_length: int = 128,
+    batch_size: int = 16,
+    weights: Collection[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Gram ``X^T X``, mean ``|x|`` and token count of every target weight's input on real text.
+
+    ``model`` is an ONNX file; ``data`` a JSONL/CSV/TXT file, a dataset folder or a list of
+    texts. ``weights`` limits the targets to those initializer names. ``cache_dir`` defaults to
+    ``<cache root>/calibration``. Raises ``DataError`` for missing/empty data, a missing column
+    or a calibration set with fewer real tokens than some weight has input features (its Gram
+    matrix would be singular).
+    """
+    model = Path(model)
+    if not model.is_file():
+        raise ModelLoadError(f"The ONNX model {model} does not exist.")
+    if batch_size < 1 or max_length < 2:
+        raise ConfigError(
+            f"batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2."
+        )
+    texts = load_texts(data, text_column, max_samples)
+    tok_dir = find_tokenizer(model, tokenizer)
+    proto = onnx.load(str(model), load_external_data=False)
+    targets = find_targets(proto, weights)
+    del proto
+    if not targets:
+        raise ModelLoadError(f"{model} has no MatMul/Gemm with a 2-D float initializer weight.")
+
+    from factorlm.assets.paths import cache_root
+    from factorlm.data import texts_digest
+
+    key = _cache_key(
+        {
+            "version": _VERSION,
+            "model": file_digest(model),
+            "tokenizer": _tokenizer_digest(tok_dir),
+            "texts": texts_digest(texts),
+            "max_length": max_length,
+            "weights": sorted(t.weight for t in targets),
+        }
+    )
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
+    cached = cache / f"stats-{key}.npz"
+    if cached.is_file():
+        logger.info("Loading cached calibration statistics %s", cached)
+        return CalibrationStats.load(cached)
+
+    tok = TextTokenizer(tok_dir)
+    start = time.perf_counter()
+    groups: dict[tuple[str, bool], list[Target]] = {}
+    for target in targets:
+        groups.setdefault((target.activation, target.transpose), []).append(target)
+    gram: dict[tuple[str, bool], np.ndarray] = {}
+    abs_sum: dict[tuple[str, bool], np.ndarray] = {}
+    rows_seen: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
+    tokens = 0
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with tempfile.TemporaryDirectory(prefix="factorlm-calib-") as scratch:
+        session = _instrumented_session(model, targets, Path(scratch))
+        names = [o.name for o in session.get_outputs()]
+        wanted = [n for n in dict.fromkeys(a for a, _ in groups) if n in names]
+        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(f"Calibrating {model.name}", total=len(texts))
+            for chunk in _batches(texts, batch_size):
+                arrays = tok(chunk, max_length)
+                mask = arrays["attention_mask"]
+                feeds = text_feeds(session.get_inputs(), arrays, str(model))
+                values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+                tokens += int(mask.sum())
+                for group in groups:
+                    activation, transpose = group
+                    x = _rows(values[activation], mask, transpose).astype(np.float64)
+                    if group not in gram:
+                        gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
+                        abs_sum[group] = np.zeros(x.shape[1])
+                    # syrk computes only one triangle of X^T X: half the float64 work.
+                    gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
+                    abs_sum[group] += np.abs(x).sum(axis=0)
+                    rows_seen[group] += x.shape[0]
+                bar.advance(task, len(chunk))
+
+    stats = CalibrationStats(tokens=tokens)
+    full = {g: np.triu(m) + np.triu(m, 1).T for g, m in gram.items()}  # syrk fills the upper part
+    for group, members in groups.items():
+        for target in members:
+            if gram[group].shape[0] != target.in_features:
+                raise ModelLoadError(
+                    f"The activation {group[0]} has {gram[group].shape[0]} features but weight "
+                    f"{target.weight} expects {target.in_features}."
+                )
+            if rows_seen[group] < target.in_features:
+                raise DataError(
+                    f"The calibration set gives {rows_seen[group]} tokens to weight "
+                    f"{target.weight}, fewer than its {target.in_features} input features; "
+                    "use more or longer samples."
+                )
+            stats.gram[target.weight] = full[group]
+            stats.mean_abs[target.weight] = abs_sum[group] / rows_seen[group]
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "Calibrated %s weights on %s tokens in %.1f s (%.0f tokens/s)",
+        len(stats.gram), tokens, elapsed, tokens / max(elapsed, 1e-9),
+    )  # fmt: skip
+    try:
+        stats.save(cached)
+    except OSError as exc:  # a read-only cache must not lose the statistics
+        logger.warning("Could not cache calibration statistics in %s: %s", cached, exc)
+    return stats
