@@ -182,11 +182,7 @@ def load_tokenizer(folders: Sequence[Path | None], explicit: Path | None = None)
 def token_feeds(inputs: Sequence[TensorMeta], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for real tokens: ids and mask from the tokenizer, the rest synthesised (past empty)."""
     batch, seq = ids.shape
-    base = make_feeds(
-        [m for m in inputs if m.name not in ("input_ids", "attention_mask")],
-        Shape(batch, seq),
-        rng=np.random.default_rng(0),
-    ) if any(m.name not in ("input_ids", "attention_mask") for m in inputs) else {}
+    base = make_feeds(inputs, Shape(batch, seq), rng=np.random.default_rng(0))
     feeds: dict[str, np.ndarray] = {}
     for meta in inputs:
         dtype = np.dtype(meta.dtype)

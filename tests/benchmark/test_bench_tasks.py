@@ -1,0 +1,97 @@
+"""Task metrics: the classification probe, perplexity with and without KV cache, similarity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bench_models import WORDS, bigram_lm, bigram_weights, save_tokenizer
+
+from factorlm.benchmark import run_benchmark
+from factorlm.benchmark.accuracy import log_softmax
+from factorlm.benchmark.runners import OrtRunner
+from factorlm.benchmark.tasks import check_dataset, load_dataset, window_nll
+from factorlm.errors import DataError
+
+
+def _bigram_nll(ids: np.ndarray, targets: list[int]) -> float:
+    table, unembed = bigram_weights()
+    logp = log_softmax(table[ids].astype(np.float64) @ unembed.astype(np.float64))
+    return -sum(float(logp[t - 1, ids[t]]) for t in targets)
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_sliding_window_nll_matches_numpy(tmp_path: Path, with_past: bool) -> None:
+    path = bigram_lm(tmp_path / "lm.onnx", with_past=with_past)
+    ids = np.random.default_rng(0).integers(2, 40, size=50)
+    with OrtRunner(path) as runner:
+        # stride < window: every token after the first is scored exactly once
+        nll, scored, windows = window_nll(runner, ids, window=16, stride=8)
+        assert scored == 49 and windows == 6
+        assert nll == pytest.approx(_bigram_nll(ids, list(range(1, 50))), rel=1e-5)
+        # stride == window: the first token of each window has no context and is skipped
+        nll, scored, windows = window_nll(runner, ids, window=16)
+        targets = [t for t in range(1, 50) if t % 16 != 0]
+        assert (scored, windows) == (len(targets), 4)
+        assert nll == pytest.approx(_bigram_nll(ids, targets), rel=1e-5)
+
+
+def test_perplexity_task_end_to_end(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    bigram_lm(ref / "model.onnx", with_past=True)
+    save_tokenizer(ref)
+    text = tmp_path / "book.txt"
+    words = np.random.default_rng(1).choice(WORDS, size=300)
+    text.write_text("\n".join(" ".join(words[i : i + 30]) for i in range(0, 300, 30)))
+    report = run_benchmark(
+        ref, [ref], data=text, task="perplexity", window=64, max_windows=None,
+        max_accuracy_drop=0.0, shapes=["1x16"], iterations=3, warmup=0,
+    )
+    task = report.data["task"]
+    ids = np.array([WORDS.index(w) + 2 for w in words])
+    expected = np.exp(_bigram_nll(ids, [t for t in range(1, 300) if t % 64 != 0]) / task["details"]["tokens_scored"])
+    assert task["reference"] == pytest.approx(expected, rel=1e-5)
+    assert task["drop"]["ref#2"] == pytest.approx(0.0, abs=1e-9) and report.passed
+
+
+def test_classification_probe_and_similarity(models: dict[str, Path], reviews: Path) -> None:
+    common = {"data": reviews, "shapes": ["1x8"], "iterations": 3, "warmup": 0}
+    report = run_benchmark(
+        models["ref"], [models["ref"], models["noisy"]], task="classification",
+        max_accuracy_drop=50, max_fidelity_loss=1e-9, **common,
+    )
+    task = report.data["task"]
+    assert task["details"]["test"] == 24 and task["details"]["train"] == 96
+    assert task["reference"] > task["details"]["majority_percent"]
+    assert task["candidates"]["ref#2"] == task["reference"]  # identical model, identical probe
+    fid = report.data["fidelity"]
+    assert fid["ref#2"]["inputs"] == "data"
+    assert fid["ref#2"]["outputs"]["last_hidden_state"]["max_abs_error"] == 0.0
+    failed = {(g.candidate, g.goal.type) for g in report.failed_goals}
+    assert failed == {("noisy", "max-fidelity-loss")}
+
+    report = run_benchmark(models["ref"], [models["noisy"]], task="similarity", **common)
+    sim = report.data["task"]
+    assert sim["reference"] == 100.0 and 50.0 < sim["candidates"]["noisy"] < 100.0
+    assert 0.9 < sim["details"]["embedding_cosine_mean"]["noisy"] < 1.0
+
+
+def test_data_formats_and_label_checks(tmp_path: Path) -> None:
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("text,label\nw1 w2,pos\nw3,neg\nw4,plot\n")
+    data = load_dataset(csv_file, labels=["pos", "neg"])
+    assert data.texts == ["w1 w2", "w3"] and data.labels == ["pos", "neg"]
+    txt = tmp_path / "d.txt"
+    txt.write_text("w1 w2\n\nw3\n")
+    data = load_dataset(txt)
+    assert data.texts == ["w1 w2", "w3"] and data.labels is None and data.raw_text == "w1 w2\n\nw3\n"
+    with pytest.raises(DataError, match="no label on every row"):
+        check_dataset(data, "classification")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a"}) + "\n{oops\n")
+    with pytest.raises(DataError, match="line 2"):
+        load_dataset(bad)
+    with pytest.raises(DataError, match="'body'"):
+        load_dataset(csv_file, text_column="body")
