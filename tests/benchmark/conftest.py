@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_models import encoder, labelled_texts, save_tokenizer  # noqa: E402
+from bench_models import encoder, labelled_texts, save_tokenizer
 
 
 @pytest.fixture(scope="session")
