@@ -1,0 +1,226 @@
+"""collect_statistics against activations computed by hand in numpy, on a tiny token model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from factorlm.calibration import CalibrationStats, collect_statistics, find_targets
+from factorlm.calibration.capture import TextTokenizer
+from factorlm.errors import ConfigError, DataError
+
+VOCAB, D, H, K = 26, 8, 12, 5
+TEXTS = [
+    "the film is a good movie",
+    "bad plot",
+    "the story is long and boring and the actor is awful",
+    "great",
+    "funny sad clever quiet loud short best worst",
+    "the best",
+    "a long long long story",
+]
+
+
+def _weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "emb": rng.standard_normal((VOCAB, D)).astype(np.float32),
+        "w1": rng.standard_normal((D, H)).astype(np.float32),
+        "w2": rng.standard_normal((H, K)).astype(np.float32),
+        "w3": rng.standard_normal((D, K)).astype(np.float32),
+        "w_left": rng.standard_normal((3, 3)).astype(np.float32),
+    }
+
+
+def _model(folder: Path) -> Path:
+    """ids -> Gather(emb) = E;  E@w1 -> Relu -> @w2;  Gemm(transA=1) of (E as rows)ᵀ with w3.
+
+    A MatMul with the initializer on the left (w_left @ ...) must not be a target.
+    """
+    w = _weights()
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["E"]),
+        helper.make_node("MatMul", ["E", "w1"], ["P"]),
+        helper.make_node("Relu", ["P"], ["R"]),
+        helper.make_node("MatMul", ["R", "w2"], ["Y"]),
+        helper.make_node("Reshape", ["E", "flat"], ["E2"]),
+        helper.make_node("Transpose", ["E2"], ["ET"], perm=[1, 0]),
+        helper.make_node("Gemm", ["ET", "w3"], ["Z"], transA=1),
+        helper.make_node("MatMul", ["w_left", "w_left"], ["C"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "s", K]),
+            helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["n", K]),
+            helper.make_tensor_value_info("C", TensorProto.FLOAT, [3, 3]),
+        ],
+        [numpy_helper.from_array(v, k) for k, v in w.items()]
+        + [numpy_helper.from_array(np.array([-1, D], dtype=np.int64), "flat")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = folder / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path, tiny_tokenizer_dir: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in tiny_tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    _model(folder)
+    return folder
+
+
+def _expected(tokenizer_dir: Path, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """Rows of each weight's input for every real (non-padding) token, computed in numpy."""
+    w = _weights()
+    tok = TextTokenizer(tokenizer_dir)
+    rows_e, rows_r = [], []
+    for text in texts:  # one at a time: no padding at all
+        ids = tok([text], max_length)["input_ids"][0]
+        e = w["emb"][ids].astype(np.float64)
+        rows_e.append(e)
+        rows_r.append(np.maximum(e @ w["w1"].astype(np.float64), 0))
+    e_all, r_all = np.concatenate(rows_e), np.concatenate(rows_r)
+    return {"w1": e_all, "w2": r_all, "w3": e_all}
+
+
+def test_targets_resolve_matmul_gemm_and_skip_left_weights(model_dir: Path) -> None:
+    targets = find_targets(onnx.load(str(model_dir / "model.onnx")))
+    by_weight = {t.weight: t for t in targets}
+    assert set(by_weight) == {"w1", "w2", "w3"}
+    assert (by_weight["w1"].activation, by_weight["w1"].in_features) == ("E", D)
+    assert by_weight["w3"].transpose and by_weight["w3"].activation == "ET"
+    assert (by_weight["w2"].in_features, by_weight["w2"].out_features) == (H, K)
+
+
+def test_statistics_match_numpy_and_exclude_padding(model_dir: Path, tmp_path: Path) -> None:
+    stats = collect_statistics(
+        model_dir / "model.onnx",
+        TEXTS,
+        batch_size=3,  # batches of uneven lengths: padding must be dropped
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    expected = _expected(model_dir, TEXTS, 128)
+    assert stats.tokens == expected["w1"].shape[0]
+    for name, x in expected.items():
+        gram = x.T @ x
+        scale = np.abs(gram).max()
+        np.testing.assert_allclose(stats.gram[name], gram, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(stats.mean_abs[name], np.abs(x).mean(0), rtol=1e-5, atol=1e-7)
+        assert stats.gram[name].dtype == np.float64
+        np.testing.assert_array_equal(stats.gram[name], stats.gram[name].T)
+
+
+def test_batching_does_not_change_statistics(model_dir: Path, tmp_path: Path) -> None:
+    one = collect_statistics(
+        model_dir / "model.onnx", TEXTS, batch_size=1, cache_dir=tmp_path / "a", progress=False
+    )
+    many = collect_statistics(
+        model_dir / "model.onnx", TEXTS, batch_size=7, cache_dir=tmp_path / "b", progress=False
+    )
+    assert one.tokens == many.tokens
+    for name in one.gram:
+        np.testing.assert_allclose(one.gram[name], many.gram[name], rtol=1e-6)
+
+
+def test_truncation_and_max_samples(model_dir: Path, tmp_path: Path) -> None:
+    stats = collect_statistics(
+        model_dir / "model.onnx",
+        TEXTS,
+        max_samples=4,
+        max_length=4,
+        cache_dir=tmp_path,
+        progress=False,
+    )
+    expected = _expected(model_dir, TEXTS[:4], 4)
+    assert stats.tokens == expected["w1"].shape[0] <= 4 * 4
+
+
+def test_cache_hit_and_npz_round_trip(model_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = collect_statistics(model_dir / "model.onnx", TEXTS, cache_dir=cache, progress=False)
+    files = list(cache.glob("stats-*.npz"))
+    assert len(files) == 1
+    again = collect_statistics(model_dir / "model.onnx", TEXTS, cache_dir=cache, progress=False)
+    assert again.tokens == first.tokens
+    for name in first.gram:
+        np.testing.assert_array_equal(again.gram[name], first.gram[name])
+    # Other settings -> another cache entry.
+    collect_statistics(
+        model_dir / "model.onnx", TEXTS, max_length=5, cache_dir=cache, progress=False
+    )
+    assert len(list(cache.glob("stats-*.npz"))) == 2
+
+    odd = CalibrationStats(
+        gram={"a/b::c.weight": np.eye(2)},
+        mean_abs={"a/b::c.weight": np.ones(2)},
+        fisher={"x": np.arange(3.0)},
+        tokens=7,
+    )
+    loaded = CalibrationStats.load(odd.save(tmp_path / "odd.npz"))
+    assert loaded.tokens == 7
+    np.testing.assert_array_equal(loaded.gram["a/b::c.weight"], np.eye(2))
+    np.testing.assert_array_equal(loaded.fisher["x"], np.arange(3.0))
+
+
+def test_weights_filter(model_dir: Path, tmp_path: Path) -> None:
+    stats = collect_statistics(
+        model_dir / "model.onnx", TEXTS, weights=["w2"], cache_dir=tmp_path, progress=False
+    )
+    assert set(stats.gram) == {"w2"}
+    with pytest.raises(ConfigError, match="nope"):
+        collect_statistics(
+            model_dir / "model.onnx", TEXTS, weights=["nope"], cache_dir=tmp_path, progress=False
+        )
+
+
+def test_reads_jsonl_with_column(model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"review": t, "label": "x"}) + "\n" for t in TEXTS))
+    stats = collect_statistics(
+        model_dir / "model.onnx", data, text_column="review", cache_dir=tmp_path, progress=False
+    )
+    assert stats.tokens == _expected(model_dir, TEXTS, 128)["w1"].shape[0]
+
+
+def test_bad_inputs_are_one_sentence_data_errors(model_dir: Path, tmp_path: Path) -> None:
+    model = model_dir / "model.onnx"
+    data = tmp_path / "calib.jsonl"
+    data.write_text(json.dumps({"body": "the film"}) + "\n")
+    with pytest.raises(DataError, match="no column 'text'"):
+        collect_statistics(model, data, cache_dir=tmp_path, progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no non-empty texts"):
+        collect_statistics(model, empty, cache_dir=tmp_path, progress=False)
+    # 1 text of 2 words = 4 tokens, fewer than w1's 8 input features.
+    with pytest.raises(DataError, match="4 tokens to weight w1, fewer than its 8 input features"):
+        collect_statistics(model, ["bad plot"], cache_dir=tmp_path, progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(model, bare / "model.onnx")
+    with pytest.raises(DataError, match="No tokenizer"):
+        collect_statistics(bare / "model.onnx", TEXTS, cache_dir=tmp_path, progress=False)
+    # An explicit tokenizer folder works for a model without one.
+    stats = collect_statistics(
+        bare / "model.onnx", TEXTS, tokenizer=model_dir, cache_dir=tmp_path, progress=False
+    )
+    assert stats.tokens > 0
