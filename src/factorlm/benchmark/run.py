@@ -135,6 +135,7 @@ def run_benchmark(
     label_column: str | None = "label",
     labels: Sequence[str] | None = None,
     max_samples: int | None = 2000,
+    skip_rows: int = 0,
     test_fraction: float = 0.2,
     max_length: int = 128,
     batch_size: int = 32,
@@ -190,6 +191,7 @@ def run_benchmark(
             labels=labels,
             limit=max_samples if task != "perplexity" else None,
             seed=seed,
+            skip_rows=skip_rows,
         )
         check_dataset(dataset, task)
     grid = parse_shapes(shapes) if shapes else None
@@ -305,6 +307,7 @@ def run_benchmark(
             "data": str(data) if data is not None else None,
             "labels": list(labels) if labels is not None else None,
             "max_samples": max_samples,
+            "skip_rows": skip_rows,
             "max_length": max_length,
             "regression_basis": regression_basis,
             "baseline": str(baseline) if isinstance(baseline, str | Path) else None,

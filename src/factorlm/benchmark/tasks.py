@@ -80,8 +80,13 @@ def load_dataset(
     labels: Sequence[str] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    skip_rows: int = 0,
 ) -> Dataset:
-    """Read JSONL/CSV/TXT rows; ``labels`` keeps only those classes; ``limit`` samples rows."""
+    """Read JSONL/CSV/TXT rows; ``labels`` keeps only those classes; ``limit`` samples rows.
+
+    ``skip_rows`` drops the file's first rows first, e.g. the ones a calibration step used, so
+    evaluation and calibration texts stay disjoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
@@ -109,8 +114,9 @@ def load_dataset(
         rows = [{text_column: line} for line in raw.splitlines() if line.strip()]
     else:
         raise DataError(f"Data file {path} is not .jsonl, .csv or .txt.")
+    rows = rows[skip_rows:]
     if not rows:
-        raise DataError(f"Data file {path} holds no rows.")
+        raise DataError(f"Data file {path} holds no rows" + (f" after skipping {skip_rows}." if skip_rows else "."))
     if text_column not in rows[0]:
         raise DataError(f"Data file {path} has no {text_column!r} column.")
     has_labels = label_column is not None and all(
