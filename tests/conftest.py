@@ -10,10 +10,30 @@ from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "the film is a good bad movie plot great awful quiet loud story actor "
-    "funny sad long short best worst boring clever"
-).split()
+WORDS = [
+    "the",
+    "film",
+    "is",
+    "a",
+    "good",
+    "bad",
+    "movie",
+    "plot",
+    "great",
+    "awful",
+    "quiet",
+    "loud",
+    "story",
+    "actor",
+    "funny",
+    "sad",
+    "long",
+    "short",
+    "best",
+    "worst",
+    "boring",
+    "clever",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
