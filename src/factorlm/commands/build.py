@@ -62,6 +62,9 @@ def register(app: typer.Typer) -> None:
         int8: bool = typer.Option(
             False, "--int8", help="ORT: dynamic quantization; TensorRT: Q/DQ or --calibration."
         ),
+        int8_weight_type: str = typer.Option(
+            "uint8", "--int8-weight-type", help="ORT --int8: uint8 (default, safe on AVX2) | int8."
+        ),
         engine_format: str = typer.Option("onnx", "--format", help="ORT: onnx | ort (edge)."),
         providers: str | None = typer.Option(
             None, "--providers", help="ORT: comma-separated, e.g. cuda,cpu (default cpu)."
@@ -116,6 +119,7 @@ def register(app: typer.Typer) -> None:
                     model_type=model_type,
                     fp16=fp16,
                     int8=int8,
+                    int8_weight_type=int8_weight_type,
                     format=engine_format,
                     providers=providers,
                     overwrite=overwrite,
@@ -129,6 +133,7 @@ def register(app: typer.Typer) -> None:
                         "--model-type": model_type is not None,
                         "--format": engine_format != "onnx",
                         "--providers": providers is not None,
+                        "--int8-weight-type": int8_weight_type != "uint8",
                     },
                 )
                 if timing_cache is not None and no_timing_cache:

@@ -134,6 +134,7 @@ class QuantizationReport:
     factor_quantized: int
     unquantized: tuple[str, ...]
     op_types: tuple[str, ...]
+    weight_type: str
     per_channel: bool
     reduce_range: bool
 
@@ -543,8 +544,15 @@ class _DropMessage(logging.Filter):
 
 
 def _quantize_int8(
-    source: Path, target: Path, *, per_channel: bool, reduce_range: bool
+    source: Path, target: Path, *, weight_type: str, per_channel: bool, reduce_range: bool
 ) -> QuantizationReport:
+    """Dynamic quantization of every constant MatMul/Attention weight, then a coverage check.
+
+    The defaults (uint8 weights, per output channel) are measured, not guessed: on AVX2 CPUs
+    without VNNI, ORT's u8 x s8 kernels sum pairs in saturating int16 (VPMADDUBSW), and on
+    all-MiniLM-L6-v2 int8 weights gave a mean-pooled cosine of 0.955 (per-tensor) and 0.09 on the
+    compressed model (per-channel), against 0.992 / 0.998 with uint8 per-channel weights.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     before = constant_matmul_weights(onnx.load(str(source), load_external_data=False))
@@ -559,7 +567,7 @@ def _quantize_int8(
             op_types_to_quantize=list(op_types),
             per_channel=per_channel,
             reduce_range=reduce_range,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
             use_external_data_format=source.stat().st_size > _EXTERNAL_DATA_THRESHOLD,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
         )
@@ -575,6 +583,7 @@ def _quantize_int8(
         factor_quantized=sum(1 for name in factors if name not in after),
         unquantized=left,
         op_types=op_types,
+        weight_type=weight_type,
         per_channel=per_channel,
         reduce_range=reduce_range,
     )
@@ -647,7 +656,8 @@ def build_ort_engine(
     int8: bool = False,
     format: str = "onnx",
     providers: Sequence[str] | str | None = None,
-    int8_per_channel: bool = False,
+    int8_weight_type: str = "uint8",
+    int8_per_channel: bool = True,
     int8_reduce_range: bool = False,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -665,6 +675,10 @@ def build_ort_engine(
         raise ConfigError(f"Unknown engine format {format!r}; choose 'onnx' or 'ort'.")
     if fp16 and int8:
         raise ConfigError("--fp16 and --int8 cannot be combined; choose one precision.")
+    if int8_weight_type not in ("int8", "uint8"):
+        raise ConfigError(
+            f"Unknown int8 weight type {int8_weight_type!r}; choose 'uint8' or 'int8'."
+        )
     if model_type is not None and model_type not in (*MODEL_TYPES, "none", "auto"):
         choices = ", ".join((*MODEL_TYPES, "none"))
         raise ConfigError(f"Unknown model type {model_type!r}; choose one of {choices}.")
@@ -741,7 +755,11 @@ def build_ort_engine(
                 say("int8 dynamic quantization")
                 quantized = tmp / "model.int8.onnx"
                 quant = _quantize_int8(
-                    work, quantized, per_channel=int8_per_channel, reduce_range=int8_reduce_range
+                    work,
+                    quantized,
+                    weight_type=int8_weight_type,
+                    per_channel=int8_per_channel,
+                    reduce_range=int8_reduce_range,
                 )
                 for extra in list(tmp.iterdir()):
                     if extra.name.startswith("model.onnx"):
