@@ -42,13 +42,14 @@ def test_counts() -> None:
     assert lr.flops_per_token == 2 * 2 * 16
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", [(600, 400), (400, 900)])
-def test_randomized_within_one_percent_of_exact(shape: tuple[int, int]) -> None:
-    w = _decaying(*shape, seed=2, decay=0.3)
+def test_randomized_within_one_percent_of_exact(shape: tuple[int, int], dtype: type) -> None:
+    w = _decaying(*shape, seed=2, decay=0.3).astype(dtype)
     for rank in (8, 40, 100):
         exact = np.linalg.norm(w - truncated_svd(w, rank, method="exact").reconstruct())
         approx = np.linalg.norm(w - truncated_svd(w, rank, method="randomized").reconstruct())
-        assert exact <= approx * (1 + 1e-12)
+        assert exact <= approx * (1 + 1e-6)
         assert approx <= 1.01 * exact
 
 

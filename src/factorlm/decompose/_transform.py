@@ -46,7 +46,8 @@ def lowrank_from_transform(
     method: SvdMethod = "auto",
 ) -> LowRank:
     """Truncate ``transform.matrix`` to ``rank``, undo the transform, cast to ``dtype``."""
-    u, s, vt = svd_rank(transform.matrix, rank, rng=rng, method=method)
+    sketch = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    u, s, vt = svd_rank(transform.matrix, rank, rng=rng, method=method, sketch_dtype=sketch)
     left, right = factors_from_svd(u, s, vt)
     left = transform.undo_left(left)
     right = transform.undo_right(right)

@@ -6,8 +6,10 @@ For ``W = U diag(s) Vᵀ`` the best rank-r approximation in Frobenius (and spect
 as square roots keeps both factors in the weight's range, which fp16 engines need.
 
 For a rank that is small against the matrix, a randomized range finder (Halko, Martinsson and
-Tropp 2011: Gaussian sketch with oversampling, power iterations re-orthonormalized by QR) costs
-O(mnk) instead of O(mn·min(m, n)) and lands within a fraction of a percent of the exact error.
+Tropp 2011: Gaussian sketch with oversampling, power iterations renormalized by LU, a final QR)
+costs O(mnk) instead of O(mn·min(m, n)) and lands within a fraction of a percent of the exact
+error. For float32/float16 weights the range finder runs in float32 (twice the speed); the final
+projection and small SVD stay in float64.
 Randomness comes only from an explicit ``numpy.random.Generator``; the default seed is fixed, so
 results are deterministic.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
@@ -33,6 +35,7 @@ __all__ = [
     "LowRank",
     "SvdMethod",
     "factors_from_svd",
+    "sketch_dtype",
     "svd_rank",
     "truncated_svd",
 ]
@@ -94,21 +97,34 @@ class LowRank:
 
 
 def _randomized_svd(
-    matrix: np.ndarray, rank: int, rng: np.random.Generator, power_iterations: int | None
+    matrix: np.ndarray,
+    rank: int,
+    rng: np.random.Generator,
+    power_iterations: int | None = None,
+    sketch_dtype: type[np.floating[Any]] = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Leading ``rank`` singular triplets of a float64 matrix by a randomized range finder."""
+    """Leading ``rank`` singular triplets of a float64 matrix by a randomized range finder.
+
+    The range finder (sketch and power iterations, LU-normalised between products as in Halko
+    et al. §4.5) runs in ``sketch_dtype``; the final orthonormal basis, the projection ``QᵀA``
+    and its small SVD are float64, so a float32 sketch only perturbs the subspace, which moves
+    the truncation error at second order.
+    """
     m, n = matrix.shape
     transposed = m < n
-    a = matrix.T if transposed else matrix  # tall: sketch the smaller side
+    a64 = matrix.T if transposed else matrix  # tall: the basis lives on the long side
+    a = a64.astype(sketch_dtype, copy=False)
     k = min(rank + max(_OVERSAMPLE, rank // 10), min(m, n))
     if power_iterations is None:
         power_iterations = 6 if rank < 0.1 * min(m, n) else 4
-    omega = rng.standard_normal((a.shape[1], k))
-    q, _ = np.linalg.qr(a @ omega)
+    omega = rng.standard_normal((a.shape[1], k)).astype(sketch_dtype, copy=False)
+    y = a @ omega
     for _ in range(power_iterations):
-        z, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ z)
-    b = q.T @ a
+        y = scipy.linalg.lu(y, permute_l=True, check_finite=False)[0]
+        z = scipy.linalg.lu(a.T @ y, permute_l=True, check_finite=False)[0]
+        y = a @ z
+    q, _ = np.linalg.qr(y.astype(np.float64))
+    b = q.T @ a64
     ub, s, vt = scipy.linalg.svd(b, full_matrices=False, check_finite=False)
     u = q @ ub[:, :rank]
     s, vt = s[:rank], vt[:rank]
@@ -144,10 +160,13 @@ def svd_rank(
     *,
     rng: np.random.Generator | None = None,
     method: SvdMethod = "auto",
+    sketch_dtype: type[np.floating[Any]] = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading ``rank`` singular triplets ``(U_r, s_r, V_rᵀ)`` of a float64 matrix.
 
     Shared by the data-aware methods, which truncate a transformed matrix instead of ``W``.
+    ``sketch_dtype`` is the precision of the randomized range finder (float32 for weights that
+    are stored in float32 or float16 anyway: twice the speed, no visible loss).
     """
     if method not in ("auto", "exact", "randomized"):
         raise DecompositionError(
@@ -158,8 +177,13 @@ def svd_rank(
     )
     if randomized and rank < min(matrix.shape):
         generator = rng if rng is not None else np.random.default_rng(DEFAULT_SEED)
-        return _randomized_svd(matrix, rank, generator, None)
+        return _randomized_svd(matrix, rank, generator, None, sketch_dtype)
     return _exact_svd(matrix, rank)
+
+
+def sketch_dtype(weight: np.ndarray) -> type[np.floating[Any]]:
+    """Range-finder precision for a weight: float32 unless the weight itself is float64."""
+    return np.float64 if weight.dtype == np.float64 else np.float32
 
 
 def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +206,9 @@ def truncated_svd(
     """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    u, s, vt = svd_rank(weight.astype(np.float64), r, rng=rng, method=method)
+    u, s, vt = svd_rank(
+        weight.astype(np.float64), r, rng=rng, method=method, sketch_dtype=sketch_dtype(weight)
+    )
     left, right = factors_from_svd(u, s, vt)
     return LowRank(
         left=cast_back(left, weight.dtype, "left"), right=cast_back(right, weight.dtype, "right")
