@@ -1,0 +1,145 @@
+"""How fast and how lean is ``factorlm compress`` on a BERT-base-shaped model?
+
+Exports a randomly initialised BERT-base (hidden 768, 12 layers, FFN 3072, vocab 30,522) with
+optimum, then, each in a fresh subprocess so peak RSS is its own:
+
+1. the pure decomposition time: ``factorlm.decompose.decompose`` on exactly the weights and
+   ranks of the plan (weights already in memory as numpy arrays), and
+2. ``factorlm.compress.compress`` end to end (load, analyse, plan with spectra, decompose,
+   rewrite, save with the full ONNX check).
+
+Targets: end to end ≤ 1.5x the pure decomposition time; peak RSS ≤ 2.5x the model file size.
+Usage: ``.venv/bin/python benchmarks/compress_speed.py [--layers 12] [--work DIR] [--out MD]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["export_bert", "main"]
+
+HERE = Path(__file__).resolve().parent
+
+
+def export_bert(folder: Path, *, layers: int = 12, hidden: int = 768, ffn: int = 3072) -> Path:
+    """A random BERT exported by optimum to ``folder/model.onnx`` (reused when present)."""
+    path = folder / "model.onnx"
+    if path.is_file():
+        return path
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=ffn,
+    )
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    onnx_export_from_model(model, folder, task="feature-extraction", opset=17, do_validation=False)
+    return path
+
+
+_DECOMPOSE_ONLY = """
+import json, sys, time
+from factorlm.decompose import decompose
+from factorlm.io import load_model
+from factorlm.passes import analyze
+plan = json.load(open(sys.argv[2]))["weights"]
+analysis = analyze(load_model(sys.argv[1]))
+matrices = {name: analysis.candidate(name).matrix() for name in plan}
+start = time.perf_counter()
+for name, entry in plan.items():
+    decompose(matrices[name], entry["method"], entry["rank"])
+import resource
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+_COMPRESS = """
+import json, sys, time
+from factorlm.compress import compress
+start = time.perf_counter()
+r = compress(sys.argv[1], sys.argv[2], ratio=float(sys.argv[3]), min_size=0)
+print(json.dumps({"seconds": time.perf_counter() - start, "stages": r.seconds,
+                  "factorized": r.factorized, "params_before": r.model_params_before,
+                  "params_after": r.model_params_after,
+                  "rss": __import__("resource").getrusage(0).ru_maxrss * 1024}))
+"""
+
+
+def _run(code: str, *args: str) -> tuple[dict[str, object], float]:
+    """Run ``code`` in a fresh interpreter; return its JSON line and its own peak RSS in bytes."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
+    )
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data, float(data["rss"])
+
+
+def _machine() -> str:
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, uptime: {load}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-bench")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "compress_speed.md")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    bert_dir = args.work / f"bert-base-{args.layers}l"
+    bert_dir.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    model = export_bert(bert_dir, layers=args.layers)
+    export_s = time.perf_counter() - start
+    size = model.stat().st_size + sum(p.stat().st_size for p in bert_dir.glob("*.data"))
+
+    out = args.work / "compressed" / "model.onnx"
+    full, full_rss = _run(_COMPRESS, str(model), str(out), str(args.ratio))
+    plan_path = out.with_name("model.plan.json")
+    dec, dec_rss = _run(_DECOMPOSE_ONLY, str(model), str(plan_path))
+    ratio_time = float(full["seconds"]) / float(dec["seconds"])  # type: ignore[arg-type]
+    ratio_rss = full_rss / size
+    lines = [
+        "# compress speed and memory (BERT-base shape, random weights)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/compress_speed.py --layers {args.layers} --ratio {args.ratio}`",
+        f"Machine: {_machine()}",
+        f"Model: {model.name}, {size / 1e6:.1f} MB, {args.layers} layers (export {export_s:.1f} s, not timed below)",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| weights factorized | {full['factorized']} | |",
+        f"| pure decomposition time (same weights and ranks) | {float(dec['seconds']):.2f} s | |",  # type: ignore[arg-type]
+        f"| compress end to end | {float(full['seconds']):.2f} s | |",  # type: ignore[arg-type]
+        f"| end to end / decomposition | {ratio_time:.2f}x | <= 1.5x ({'met' if ratio_time <= 1.5 else 'NOT met'}) |",
+        f"| peak RSS compress | {full_rss / 1e6:.0f} MB | |",
+        f"| peak RSS decomposition only | {dec_rss / 1e6:.0f} MB | |",
+        f"| peak RSS / model size | {ratio_rss:.2f}x | <= 2.5x ({'met' if ratio_rss <= 2.5 else 'NOT met'}) |",
+        "",
+        f"Stages of compress (s): {json.dumps({k: round(v, 2) for k, v in full['stages'].items()})}",  # type: ignore[union-attr]
+        f"Parameters (whole model): {full['params_before']:,} -> {full['params_after']:,}",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
