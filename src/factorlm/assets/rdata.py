@@ -124,6 +124,8 @@ class _Reader:
             index = flags >> 8
             if index == 0:
                 index = self.read_int()
+            if not 1 <= index <= len(self.refs):
+                raise self._fail(f"reference {index} to an object not yet read")
             return self.refs[index - 1]
         if kind == _PERSISTSXP:
             persisted = self.string_vector()
