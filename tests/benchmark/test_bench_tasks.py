@@ -93,5 +93,11 @@ def test_data_formats_and_label_checks(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"text": "a"}) + "\n{oops\n")
     with pytest.raises(DataError, match="line 2"):
         load_dataset(bad)
+    odd = tmp_path / "odd.jsonl"  # U+2028 inside a JSON string is not a line break
+    odd.write_text(json.dumps({"text": "a\u2028b", "label": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_dataset(odd).texts == ["a\u2028b"]
+    quoted = tmp_path / "q.csv"
+    quoted.write_text('text,label\n"two\nlines",pos\n')
+    assert load_dataset(quoted).texts == ["two\nlines"]
     with pytest.raises(DataError, match="'body'"):
         load_dataset(csv_file, text_column="body")

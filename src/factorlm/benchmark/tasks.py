@@ -22,6 +22,7 @@ next to ``model.onnx``) or ``--tokenizer``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -98,7 +99,8 @@ def load_dataset(
     rows: list[dict[str, Any]]
     if suffix in (".jsonl", ".json", ".ndjson"):
         rows = []
-        for number, line in enumerate(raw.splitlines(), 1):
+        # split on newlines only: str.splitlines also breaks on U+2028 and U+0085 inside strings
+        for number, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -109,9 +111,9 @@ def load_dataset(
                 raise DataError(f"Data file {path} line {number} is not a JSON object.")
             rows.append(item)
     elif suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+        rows = list(csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix in (".txt", ".text", ".md"):
-        rows = [{text_column: line} for line in raw.splitlines() if line.strip()]
+        rows = [{text_column: line.rstrip("\r")} for line in raw.split("\n") if line.strip()]
     else:
         raise DataError(f"Data file {path} is not .jsonl, .csv or .txt.")
     rows = rows[skip_rows:]
