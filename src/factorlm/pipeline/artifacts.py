@@ -81,7 +81,7 @@ class ArtifactStore:
     def _write_manifest(self) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX, suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self._manifest, handle, indent=2, sort_keys=True, default=str)
+            json.dump(self._manifest, handle, indent=2, default=str)
         os.replace(tmp, self.root / MANIFEST)
 
     def update_header(self, values: Mapping[str, Any]) -> None:

@@ -1,0 +1,350 @@
+"""``factorlm run``: export → data split → calibrate → compress → build → benchmark.
+
+Each stage is a plain function over the previous stages' folders. ``ArtifactStore`` keys every
+stage by its settings and its inputs' keys, so a second run with the same config reuses every
+folder and finishes in seconds, and a config change reruns only the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from factorlm.errors import ConfigError, DataError
+from factorlm.pipeline.artifacts import ArtifactStore, StageResult, hash_files, hash_json
+from factorlm.pipeline.config import RunConfig
+
+__all__ = ["DATA_AWARE_METHODS", "RunResult", "run_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+#: Methods whose planner needs activation statistics (ONNX Runtime capture).
+DATA_AWARE_METHODS = frozenset({"whiten", "drone", "asvd"})
+
+
+@dataclass
+class RunResult:
+    """Every stage's outcome plus the benchmark report; ``passed`` decides the exit status."""
+
+    output_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report is None or self.report.get("passed", True))
+
+    def stage(self, name: str) -> StageResult:
+        return next(s for s in self.stages if s.name == name)
+
+
+def _resolve_inputs(config: RunConfig, console: Console) -> tuple[Path, Path]:
+    """The model and the labelled data, fetching the embedded defaults when none are given."""
+    from factorlm import assets
+    from factorlm.assets.prepare import prepare
+
+    wanted = [
+        n for n, given in (("minilm", config.model), ("reviews", config.data.path)) if not given
+    ]
+    if wanted:
+        console.print(f"[dim]Preparing default assets: {', '.join(wanted)}[/]")
+        prepare(wanted, progress=console.is_terminal)
+    model = config.model if config.model is not None else assets.minilm_dir()
+    data = config.data.path if config.data.path is not None else assets.reviews_path()
+    if not model.exists():
+        raise ConfigError(f"Model {model} does not exist.")
+    if not data.exists():
+        raise DataError(f"Data file {data} does not exist.")
+    return model, data
+
+
+def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
+    """Seeded, disjoint calibration and evaluation files, so nothing is tuned on held-out rows."""
+    from factorlm.data import read_labelled, read_texts
+
+    cfg = config.data
+    rows: list[dict[str, str]]
+    if cfg.label_column:
+        texts, labels = read_labelled(
+            data, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels
+        )
+        rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
+    else:
+        rows = [{"text": t} for t in read_texts(data, text_column=cfg.text_column)]
+    random.Random(cfg.seed).shuffle(rows)
+    need = cfg.calibration_samples + cfg.eval_samples
+    if len(rows) < need:
+        raise DataError(
+            f"{data} has {len(rows)} usable rows; calibration_samples + eval_samples needs {need}."
+        )
+    calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
+    for name, part in (("calibration.jsonl", calib), ("eval.jsonl", evaluation)):
+        with (out / name).open("w", encoding="utf-8") as handle:
+            for row in part:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"source": str(data), "calibration_rows": len(calib), "eval_rows": len(evaluation)}
+
+
+def _export(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
+    from factorlm.exporters.hf import export
+
+    if model.is_file():  # already ONNX: adopt it with its sidecar files
+        shutil.copy2(model, out / "model.onnx")
+        for sidecar in model.parent.iterdir():
+            if sidecar.is_file() and sidecar.suffix in {".json", ".txt", ".model"}:
+                shutil.copy2(sidecar, out / sidecar.name)
+        return {"source": str(model), "exported": False}
+    target = out / "export"
+    result = export(
+        model,
+        target,
+        task=config.export.task,
+        opset=config.export.opset,
+        trust_remote_code=config.export.trust_remote_code,
+    )
+    for item in target.iterdir():
+        shutil.move(str(item), out / item.name)
+    target.rmdir()
+    return {
+        "source": str(model),
+        "exported": True,
+        "opset": result.opset,
+        "max_abs_diff": result.max_abs_diff,
+        "max_relative_diff": result.max_relative,
+    }
+
+
+def _calibrate(
+    config: RunConfig, model_dir: Path, onnx_dir: Path, split: Path, out: Path
+) -> dict[str, Any]:
+    from factorlm.calibration import CalibrationStats, collect_fisher, collect_statistics
+
+    method = config.compress.method
+    calib = split / "calibration.jsonl"
+    if method == "fwsvd":
+        if not model_dir.is_dir():
+            raise ConfigError(
+                "method 'fwsvd' needs the Hugging Face model folder, not an ONNX file."
+            )
+        fisher = collect_fisher(
+            model_dir,
+            onnx_dir / "model.onnx",
+            calib,
+            text_column="text",
+            label_column="label",
+            labels=config.data.labels,
+            max_samples=config.data.calibration_samples,
+            max_length=config.calibration.max_length,
+        )
+        stats = CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
+    else:
+        stats = collect_statistics(
+            onnx_dir / "model.onnx",
+            calib,
+            text_column="text",
+            max_samples=config.data.calibration_samples,
+            max_length=config.calibration.max_length,
+            batch_size=config.calibration.batch_size,
+        )
+    stats.save(out / "stats.npz")
+    return {
+        "method": method,
+        "weights": len(stats.gram) or len(stats.fisher),
+        "tokens": stats.tokens,
+    }
+
+
+def _compress(
+    config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path
+) -> dict[str, Any]:
+    from factorlm.calibration import CalibrationStats
+    from factorlm.compress import compress
+    from factorlm.exporters.ort import copy_sidecars
+
+    cfg = config.compress
+    stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
+    kwargs: dict[str, Any] = {}
+    if cfg.min_size is not None:
+        kwargs["min_size"] = cfg.min_size
+    result = compress(
+        onnx_dir / "model.onnx",
+        out / "model.onnx",
+        method=cfg.method,
+        ratio=cfg.ratio,
+        energy=cfg.energy,
+        rank_multiple=cfg.rank_multiple,
+        include=cfg.include,
+        exclude=cfg.exclude,
+        embeddings=cfg.embeddings,
+        plan=cfg.plan,
+        stats=stats,
+        **kwargs,
+    )
+    copy_sidecars(onnx_dir / "model.onnx", out)
+    return {
+        "method": cfg.method,
+        "ratio": cfg.ratio,
+        "factorized": result.factorized,
+        "skipped": result.skipped,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "flops_before": result.flops_before,
+        "flops_after": result.flops_after,
+        "model_params_before": result.model_params_before,
+        "model_params_after": result.model_params_after,
+    }
+
+
+def _build(config: RunConfig, onnx_dir: Path, compressed_dir: Path, out: Path) -> dict[str, Any]:
+    cfg = config.build
+    info: dict[str, Any] = {}
+    for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
+        if cfg.backend == "tensorrt":
+            from factorlm.exporters.tensorrt import build_trt_engine
+
+            manifest: Any = build_trt_engine(
+                source / "model.onnx", out / name, fp16=cfg.fp16, int8=cfg.int8
+            )
+        else:
+            from factorlm.exporters.ort import build_ort_engine
+
+            manifest = build_ort_engine(
+                source / "model.onnx",
+                out / name,
+                optimize=cfg.optimize,
+                fp16=cfg.fp16,
+                int8=cfg.int8,
+                format=cfg.format,
+            )
+        info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
+    return info
+
+
+def _benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
+    from factorlm.benchmark import run_benchmark
+
+    cfg = config.benchmark
+    goals = cfg.goals
+    report = run_benchmark(
+        build_dir / "reference",
+        [("compressed", build_dir / "compressed")],
+        shapes=cfg.shapes,
+        data=split / "eval.jsonl" if cfg.task != "none" else None,
+        task=None if cfg.task == "none" else cfg.task,
+        baseline=cfg.baseline,
+        max_regression=cfg.max_regression,
+        max_accuracy_drop=goals.max_accuracy_drop,
+        min_speedup=goals.min_speedup,
+        max_fidelity_loss=goals.max_fidelity_loss,
+        warmup=cfg.warmup,
+        iterations=cfg.iterations,
+        labels=config.data.labels,
+        max_samples=None,
+    )
+    report.write(out)
+    return {"passed": report.passed}
+
+
+def _versions() -> dict[str, str]:
+    from factorlm.exporters.ort import versions
+
+    return versions()
+
+
+def run_pipeline(
+    config: RunConfig,
+    *,
+    console: Console | None = None,
+    on_stage: Callable[[StageResult], None] | None = None,
+) -> RunResult:
+    """Run every stage of ``config`` into ``config.output_dir`` and return what each produced."""
+    console = console or Console(stderr=True)
+    model, data = _resolve_inputs(config, console)
+    store = ArtifactStore(Path(config.output_dir))
+    store.update_header({"config": json.loads(config.model_dump_json()), "versions": _versions()})
+    result = RunResult(output_dir=Path(config.output_dir))
+
+    def stage(name: str, key: str, build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
+        console.rule(f"[bold]{name}")
+        start = time.perf_counter()
+        done = store.run(name, key, build)
+        if done.skipped:
+            console.print(f"[green]✓[/] {name}: unchanged, reused {done.path}")
+        else:
+            console.print(f"[green]✓[/] {name}: done in {time.perf_counter() - start:.1f} s")
+        result.stages.append(done)
+        if on_stage is not None:
+            on_stage(done)
+        return done
+
+    model_key = hash_files([model])
+    exported = stage(
+        "export",
+        hash_json({"model": model_key, "export": config.export.model_dump(mode="json")}),
+        lambda out: _export(config, model, out),
+    )
+    split = stage(
+        "data",
+        hash_json({"data": hash_files([data]), "cfg": config.data.model_dump(mode="json")}),
+        lambda out: _split_data(config, data, out),
+    )
+    stats_dir: Path | None = None
+    method = config.compress.method
+    if (method in DATA_AWARE_METHODS or method == "fwsvd") and config.compress.plan is None:
+        calibrated = stage(
+            "calibrate",
+            hash_json(
+                {
+                    "export": exported.key,
+                    "data": split.key,
+                    "fisher": method == "fwsvd",
+                    "cfg": config.calibration.model_dump(mode="json"),
+                }
+            ),
+            lambda out: _calibrate(config, model, exported.path, split.path, out),
+        )
+        stats_dir = calibrated.path
+    plan_key = hash_files([config.compress.plan]) if config.compress.plan else None
+    compressed = stage(
+        "compress",
+        hash_json(
+            {
+                "export": exported.key,
+                "stats": stats_dir and result.stage("calibrate").key,
+                "cfg": config.compress.model_dump(mode="json"),
+                "plan": plan_key,
+            }
+        ),
+        lambda out: _compress(config, exported.path, stats_dir, out),
+    )
+    built = stage(
+        "build",
+        hash_json(
+            {
+                "export": exported.key,
+                "compress": compressed.key,
+                "cfg": config.build.model_dump(mode="json"),
+            }
+        ),
+        lambda out: _build(config, exported.path, compressed.path, out),
+    )
+    bench_cfg = config.benchmark.model_dump(mode="json")
+    baseline_key = hash_files([config.benchmark.baseline]) if config.benchmark.baseline else None
+    bench = stage(
+        "benchmark",
+        hash_json(
+            {"build": built.key, "data": split.key, "cfg": bench_cfg, "baseline": baseline_key}
+        ),
+        lambda out: _benchmark(config, built.path, split.path, out),
+    )
+    result.report = json.loads((bench.path / "report.json").read_text(encoding="utf-8"))
+    return result

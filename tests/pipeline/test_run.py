@@ -1,0 +1,91 @@
+"""``factorlm run`` end to end on a tiny real BERT: every stage, then a rerun that skips them all."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factorlm import cli
+from tests.conftest import WORDS
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("job")
+    rng = random.Random(0)
+    with (folder / "reviews.jsonl").open("w") as handle:
+        for i in range(120):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            handle.write(json.dumps({"text": f"{words} {i}", "label": ["neg", "pos"][i % 2]}) + "\n")
+    config = {
+        "model": str(tiny_bert_dir),
+        "output_dir": "out",
+        "data": {
+            "path": "reviews.jsonl",
+            "labels": ["neg", "pos"],
+            "calibration_samples": 40,
+            "eval_samples": 60,
+        },
+        "calibration": {"max_length": 16, "batch_size": 8},
+        "compress": {"method": "whiten", "ratio": 0.7, "rank_multiple": 2, "min_size": 64},
+        "benchmark": {"shapes": ["1x16"], "warmup": 1, "iterations": 5, "goals": {"min_speedup": 0.01}},
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
+    assert cli.main(["run", str(job / "job.yaml")]) == 0
+    out = job / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["export", "data", "calibrate", "compress", "build", "benchmark"]
+    assert (out / "build" / "compressed" / "manifest.json").is_file()
+    report = json.loads((out / "benchmark" / "report.json").read_text())
+    assert report["passed"] is True
+    assert manifest["stages"]["compress"]["info"]["factorized"] > 0
+
+    calib = (out / "data" / "calibration.jsonl").read_text().splitlines()
+    held_out = (out / "data" / "eval.jsonl").read_text().splitlines()
+    assert len(calib) == 40 and len(held_out) == 60
+    assert not {json.loads(r)["text"] for r in calib} & {json.loads(r)["text"] for r in held_out}
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert cli.main(["run", str(job / "job.yaml")]) == 0
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert before == after  # every stage reused, nothing rewritten
+
+
+def test_changed_budget_reruns_from_compress_only(job: Path) -> None:
+    config = yaml.safe_load((job / "job.yaml").read_text())
+    config["compress"]["ratio"] = 0.5
+    (job / "job2.yaml").write_text(yaml.safe_dump(config))
+    export_model = job / "out" / "export" / "model.onnx"
+    if not export_model.exists():
+        assert cli.main(["run", str(job / "job.yaml")]) == 0
+    stamp = export_model.stat().st_mtime_ns
+    assert cli.main(["run", str(job / "job2.yaml")]) == 0
+    assert export_model.stat().st_mtime_ns == stamp
+    manifest = json.loads((job / "out" / "manifest.json").read_text())
+    assert manifest["stages"]["compress"]["info"]["ratio"] == 0.5
+
+
+def test_config_typo_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "job.yaml"
+    bad.write_text("compress:\n  methd: svd\n")
+    assert cli.main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'compress.methd'; did you mean 'method'?" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "factorlm-run").exists()
+
+
+def test_missing_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.yaml"
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    job.write_text("model: nowhere\ndata:\n  path: d.jsonl\n")
+    assert cli.main(["run", str(job)]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
