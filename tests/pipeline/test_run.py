@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import WORDS
 
 from factorlm import cli
-from tests.conftest import WORDS
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,9 @@ def job(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     with (folder / "reviews.jsonl").open("w") as handle:
         for i in range(120):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            handle.write(json.dumps({"text": f"{words} {i}", "label": ["neg", "pos"][i % 2]}) + "\n")
+            handle.write(
+                json.dumps({"text": f"{words} {i}", "label": ["neg", "pos"][i % 2]}) + "\n"
+            )
     config = {
         "model": str(tiny_bert_dir),
         "output_dir": "out",
@@ -32,7 +34,12 @@ def job(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
         },
         "calibration": {"max_length": 16, "batch_size": 8},
         "compress": {"method": "whiten", "ratio": 0.7, "rank_multiple": 2, "min_size": 64},
-        "benchmark": {"shapes": ["1x16"], "warmup": 1, "iterations": 5, "goals": {"min_speedup": 0.01}},
+        "benchmark": {
+            "shapes": ["1x16"],
+            "warmup": 1,
+            "iterations": 5,
+            "goals": {"min_speedup": 0.01},
+        },
     }
     (folder / "job.yaml").write_text(yaml.safe_dump(config))
     return folder
@@ -42,7 +49,14 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
     assert cli.main(["run", str(job / "job.yaml")]) == 0
     out = job / "out"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["export", "data", "calibrate", "compress", "build", "benchmark"]
+    assert list(manifest["stages"]) == [
+        "export",
+        "data",
+        "calibrate",
+        "compress",
+        "build",
+        "benchmark",
+    ]
     assert (out / "build" / "compressed" / "manifest.json").is_file()
     report = json.loads((out / "benchmark" / "report.json").read_text())
     assert report["passed"] is True
@@ -53,9 +67,13 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
     assert len(calib) == 40 and len(held_out) == 60
     assert not {json.loads(r)["text"] for r in calib} & {json.loads(r)["text"] for r in held_out}
 
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    before = {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
     assert cli.main(["run", str(job / "job.yaml")]) == 0
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    after = {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
     assert before == after  # every stage reused, nothing rewritten
 
 
@@ -73,7 +91,9 @@ def test_changed_budget_reruns_from_compress_only(job: Path) -> None:
     assert manifest["stages"]["compress"]["info"]["ratio"] == 0.5
 
 
-def test_config_typo_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_typo_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "job.yaml"
     bad.write_text("compress:\n  methd: svd\n")
     assert cli.main(["run", str(bad)]) == 2

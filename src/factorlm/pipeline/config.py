@@ -164,7 +164,9 @@ def parse_config(data: dict[str, Any] | None, source: str = "config") -> RunConf
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, not a list or value.")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections, not a list or value."
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
