@@ -8,8 +8,8 @@ as square roots keeps both factors in the weight's range, which fp16 engines nee
 For a rank that is small against the matrix, a randomized range finder (Halko, Martinsson and
 Tropp 2011: Gaussian sketch with oversampling, power iterations renormalized by LU, a final QR)
 costs O(mnk) instead of O(mn·min(m, n)) and lands within a fraction of a percent of the exact
-error. For float32/float16 weights the range finder runs in float32 (twice the speed); the final
-projection and small SVD stay in float64.
+error. For float32/float16 weights the range finder runs in float32 (twice the speed); the small
+SVD of the projected matrix stays in float64.
 Randomness comes only from an explicit ``numpy.random.Generator``; the default seed is fixed, so
 results are deterministic.
 """
@@ -105,15 +105,14 @@ def _randomized_svd(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading ``rank`` singular triplets of a float64 matrix by a randomized range finder.
 
-    The range finder (sketch and power iterations, LU-normalised between products as in Halko
-    et al. §4.5) runs in ``sketch_dtype``; the final orthonormal basis, the projection ``QᵀA``
-    and its small SVD are float64, so a float32 sketch only perturbs the subspace, which moves
-    the truncation error at second order.
+    The range finder (sketch, power iterations LU-renormalised between products as in Halko
+    et al. §4.5, final QR) and the projection ``QᵀA`` run in ``sketch_dtype``; the small SVD of
+    the projection is float64. A float32 sketch (for float32/float16 weights) halves the time
+    and perturbs the factors at the float32 rounding level, below what the weight can store.
     """
     m, n = matrix.shape
     transposed = m < n
-    a64 = matrix.T if transposed else matrix  # tall: the basis lives on the long side
-    a = a64.astype(sketch_dtype, copy=False)
+    a = (matrix.T if transposed else matrix).astype(sketch_dtype, copy=False)  # tall
     k = min(rank + max(_OVERSAMPLE, rank // 10), min(m, n))
     if power_iterations is None:
         power_iterations = 6 if rank < 0.1 * min(m, n) else 4
@@ -123,10 +122,10 @@ def _randomized_svd(
         y = scipy.linalg.lu(y, permute_l=True, check_finite=False)[0]
         z = scipy.linalg.lu(a.T @ y, permute_l=True, check_finite=False)[0]
         y = a @ z
-    q, _ = np.linalg.qr(y.astype(np.float64))
-    b = q.T @ a64
+    q, _ = np.linalg.qr(y)
+    b = (q.T @ a).astype(np.float64)
     ub, s, vt = scipy.linalg.svd(b, full_matrices=False, check_finite=False)
-    u = q @ ub[:, :rank]
+    u = (q @ ub[:, :rank].astype(sketch_dtype)).astype(np.float64)
     s, vt = s[:rank], vt[:rank]
     if transposed:
         return vt.T, s, u.T
