@@ -129,3 +129,16 @@ def test_feeds_for_a_decoder_with_kv_cache(tmp_path: Path) -> None:
     assert out["present.0.key"].shape == (2, 2, 5, 8)
     direct = ort.InferenceSession(str(path)).run(None, feeds)
     np.testing.assert_array_equal(out["logits"], direct[0])
+
+
+def test_engine_folder_from_factorlm_build(models: dict[str, Path], tmp_path: Path) -> None:
+    from factorlm.exporters.ort import build_ort_engine
+
+    build_ort_engine(models["ref"] / "model.onnx", tmp_path / "engine", format="ort")
+    resolved = resolve_model(tmp_path / "engine")
+    assert resolved.manifest is not None and resolved.file.suffix == ".ort"
+    feeds = {"input_ids": np.array([[3, 5]], np.int64), "attention_mask": np.ones((1, 2), np.int64)}
+    with load_runner(tmp_path / "engine") as engine, load_runner(models["ref"]) as source:
+        np.testing.assert_allclose(
+            engine.infer(feeds)["last_hidden_state"], source.infer(feeds)["last_hidden_state"], rtol=1e-5, atol=1e-6
+        )
