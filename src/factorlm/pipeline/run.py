@@ -90,7 +90,7 @@ def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
     for name, part in (("calibration.jsonl", calib), ("eval.jsonl", evaluation)):
         with (out / name).open("w", encoding="utf-8") as handle:
             for row in part:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(json.dumps(row) + "\n")
     return {"source": str(data), "calibration_rows": len(calib), "eval_rows": len(evaluation)}
 
 
