@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.engine_models import VOCAB
+from .engine_models import VOCAB
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from factorlm.cli import main
-from models import mlp
+
+from .engine_models import mlp
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -16,7 +16,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporters.engine_models import bert_feeds, cosine, factorized_mlp
 from factorlm.errors import BackendUnavailableError, ConfigError, FactorlmError, ModelLoadError
 from factorlm.exporters.ort import (
     EngineManifest,
@@ -28,7 +27,8 @@ from factorlm.exporters.ort import (
     open_session,
     resolve_providers,
 )
-from models import mlp, run_ort
+
+from .engine_models import bert_feeds, cosine, factorized_mlp, mlp, run_ort
 
 FP32_ATOL = 1e-4
 

@@ -19,7 +19,8 @@ from factorlm.exporters.shapes import (
     parse_shapes,
     validate_shapes,
 )
-from models import mlp
+
+from .engine_models import mlp
 
 
 def bert_like() -> onnx.ModelProto:

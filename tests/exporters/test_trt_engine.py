@@ -24,7 +24,8 @@ from factorlm.exporters.tensorrt import (
     load_calibration,
     plan_trt_build,
 )
-from models import mlp, run_ort
+
+from .engine_models import mlp, run_ort
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
