@@ -1,0 +1,224 @@
+"""``recover``: apply a plan to the PyTorch model, distil it, export it with its factors tagged.
+
+A stage between plan and build: its output folder holds ``model.onnx`` (+ tokenizer, config,
+``recovery.json``) ready for ``factorlm build``. Checkpoints live next to it in
+``<out>.checkpoints/`` so an interrupted run can ``resume``; the output folder itself is staged
+under a temporary name and renamed only once the export validates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factorlm.errors import ConfigError, DataError
+from factorlm.planning import DATA_AWARE, Plan
+from factorlm.recovery.apply import apply_plan, load_plan
+from factorlm.recovery.train import METHODS, TrainConfig, train
+
+__all__ = ["RecoveryResult", "checkpoint_dir_for", "recover"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryResult:
+    """The recovered model and what the run did."""
+
+    out_dir: Path
+    model: Path
+    method: str
+    task: str
+    steps_done: int
+    train_seconds: float
+    stopped: str
+    resumed_from: int | None
+    final_loss: float | None
+    replaced: int
+    tagged_factors: int
+    max_relative_diff: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def checkpoint_dir_for(out_dir: Path) -> Path:
+    """``OUT`` -> ``OUT.checkpoints`` (kept outside the atomically renamed output folder)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.checkpoints")
+
+
+def _task_for(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "text-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "text-generation-with-past"
+    return "feature-extraction"
+
+
+def _needs_stats(plan: Plan) -> str | None:
+    for entry in plan.weights.values():
+        if entry.method in DATA_AWARE:
+            return DATA_AWARE[entry.method]
+    return None
+
+
+def recover(
+    model_dir: str | Path,
+    plan: Plan | str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "distill",
+    data: str | Path | Sequence[str],
+    steps: int = 500,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    onnx_model: str | Path | None = None,
+    stats: Any = None,
+    calib_samples: int = 256,
+    max_samples: int | None = None,
+    text_column: str = "text",
+    batch_size: int = 16,
+    max_length: int = 128,
+    lr: float = 1e-4,
+    feature_fraction: float = 0.5,
+    checkpoint_every: int = 50,
+    task: str | None = None,
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RecoveryResult:
+    """Recover the accuracy a plan costs by distillation; write ``out_dir/model.onnx``.
+
+    ``plan`` is a Plan or plan JSON keyed by initializer names of ``onnx_model`` (the export the
+    plan was made for; exported afresh from ``model_dir`` when None). ``stats`` (CalibrationStats
+    or an .npz path) feeds data-aware plans; without it they are computed on the first
+    ``calib_samples`` texts of ``data``, which ``factorlm compress --calib DATA`` also uses.
+    ``data`` (a file or a list of texts) must hold calibration texts only, never held-out rows.
+    """
+    import torch
+
+    from factorlm.calibration import CalibrationStats, collect_statistics
+    from factorlm.data import read_texts
+    from factorlm.exporters.hf import _load_torch_model, check_model_dir, export
+    from factorlm.recovery.export import export_student
+
+    clock = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if method not in METHODS:
+        raise ConfigError(f"recovery method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ConfigError(f"time budget {time_budget_s!r} s must be positive.")
+    config = check_model_dir(model_dir)
+    chosen = load_plan(plan)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"output {out_dir} already exists and is not empty; pass --overwrite.")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ConfigError(f"output {out_dir} is the model folder itself; choose another folder.")
+    if isinstance(data, str | Path):
+        texts = read_texts(Path(data), text_column=text_column, max_samples=max_samples)
+    else:
+        texts = [t for t in data if isinstance(t, str) and t.strip()][:max_samples]
+        if not texts:
+            raise DataError("the distillation data holds no non-empty texts.")
+    wants = {e.method for e in chosen.weights.values()}
+    kinds = {e.kind for e in chosen.weights.values()}
+    if method == "kron-kd" and "kron" not in wants:
+        raise ConfigError("method 'kron-kd' needs a plan made with --method kron.")
+    if method == "safe" and "embedding" not in kinds:
+        raise ConfigError("method 'safe' needs a plan that factorizes the token embedding (--embeddings RATIO).")
+    task = task or _task_for(config)
+    seconds: dict[str, float] = {}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if onnx_model is None:
+            export(model_dir, scratch / "original", task=task, progress=progress)
+            onnx_model = scratch / "original" / "model.onnx"
+        onnx_model = Path(onnx_model)
+        if isinstance(stats, str | Path):
+            stats = CalibrationStats.load(Path(stats))
+        if stats is None and _needs_stats(chosen) is not None:
+            stats = collect_statistics(
+                onnx_model, texts[:calib_samples], tokenizer=model_dir,
+                max_samples=calib_samples, max_length=max_length, progress=progress,
+            )  # fmt: skip
+        seconds["prepare"] = time.perf_counter() - clock
+
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        teacher = _load_torch_model(model_dir, task, False)
+        student = _load_torch_model(model_dir, task, False)
+        applied = apply_plan(student, chosen, onnx_model, stats=stats, safe=method == "safe")
+        seconds["apply"] = time.perf_counter() - start
+
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        cfg = TrainConfig(
+            method=method, steps=steps, time_budget_s=time_budget_s, batch_size=batch_size,
+            max_length=max_length, lr=lr, seed=seed, feature_fraction=feature_fraction,
+            checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
+        result = train(
+            student, teacher, tokenizer, texts, cfg, ckpt,
+            resume=resume, progress=progress, on_step=on_step,
+        )  # fmt: skip
+        seconds["train"] = result.seconds
+
+        start = time.perf_counter()
+        factors = {
+            name: [t.detach().numpy().copy() for t in student.get_submodule(path).factor_tensors()]
+            for name, path in applied.modules.items()
+        }
+        stage = scratch / "out"
+        info = export_student(student, model_dir, stage, task, factors)
+        record = {
+            "method": method,
+            "task": task,
+            "plan": json.loads(applied.plan.to_json()),
+            "train": asdict(cfg),
+            "steps_done": result.steps_done,
+            "train_seconds": result.seconds,
+            "stopped": result.stopped,
+            "resumed_from": result.resumed_from,
+            "losses": result.losses[-200:],
+            "texts": len(texts),
+            **info,
+        }
+        (stage / "recovery.json").write_text(json.dumps(record, indent=2) + "\n")
+        stage.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        stage.rename(out_dir)
+        seconds["export"] = time.perf_counter() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("Recovered %s into %s in %.0f s", model_dir, out_dir, time.perf_counter() - clock)
+    return RecoveryResult(
+        out_dir=out_dir,
+        model=out_dir / "model.onnx",
+        method=method,
+        task=task,
+        steps_done=result.steps_done,
+        train_seconds=result.seconds,
+        stopped=result.stopped,
+        resumed_from=result.resumed_from,
+        final_loss=result.losses[-1][1] if result.losses else None,
+        replaced=len(applied.modules),
+        tagged_factors=int(info["tagged_factors"]),
+        max_relative_diff=float(info["max_relative_diff"]),
+        seconds=seconds,
+    )

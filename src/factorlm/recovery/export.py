@@ -1,0 +1,110 @@
+"""Export a trained student with its factorized structure, and tag the factors for the passes.
+
+The student is exported from memory with ``optimum.exporters.onnx.onnx_export_from_model`` (a
+folder re-loaded by ``from_pretrained`` would rebuild dense layers), validated against the same
+in-memory model with ``factorlm.exporters.hf.validate``, and its factor initializers are recorded
+in the model metadata ``factorlm.factors`` (``{factor initializer: original initializer}``), so
+``factorlm compress`` leaves already-factorized weights alone.
+
+Why factors are found by sorted values: the TorchScript exporter constant-folds layout changes
+(``weight.t()``, ``a.transpose(1, 2)``) into new initializers, so a factor appears transposed or
+permuted. A permutation keeps the multiset of values, so ``(size, sha1(sorted values))`` finds
+it whatever the layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from factorlm.errors import ModelLoadError
+from factorlm.passes.analysis import FACTOR_METADATA_KEY
+
+__all__ = ["export_student", "tag_factors"]
+
+logger = logging.getLogger(__name__)
+
+
+def _fingerprint(array: np.ndarray) -> tuple[int, bytes]:
+    flat = np.sort(np.asarray(array, dtype=np.float32).ravel())
+    return flat.size, hashlib.sha1(flat.tobytes()).digest()
+
+
+def tag_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> dict[str, str]:
+    """Record ``{initializer: original}`` for every factor of ``factors`` (original -> tensors).
+
+    Returns the recorded mapping; the file is rewritten in place (callers write to a staging
+    folder). Factors not found as initializers are logged.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    wanted: dict[tuple[int, bytes], str] = {}
+    for original, tensors in factors.items():
+        for tensor in tensors:
+            wanted.setdefault(_fingerprint(tensor), original)
+    model = onnx.load(str(onnx_path))
+    tags: dict[str, str] = {}
+    found: set[tuple[int, bytes]] = set()
+    for init in model.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        key = _fingerprint(numpy_helper.to_array(init))
+        if key in wanted:
+            tags[init.name] = wanted[key]
+            found.add(key)
+    if len(found) < len(wanted):
+        logger.info("%d factor tensors have no initializer of their own", len(wanted) - len(found))
+    props = {p.key: p.value for p in model.metadata_props}
+    merged = json.loads(props.get(FACTOR_METADATA_KEY, "{}") or "{}")
+    merged.update(tags)
+    del model.metadata_props[:]
+    for key, value in {**props, FACTOR_METADATA_KEY: json.dumps(merged, sort_keys=True)}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(onnx_path))
+    logger.info("Tagged %d factor initializers in %s", len(tags), onnx_path)
+    return tags
+
+
+def export_student(
+    model: Any,
+    model_dir: Path,
+    stage: Path,
+    task: str,
+    factors: Mapping[str, list[np.ndarray]],
+    *,
+    rtol: float = 1e-3,
+) -> dict[str, Any]:
+    """Export ``model`` into ``stage/model.onnx`` (+ tokenizer/config), validate and tag it."""
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from factorlm.exporters.hf import validate
+    from factorlm.exporters.ort import copy_sidecars
+
+    model.eval()
+    stage.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        onnx_export_from_model(model, output=stage, task=task, do_validation=False, device="cpu")
+    onnx_path = stage / "model.onnx"
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"optimum wrote no model.onnx for the recovered {model_dir}.")
+    copy_sidecars(Path(model_dir) / "config.json", stage)
+    checks = validate(onnx_path, model_dir, task, torch_model=model)
+    worst = max(checks, key=lambda c: c.relative)
+    if worst.relative > rtol:
+        raise ModelLoadError(
+            f"The ONNX export of the recovered model differs from PyTorch on output {worst.name} "
+            f"by {worst.relative:.2g} of its scale (tolerance {rtol:g})."
+        )
+    tags = tag_factors(onnx_path, factors)
+    return {
+        "max_relative_diff": worst.relative,
+        "tagged_factors": len(tags),
+    }

@@ -1,0 +1,447 @@
+"""Distillation of a factorized student against the original model, on CPU, resumable.
+
+Losses (teacher = the original model, frozen; student = the factorized model):
+
+- feature distillation (Ben Noach & Goldberg 2020, first phase): the mean over layers of the
+  relative squared error of hidden states on real tokens, ``Σ‖h_s − h_t‖² / Σ‖h_t‖²``;
+- output distillation (second phase): an encoder's last hidden state (relative squared error)
+  plus ``1 − cos`` of mean-pooled embeddings; a classifier's or causal LM's logits by
+  temperature-scaled KL.
+
+Methods add to that loop: ``losparse`` re-densifies each sparse residual to ``W − L R`` and prunes
+it by smoothed importance ``|θ·∇θ|`` (EMA of importance times EMA of its deviation) on a cubic
+schedule down to the plan's density; ``dsee`` freezes the factors and trains a rank-``k``
+update plus a sparse update on a fixed support, then merges them and prunes the result back to
+the plan's rank (truncated SVD, a structured pruning of rank components).
+
+Reproducibility: data order is a function of (seed, epoch), the learning rate a function of the
+step, dropout is off, and a checkpoint holds the student, optimizer, step, method state and RNG
+states, so a run interrupted after its last checkpoint and resumed reaches the same weights as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from factorlm.errors import ConfigError
+from factorlm.recovery.modules import FactorizedLinear, LowRankSparseLinear
+
+__all__ = ["METHODS", "DseeLinear", "TrainConfig", "TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("distill", "losparse", "dsee", "kron-kd", "safe")
+CHECKPOINT = "checkpoint.pt"
+#: Config fields a resumed run must share with its checkpoint.
+_RESUME_KEYS = ("method", "steps", "batch_size", "max_length", "lr", "seed", "feature_fraction")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; ``steps`` is the schedule's horizon, ``time_budget_s`` a hard cap."""
+
+    method: str = "distill"
+    steps: int = 500
+    time_budget_s: float | None = None
+    batch_size: int = 16
+    max_length: int = 128
+    lr: float = 1e-4
+    warmup: float = 0.05
+    feature_fraction: float = 0.5
+    temperature: float = 2.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    prune_start: float = 0.1
+    prune_end: float = 0.7
+    importance_beta: float = 0.85
+    dsee_rank: int = 8
+    dsee_density: float = 0.005
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, seconds of training, loss history and why it stopped."""
+
+    steps_done: int
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    stopped: str = "steps"
+
+
+class DseeLinear(nn.Module):
+    """DSEE around a frozen ``FactorizedLinear``: ``base(x) + (x U) V + x (S ⊙ M)``."""
+
+    mask: torch.Tensor
+
+    def __init__(self, base: FactorizedLinear, original: torch.Tensor, rank: int, density: float):
+        super().__init__()
+        self.base = base
+        for p in (base.first.weight, base.second.weight):
+            p.requires_grad_(False)
+        m, n = base.in_features, base.out_features
+        generator = torch.Generator().manual_seed(m * 7919 + n)
+        self.u = nn.Parameter(torch.randn(m, rank, generator=generator) / m**0.5)
+        self.v = nn.Parameter(torch.zeros(rank, n))
+        with torch.no_grad():
+            residual = original - base.first.weight.T @ base.second.weight.T
+            count = max(1, round(density * m * n))
+            threshold = residual.abs().flatten().kthvalue(m * n - count + 1).values
+            self.register_buffer("mask", (residual.abs() >= threshold).float())
+        self.s = nn.Parameter(torch.zeros(m, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.u) @ self.v + x @ (self.s * self.mask)
+
+    def merge(self) -> FactorizedLinear:
+        """Fold the updates in, then keep the best rank-``r`` part (structured pruning)."""
+        from factorlm.decompose import truncated_svd
+
+        base = self.base
+        with torch.no_grad():
+            dense = (
+                base.first.weight.T @ base.second.weight.T + self.u @ self.v + self.s * self.mask
+            )
+        low = truncated_svd(dense.double().numpy(), base.rank)
+        bias = base.second.bias
+        return FactorizedLinear.from_factors(
+            low.left.astype(np.float32), low.right.astype(np.float32), bias
+        )
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    warm = max(1, round(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def _density(cfg: TrainConfig, step: int, final: float) -> float:
+    """Cubic schedule: 1 until ``prune_start``, ``final`` from ``prune_end`` on."""
+    start, end = cfg.prune_start * cfg.steps, cfg.prune_end * cfg.steps
+    if step < start:
+        return 1.0
+    if step >= end:
+        return final
+    progress = (step - start) / max(1.0, end - start)
+    return final + (1.0 - final) * (1.0 - progress) ** 3
+
+
+def _batch_indices(cfg: TrainConfig, step: int, n: int) -> list[int]:
+    out: list[int] = []
+    pos = step * cfg.batch_size
+    while len(out) < cfg.batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        take = min(cfg.batch_size - len(out), n - offset)
+        out.extend(int(i) for i in perm[offset : offset + take])
+        pos += take
+    return out
+
+
+def _kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "lm"
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    return "encoder"
+
+
+def _relative_sq(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(a.dtype)
+    return (((a - b) ** 2) * m).sum() / ((b**2) * m).sum().clamp_min(1e-12)
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    log_s = torch.log_softmax(student / t, dim=-1)
+    log_t = torch.log_softmax(teacher / t, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1) * t * t
+
+
+def _loss(
+    kind: str, cfg: TrainConfig, feature: bool, s_out: Any, t_out: Any, mask: torch.Tensor
+) -> torch.Tensor:
+    if feature:
+        pairs = zip(s_out.hidden_states, t_out.hidden_states, strict=True)
+        return torch.stack([_relative_sq(s, t, mask) for s, t in pairs]).mean()
+    if kind == "encoder":
+        s_h, t_h = s_out.last_hidden_state, t_out.last_hidden_state
+        cos = torch.cosine_similarity(_pool(s_h, mask), _pool(t_h, mask), dim=-1)
+        return _relative_sq(s_h, t_h, mask) + (1.0 - cos).mean()
+    kl = _kl(s_out.logits, t_out.logits, cfg.temperature)
+    if kind == "classification":
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _setup_method(cfg: TrainConfig, student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
+    """Method-specific structure changes, made identically on fresh and resumed runs."""
+    state: dict[str, Any] = {}
+    if cfg.method == "losparse":
+        found = False
+        for path, module in student.named_modules():
+            if not isinstance(module, LowRankSparseLinear):
+                continue
+            found = True
+            original = teacher.get_submodule(path).weight.detach().T
+            with torch.no_grad():
+                low = module.first.weight.T @ module.second.weight.T
+                module.sparse.copy_(original - low)
+                module.mask.fill_(1.0)
+            state[path] = {"imp": torch.zeros_like(module.sparse), "unc": torch.zeros_like(module.sparse)}
+        if not found:
+            raise ConfigError(
+                "method 'losparse' needs a plan made with --method losparse (low-rank + sparse weights)."
+            )
+    elif cfg.method == "dsee":
+        wrapped = 0
+        for path, module in list(student.named_modules()):
+            if type(module) is FactorizedLinear:
+                original = teacher.get_submodule(path).weight.detach().T
+                parent_path, _, child = path.rpartition(".")
+                parent = student.get_submodule(parent_path) if parent_path else student
+                setattr(parent, child, DseeLinear(module, original, cfg.dsee_rank, cfg.dsee_density))
+                wrapped += 1
+        if not wrapped:
+            raise ConfigError("method 'dsee' needs a plan with low-rank linear weights.")
+    return state
+
+
+def _prune_step(cfg: TrainConfig, student: nn.Module, state: dict[str, Any], step: int) -> None:
+    """LoSparse: update smoothed importance, then mask the least important sparse entries."""
+    beta = cfg.importance_beta
+    for path, st in state.items():
+        module = student.get_submodule(path)
+        assert isinstance(module, LowRankSparseLinear)
+        grad = module.sparse.grad
+        if grad is None:
+            continue
+        with torch.no_grad():
+            score = (module.sparse * grad).abs()
+            st["imp"].mul_(beta).add_(score, alpha=1 - beta)
+            st["unc"].mul_(beta).add_((score - st["imp"]).abs(), alpha=1 - beta)
+            density = _density(cfg, step + 1, module.density)
+            importance = (st["imp"] * st["unc"]) * module.mask
+            m, n = importance.shape
+            if module.structure == "column":
+                rows = importance.sum(dim=1)
+                keep = round(density * m)
+                new = torch.zeros(m, dtype=torch.bool)
+                if keep > 0:
+                    new[torch.topk(rows, keep).indices] = True
+                mask = new.unsqueeze(1).expand(m, n).float()
+            elif module.structure == "2:4" and density <= module.density:
+                continue  # 2:4 keeps the plan's pattern; only its values train
+            else:
+                keep = round(density * m * n)
+                flat = torch.zeros(m * n)
+                if keep > 0:
+                    flat[torch.topk(importance.flatten(), keep).indices] = 1.0
+                mask = flat.view(m, n)
+            module.mask.mul_(mask)
+            module.sparse.mul_(module.mask)
+
+
+def _finish_method(cfg: TrainConfig, student: nn.Module) -> None:
+    if cfg.method == "dsee":
+        for path, module in list(student.named_modules()):
+            if isinstance(module, DseeLinear):
+                parent_path, _, child = path.rpartition(".")
+                parent = student.get_submodule(parent_path) if parent_path else student
+                setattr(parent, child, module.merge())
+    if cfg.method == "losparse":
+        for module in student.modules():
+            if isinstance(module, LowRankSparseLinear):
+                with torch.no_grad():
+                    module.sparse.mul_(module.mask)
+
+
+def _trainable(cfg: TrainConfig, student: nn.Module) -> list[nn.Parameter]:
+    """Everything but a dense input embedding (large, and not what the plan changed)."""
+    frozen = student.get_input_embeddings()
+    skip = {id(p) for p in frozen.parameters()} if isinstance(frozen, nn.Embedding) else set()
+    params = []
+    for p in student.parameters():
+        if id(p) in skip:
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], kind: str, max_length: int) -> list[list[int]]:
+    if kind != "lm":
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        return [list(ids) for ids in enc["input_ids"] if len(ids) > 0]
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text)["input_ids"])
+        if eos is not None:
+            stream.append(int(eos))
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream) - 1, max_length)]
+    return [b for b in blocks if len(b) > 1]
+
+
+def _collate(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def train(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Distil ``student`` towards ``teacher`` on ``texts``; checkpoints go to ``checkpoint_dir``.
+
+    ``resume`` continues from ``checkpoint_dir/checkpoint.pt`` (ConfigError when it is missing or
+    was made with other settings). ``on_step(step, loss)`` runs after every step.
+    """
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is unknown; use one of {', '.join(METHODS)}.")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
+        raise ConfigError("steps, batch size and checkpoint interval must be positive integers.")
+    if not cfg.lr > 0:
+        raise ConfigError(f"learning rate {cfg.lr!r} must be positive.")
+    kind = _kind(student)
+    rows = _encode(tokenizer, texts, kind, cfg.max_length)
+    if not rows:
+        raise ConfigError("the distillation data holds no tokens.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    teacher.eval()
+    student.eval()  # dropout off: reproducible, and better for short distillation
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    state = _setup_method(cfg, student, teacher)
+    params = _trainable(cfg, student)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = checkpoint_dir / CHECKPOINT
+    step, seconds, losses, resumed_from = 0, 0.0, [], None
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint {ckpt_path} to resume from.")
+        payload = torch.load(ckpt_path, weights_only=False)
+        saved = payload["config"]
+        for key in _RESUME_KEYS:
+            if saved.get(key) != getattr(cfg, key):
+                raise ConfigError(
+                    f"checkpoint {ckpt_path} was made with {key}={saved.get(key)!r}, not "
+                    f"{getattr(cfg, key)!r}; rerun with the same settings or without --resume."
+                )
+        student.load_state_dict(payload["student"])
+        optimizer.load_state_dict(payload["optimizer"])
+        state = payload["method_state"]
+        step, seconds, losses = payload["step"], payload["seconds"], payload["losses"]
+        torch.set_rng_state(payload["rng"]["torch"])
+        np.random.set_state(payload["rng"]["numpy"])
+        random.setstate(payload["rng"]["python"])
+        resumed_from = step
+        logger.info("Resumed from %s at step %d", ckpt_path, step)
+
+    def checkpoint() -> None:
+        _save(
+            ckpt_path,
+            {
+                "config": asdict(cfg),
+                "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "method_state": state,
+                "step": step,
+                "seconds": seconds,
+                "losses": losses,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+            },
+        )
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    stopped = "steps"
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        job = bar.add_task(f"recover ({cfg.method})", total=cfg.steps, completed=step)
+        while step < cfg.steps:
+            if cfg.time_budget_s is not None and step > (resumed_from or 0):
+                per_step = seconds / max(1, step)
+                if seconds + per_step > cfg.time_budget_s:
+                    stopped = "time"
+                    break
+            start = time.perf_counter()
+            batch = _collate([rows[i] for i in _batch_indices(cfg, step, len(rows))], pad_id)
+            feature = step < cfg.feature_fraction * cfg.steps
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(cfg, step)
+            with torch.no_grad():
+                t_out = teacher(**batch, output_hidden_states=feature)
+            s_out = student(**batch, output_hidden_states=feature)
+            loss = _loss(kind, cfg, feature, s_out, t_out, batch["attention_mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if state and cfg.method == "losparse":
+                _prune_step(cfg, student, state, step)
+            optimizer.step()
+            if cfg.method == "losparse":
+                with torch.no_grad():
+                    for module in student.modules():
+                        if isinstance(module, LowRankSparseLinear):
+                            module.sparse.mul_(module.mask)
+            step += 1
+            seconds += time.perf_counter() - start
+            value = float(loss.detach())
+            losses.append((step, value))
+            phase = "feature" if feature else "output"
+            bar.update(job, completed=step, description=f"recover ({cfg.method}, {phase} loss {value:.4f})")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+            if on_step is not None:
+                on_step(step, value)
+    if stopped == "time":
+        checkpoint()
+        logger.info("Stopped at step %d: time budget %.0f s spent", step, cfg.time_budget_s or 0)
+    _finish_method(cfg, student)
+    return TrainResult(step, seconds, losses, resumed_from, stopped)
