@@ -16,7 +16,7 @@ def test_factorlm_error_becomes_one_line_and_exit_2(
 
     @probe.command()
     def boom() -> None:
-        raise ModelLoadError("model.onnx is not an ONNX file.")
+        raise ModelLoadError("model.onnx is not an ONNX file; try `pip install factorlm[tensorrt]`.")
 
     @probe.command()
     def other() -> None:
@@ -25,7 +25,7 @@ def test_factorlm_error_becomes_one_line_and_exit_2(
     monkeypatch.setattr(cli, "app", probe)
     assert cli.main(["boom"]) == 2
     err = capsys.readouterr().err
-    assert "model.onnx is not an ONNX file." in err
+    assert "model.onnx is not an ONNX file; try `pip install factorlm[tensorrt]`." in err
     assert "Traceback" not in err
 
 

@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from factorlm.errors import FactorlmError
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="factorlm", standalone_mode=True)
     except FactorlmError as exc:
-        _stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except SystemExit as exc:  # standalone mode always exits; usage errors exit with 2
         if exc.code is None or isinstance(exc.code, int):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import WORDS
 
 from factorlm import cli
+
+WORDS = ["the", "film", "is", "a", "good", "bad", "movie", "plot", "great", "awful"]
 
 
 @pytest.fixture(scope="module")
