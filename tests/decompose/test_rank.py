@@ -14,7 +14,7 @@ from factorlm.decompose import (
     rank_for_energy,
     round_rank,
 )
-from factorlm.decompose.rank import allocation_cost
+from factorlm.decompose.rank import _lagrangian, _layers, allocation_cost, allocation_error
 
 
 @pytest.mark.parametrize(("m", "n"), [(1, 1), (1, 9), (2, 2), (3, 5), (768, 768), (768, 3072)])
@@ -113,9 +113,10 @@ def test_allocation_matches_brute_force_on_a_small_case() -> None:
         if allocation_cost(spectra, dict(zip([s.name for s in spectra], combo, strict=True)))
         <= target
     )
-    got = error(allocate_ranks(spectra, ratio=0.5))
+    got = error(allocate_ranks(spectra, ratio=0.5, strategy="greedy", error="absolute"))
     # Greedy with convex per-weight error curves is optimal up to the last step's granularity.
     assert got <= best * 1.05 + 1e-12
+    assert error(allocate_ranks(spectra, ratio=0.5, error="absolute")) == pytest.approx(best)
 
 
 def test_infeasible_ratio_names_the_smallest_feasible_one() -> None:
@@ -156,3 +157,121 @@ def test_bad_allocation_input(
     args: dict[str, object] = {"ratio": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         allocate_ranks(spectra, **args)  # type: ignore[arg-type]
+
+
+def _options(spectra: list[WeightSpectrum], min_fraction: float = 0.0) -> list[list[int | None]]:
+    out: list[list[int | None]] = []
+    for spec in spectra:
+        even = break_even_rank(*spec.shape)
+        low = round_rank(max(1, int(np.ceil(min_fraction * even))), 8)
+        out.append([None, *range(low, even + 1, 8)])
+    return out
+
+
+def _brute_force(
+    spectra: list[WeightSpectrum], budget: float, scale: str, min_fraction: float = 0.0
+) -> float:
+    """Least objective over every rank combination whose cost fits ``budget``."""
+    names = [s.name for s in spectra]
+    best = np.inf
+    for combo in itertools.product(*_options(spectra, min_fraction)):
+        ranks = dict(zip(names, combo, strict=True))
+        if allocation_cost(spectra, ranks) <= budget:
+            best = min(best, allocation_error(spectra, ranks, scale))  # type: ignore[arg-type]
+    return float(best)
+
+
+def _non_convex(seed: int) -> list[WeightSpectrum]:
+    """Three weights of very different energy, with plateaus that make the error curve kink."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (m, n) in enumerate([(64, 64), (64, 160), (96, 48)]):
+        s = rng.uniform(0.2, 3.0) * (np.arange(min(m, n)) + 1.0) ** -rng.uniform(0.0, 1.5)
+        s[: rng.integers(1, 12)] *= rng.uniform(1.0, 6.0)  # a few dominant directions
+        out.append(WeightSpectrum(f"w{i}", (m, n), s * 10.0 ** rng.uniform(-3, 3)))
+    return out
+
+
+@pytest.mark.parametrize("scale", ["relative", "absolute"])
+@pytest.mark.parametrize("ratio", [0.85, 0.6, 0.45, 0.3])
+@pytest.mark.parametrize("seed", range(4))
+def test_optimal_allocation_equals_brute_force(scale: str, ratio: float, seed: int) -> None:
+    spectra = _non_convex(seed)
+    target = ratio * allocation_cost(spectra, {})
+    ranks = allocate_ranks(spectra, ratio=ratio, error=scale)  # type: ignore[arg-type]
+    assert allocation_cost(spectra, ranks) <= target
+    got = allocation_error(spectra, ranks, scale)  # type: ignore[arg-type]
+    assert got == pytest.approx(_brute_force(spectra, target, scale), rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("ratio", [0.85, 0.6, 0.45, 0.3])
+@pytest.mark.parametrize("seed", range(4))
+def test_lagrangian_hull_point_is_optimal_for_its_own_cost(ratio: float, seed: int) -> None:
+    """Everett: the point where the λ sweep stops beats every allocation of its cost or less."""
+    spectra = _non_convex(seed)
+    target = ratio * allocation_cost(spectra, {})
+    layers = _layers(spectra, "params", 8)
+    _lagrangian(layers, target)
+    hull = {layer.name: layer.ranks[layer.choice] for layer in layers}
+    hull_cost = allocation_cost(spectra, hull)
+    assert hull_cost <= target
+    hull_error = allocation_error(spectra, hull)
+    assert hull_error <= _brute_force(spectra, hull_cost, "relative") * (1 + 1e-12)
+    # The fill-back only lowers the error and stays within the budget.
+    ranks = allocate_ranks(spectra, ratio=ratio, strategy="lagrangian")
+    assert allocation_cost(spectra, ranks) <= target
+    assert allocation_error(spectra, ranks) <= hull_error
+    optimum = allocation_error(spectra, allocate_ranks(spectra, ratio=ratio))
+    assert optimum <= allocation_error(spectra, ranks) * (1 + 1e-12)
+
+
+def test_optimal_opens_every_weight_instead_of_crushing_one() -> None:
+    """The earlier greedy's failure: opening a weight (dense -> 32 of 66x66) saves 132 parameters
+    for a large error, so it crushed the first weight it opened to rank 8."""
+    s = 1.0 / (np.arange(66) + 1.0)
+    spectra = [WeightSpectrum(name, (66, 66), s) for name in "abc"]
+    greedy = allocate_ranks(spectra, ratio=0.6, strategy="greedy", error="absolute")
+    assert greedy == {"a": 8, "b": 16, "c": None}
+    for strategy in ("optimal", "lagrangian"):
+        best = allocate_ranks(spectra, ratio=0.6, strategy=strategy)  # type: ignore[arg-type]
+        assert None not in best.values() and min(best.values()) >= 16  # type: ignore[type-var]
+        assert allocation_error(spectra, best) < 0.8 * allocation_error(spectra, greedy)
+
+
+def test_relative_error_does_not_favour_small_activations() -> None:
+    """Two weights with identical shape of spectrum but 1000x different scale get equal ranks."""
+    s = (np.arange(64) + 1.0) ** -0.5
+    spectra = [WeightSpectrum("loud", (64, 64), s * 1e3), WeightSpectrum("quiet", (64, 64), s)]
+    relative = allocate_ranks(spectra, ratio=0.5)
+    assert relative["loud"] == relative["quiet"]
+    absolute = allocate_ranks(spectra, ratio=0.5, error="absolute")
+    assert absolute["quiet"] == 8  # in absolute terms the quiet weight looks free to crush
+
+
+@pytest.mark.parametrize("strategy", ["optimal", "lagrangian", "greedy", "uniform"])
+def test_min_fraction_floors_every_factorized_rank(strategy: str) -> None:
+    spectra = _spectra(7)
+    ranks = allocate_ranks(spectra, ratio=0.8, strategy=strategy, min_fraction=0.3)  # type: ignore[arg-type]
+    assert allocation_cost(spectra, ranks) <= 0.8 * allocation_cost(spectra, {})
+    for spec in spectra:
+        r = ranks[spec.name]
+        assert r is None or r >= 0.3 * break_even_rank(*spec.shape)
+
+
+def test_uniform_keeps_the_same_fraction_everywhere() -> None:
+    spectra = [WeightSpectrum(f"w{i}", (64, 256), np.ones(64)) for i in range(3)]
+    ranks = allocate_ranks(spectra, ratio=0.5, strategy="uniform")
+    assert set(ranks.values()) == {24}  # 0.5 · 64·256 / 320 = 25.6, rounded down to 24
+    assert allocation_cost(spectra, ranks) <= 0.5 * allocation_cost(spectra, {})
+
+
+def test_optimal_falls_back_to_the_lagrangian_on_a_huge_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import factorlm.decompose.rank as rank_module
+
+    spectra = _non_convex(1)
+    monkeypatch.setattr(rank_module, "_DP_MAX_CELLS", 1)
+    assert allocate_ranks(spectra, ratio=0.5) == allocate_ranks(
+        spectra, ratio=0.5, strategy="lagrangian"
+    )

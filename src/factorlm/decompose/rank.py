@@ -4,15 +4,28 @@ Costs (per weight ``(m, n)``): dense ``m·n`` parameters and ``2·m·n`` FLOPs p
 ``r·(m + n)`` and ``2·r·(m + n)``. Factorizing pays only below the break-even rank
 ``r < m·n / (m + n)``.
 
-``allocate_ranks`` is a global greedy over all weights. Each weight starts dense; its moves are
-"dense → largest profitable multiple of ``multiple``" and then "rank r → r − multiple". A move
-costs added error ``Σ s_i²`` over the dropped singular values (the exact Frobenius error of the
-truncation, data-aware when the spectrum is) and saves parameters (or FLOPs). Moves are taken in
-order of smallest added error per saved unit until the total fits ``ratio · original``; because
-the per-weight error increments grow as the rank shrinks, each weight's moves come out in order.
-The last move may undershoot the target, so a fill-back pass then returns rank (one step of
-``multiple``) where it removes the most error per unit, while the total stays within the target.
-Ties are broken by the weights' order, so the result is deterministic.
+``allocate_ranks`` gives every weight one option: dense, or a multiple of ``multiple`` below
+break-even (optionally no lower than ``min_fraction`` of break-even). Its objective is the sum
+over weights of the truncation error ``Σ_{i ≥ r} s_i²`` of that weight's (data-aware) spectrum,
+by default *relative* to the weight's total energy ``Σ s_i²`` (so a weight with small activations
+does not look cheap: for whitened spectra this is the relative output error on calibration
+data), subject to ``cost ≤ ratio · original``. Strategies:
+
+- ``optimal``: exact multiple-choice knapsack by dynamic programming over costs in units of their
+  greatest common divisor (costs are multiples of ``multiple·(m + n)`` and ``m·n``, so the table
+  is small: about 2,000 columns for all-MiniLM-L6-v2). Falls back to ``lagrangian`` when the
+  table would be too large.
+- ``lagrangian``: for a multiplier λ each weight picks the option minimising ``err + λ·cost``;
+  sweeping λ up is a greedy walk along each weight's lower convex hull of (cost, err) in order of
+  smallest added error per saved unit (dense included as an option, so the non-convex first step
+  "dense → just below break-even" is priced fairly against cutting other weights). The walk stops
+  at the first hull point within budget (optimal for its own cost, Everett 1963), then a
+  fill-back spends the slack on the upgrades that remove the most error per unit.
+- ``greedy``: the earlier walk over every step of ``multiple`` from dense (kept for comparison;
+  it crushes weights it has "opened" because the first step is expensive).
+- ``uniform``: the same fraction of every weight's dense cost (the largest fraction that fits).
+
+Ties are broken by the weights' order, so every strategy is deterministic.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Literal
 
 import numpy as np
@@ -29,10 +43,14 @@ import numpy as np
 from factorlm.decompose._validate import DecompositionError
 
 __all__ = [
+    "STRATEGIES",
     "Budget",
+    "ErrorScale",
+    "Strategy",
     "WeightSpectrum",
     "allocate_ranks",
     "allocation_cost",
+    "allocation_error",
     "break_even_rank",
     "rank_for_energy",
     "round_rank",
@@ -41,6 +59,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Budget = Literal["params", "flops"]
+Strategy = Literal["optimal", "lagrangian", "greedy", "uniform"]
+ErrorScale = Literal["relative", "absolute"]
+STRATEGIES: tuple[str, ...] = ("optimal", "lagrangian", "greedy", "uniform")
+
+#: Largest dynamic-programming table (weights × budget units) that ``optimal`` builds.
+_DP_MAX_CELLS = 20_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,44 +120,37 @@ def _check_spectrum(s: np.ndarray, name: str) -> np.ndarray:
 
 @dataclass
 class _Layer:
-    """Greedy state of one weight."""
+    """One weight's options, cheapest first: factorized ranks ascending, then dense (None)."""
 
     index: int
     name: str
-    m: int
-    n: int
     unit: int  # cost of one rank (params: m + n; flops: 2·tpc·(m + n))
-    dense_cost: int
-    ranks: list[int]  # profitable multiples, ascending; empty = always dense
-    tail: np.ndarray  # tail[r] = Σ_{i ≥ r} s_i² for r = 0..len(s)
-    rank: int | None = None
+    ranks: list[int | None]
+    costs: np.ndarray  # int64, ascending; costs[-1] is the dense cost
+    errors: np.ndarray  # float64, errors[-1] == 0 (dense)
+    choice: int = -1  # index into ranks
 
-    def cost(self, rank: int | None) -> int:
-        return self.dense_cost if rank is None else rank * self.unit
+    @property
+    def dense(self) -> int:
+        return len(self.ranks) - 1
 
-    def error(self, rank: int | None) -> float:
-        if rank is None:
-            return 0.0
-        return float(self.tail[min(rank, self.tail.size - 1)])
-
-    def down(self) -> int | None:
-        """The next smaller rank, or None when already at the floor or always dense."""
-        if not self.ranks:
-            return None
-        if self.rank is None:
-            return self.ranks[-1]
-        pos = self.ranks.index(self.rank)
-        return self.ranks[pos - 1] if pos > 0 else None
-
-    def up(self) -> int | None:
-        """The next larger factorized rank (never back to dense), or None."""
-        if self.rank is None:
-            return None
-        pos = self.ranks.index(self.rank)
-        return self.ranks[pos + 1] if pos + 1 < len(self.ranks) else None
+    @property
+    def cost(self) -> int:
+        return int(self.costs[self.choice])
 
 
-def _layers(spectra: Sequence[WeightSpectrum], budget: Budget, multiple: int) -> list[_Layer]:
+def _lowest_rank(even: int, multiple: int, min_fraction: float) -> int:
+    """Smallest allowed factorized rank: a multiple of ``multiple``, ≥ min_fraction·break-even."""
+    return round_rank(max(1, math.ceil(min_fraction * even)), multiple)
+
+
+def _layers(
+    spectra: Sequence[WeightSpectrum],
+    budget: Budget,
+    multiple: int,
+    min_fraction: float = 0.0,
+    error: ErrorScale = "relative",
+) -> list[_Layer]:
     layers: list[_Layer] = []
     seen: set[str] = set()
     for index, spec in enumerate(spectra):
@@ -153,9 +170,25 @@ def _layers(spectra: Sequence[WeightSpectrum], budget: Budget, multiple: int) ->
             raise DecompositionError(f"weight {spec.name!r} has negative tokens_per_call.")
         scale = 1 if budget == "params" else 2 * int(spec.tokens_per_call)
         even = break_even_rank(m, n)
-        ranks = list(range(multiple, even + 1, multiple)) if scale > 0 else []
+        low = _lowest_rank(even, multiple, min_fraction)
+        factorized = list(range(low, even + 1, multiple)) if scale > 0 else []
         tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
-        layers.append(_Layer(index, spec.name, m, n, scale * (m + n), scale * m * n, ranks, tail))
+        if error == "relative" and tail[0] > 0:
+            tail = tail / tail[0]
+        errors = [float(tail[min(r, tail.size - 1)]) for r in factorized] + [0.0]
+        unit = scale * (m + n)
+        costs = [r * unit for r in factorized] + [scale * m * n]
+        ranks: list[int | None] = [*factorized, None]
+        layers.append(
+            _Layer(
+                index,
+                spec.name,
+                unit,
+                ranks,
+                np.asarray(costs, dtype=np.int64),
+                np.asarray(errors, dtype=np.float64),
+            )
+        )
     return layers
 
 
@@ -172,18 +205,40 @@ def allocation_cost(
     return total
 
 
+def allocation_error(
+    spectra: Sequence[WeightSpectrum],
+    ranks: dict[str, int | None],
+    error: ErrorScale = "relative",
+) -> float:
+    """The allocation objective: Σ over weights of the (relative) squared truncation error."""
+    total = 0.0
+    for spec in spectra:
+        r = ranks.get(spec.name)
+        if r is None:
+            continue
+        power = np.sort(np.asarray(spec.singular_values, dtype=np.float64))[::-1] ** 2
+        tail = float(power[r:].sum())
+        energy = float(power.sum())
+        total += tail / energy if error == "relative" and energy > 0 else tail
+    return total
+
+
 def allocate_ranks(
     spectra: Sequence[WeightSpectrum],
     *,
     ratio: float,
     budget: Budget = "params",
     multiple: int = 8,
+    strategy: Strategy = "optimal",
+    error: ErrorScale = "relative",
+    min_fraction: float = 0.0,
 ) -> dict[str, int | None]:
-    """Global greedy ranks so that the cost is at most ``ratio`` of the dense cost.
+    """Ranks minimising the summed truncation error so that the cost is ≤ ``ratio`` of dense.
 
-    Returns ``name -> rank`` (a multiple of ``multiple`` below break-even) or None for weights
-    kept dense. Raises ``ValueError`` when ``ratio`` cannot be met, naming the smallest feasible
-    ratio.
+    Returns ``name -> rank`` (a multiple of ``multiple`` below break-even, at least
+    ``min_fraction`` of break-even) or None for weights kept dense. ``strategy`` and ``error``
+    are described in the module docstring. Raises ``DecompositionError`` (a ``ValueError``) when
+    ``ratio`` cannot be met, naming the smallest feasible ratio.
     """
     if budget not in ("params", "flops"):
         raise DecompositionError(f"budget {budget!r} is unknown; use 'params' or 'flops'.")
@@ -191,40 +246,40 @@ def allocate_ranks(
         raise DecompositionError(f"multiple must be a positive integer, got {multiple!r}.")
     if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
         raise DecompositionError(f"ratio must be a positive number, got {ratio!r}.")
-    layers = _layers(spectra, budget, multiple)
-    original = sum(layer.dense_cost for layer in layers)
+    if strategy not in STRATEGIES:
+        raise DecompositionError(
+            f"allocation strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}."
+        )
+    if error not in ("relative", "absolute"):
+        raise DecompositionError(f"error scale {error!r} is unknown; use 'relative' or 'absolute'.")
+    if not (isinstance(min_fraction, int | float) and 0.0 <= min_fraction <= 1.0):
+        raise DecompositionError(f"min_fraction must be in [0, 1], got {min_fraction!r}.")
+    layers = _layers(spectra, budget, multiple, float(min_fraction), error)
+    original = sum(int(layer.costs[-1]) for layer in layers)
     target = ratio * original
-    floor = sum(layer.cost(layer.ranks[0] if layer.ranks else None) for layer in layers)
+    floor = sum(int(layer.costs[0]) for layer in layers)
     if floor > target:
         smallest = math.ceil(floor / original * 1e4) / 1e4 if original else 1.0
         raise DecompositionError(
-            f"ratio {ratio} is infeasible: with rank {multiple} on every factorizable weight the "
-            f"{budget} budget cannot go below a ratio of {smallest}."
+            f"ratio {ratio} is infeasible: with the lowest allowed rank on every factorizable "
+            f"weight the {budget} budget cannot go below a ratio of {smallest}."
         )
-    total = original
-
-    def price(layer: _Layer, new: int | None, old: int | None) -> tuple[float, int]:
-        saved = layer.cost(old) - layer.cost(new)
-        return (layer.error(new) - layer.error(old)) / saved, layer.index
-
-    heap: list[tuple[float, int]] = []
-    for layer in layers:
-        nxt = layer.down()
-        if nxt is not None:
-            heapq.heappush(heap, price(layer, nxt, None))
-    while total > target and heap:
-        _, index = heapq.heappop(heap)
-        layer = layers[index]
-        new = layer.down()
-        assert new is not None  # only pushed when a move exists
-        total -= layer.cost(layer.rank) - layer.cost(new)
-        layer.rank = new
-        nxt = layer.down()
-        if nxt is not None:
-            heapq.heappush(heap, price(layer, nxt, layer.rank))
-    total = _fill_back(layers, total, target)
+    if strategy == "optimal" and not _knapsack(layers, target):
+        strategy = "lagrangian"
+    if strategy == "lagrangian":
+        _lagrangian(layers, target)
+        _fill_back(layers, target, steps_only=False)
+    elif strategy == "greedy":
+        _greedy(layers, target)
+        _fill_back(layers, target, steps_only=True)
+    elif strategy == "uniform":
+        _uniform(layers, target, float(ratio), multiple)
+    total = sum(layer.cost for layer in layers)
+    assert total <= target, "allocation exceeded its budget"
     logger.info(
-        "allocated ranks for %d weights: %s %d -> %d (%.4f of %.4f allowed)",
+        "allocated ranks (%s, %s error) for %d weights: %s %d -> %d (%.4f of %.4f allowed)",
+        strategy,
+        error,
         len(layers),
         budget,
         original,
@@ -232,26 +287,167 @@ def allocate_ranks(
         total / original if original else 1.0,
         ratio,
     )
-    return {layer.name: layer.rank for layer in layers}
+    return {layer.name: layer.ranks[layer.choice] for layer in layers}
 
 
-def _fill_back(layers: list[_Layer], total: int, target: float) -> int:
-    """Return rank where it removes the most error per unit while the total stays ≤ target."""
-    while True:
-        best: tuple[float, int] | None = None
+def _knapsack(layers: list[_Layer], target: float) -> bool:
+    """Exact multiple-choice knapsack over costs in gcd units; False when the table is too big."""
+    unit = reduce(math.gcd, (int(c) for layer in layers for c in layer.costs), 0)
+    if unit == 0:  # nothing costs anything: keep everything dense
         for layer in layers:
-            up = layer.up()
-            if up is None or total + layer.cost(up) - layer.cost(layer.rank) > target:
-                continue
-            gain = (layer.error(layer.rank) - layer.error(up)) / (
-                layer.cost(up) - layer.cost(layer.rank)
-            )
-            if gain > 0 and (best is None or gain > best[0]):
-                best = (gain, layer.index)
+            layer.choice = layer.dense
+        return True
+    cap = math.floor(target / unit)
+    while cap > 0 and cap * unit > target:
+        cap -= 1
+    if len(layers) * (cap + 1) > _DP_MAX_CELLS:
+        logger.info("knapsack table %d x %d too large; using the Lagrangian", len(layers), cap + 1)
+        return False
+    best = np.zeros(cap + 1)  # best[c]: least error of the layers so far with cost ≤ c·unit
+    choices = np.zeros((len(layers), cap + 1), dtype=np.int32)
+    for row, layer in enumerate(layers):
+        new = np.full(cap + 1, np.inf)
+        for k, (cost, err) in enumerate(zip(layer.costs // unit, layer.errors, strict=True)):
+            c = int(cost)
+            if c > cap:
+                break
+            candidate = best[: cap + 1 - c] + err
+            better = candidate < new[c:]
+            new[c:][better] = candidate[better]
+            choices[row, c:][better] = k
+        best = new
+    c = cap
+    for row in range(len(layers) - 1, -1, -1):
+        layer = layers[row]
+        layer.choice = int(choices[row, c])
+        c -= int(layer.costs[layer.choice] // unit)
+    return True
+
+
+def _lower_hull(costs: np.ndarray, errors: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of the points (cost, error), cheapest first."""
+    hull: list[int] = []
+    for k in range(costs.size):
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            cross = float(costs[a] - costs[o]) * float(errors[k] - errors[o]) - float(
+                errors[a] - errors[o]
+            ) * float(costs[k] - costs[o])
+            if cross > 0:
+                break
+            hull.pop()
+        hull.append(k)
+    return hull
+
+
+def _lagrangian(layers: list[_Layer], target: float) -> None:
+    """Sweep λ up from 0: walk every layer's lower hull from dense, cheapest error per unit first.
+
+    Stops at the first point within the budget, which minimises ``Σ err + λ·Σ cost`` for the
+    last λ and so has the least error among all allocations of its cost or less.
+    """
+    hulls = [_lower_hull(layer.costs, layer.errors) for layer in layers]
+    position = [len(h) - 1 for h in hulls]
+    heap: list[tuple[float, int]] = []
+
+    def push(row: int) -> None:
+        pos = position[row]
+        if pos > 0:
+            layer, hull = layers[row], hulls[row]
+            a, b = hull[pos], hull[pos - 1]
+            slope = (layer.errors[b] - layer.errors[a]) / float(layer.costs[a] - layer.costs[b])
+            heapq.heappush(heap, (float(slope), row))
+
+    for row, layer in enumerate(layers):
+        layer.choice = layer.dense
+        push(row)
+    total = sum(layer.cost for layer in layers)
+    while total > target and heap:
+        _, row = heapq.heappop(heap)
+        layer = layers[row]
+        position[row] -= 1
+        new = hulls[row][position[row]]
+        total -= layer.cost - int(layer.costs[new])
+        layer.choice = new
+        push(row)
+
+
+def _greedy(layers: list[_Layer], target: float) -> None:
+    """The earlier allocation: from dense, one step of ``multiple`` at a time, cheapest first."""
+    heap: list[tuple[float, int]] = []
+
+    def push(layer: _Layer) -> None:
+        k = layer.choice
+        if k > 0:
+            saved = float(layer.costs[k] - layer.costs[k - 1])
+            heapq.heappush(heap, ((layer.errors[k - 1] - layer.errors[k]) / saved, layer.index))
+
+    for layer in layers:
+        layer.choice = layer.dense
+        push(layer)
+    by_index = {layer.index: layer for layer in layers}
+    total = sum(layer.cost for layer in layers)
+    while total > target and heap:
+        _, index = heapq.heappop(heap)
+        layer = by_index[index]
+        total -= layer.cost - int(layer.costs[layer.choice - 1])
+        layer.choice -= 1
+        push(layer)
+
+
+def _fill_back(layers: list[_Layer], target: float, *, steps_only: bool) -> None:
+    """Spend the slack where it removes the most error per unit, staying within the target.
+
+    ``steps_only`` allows only one step of ``multiple`` up and never back to dense (the
+    earlier greedy); otherwise any more expensive option, dense included.
+    """
+    total = sum(layer.cost for layer in layers)
+    while True:
+        best: tuple[float, int, int] | None = None
+        for row, layer in enumerate(layers):
+            k = layer.choice
+            if steps_only:
+                last = min(k + 1, layer.dense - 1) if k < layer.dense else k
+                options = range(k + 1, last + 1)
+            else:
+                options = range(k + 1, layer.dense + 1)
+            for j in options:
+                extra = int(layer.costs[j]) - layer.cost
+                if total + extra > target:
+                    break
+                gain = (layer.errors[k] - layer.errors[j]) / extra
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (float(gain), row, j)
         if best is None:
-            return total
+            return
         layer = layers[best[1]]
-        up = layer.up()
-        assert up is not None
-        total += layer.cost(up) - layer.cost(layer.rank)
-        layer.rank = up
+        total += int(layer.costs[best[2]]) - layer.cost
+        layer.choice = best[2]
+
+
+def _uniform(layers: list[_Layer], target: float, ratio: float, multiple: int) -> None:
+    """The same fraction ``f`` of every weight's dense cost, for the largest ``f`` that fits."""
+
+    def assign(fraction: float) -> int:
+        total = 0
+        for layer in layers:
+            if fraction >= 1.0 or layer.dense == 0:
+                layer.choice = layer.dense
+            else:
+                dense_cost = int(layer.costs[-1])
+                rank = int(fraction * dense_cost / layer.unit) // multiple * multiple
+                fits = [k for k in range(layer.dense) if layer.ranks[k] <= rank]  # type: ignore[operator]
+                layer.choice = fits[-1] if fits else 0
+            total += layer.cost
+        return total
+
+    if assign(ratio) <= target:
+        return
+    low, high = 0.0, ratio
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if assign(mid) <= target:
+            low = mid
+        else:
+            high = mid
+    assign(low)
