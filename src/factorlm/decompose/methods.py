@@ -5,12 +5,27 @@ method, r)`` truncates, so ``Σ s[r:]²`` is that method's (data-aware) squared 
 ``‖W − M‖²`` for svd, ``‖X (W − M)‖² (+ δ‖W − M‖²)`` for whiten/drone, ``‖diag(s^α)(W − M)‖²``
 for asvd and ``Σ_j I_j ‖W[:, j] − M[:, j]‖²`` for fwsvd. Only singular values are computed
 (LAPACK without vectors), because the planner asks for every weight of the model.
+
+``prepare(W, method)`` is the planner's one-pass alternative: it forms the Gram matrix of the
+transformed matrix ``Z = A W B`` on its smaller side and takes its eigendecomposition (float64),
+which gives the whole spectrum *and* the leading singular vectors; ``PreparedWeight.lowrank(W,
+r)`` then builds the rank-r factors from those vectors with one matrix product, so compressing a
+model costs one eigendecomposition per weight instead of a full ``svdvals`` for planning plus a
+(randomized) SVD for the factors. Only the vectors up to ``keep`` (the break-even rank) are kept,
+in float32 for float32/float16 weights, so the cache is at most about the weights' own size.
+
+On the tall side (``in > out``) the whitening is applied through ``AᵀA = G + δI`` directly:
+``K = Bᵀ Wᵀ (G + δI) W B`` needs no Cholesky of the large Gram, and the left factor
+``A⁻¹ Z V_r = W B V_r`` needs no triangular solve. ``δ`` is the first step of the adaptive damping
+rule (1e-10 of the mean diagonal), so the objective is ``decompose``'s whenever its Cholesky
+succeeds at once (always, for a Gram from more tokens than features).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
@@ -18,15 +33,16 @@ import scipy.linalg
 from factorlm.decompose._transform import Transform, lowrank_from_transform
 from factorlm.decompose._validate import (
     DecompositionError,
+    cast_back,
     check_rank,
     check_vector,
     check_weight,
 )
 from factorlm.decompose.data_aware import asvd_transform, check_gram, whiten_transform
 from factorlm.decompose.fisher import fisher_transform
-from factorlm.decompose.svd import LowRank, SvdMethod
+from factorlm.decompose.svd import LowRank, SvdMethod, sketch_dtype
 
-__all__ = ["METHODS", "Method", "decompose", "spectrum"]
+__all__ = ["METHODS", "Method", "PreparedWeight", "decompose", "prepare", "spectrum"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +121,169 @@ def spectrum(
         return scipy.linalg.svd(
             transform.matrix, compute_uv=False, check_finite=False, lapack_driver="gesvd"
         )
+
+
+_DAMPING = 1e-10  # first step of data_aware's adaptive damping rule
+_FLOOR = 1e-6  # data_aware's / fisher's floor on diagonal scales
+
+
+def _diag_scale(values: np.ndarray, power: float) -> np.ndarray | None:
+    """``values**power`` floored at 1e-6 of its maximum, or None when all zero (identity)."""
+    scale = values**power
+    top = float(scale.max()) if scale.size else 0.0
+    if top == 0.0:
+        return None
+    return np.maximum(scale, _FLOOR * top)
+
+
+def _tall_gram(
+    weight: np.ndarray,
+    method: str,
+    gram: np.ndarray | None,
+    mean_abs: np.ndarray | None,
+    fisher: np.ndarray | None,
+    alpha: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(K, b)`` with ``K = Bᵀ Wᵀ AᵀA W B`` (out × out) and ``b`` the diagonal of B (or None)."""
+    m, n = weight.shape
+    b: np.ndarray | None = None
+    y = weight.astype(np.float64)
+    if method == "fwsvd":
+        if fisher is None:
+            raise DecompositionError(
+                "method 'fwsvd' needs fisher (Fisher row sums per output feature)."
+            )
+        b = _diag_scale(
+            check_vector(fisher, n, "fisher", what="Fisher row sums per output feature"), 0.5
+        )
+        if b is not None:
+            y = y * b[None, :]
+    if method in ("whiten", "drone"):
+        if gram is None:
+            raise DecompositionError(f"method {method!r} needs gram (XᵀX of the weight's input).")
+        g = check_gram(gram, m)
+        mean_diag = float(np.mean(np.diag(g)))
+        if mean_diag == 0.0:
+            return y.T @ y, b
+        k = y.T @ (g @ y) + (_DAMPING * mean_diag) * (y.T @ y)
+        return 0.5 * (k + k.T), b
+    if method == "asvd":
+        if mean_abs is None:
+            raise DecompositionError("method 'asvd' needs mean_abs (mean |x| per input feature).")
+        if not np.isfinite(alpha) or alpha < 0:
+            raise DecompositionError(f"alpha must be a finite non-negative number, got {alpha!r}.")
+        a = _diag_scale(
+            check_vector(mean_abs, m, "mean_abs", what="mean |x| per input feature"), alpha
+        )
+        if a is not None:
+            scaled = a[:, None] * y
+            return scaled.T @ scaled, b
+    if method not in METHODS:
+        raise DecompositionError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+    return y.T @ y, b
+
+
+def _eigh_descending(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values ``sqrt(λ)`` and eigenvectors of the Gram ``K``, largest first.
+
+    One full ``eigh`` (LAPACK evr): on 768 × 768 it costs about a third of ``svdvals`` of the
+    768 × 3072 weight, and a subset of vectors is not cheaper because the tridiagonal reduction
+    dominates.
+    """
+    values, vectors = scipy.linalg.eigh(k, check_finite=False)
+    return np.sqrt(np.maximum(values[::-1], 0.0)), vectors[:, ::-1]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedWeight:
+    """One weight's spectrum under ``method`` and its leading singular vectors on the small side.
+
+    ``side`` is ``"left"`` when ``in <= out`` (vectors are left singular vectors of ``Z``, in ×
+    kept) and ``"right"`` otherwise (right singular vectors, out × kept). The statistics are held
+    by reference (no copy) to rebuild the cheap side of the transform in ``lowrank``.
+    """
+
+    method: str
+    shape: tuple[int, int]
+    singular_values: np.ndarray
+    side: Literal["left", "right"]
+    vectors: np.ndarray
+    stats: dict[str, Any] = field(repr=False)
+
+    @property
+    def kept(self) -> int:
+        """How many leading singular vectors are stored (the largest rank ``lowrank`` serves)."""
+        return int(self.vectors.shape[1])
+
+    def lowrank(self, W: np.ndarray, rank: int) -> LowRank:
+        """Rank-``rank`` factors of ``W`` for this method, equal to ``decompose`` with an exact SVD.
+
+        ``W`` must be the weight that was prepared. A rank above ``kept`` falls back to
+        ``decompose``.
+        """
+        weight = check_weight(W)
+        if weight.shape != self.shape:
+            raise DecompositionError(
+                f"weight has shape {weight.shape} but was prepared with shape {self.shape}."
+            )
+        r = check_rank(rank, weight.shape)
+        if r > self.kept:
+            return decompose(weight, self.method, r, **self.stats)
+        vectors = self.vectors[:, :r].astype(np.float64)
+        s = self.singular_values[:r]
+        if self.side == "left":
+            transform = _transform(weight, self.method, **self.stats)
+            raw = vectors.T @ transform.matrix  # (r, out) = diag(s) V_rᵀ
+            norms = np.linalg.norm(raw, axis=1)
+            t = np.where(norms > 0, np.sqrt(norms), 1.0)
+            left = transform.undo_left(vectors * t[None, :])
+            right = transform.undo_right(raw / t[:, None])
+        else:
+            y = weight.astype(np.float64)
+            b = None
+            if self.method == "fwsvd":
+                b = _diag_scale(np.asarray(self.stats["fisher"], dtype=np.float64), 0.5)
+            if b is not None:
+                y = y * b[None, :]
+            t = np.where(s > 0, np.sqrt(s), 1.0)
+            left = (y @ vectors) / t[None, :]  # A⁻¹ Z V_r diag(1/√s) = W B V_r diag(1/√s)
+            right = t[:, None] * vectors.T
+            if b is not None:
+                right = right / b[None, :]
+        return LowRank(
+            left=cast_back(left, weight.dtype, "left"),
+            right=cast_back(right, weight.dtype, "right"),
+        )
+
+
+def prepare(
+    W: np.ndarray,
+    method: Method | str,
+    *,
+    gram: np.ndarray | None = None,
+    mean_abs: np.ndarray | None = None,
+    fisher: np.ndarray | None = None,
+    alpha: float = 0.5,
+    keep: int | None = None,
+) -> PreparedWeight:
+    """Spectrum and leading ``keep`` singular vectors (default all) of the matrix ``method``
+    truncates, from one eigendecomposition of its Gram on the smaller side."""
+    weight = check_weight(W)
+    m, n = weight.shape
+    small = min(m, n)
+    kept = small if keep is None else max(0, min(int(keep), small))
+    stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
+    if m <= n:
+        z = _transform(weight, method, gram, mean_abs, fisher, alpha).matrix
+        k = z @ z.T
+        del z
+        side: Literal["left", "right"] = "left"
+    else:
+        k, _ = _tall_gram(weight, method, gram, mean_abs, fisher, alpha)
+        side = "right"
+    try:
+        s, vectors = _eigh_descending(k)
+    except np.linalg.LinAlgError:  # pragma: no cover - eigh on a symmetric matrix
+        raise DecompositionError(f"the Gram matrix of {method} did not converge.") from None
+    vectors = vectors[:, :kept].astype(sketch_dtype(weight), copy=False)
+    return PreparedWeight(str(method), (m, n), s, side, np.ascontiguousarray(vectors), stats)
