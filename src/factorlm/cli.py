@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("assets", "export", "compress", "build", "bench", "run")
+_COMMAND_MODULES = ("assets", "export", "compress", "recover", "build", "bench", "run")
 
 for _name in _COMMAND_MODULES:
     try:

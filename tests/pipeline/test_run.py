@@ -110,3 +110,26 @@ def test_missing_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     job.write_text("model: nowhere\ndata:\n  path: d.jsonl\n")
     assert cli.main(["run", str(job)]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
+    config = yaml.safe_load((job / "job.yaml").read_text())
+    config["output_dir"] = "out-recover"
+    config["recover"] = {"method": "distill", "steps": 4, "batch_size": 4}
+    (job / "job3.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(job / "job3.yaml")]) == 0
+    manifest = json.loads((job / "out-recover" / "manifest.json").read_text())
+    assert list(manifest["stages"]) == [
+        "export",
+        "data",
+        "calibrate",
+        "compress",
+        "recover",
+        "build",
+        "benchmark",
+    ]
+    assert manifest["stages"]["recover"]["info"]["steps_done"] == 4
+    engine = json.loads(
+        (job / "out-recover" / "build" / "compressed" / "manifest.json").read_text()
+    )
+    assert "recover" in engine["source"]["path"]

@@ -25,6 +25,7 @@ __all__ = [
     "DataConfig",
     "ExportConfig",
     "GoalsConfig",
+    "RecoverConfig",
     "RunConfig",
     "load_config",
     "parse_config",
@@ -83,6 +84,18 @@ class CompressConfig(_Section):
     plan: Path | None = None
 
 
+class RecoverConfig(_Section):
+    """Optional recovery by distillation between compress and build (skipped when method is null)."""
+
+    method: Literal["distill", "losparse", "dsee", "kron-kd", "safe"] | None = None
+    steps: int = Field(300, ge=1)
+    time_budget_s: float | None = Field(None, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Distillation texts (train split).")
+    seed: int = 0
+
+
 class BuildConfig(_Section):
     """Engines to build for both the original and the compressed model."""
 
@@ -131,6 +144,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     compress: CompressConfig = CompressConfig()
+    recover: RecoverConfig = RecoverConfig()
     build: BuildConfig = BuildConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
 

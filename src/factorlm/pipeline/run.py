@@ -87,11 +87,21 @@ def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
             f"{data} has {len(rows)} usable rows; calibration_samples + eval_samples needs {need}."
         )
     calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
-    for name, part in (("calibration.jsonl", calib), ("eval.jsonl", evaluation)):
+    train = calib + rows[need:]  # distillation texts: everything but the evaluation rows
+    for name, part in (
+        ("calibration.jsonl", calib),
+        ("eval.jsonl", evaluation),
+        ("train.jsonl", train),
+    ):
         with (out / name).open("w", encoding="utf-8") as handle:
             for row in part:
                 handle.write(json.dumps(row) + "\n")
-    return {"source": str(data), "calibration_rows": len(calib), "eval_rows": len(evaluation)}
+    return {
+        "source": str(data),
+        "calibration_rows": len(calib),
+        "eval_rows": len(evaluation),
+        "train_rows": len(train),
+    }
 
 
 def _export(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
@@ -204,6 +214,61 @@ def _compress(
     }
 
 
+def _recover(
+    config: RunConfig,
+    model_dir: Path,
+    onnx_dir: Path,
+    compressed_dir: Path,
+    stats_dir: Path | None,
+    split: Path,
+    out: Path,
+    checkpoints: Path,
+) -> dict[str, Any]:
+    from factorlm.exporters.ort import copy_sidecars
+    from factorlm.recovery import recover
+
+    cfg = config.recover
+    if not model_dir.is_dir():
+        raise ConfigError(
+            "recover needs the Hugging Face model folder as 'model', not an ONNX file."
+        )
+    target = out / "recovered"
+    result = recover(
+        model_dir,
+        compressed_dir / "model.plan.json",
+        target,
+        method=cfg.method or "distill",
+        data=split / "train.jsonl",
+        steps=cfg.steps,
+        time_budget_s=cfg.time_budget_s,
+        seed=cfg.seed,
+        onnx_model=onnx_dir / "model.onnx",
+        stats=stats_dir / "stats.npz" if stats_dir is not None else None,
+        max_samples=cfg.max_samples,
+        batch_size=cfg.batch_size,
+        max_length=config.calibration.max_length,
+        lr=cfg.lr,
+        checkpoint_dir=checkpoints,
+        task=config.export.task,
+        resume=checkpoints.is_dir() and any(checkpoints.iterdir()),
+    )
+    for item in target.iterdir():
+        shutil.move(str(item), out / item.name)
+    target.rmdir()
+    if not (out / "tokenizer.json").exists():
+        copy_sidecars(onnx_dir / "model.onnx", out)
+    shutil.copy2(compressed_dir / "model.plan.json", out / "model.plan.json")
+    return {
+        "method": result.method,
+        "steps_done": result.steps_done,
+        "train_seconds": round(result.train_seconds, 1),
+        "stopped": result.stopped,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.final_loss,
+        "replaced": result.replaced,
+    }
+
+
 def _build(config: RunConfig, onnx_dir: Path, compressed_dir: Path, out: Path) -> dict[str, Any]:
     cfg = config.build
     info: dict[str, Any] = {}
@@ -294,7 +359,7 @@ def run_pipeline(
     )
     split = stage(
         "data",
-        hash_json({"data": hash_files([data]), "cfg": config.data.model_dump(mode="json")}),
+        hash_json({"data": hash_files([data]), "cfg": config.data.model_dump(mode="json"), "v": 2}),
         lambda out: _split_data(config, data, out),
     )
     stats_dir: Path | None = None
@@ -326,16 +391,43 @@ def run_pipeline(
         ),
         lambda out: _compress(config, exported.path, stats_dir, out),
     )
+    candidate = compressed
+    if config.recover.method is not None:
+        recover_key = hash_json(
+            {
+                "compress": compressed.key,
+                "data": split.key,
+                "cfg": config.recover.model_dump(mode="json"),
+                "max_length": config.calibration.max_length,
+            }
+        )
+        # Checkpoints live outside the atomically published folder, keyed like the stage, so an
+        # interrupted run resumes and a changed config never resumes someone else's training.
+        checkpoints = Path(config.output_dir) / f"recover-checkpoints-{recover_key[:12]}"
+        candidate = stage(
+            "recover",
+            recover_key,
+            lambda out: _recover(
+                config,
+                model,
+                exported.path,
+                compressed.path,
+                stats_dir,
+                split.path,
+                out,
+                checkpoints,
+            ),
+        )
     built = stage(
         "build",
         hash_json(
             {
                 "export": exported.key,
-                "compress": compressed.key,
+                "candidate": candidate.key,
                 "cfg": config.build.model_dump(mode="json"),
             }
         ),
-        lambda out: _build(config, exported.path, compressed.path, out),
+        lambda out: _build(config, exported.path, candidate.path, out),
     )
     bench_cfg = config.benchmark.model_dump(mode="json")
     baseline_key = hash_files([config.benchmark.baseline]) if config.benchmark.baseline else None
