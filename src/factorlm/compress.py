@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from factorlm.decompose import decompose, kronecker, lowrank_plus_sparse
+from factorlm.decompose.methods import PreparedWeight
 from factorlm.errors import ConfigError, PlanError
 from factorlm.io import load_model, save_model
 from factorlm.passes import (
@@ -49,7 +50,7 @@ class CompressResult:
     plan: Plan
     factorized: int
     skipped: int
-    params_before: int
+    params_before: int  # every targeted weight (factorized + left dense by the allocation)
     params_after: int
     flops_before: int
     flops_after: int
@@ -170,6 +171,8 @@ def compress(
     model = load_model(source)
     analysis = analyze(model, min_size=min_size)
     seconds["load"] = time.perf_counter() - clock
+    # The planner's eigendecompositions, reused for the factors (one SVD per weight, not two).
+    prepared: dict[str, PreparedWeight] = {}
     if plan is not None:
         chosen = validate_plan(_load_plan(plan), analysis)
     else:
@@ -185,6 +188,7 @@ def compress(
             stats=stats,
             sparse_structure=sparse_structure,
             sparse_density=sparse_density,
+            prepared=prepared,
         )
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
     model_params_before = _model_params(model)
@@ -197,7 +201,12 @@ def compress(
         assert cand is not None  # make_plan / validate_plan only keep candidates
         if progress is not None:
             progress(name, done, total)
-        factors = _factorize(name, entry, cand.matrix(), stats)
+        ready = prepared.pop(name, None)
+        if ready is not None and ready.method == entry.method and entry.rank is not None:
+            factors = ready.lowrank(cand.matrix(), entry.rank)
+        else:
+            factors = _factorize(name, entry, cand.matrix(), stats)
+        del ready
         if entry.method in ("kron", "losparse"):
             groups[entry.method][name] = factors
         else:

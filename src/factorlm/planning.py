@@ -32,6 +32,8 @@ from factorlm.decompose import (
     round_rank,
     spectrum,
 )
+from factorlm.decompose.methods import PreparedWeight, prepare
+from factorlm.decompose.rank import STRATEGIES
 from factorlm.errors import ConfigError, PlanError
 from factorlm.passes.analysis import Analysis, Candidate
 from factorlm.passes.kronecker import supports_kronecker
@@ -91,17 +93,30 @@ class WeightPlan:
 
 @dataclass
 class Plan:
-    """Weights to factorize (keyed by initializer name), weights left dense, and the budget."""
+    """Weights to factorize (keyed by initializer name), weights left dense, and the budget.
+
+    ``dense`` lists the weights the budget covers but the allocation left dense, with their
+    ``{"params": ..., "flops": ...}``, so ``totals`` spans every targeted weight and
+    ``params_after / params_before`` is the achieved ratio.
+    """
 
     method: str
     budget: dict[str, Any]
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    dense: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
-        """Parameters and FLOPs per token of the planned weights, before and after."""
+        """Parameters and FLOPs per token of the targeted weights (factorized + kept dense)."""
         keys = ("params_before", "params_after", "flops_before", "flops_after")
-        return {k: sum(int(getattr(w, k)) for w in self.weights.values()) for k in keys}
+        out = {k: sum(int(getattr(w, k)) for w in self.weights.values()) for k in keys}
+        for name, cost in self.dense.items():
+            if name in self.weights:
+                continue
+            for side in ("before", "after"):
+                out[f"params_{side}"] += int(cost.get("params", 0))
+                out[f"flops_{side}"] += int(cost.get("flops", 0))
+        return out
 
     def to_json(self) -> str:
         data = {
@@ -111,6 +126,7 @@ class Plan:
             "totals": self.totals(),
             "weights": {name: asdict(w) for name, w in self.weights.items()},
             "skipped": self.skipped,
+            "dense": self.dense,
         }
         return json.dumps(data, indent=2) + "\n"
 
@@ -143,11 +159,17 @@ class Plan:
                     f"{source}: entry {name!r} lacks 'nodes', 'kind', 'shape', 'stored_shape' or 'method'."
                 ) from None
         skipped = data.get("skipped") or {}
+        dense_raw = data.get("dense") or {}
+        if not isinstance(dense_raw, dict) or not all(
+            isinstance(v, dict) for v in dense_raw.values()
+        ):
+            raise PlanError(f"{source}: 'dense' must map weight names to {{'params', 'flops'}}.")
         return cls(
             method=str(data.get("method", "svd")),
             budget=dict(data.get("budget") or {}),
             weights=weights,
             skipped={str(k): str(v) for k, v in skipped.items()},
+            dense={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in dense_raw.items()},
         )
 
 
@@ -177,6 +199,15 @@ def _costs(cand: Candidate, entry: WeightPlan) -> None:
         else:  # stored and executed as a dense residual matrix
             entry.params_after += m * n
             entry.flops_after += 2 * m * n
+
+
+def _dense_cost(cand: Candidate) -> dict[str, int]:
+    """Parameters and FLOPs per token of a targeted weight that stays dense."""
+    entry = WeightPlan(
+        nodes=[], kind=cand.kind, shape=list(cand.shape), stored_shape=[], method="svd", rank=0
+    )
+    _costs(cand, entry)
+    return {"params": entry.params_before, "flops": entry.flops_before}
 
 
 def _relative_error(s: np.ndarray, rank: int) -> float:
@@ -231,6 +262,10 @@ def make_plan(
     stats: StatsLike | None = None,
     sparse_structure: str = "column",
     sparse_density: float = 0.05,
+    allocation: str = "optimal",
+    error_scale: str = "relative",
+    min_fraction: float = 0.0,
+    prepared: dict[str, PreparedWeight] | None = None,
 ) -> Plan:
     """Choose a factorization for every analysed weight under one budget.
 
@@ -239,6 +274,12 @@ def make_plan(
     instead keeps that fraction of each weight's spectral energy. ``embeddings`` is the ratio for
     token embeddings (None leaves them dense). Weights whose best rank would not reduce their cost
     stay dense, with the reason in ``Plan.skipped``.
+
+    ``allocation``, ``error_scale`` and ``min_fraction`` choose how ``allocate_ranks`` spends the
+    budget (default: the exact optimum of the summed relative errors). Spectra come from one
+    eigendecomposition per weight (``decompose.prepare``); when ``prepared`` is a dict, the
+    prepared weights of the factorized entries are stored in it so that ``compress`` builds the
+    factors without a second SVD.
     """
     if method not in ALL_METHODS:
         raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
@@ -250,6 +291,14 @@ def make_plan(
         raise ConfigError(f"embeddings ratio {embeddings!r} is out of range: it must be in (0, 1).")
     if rank_multiple < 1:
         raise ConfigError(f"rank multiple {rank_multiple!r} must be a positive integer.")
+    if allocation not in STRATEGIES:
+        raise ConfigError(
+            f"allocation {allocation!r} is unknown; use one of {', '.join(STRATEGIES)}."
+        )
+    if error_scale not in ("relative", "absolute"):
+        raise ConfigError(f"error scale {error_scale!r} is unknown; use 'relative' or 'absolute'.")
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ConfigError(f"min fraction {min_fraction!r} is out of range: it must be in [0, 1].")
     if method == "losparse":
         if sparse_structure not in SPARSE_STRUCTURES:
             raise ConfigError(
@@ -275,6 +324,9 @@ def make_plan(
             "energy": energy,
             "rank_multiple": rank_multiple,
             "embeddings": embeddings,
+            "allocation": allocation,
+            "error_scale": error_scale,
+            "min_fraction": min_fraction,
             "include": include,
             "exclude": exclude,
             **(
@@ -298,6 +350,8 @@ def make_plan(
     if method == "kron":
         for cand in linear:
             _plan_kronecker(plan, cand, ratio)
+            if cand.name not in plan.weights and "fits ratio" in plan.skipped.get(cand.name, ""):
+                plan.dense[cand.name] = _dense_cost(cand)
     else:
         _plan_low_rank(
             plan,
@@ -309,6 +363,8 @@ def make_plan(
             stats,
             sparse_structure,
             sparse_density,
+            (allocation, error_scale, min_fraction),
+            prepared,
         )
     logger.info("Planned %d weights, %d left dense", len(plan.weights), len(plan.skipped))
     return plan
@@ -375,6 +431,8 @@ def _plan_low_rank(
     stats: StatsLike | None,
     structure: str,
     density: float,
+    options: tuple[str, str, float] = ("optimal", "relative", 0.0),
+    prepared: dict[str, PreparedWeight] | None = None,
 ) -> None:
     core_method = "svd" if method == "losparse" else method
     targets: list[Candidate] = []
@@ -385,15 +443,21 @@ def _plan_low_rank(
         else:
             targets.append(cand)
     spectra: dict[str, np.ndarray] = {}
+    cache: dict[str, PreparedWeight] = {}
     for cand in targets:
         found = _stat(stats, core_method, cand.name)
-        spectra[cand.name] = spectrum(
+        # One Gram eigendecomposition gives the spectrum and the vectors up to break-even.
+        ready = prepare(
             cand.matrix(),
             core_method,
             gram=found["gram"],
             mean_abs=found["mean_abs"],
             fisher=found["fisher"],
+            keep=break_even_rank(*cand.shape) if prepared is not None else 0,
         )
+        spectra[cand.name] = ready.singular_values
+        if prepared is not None and method != "losparse":
+            cache[cand.name] = ready
     if energy is not None:
         ranks: dict[str, int | None] = {}
         for cand in targets:
@@ -408,6 +472,9 @@ def _plan_low_rank(
                 [WeightSpectrum(c.name, c.shape, spectra[c.name]) for c in targets],
                 ratio=lr_ratio,
                 multiple=multiple,
+                strategy=options[0],  # type: ignore[arg-type]
+                error=options[1],  # type: ignore[arg-type]
+                min_fraction=options[2],
             )
             if targets
             else {}
@@ -417,6 +484,7 @@ def _plan_low_rank(
         m, n = cand.shape
         limit = break_even_rank(m, n)
         if chosen is None:
+            plan.dense[cand.name] = _dense_cost(cand)
             if limit < multiple:
                 plan.skipped[cand.name] = (
                     f"would not reduce cost: break-even rank {limit} is below the rank multiple {multiple}"
@@ -440,6 +508,8 @@ def _plan_low_rank(
         )
         _costs(cand, entry)
         plan.weights[cand.name] = entry
+        if prepared is not None and cand.name in cache:
+            prepared[cand.name] = cache.pop(cand.name)
 
 
 def validate_plan(plan: Plan, analysis: Analysis) -> Plan:
@@ -482,6 +552,12 @@ def validate_plan(plan: Plan, analysis: Analysis) -> Plan:
                     f"plan weight {name!r} needs sparse {{'structure': one of {list(SPARSE_STRUCTURES)}, 'density': number}}."
                 )
         _costs(cand, entry)
+    dense: dict[str, dict[str, int]] = {}
+    for name in plan.dense:
+        cand = analysis.candidate(name)
+        if cand is not None and name not in plan.weights:
+            dense[name] = _dense_cost(cand)
+    plan.dense = dense
     return plan
 
 
