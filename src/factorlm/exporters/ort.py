@@ -39,7 +39,12 @@ from typing import Any
 import onnx
 
 from factorlm.errors import BackendUnavailableError, ConfigError, FactorlmError
-from factorlm.exporters.fusions import count_fusions
+from factorlm.exporters.fusions import (
+    collapse_factor_pairs,
+    count_fusions,
+    lost_fusions,
+    restore_factor_pairs,
+)
 from factorlm.exporters.shapes import load_onnx
 
 __all__ = [
@@ -646,6 +651,48 @@ def _engine_bytes(directory: Path, engine: str) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model."))
 
 
+def _optimize_factorized(
+    source: Path,
+    *,
+    model_type: str,
+    num_heads: int,
+    hidden_size: int,
+    use_gpu: bool,
+    fuse_factors: bool,
+    extra: dict[str, Any],
+) -> Any:
+    """ORT's transformer optimizer, run through factor pairs collapsed to dense stand-ins.
+
+    The optimizer only fuses exact subgraphs; collapsing factor pairs to their exact products
+    lets it fuse Attention and EmbedLayerNormalization, after which the factors are put back
+    (into the Attention node's input and weight for a joint Q/K/V). ``extra["factor_fusion"]``
+    records what was restored.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    kwargs = {
+        "model_type": model_type,
+        "num_heads": num_heads,
+        "hidden_size": hidden_size,
+        "use_gpu": use_gpu,
+    }
+    if not fuse_factors:
+        return optimize_model(str(source), **kwargs)
+    proto = onnx.load(str(source))
+    collapsed = collapse_factor_pairs(proto)
+    if not collapsed:
+        del proto
+        return optimize_model(str(source), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="factorlm-collapsed-") as folder:
+        path = Path(folder) / "model.onnx"
+        _save(proto, path)
+        del proto
+        opt = optimize_model(str(path), **kwargs)  # onnx.load brings every tensor into memory
+    report = restore_factor_pairs(opt.model, collapsed)
+    extra["factor_fusion"] = asdict(report)
+    return opt
+
+
 def build_ort_engine(
     model: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -659,6 +706,8 @@ def build_ort_engine(
     int8_weight_type: str = "uint8",
     int8_per_channel: bool = True,
     int8_reduce_range: bool = False,
+    fuse_factors: bool = True,
+    reference: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> EngineManifest:
@@ -668,6 +717,12 @@ def build_ort_engine(
     (detect from config.json next to the model, else from the graph). ``format="ort"`` writes an
     ORT-format model for mobile and edge runtimes. A non-empty ``out_dir`` is replaced only with
     ``overwrite``. ``progress`` receives a short label per step.
+
+    ``fuse_factors`` lets the transformer optimizer see through factorlm's factor pairs, so a
+    compressed model keeps the Attention (with a joint Q/K/V factorization) and
+    EmbedLayerNormalization fusions (``fusions.collapse_factor_pairs``). ``reference`` (the
+    original model) is optimized the same way; its fusion counts are recorded and every fusion
+    the engine lacks is logged as a warning and listed in ``extra["lost_fusions"]``.
     """
     source = Path(model)
     say = progress or (lambda _msg: None)
@@ -698,6 +753,8 @@ def build_ort_engine(
     optimizer = "none"
     runtime_level = "ORT_DISABLE_ALL"
     quant: QuantizationReport | None = None
+    notes: dict[str, Any] = {}
+    fusions: dict[str, dict[str, int]] = {"source": source_fusions}
 
     with staged_directory(out_dir) as tmp:
         work = tmp / "model.onnx"
@@ -713,13 +770,27 @@ def build_ort_engine(
                     heads,
                     hidden,
                 )
-                opt = optimize_model(
-                    str(source),
+                opt = _optimize_factorized(
+                    source,
                     model_type=MODEL_TYPES[resolved_type],
                     num_heads=heads,
                     hidden_size=hidden,
                     use_gpu=use_gpu,
+                    fuse_factors=fuse_factors,
+                    extra=notes,
                 )
+                fusions["optimized"] = count_fusions(opt.model)
+                if reference is not None:
+                    say("optimizing the reference")
+                    ref = optimize_model(
+                        str(reference),
+                        model_type=MODEL_TYPES[resolved_type],
+                        num_heads=heads,
+                        hidden_size=hidden,
+                        use_gpu=use_gpu,
+                    )
+                    fusions["reference"] = count_fusions(ref.model)
+                    del ref
                 if fp16:
                     say("fp16")
                     opt.convert_float_to_float16(
@@ -767,6 +838,17 @@ def build_ort_engine(
                 # External data (if any) keeps the file name recorded inside the model.
                 os.replace(quantized, work)
             engine_fusions = count_fusions(work)
+            fusions["engine"] = engine_fusions
+            if reference is not None and "reference" not in fusions:
+                fusions["reference"] = count_fusions(reference)
+            if "reference" in fusions:
+                lost = lost_fusions(fusions["reference"], fusions.get("optimized", engine_fusions))
+                notes["lost_fusions"] = lost
+                if lost:
+                    logger.warning(
+                        "The engine lost fusions the reference model has: %s",
+                        ", ".join(f"{name} ({n} fewer)" for name, n in lost.items()),
+                    )
             engine = "model.onnx"
             if format == "ort":
                 say("ORT format")
@@ -815,11 +897,13 @@ def build_ort_engine(
                 "fp16_op_block_list": list(FP16_OP_BLOCK_LIST) if fp16 else [],
                 "int8": int8,
                 "format": format,
+                "fuse_factors": fuse_factors,
+                "reference": str(reference) if reference is not None else None,
             },
             versions=versions(),
             providers=chosen,
             session=session_settings,
-            fusions={"source": source_fusions, "engine": engine_fusions},
+            fusions=fusions,
             sizes={
                 "source_bytes": int(src_info["bytes"]),
                 "engine_bytes": _engine_bytes(tmp, engine),
@@ -836,6 +920,7 @@ def build_ort_engine(
             ],
             outputs=[o.name for o in sess.get_outputs()],
             files=files,
+            extra=notes,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         del sess

@@ -19,14 +19,17 @@ from factorlm.passes.analysis import (
 )
 from factorlm.passes.cleanup import RemoveReplacedWeightsPass
 from factorlm.passes.embedding import LowRankEmbeddingPass
+from factorlm.passes.joint import JOINT_SEPARATOR, JointLinearPass, joint_statistics, member_names
 from factorlm.passes.kronecker import KroneckerPass
 from factorlm.passes.linear import LowRankLinearPass
 from factorlm.passes.lowrank_sparse import LowRankSparsePass
 
 __all__ = [
     "FACTOR_METADATA_KEY",
+    "JOINT_SEPARATOR",
     "Analysis",
     "Candidate",
+    "JointLinearPass",
     "KroneckerPass",
     "LowRankEmbeddingPass",
     "LowRankLinearPass",
@@ -36,6 +39,8 @@ __all__ = [
     "Use",
     "analyze",
     "factor_names",
+    "joint_statistics",
+    "member_names",
 ]
 
 logger = logging.getLogger(__name__)

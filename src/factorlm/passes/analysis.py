@@ -86,6 +86,9 @@ class Candidate:
     stored_shape: tuple[int, int]
     transposed: bool
     uses: tuple[Use, ...]
+    #: For a joint candidate (``analyze(..., joint=True)``): the member initializers whose
+    #: matrices are concatenated along the output axis, in order; empty for a plain weight.
+    members: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -199,10 +202,12 @@ def _is_weight_consumer(node: ir.Node, index: int, value: ir.Value) -> bool:
     return False
 
 
-def analyze(model: ir.Model, *, min_size: int = 0) -> Analysis:
+def analyze(model: ir.Model, *, min_size: int = 0, joint: bool = False) -> Analysis:
     """Classify every weight-like initializer of the main graph as a candidate or skipped.
 
-    ``min_size`` is the smallest number of elements worth factorizing.
+    ``min_size`` is the smallest number of elements worth factorizing. With ``joint``, linear
+    weights that multiply the same activation (attention's Q/K/V) become one joint candidate
+    (see ``factorlm.passes.joint``), so a plan can give them one shared down-projection.
     """
     graph = model.graph
     factors = factor_names(model)
@@ -271,5 +276,9 @@ def analyze(model: ir.Model, *, min_size: int = 0) -> Analysis:
         direct = use.form in ("x@W", "gemm_b", "x@Wt")
         transposed = use.transposed if direct else not use.transposed
         candidates.append(Candidate(name, value, "linear", (rows, cols), transposed, (use,)))
+    if joint:
+        from factorlm.passes.joint import group_siblings
+
+        candidates = group_siblings(candidates)
     logger.info("Found %d factorizable weights, skipped %d", len(candidates), len(skipped))
     return Analysis(tuple(candidates), tuple(skipped))

@@ -1,0 +1,197 @@
+"""Joint low-rank factorization of weights that read the same activation (attention's Q/K/V).
+
+Q, K and V multiply the same input ``x``. Factorizing the concatenation ``[Wq Wk Wv] ≈ L R``
+(``L: (in, r)``, ``R = [Rq Rk Rv]: (r, 3h)``) gives them one shared down-projection::
+
+    q = x @ Wq + bq           t = MatMul(x, L)                  (new node, once)
+    k = x @ Wk + bk    →      q = MatMul(t, Rq) + bq, k = MatMul(t, Rk) + bk, v = ...
+    v = x @ Wv + bv
+
+Each original MatMul keeps its name, output, bias Add and every consumer, so the graph stays pure
+ONNX (TensorRT, any runtime); ONNX Runtime engines turn ``t`` and ``R`` into the fused
+``com.microsoft.Attention`` op at build time (``factorlm.exporters.fusions``). A whitened
+factorization needs no new statistics: the members share their input, so they share ``XᵀX``.
+
+For planning, ``analyze(model, joint=True)`` offers the group as one *virtual* weight named
+``"<q>+<k>+<v>"`` whose matrix is the concatenation; the global rank allocation treats it like
+any other weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from factorlm.decompose import LowRank
+from factorlm.passes._graph import GraphEditor
+from factorlm.passes.analysis import Analysis, Candidate, analyze
+
+__all__ = [
+    "JOINT_SEPARATOR",
+    "JointLinearPass",
+    "group_siblings",
+    "joint_statistics",
+    "member_names",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Joins member initializer names into the name of a joint candidate.
+JOINT_SEPARATOR = "+"
+
+
+def member_names(names: Iterable[str], analysis: Analysis) -> list[str]:
+    """Plan keys with every joint candidate replaced by its member initializers.
+
+    The dense originals to remove after a rewrite are the members, not the virtual joint name.
+    """
+    result: list[str] = []
+    for name in names:
+        cand = analysis.candidate(name)
+        if cand is not None and cand.members:
+            result.extend(cand.members)
+        else:
+            result.append(name)
+    return result
+
+
+def _joinable(cand: Candidate) -> bool:
+    use = cand.uses[0]
+    return (
+        cand.kind == "linear"
+        and len(cand.uses) == 1
+        and use.form == "x@W"
+        and not cand.transposed
+        and use.node.inputs[0] is not None
+    )
+
+
+def group_siblings(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Replace linear candidates that multiply the same activation by one joint candidate.
+
+    Only ``MatMul(x, W)`` weights of one dtype join (Gemm and transposed forms keep their own
+    factors); a group needs at least two members. The joint candidate takes the place of its
+    first member.
+    """
+    by_input: dict[int, list[Candidate]] = {}
+    for cand in candidates:
+        if _joinable(cand):
+            x = cand.uses[0].node.inputs[0]
+            by_input.setdefault(id(x), []).append(cand)
+    groups = {
+        id(members[0]): members
+        for members in by_input.values()
+        if len(members) > 1 and len({m.dtype for m in members}) == 1
+    }
+    joined = {id(m) for members in groups.values() for m in members}
+    result: list[Candidate] = []
+    for cand in candidates:
+        if id(cand) in groups:
+            result.append(_joint_candidate(groups[id(cand)]))
+        elif id(cand) not in joined:
+            result.append(cand)
+    if groups:
+        logger.info("Grouped %d weights into %d joint candidates", len(joined), len(groups))
+    return result
+
+
+def _joint_candidate(members: Sequence[Candidate]) -> Candidate:
+    name = JOINT_SEPARATOR.join(m.name for m in members)
+    matrix = np.concatenate([m.stored() for m in members], axis=1)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(matrix.shape),
+        type=ir.TensorType(members[0].value.const_value.dtype),  # type: ignore[union-attr]
+        const_value=ir.tensor(matrix, name=name),
+    )
+    return Candidate(
+        name=name,
+        value=value,
+        kind="linear",
+        stored_shape=(int(matrix.shape[0]), int(matrix.shape[1])),
+        transposed=False,
+        uses=tuple(u for m in members for u in m.uses),
+        members=tuple(m.name for m in members),
+    )
+
+
+def joint_statistics(stats: Any, analysis: Analysis) -> Any:
+    """A shallow copy of calibration ``stats`` that also answers for every joint candidate.
+
+    Members share their input, so the joint weight's Gram and mean |x| are any member's; its
+    Fisher row sums (per output feature) are the members' concatenated. Entries a member lacks
+    are left out, so a data-aware plan still fails with the member's name missing.
+    """
+    joint = [c for c in analysis.candidates if c.members]
+    if stats is None or not joint:
+        return stats
+    result = copy.copy(stats)
+    for key in ("gram", "mean_abs", "fisher"):
+        table = getattr(stats, key, None)
+        if table is None:
+            continue
+        extended = dict(table)
+        for cand in joint:
+            if not all(m in table for m in cand.members):
+                continue
+            if key == "fisher":
+                extended[cand.name] = np.concatenate([table[m] for m in cand.members])
+            else:
+                extended[cand.name] = table[cand.members[0]]
+        setattr(result, key, extended)
+    return result
+
+
+class JointLinearPass(ir.passes.InPlacePass):
+    """Give each planned joint candidate one shared ``MatMul(x, L)`` and per-member ``R`` slices.
+
+    Attributes:
+        factors: joint candidate name -> ``LowRank`` of the concatenated ``(in, Σ out)`` matrix.
+            Names that are not joint candidates of the model are ignored.
+    """
+
+    def __init__(self, factors: Mapping[str, LowRank]) -> None:
+        super().__init__()
+        self.factors = dict(factors)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.factors:
+            return ir.passes.PassResult(model, modified=False)
+        editor = GraphEditor(model)
+        order = {id(node): i for i, node in enumerate(model.graph)}
+        count = 0
+        for cand in analyze(model, joint=True).candidates:
+            low_rank = self.factors.get(cand.name)
+            if low_rank is None or not cand.members:
+                continue
+            nodes = [use.node for use in cand.uses]
+            first = min(nodes, key=lambda n: order.get(id(n), 0))
+            x = nodes[0].inputs[0]
+            left = editor.initializer(
+                f"{cand.members[0]}.factorlm_joint_left", low_rank.left, factor_of=cand.name
+            )
+            base = first.name or "MatMul"
+            down = editor.node("MatMul", [x, left], name=f"{base}/factorlm_joint")
+            editor.graph.insert_before(first, down)
+            offset = 0
+            for member, node in zip(cand.members, nodes, strict=True):
+                tensor = model.graph.initializers[member].const_value
+                assert tensor is not None  # analysis only groups constant initializers
+                width = int(tensor.shape.numpy()[1])
+                right = editor.initializer(
+                    f"{member}.factorlm_right",
+                    np.ascontiguousarray(low_rank.right[:, offset : offset + width]),
+                    factor_of=member,
+                )
+                node.replace_input_with(0, down.outputs[0])
+                node.replace_input_with(1, right)
+                offset += width
+            count += 1
+        editor.tag_model()
+        logger.info("Jointly factorized %s weight groups", count)
+        return ir.passes.PassResult(model, modified=count > 0)
