@@ -26,12 +26,16 @@ from factorlm.decompose.methods import PreparedWeight
 from factorlm.errors import ConfigError, PlanError
 from factorlm.io import load_model, save_model
 from factorlm.passes import (
+    JOINT_SEPARATOR,
+    JointLinearPass,
     KroneckerPass,
     LowRankEmbeddingPass,
     LowRankLinearPass,
     LowRankSparsePass,
     RemoveReplacedWeightsPass,
     analyze,
+    joint_statistics,
+    member_names,
 )
 from factorlm.planning import DATA_AWARE, Plan, StatsLike, WeightPlan, make_plan, validate_plan
 
@@ -153,6 +157,7 @@ def compress(
     external_data: bool | None = None,
     sparse_structure: str = "column",
     sparse_density: float = 0.05,
+    joint_qkv: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompressResult:
     """Factorize the linear (and optionally embedding) weights of an ONNX model.
@@ -160,6 +165,8 @@ def compress(
     Writes ``output_path`` (external data above 2 GB or when ``external_data``) and
     ``<output>.plan.json``. ``plan`` (a Plan or a JSON path) replaces the planner; it is validated
     against the model. ``progress(stage, done, total)`` is called while factorizing.
+    ``joint_qkv`` plans linear weights that share an input (Q/K/V) as one joint weight with a
+    shared down-projection, which keeps ONNX Runtime's Attention fusion (``passes.joint``).
     """
     source, target = Path(model_path), Path(output_path)
     if source.exists() and target.exists() and source.resolve() == target.resolve():
@@ -169,12 +176,18 @@ def compress(
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     model = load_model(source)
-    analysis = analyze(model, min_size=min_size)
+    loaded = _load_plan(plan) if plan is not None else None
+    # A plan written with joint candidates ("<q>+<k>+<v>") needs the joint analysis to validate.
+    joint = joint_qkv or (
+        loaded is not None and any(JOINT_SEPARATOR in name for name in loaded.weights)
+    )
+    analysis = analyze(model, min_size=min_size, joint=joint)
+    stats = joint_statistics(stats, analysis)
     seconds["load"] = time.perf_counter() - clock
     # The planner's eigendecompositions, reused for the factors (one SVD per weight, not two).
     prepared: dict[str, PreparedWeight] = {}
-    if plan is not None:
-        chosen = validate_plan(_load_plan(plan), analysis)
+    if loaded is not None:
+        chosen = validate_plan(loaded, analysis)
     else:
         chosen = make_plan(
             analysis,
@@ -193,7 +206,13 @@ def compress(
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
     model_params_before = _model_params(model)
 
-    groups: dict[str, dict[str, Any]] = {"linear": {}, "embedding": {}, "kron": {}, "losparse": {}}
+    groups: dict[str, dict[str, Any]] = {
+        "linear": {},
+        "embedding": {},
+        "kron": {},
+        "losparse": {},
+        "joint": {},
+    }
     total = len(chosen.weights)
     start = time.perf_counter()
     for done, (name, entry) in enumerate(chosen.weights.items()):
@@ -209,6 +228,8 @@ def compress(
         del ready
         if entry.method in ("kron", "losparse"):
             groups[entry.method][name] = factors
+        elif cand.members:
+            groups["joint"][name] = factors
         else:
             groups[cand.kind][name] = factors
     if progress is not None:
@@ -219,10 +240,11 @@ def compress(
     passes = ir.passes.PassManager(
         [
             LowRankLinearPass(groups["linear"]),
+            JointLinearPass(groups["joint"]),
             LowRankEmbeddingPass(groups["embedding"]),
             KroneckerPass(groups["kron"]),
             LowRankSparsePass(groups["losparse"]),
-            RemoveReplacedWeightsPass(chosen.weights),
+            RemoveReplacedWeightsPass(member_names(chosen.weights, analysis)),
         ],
         steps=1,
     )

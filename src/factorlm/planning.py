@@ -176,7 +176,8 @@ class Plan:
 def _costs(cand: Candidate, entry: WeightPlan) -> None:
     """Fill params/FLOPs before and after for ``entry`` (in place)."""
     m, n = cand.shape
-    linear_uses = sum(1 for u in cand.uses if u.form != "gather")
+    # A joint candidate's members each compute their own slice: one pass over the whole matrix.
+    linear_uses = 1 if cand.members else sum(1 for u in cand.uses if u.form != "gather")
     gathers = len(cand.uses) - linear_uses
     entry.params_before = m * n
     entry.flops_before = 2 * m * n * linear_uses
