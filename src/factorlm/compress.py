@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from factorlm._callable import make_module_callable
 from factorlm.decompose import decompose, kronecker, lowrank_plus_sparse
 from factorlm.decompose.methods import PreparedWeight
 from factorlm.errors import ConfigError, PlanError
@@ -274,3 +275,6 @@ def compress(
         plan_path=plan_file,
         seconds=seconds,
     )
+
+
+make_module_callable(__name__, compress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from factorlm._callable import make_module_callable
 from factorlm.benchmark.goals import Goal, GoalResult, goals_from_options, load_goals
 from factorlm.benchmark.report import SCHEMA_VERSION, Report, load_report
 from factorlm.benchmark.run import run_benchmark
@@ -32,3 +33,5 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+make_module_callable(__name__, run_benchmark)
