@@ -88,9 +88,10 @@ def test_applied_plan_exports_what_the_passes_produce(
     expected, got = _run(tmp_path / "c" / "model.onnx"), _run(tmp_path / "student" / "model.onnx")
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     tags = json.loads(
-        {p.key: p.value for p in onnx.load(str(tmp_path / "student" / "model.onnx")).metadata_props}[
-            FACTOR_METADATA_KEY
-        ]
+        {
+            p.key: p.value
+            for p in onnx.load(str(tmp_path / "student" / "model.onnx")).metadata_props
+        }[FACTOR_METADATA_KEY]
     )
     assert info["tagged_factors"] == len(tags) > 0
     assert set(tags.values()) == set(result.plan.weights)
@@ -102,7 +103,9 @@ def test_applied_plan_exports_what_the_passes_produce(
     assert not set(again.plan.weights) & set(tags)
 
 
-def test_whitened_plan_with_stats_matches(tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path) -> None:
+def test_whitened_plan_with_stats_matches(
+    tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path
+) -> None:
     from factorlm.calibration import collect_statistics
 
     stats = collect_statistics(
@@ -149,7 +152,9 @@ def test_interrupted_run_resumes_to_identical_weights(
     with pytest.raises(Interrupt):
         train(student2, teacher2, tok, TEXTS, cfg, tmp_path / "b", progress=False, on_step=stop)
     student3, teacher3, _ = _student(tiny_bert_dir, onnx_dir, plan)
-    resumed = train(student3, teacher3, tok, TEXTS, cfg, tmp_path / "b", resume=True, progress=False)
+    resumed = train(
+        student3, teacher3, tok, TEXTS, cfg, tmp_path / "b", resume=True, progress=False
+    )
     assert resumed.resumed_from == 2 and resumed.steps_done == 6
     a, b = student.state_dict(), student3.state_dict()
     assert a.keys() == b.keys()

@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
     def recover_command(
         model_dir: Path = typer.Argument(..., help="Hugging Face model folder (never modified)."),
         plan: Path = typer.Option(..., "--plan", help="Plan JSON from factorlm compress."),
-        data: Path = typer.Option(..., "--data", help="Distillation texts (calibration split only)."),
+        data: Path = typer.Option(
+            ..., "--data", help="Distillation texts (calibration split only)."
+        ),
         output: Path = typer.Option(..., "--output", "-o", help="Output folder (model.onnx ...)."),
         method: str = typer.Option("distill", help=f"One of {', '.join(_METHODS)}."),
         steps: int = typer.Option(500, help="Training steps (the schedule's length)."),
@@ -55,6 +57,9 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW)."),
         seed: int = typer.Option(0, help="Seed of data order and initialisation."),
         checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
+        threads: int | None = typer.Option(
+            None, help="PyTorch threads for training (1 is fastest on a busy CPU)."
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output."),
     ) -> None:
         """Recover accuracy by distillation; write OUT/model.onnx ready for factorlm build."""
@@ -71,7 +76,7 @@ def register(app: typer.Typer) -> None:
             time_budget_s=budget, seed=seed, onnx_model=onnx_model, stats=stats,
             calib_samples=calib_samples, max_samples=max_samples, text_column=text_column,
             batch_size=batch_size, max_length=max_length, lr=lr,
-            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+            checkpoint_every=checkpoint_every, threads=threads, resume=resume, overwrite=overwrite,
             progress=console.is_terminal,
         )  # fmt: skip
         table = Table(title="factorlm recover")
@@ -82,7 +87,9 @@ def register(app: typer.Typer) -> None:
         if result.resumed_from is not None:
             table.add_row("resumed from step", str(result.resumed_from))
         table.add_row("training seconds", f"{result.train_seconds:.1f}")
-        table.add_row("final loss", f"{result.final_loss:.5f}" if result.final_loss is not None else "-")
+        table.add_row(
+            "final loss", f"{result.final_loss:.5f}" if result.final_loss is not None else "-"
+        )
         table.add_row("modules factorized", str(result.replaced))
         table.add_row("factor initializers tagged", str(result.tagged_factors))
         table.add_row("export vs PyTorch (relative)", f"{result.max_relative_diff:.2g}")

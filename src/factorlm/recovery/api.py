@@ -89,6 +89,7 @@ def recover(
     lr: float = 1e-4,
     feature_fraction: float = 0.5,
     checkpoint_every: int = 50,
+    threads: int | None = None,
     task: str | None = None,
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
@@ -114,7 +115,9 @@ def recover(
     clock = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if method not in METHODS:
-        raise ConfigError(f"recovery method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+        raise ConfigError(
+            f"recovery method {method!r} is unknown; use one of {', '.join(METHODS)}."
+        )
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"time budget {time_budget_s!r} s must be positive.")
     config = check_model_dir(model_dir)
@@ -134,7 +137,9 @@ def recover(
     if method == "kron-kd" and "kron" not in wants:
         raise ConfigError("method 'kron-kd' needs a plan made with --method kron.")
     if method == "safe" and "embedding" not in kinds:
-        raise ConfigError("method 'safe' needs a plan that factorizes the token embedding (--embeddings RATIO).")
+        raise ConfigError(
+            "method 'safe' needs a plan that factorizes the token embedding (--embeddings RATIO)."
+        )
     task = task or _task_for(config)
     seconds: dict[str, float] = {}
 
@@ -150,7 +155,7 @@ def recover(
         if stats is None and _needs_stats(chosen) is not None:
             stats = collect_statistics(
                 onnx_model, texts[:calib_samples], tokenizer=model_dir,
-                max_samples=calib_samples, max_length=max_length, progress=progress,
+                max_samples=calib_samples, progress=progress,
             )  # fmt: skip
         seconds["prepare"] = time.perf_counter() - clock
 
@@ -169,7 +174,7 @@ def recover(
         cfg = TrainConfig(
             method=method, steps=steps, time_budget_s=time_budget_s, batch_size=batch_size,
             max_length=max_length, lr=lr, seed=seed, feature_fraction=feature_fraction,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every, threads=threads,
         )  # fmt: skip
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
         result = train(

@@ -79,7 +79,14 @@ def factorize_entry(
                 f"statistics ({key}): pass --stats STATS.npz or calibration data."
             )
         extra[key] = table[name]
-    return decompose(matrix, entry.method, entry.rank, **extra)
+    return decompose(
+        matrix,
+        entry.method,
+        entry.rank,
+        gram=extra["gram"],
+        mean_abs=extra["mean_abs"],
+        fisher=extra["fisher"],
+    )
 
 
 def _digest(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:

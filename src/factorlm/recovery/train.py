@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("distill", "losparse", "dsee", "kron-kd", "safe")
 CHECKPOINT = "checkpoint.pt"
+_BUCKET = 8  # batches per length-sorted group
 #: Config fields a resumed run must share with its checkpoint.
 _RESUME_KEYS = ("method", "steps", "batch_size", "max_length", "lr", "seed", "feature_fraction")
 
@@ -68,6 +69,7 @@ class TrainConfig:
     importance_beta: float = 0.85
     dsee_rank: int = 8
     dsee_density: float = 0.005
+    threads: int | None = None  # torch intra-op threads; 1 is fastest on an oversubscribed CPU
 
 
 @dataclass
@@ -139,16 +141,27 @@ def _density(cfg: TrainConfig, step: int, final: float) -> float:
     return final + (1.0 - final) * (1.0 - progress) ** 3
 
 
-def _batch_indices(cfg: TrainConfig, step: int, n: int) -> list[int]:
+def _stream(cfg: TrainConfig, start: int, count: int, n: int) -> list[int]:
+    """``count`` indices from position ``start`` of the seeded per-epoch permutation stream."""
     out: list[int] = []
-    pos = step * cfg.batch_size
-    while len(out) < cfg.batch_size:
+    pos = start
+    while len(out) < count:
         epoch, offset = divmod(pos, n)
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        take = min(cfg.batch_size - len(out), n - offset)
+        take = min(count - len(out), n - offset)
         out.extend(int(i) for i in perm[offset : offset + take])
         pos += take
     return out
+
+
+def _batch_indices(cfg: TrainConfig, step: int, lengths: Sequence[int]) -> list[int]:
+    """The texts of ``step``: groups of ``_BUCKET`` batches are sorted by length, so padding
+    stays small; the choice depends on (seed, step) only, never on earlier steps."""
+    group, slot = divmod(step, _BUCKET)
+    size = cfg.batch_size * _BUCKET
+    chosen = _stream(cfg, group * size, size, len(lengths))
+    chosen.sort(key=lambda i: lengths[i])
+    return chosen[slot * cfg.batch_size : (slot + 1) * cfg.batch_size]
 
 
 def _kind(model: nn.Module) -> str:
@@ -192,6 +205,13 @@ def _loss(
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The dense ``(in, out)`` weight of the ``nn.Linear`` at ``path``."""
+    linear = model.get_submodule(path)
+    assert isinstance(linear, nn.Linear)
+    return linear.weight.detach().T
+
+
 def _setup_method(cfg: TrainConfig, student: nn.Module, teacher: nn.Module) -> dict[str, Any]:
     """Method-specific structure changes, made identically on fresh and resumed runs."""
     state: dict[str, Any] = {}
@@ -201,12 +221,15 @@ def _setup_method(cfg: TrainConfig, student: nn.Module, teacher: nn.Module) -> d
             if not isinstance(module, LowRankSparseLinear):
                 continue
             found = True
-            original = teacher.get_submodule(path).weight.detach().T
+            original = _weight(teacher, path)
             with torch.no_grad():
                 low = module.first.weight.T @ module.second.weight.T
                 module.sparse.copy_(original - low)
                 module.mask.fill_(1.0)
-            state[path] = {"imp": torch.zeros_like(module.sparse), "unc": torch.zeros_like(module.sparse)}
+            state[path] = {
+                "imp": torch.zeros_like(module.sparse),
+                "unc": torch.zeros_like(module.sparse),
+            }
         if not found:
             raise ConfigError(
                 "method 'losparse' needs a plan made with --method losparse (low-rank + sparse weights)."
@@ -215,10 +238,12 @@ def _setup_method(cfg: TrainConfig, student: nn.Module, teacher: nn.Module) -> d
         wrapped = 0
         for path, module in list(student.named_modules()):
             if type(module) is FactorizedLinear:
-                original = teacher.get_submodule(path).weight.detach().T
+                original = _weight(teacher, path)
                 parent_path, _, child = path.rpartition(".")
                 parent = student.get_submodule(parent_path) if parent_path else student
-                setattr(parent, child, DseeLinear(module, original, cfg.dsee_rank, cfg.dsee_density))
+                setattr(
+                    parent, child, DseeLinear(module, original, cfg.dsee_rank, cfg.dsee_density)
+                )
                 wrapped += 1
         if not wrapped:
             raise ConfigError("method 'dsee' needs a plan with low-rank linear weights.")
@@ -276,7 +301,7 @@ def _finish_method(cfg: TrainConfig, student: nn.Module) -> None:
 
 def _trainable(cfg: TrainConfig, student: nn.Module) -> list[nn.Parameter]:
     """Everything but a dense input embedding (large, and not what the plan changed)."""
-    frozen = student.get_input_embeddings()
+    frozen = getattr(student, "get_input_embeddings")()  # noqa: B009 - a transformers model
     skip = {id(p) for p in frozen.parameters()} if isinstance(frozen, nn.Embedding) else set()
     params = []
     for p in student.parameters():
@@ -344,6 +369,7 @@ def train(
     rows = _encode(tokenizer, texts, kind, cfg.max_length)
     if not rows:
         raise ConfigError("the distillation data holds no tokens.")
+    lengths = [len(r) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     teacher.eval()
     student.eval()  # dropout off: reproducible, and better for short distillation
@@ -402,6 +428,9 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     stopped = "steps"
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         job = bar.add_task(f"recover ({cfg.method})", total=cfg.steps, completed=step)
@@ -412,7 +441,7 @@ def train(
                     stopped = "time"
                     break
             start = time.perf_counter()
-            batch = _collate([rows[i] for i in _batch_indices(cfg, step, len(rows))], pad_id)
+            batch = _collate([rows[i] for i in _batch_indices(cfg, step, lengths)], pad_id)
             feature = step < cfg.feature_fraction * cfg.steps
             for group in optimizer.param_groups:
                 group["lr"] = _lr(cfg, step)
@@ -435,11 +464,14 @@ def train(
             value = float(loss.detach())
             losses.append((step, value))
             phase = "feature" if feature else "output"
-            bar.update(job, completed=step, description=f"recover ({cfg.method}, {phase} loss {value:.4f})")
+            bar.update(
+                job, completed=step, description=f"recover ({cfg.method}, {phase} loss {value:.4f})"
+            )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
             if on_step is not None:
                 on_step(step, value)
+    torch.set_num_threads(previous_threads)
     if stopped == "time":
         checkpoint()
         logger.info("Stopped at step %d: time budget %.0f s spent", step, cfg.time_budget_s or 0)
