@@ -172,8 +172,11 @@ class JointLinearPass(ir.passes.InPlacePass):
             nodes = [use.node for use in cand.uses]
             first = min(nodes, key=lambda n: order.get(id(n), 0))
             x = nodes[0].inputs[0]
+            dtype = cand.dtype  # factors are stored in the weights' own dtype
             left = editor.initializer(
-                f"{cand.members[0]}.factorlm_joint_left", low_rank.left, factor_of=cand.name
+                f"{cand.members[0]}.factorlm_joint_left",
+                low_rank.left.astype(dtype, copy=False),
+                factor_of=cand.name,
             )
             base = first.name or "MatMul"
             down = editor.node("MatMul", [x, left], name=f"{base}/factorlm_joint")
@@ -185,7 +188,7 @@ class JointLinearPass(ir.passes.InPlacePass):
                 width = int(tensor.shape.numpy()[1])
                 right = editor.initializer(
                     f"{member}.factorlm_right",
-                    np.ascontiguousarray(low_rank.right[:, offset : offset + width]),
+                    np.ascontiguousarray(low_rank.right[:, offset : offset + width], dtype=dtype),
                     factor_of=member,
                 )
                 node.replace_input_with(0, down.outputs[0])
