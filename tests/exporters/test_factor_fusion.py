@@ -108,3 +108,32 @@ def test_collapse_is_exact_and_leaves_feed_forward_pairs_alone(joint_bert: Path)
     after = run_ort(model, bert_feeds())[0]
     np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
     assert collapse_factor_pairs(onnx.load(str(joint_bert)).__class__()).groups == []
+
+
+def test_a_factorized_token_embedding_keeps_attention_and_a_fused_embedding_norm(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """EmbedLayerNormalization needs the dense table: it is lost, reported, and the rest holds.
+
+    (The embedding LayerNorm then stays a plain LayerNormalization: its Add sums a (batch, seq)
+    and a (1, seq) operand, which ORT's SkipLayerNormalization fusion does not broadcast.)
+    """
+    out = tmp_path / "emb" / "model.onnx"
+    analysis = analyze(load_model(tiny_bert), joint=True)
+    plan = Plan(method="svd", budget={})
+    for cand in analysis.candidates:
+        if cand.members or cand.name == "embeddings.word_embeddings.weight":
+            plan.weights[cand.name] = WeightPlan(cand.node_names, cand.kind, [], [], "svd", rank=8)
+    compress(tiny_bert, out, plan=plan, min_size=0)
+    engine = build_ort_engine(out, tmp_path / "engine", model_type="bert", reference=tiny_bert)
+    original = engine.fusions["reference"]
+    fused = engine.fusions["engine"]
+    assert fused["Attention"] == original["Attention"] == 2
+    assert fused["EmbedLayerNormalization"] == 0
+    assert fused["SkipLayerNormalization"] == original["SkipLayerNormalization"]
+    assert fused["BiasGelu"] == original["BiasGelu"]
+    assert engine.extra["lost_fusions"] == {"EmbedLayerNormalization": 1}
+    feeds = bert_feeds()
+    np.testing.assert_allclose(
+        run_ort(str(engine.engine_path), feeds)[0], run_ort(str(out), feeds)[0], atol=1e-4, rtol=0
+    )

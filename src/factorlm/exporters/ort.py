@@ -14,7 +14,11 @@ Why each step:
 * fp16 keeps the graph's input/output types and leaves overflow-prone nodes (powers, reductions,
   exponentials) in fp32;
 * int8 is dynamic quantization of every MatMul with a constant weight, *including* the factor
-  matrices of a compressed model; the build checks that none was skipped and reports the count.
+  matrices of a compressed model; the build checks that none was skipped and reports the count;
+* a factorized model goes through the optimizer with its factor pairs collapsed to exact dense
+  stand-ins and gets them back afterwards, so it keeps the original's fusions (a jointly
+  factorized Q/K/V becomes ``Attention(x @ L, [Rq Rk Rv])``, quantized to QAttention by int8);
+  with ``reference`` the build compares its fusions with the original's and warns on a loss.
 """
 
 from __future__ import annotations
@@ -682,6 +686,7 @@ def _optimize_factorized(
     collapsed = collapse_factor_pairs(proto)
     if not collapsed:
         del proto
+        extra["factor_fusion"] = asdict(restore_factor_pairs(onnx.ModelProto(), collapsed))
         return optimize_model(str(source), **kwargs)
     with tempfile.TemporaryDirectory(prefix="factorlm-collapsed-") as folder:
         path = Path(folder) / "model.onnx"
