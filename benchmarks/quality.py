@@ -662,6 +662,7 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
     os.close(fd)
     fig.savefig(tmp)
     plt.close(fig)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the plot is an ordinary result file
     os.replace(tmp, path)
 
 
