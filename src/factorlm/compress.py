@@ -159,6 +159,9 @@ def compress(
     sparse_structure: str = "column",
     sparse_density: float = 0.05,
     joint_qkv: bool = False,
+    allocation: str = "optimal",
+    error_scale: str = "relative",
+    min_fraction: float = 0.0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompressResult:
     """Factorize the linear (and optionally embedding) weights of an ONNX model.
@@ -166,6 +169,8 @@ def compress(
     Writes ``output_path`` (external data above 2 GB or when ``external_data``) and
     ``<output>.plan.json``. ``plan`` (a Plan or a JSON path) replaces the planner; it is validated
     against the model. ``progress(stage, done, total)`` is called while factorizing.
+    ``allocation``, ``error_scale`` and ``min_fraction`` choose how the planner spreads the budget
+    (``planning.make_plan``, ``decompose.rank.allocate_ranks``).
     ``joint_qkv`` plans linear weights that share an input (Q/K/V) as one joint weight with a
     shared down-projection, which keeps ONNX Runtime's Attention fusion (``passes.joint``).
     """
@@ -202,6 +207,9 @@ def compress(
             stats=stats,
             sparse_structure=sparse_structure,
             sparse_density=sparse_density,
+            allocation=allocation,
+            error_scale=error_scale,
+            min_fraction=min_fraction,
             prepared=prepared,
         )
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
