@@ -88,6 +88,16 @@ def register(app: typer.Typer) -> None:
             None, "--workspace-gib", help="TensorRT: workspace memory limit."
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+        reference_model: Path | None = typer.Option(
+            None,
+            "--reference-model",
+            help="ORT: the original model; warn about any fusion the engine lost against it.",
+        ),
+        fuse_factors: bool = typer.Option(
+            True,
+            "--fuse-factors/--no-fuse-factors",
+            help="ORT: keep Attention fusions for factorized Q/K/V (fused Attention on x @ L).",
+        ),
     ) -> None:
         """Build an ONNX Runtime or TensorRT engine from MODEL into OUTPUT with a manifest."""
         if backend not in BACKENDS:
@@ -124,6 +134,8 @@ def register(app: typer.Typer) -> None:
                     providers=providers,
                     overwrite=overwrite,
                     progress=progress,
+                    fuse_factors=fuse_factors,
+                    reference=reference_model,
                 )
             else:
                 _refuse(
@@ -134,6 +146,8 @@ def register(app: typer.Typer) -> None:
                         "--format": engine_format != "onnx",
                         "--providers": providers is not None,
                         "--int8-weight-type": int8_weight_type != "uint8",
+                        "--reference-model": reference_model is not None,
+                        "--no-fuse-factors": not fuse_factors,
                     },
                 )
                 if timing_cache is not None and no_timing_cache:
@@ -168,3 +182,6 @@ def register(app: typer.Typer) -> None:
                 f"({q['factor_quantized']}/{q['factor_weights']} factors)."
             )
         out.print(line, highlight=False)
+        lost = manifest.extra.get("lost_fusions") if manifest.extra else None
+        if lost:
+            out.print(f"[yellow]warning:[/] fusions lost against the reference model: {lost}")

@@ -62,8 +62,8 @@ def _table(result: CompressResult) -> Table:
 
     table.add_row("weights factorized", "", str(result.factorized), "")
     table.add_row("weights left dense", "", str(result.skipped), "")
-    row("params (factorized weights)", result.params_before, result.params_after)
-    row("FLOPs/token (factorized weights)", result.flops_before, result.flops_after)
+    row("params (targeted weights)", result.params_before, result.params_after)
+    row("FLOPs/token (targeted weights)", result.flops_before, result.flops_after)
     row("params (whole model)", result.model_params_before, result.model_params_after)
     return table
 
@@ -106,6 +106,11 @@ def register(app: typer.Typer) -> None:
             "column", help="losparse: column, unstructured or 2:4."
         ),
         sparse_density: float = typer.Option(0.05, help="losparse: density of the sparse part."),
+        joint_qkv: bool = typer.Option(
+            True,
+            "--joint-qkv/--separate-qkv",
+            help="Factorize Q/K/V jointly (one shared down-projection) so ORT keeps Attention.",
+        ),
     ) -> None:
         """Factorize the linear (and embedding) weights of an ONNX model; write OUT and OUT.plan.json."""
         if method not in ALL_METHODS:
@@ -151,6 +156,7 @@ def register(app: typer.Typer) -> None:
                 external_data=True if external_data else None,
                 sparse_structure=sparse_structure,
                 sparse_density=sparse_density,
+                joint_qkv=joint_qkv,
                 progress=progress,
             )
         console.print(_table(result))

@@ -82,6 +82,9 @@ class CompressConfig(_Section):
     embeddings: float | None = Field(None, gt=0.0, le=1.0)
     min_size: int | None = Field(None, ge=1)
     plan: Path | None = None
+    joint_qkv: bool = Field(
+        True, description="Q/K/V share one down-projection so ORT keeps its Attention fusion."
+    )
 
 
 class RecoverConfig(_Section):

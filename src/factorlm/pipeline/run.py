@@ -197,6 +197,8 @@ def _compress(
         embeddings=cfg.embeddings,
         plan=cfg.plan,
         stats=stats,
+        # recovery applies plans per nn.Linear, so it needs Q/K/V planned separately
+        joint_qkv=cfg.joint_qkv and config.recover.method is None,
         **kwargs,
     )
     copy_sidecars(onnx_dir / "model.onnx", out)
@@ -289,6 +291,7 @@ def _build(config: RunConfig, onnx_dir: Path, compressed_dir: Path, out: Path) -
                 fp16=cfg.fp16,
                 int8=cfg.int8,
                 format=cfg.format,
+                reference=onnx_dir / "model.onnx" if name == "compressed" else None,
             )
         info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
     return info
@@ -387,6 +390,7 @@ def run_pipeline(
                 "stats": stats_dir and result.stage("calibrate").key,
                 "cfg": config.compress.model_dump(mode="json"),
                 "plan": plan_key,
+                "recover": config.recover.method is not None,
             }
         ),
         lambda out: _compress(config, exported.path, stats_dir, out),
