@@ -74,12 +74,18 @@ class FactorizedLinear(nn.Module):
 class LowRankSparseLinear(FactorizedLinear):
     """Low-rank plus a masked sparse residual: ``x L R + x (S ⊙ M) + b``.
 
+    A ``column`` residual is kept compact outside LoSparse pruning (``compact()``): only the kept
+    input features ``rows`` and their ``values`` are stored, and the forward pass is
+    ``x[..., rows] @ values``, which exports as the Gather + MatMul the graph pass writes.
+
     Attributes:
         structure: "unstructured", "column" (whole input features) or "2:4".
         density: the target fraction of non-zeros of ``S`` (the plan's).
     """
 
     mask: torch.Tensor
+    rows: torch.Tensor | None
+    values: nn.Parameter | None
 
     def __init__(
         self,
@@ -95,6 +101,8 @@ class LowRankSparseLinear(FactorizedLinear):
         self.structure, self.density = structure, density
         self.sparse = nn.Parameter(torch.zeros(in_features, out_features))
         self.register_buffer("mask", torch.zeros(in_features, out_features))
+        self.register_buffer("rows", None)
+        self.register_parameter("values", None)
 
     @classmethod
     def from_sparse(
@@ -117,17 +125,48 @@ class LowRankSparseLinear(FactorizedLinear):
         with torch.no_grad():
             if structure == "column":
                 module.mask.copy_((module.sparse != 0).any(dim=1, keepdim=True).expand(m, n))
+                module.compact()
             else:
                 module.mask.copy_((module.sparse != 0).float())
         return module
 
+    def compact(self) -> None:
+        """``column``: keep only the masked rows as ``rows`` / ``values`` (no-op otherwise)."""
+        if self.structure != "column" or self.values is not None:
+            return
+        with torch.no_grad():
+            rows = self.mask[:, 0].nonzero().squeeze(1)
+            self.rows = rows
+            self.values = nn.Parameter(self.sparse.detach()[rows].clone())
+            self.sparse.zero_()
+
+    def expand(self) -> None:
+        """Back to the dense masked residual (for LoSparse pruning)."""
+        if self.values is None or self.rows is None:
+            return
+        with torch.no_grad():
+            self.sparse.zero_()
+            self.sparse[self.rows] = self.values.detach()
+            self.mask.zero_()
+            self.mask[self.rows] = 1.0
+        self.rows = None
+        self.values = None
+
     def effective_sparse(self) -> torch.Tensor:
+        if self.values is not None and self.rows is not None:
+            dense = torch.zeros_like(self.sparse)
+            return dense.index_copy(0, self.rows, self.values)
         return self.sparse * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x)) + x @ self.effective_sparse()
+        low = self.second(self.first(x))
+        if self.values is not None and self.rows is not None:
+            return low + x.index_select(-1, self.rows) @ self.values
+        return low + x @ (self.sparse * self.mask)
 
     def factor_tensors(self) -> list[torch.Tensor]:
+        if self.values is not None:
+            return [self.first.weight, self.second.weight, self.values]
         return [self.first.weight, self.second.weight, self.effective_sparse()]
 
 

@@ -221,6 +221,7 @@ def _setup_method(cfg: TrainConfig, student: nn.Module, teacher: nn.Module) -> d
             if not isinstance(module, LowRankSparseLinear):
                 continue
             found = True
+            module.expand()
             original = _weight(teacher, path)
             with torch.no_grad():
                 low = module.first.weight.T @ module.second.weight.T
@@ -297,6 +298,7 @@ def _finish_method(cfg: TrainConfig, student: nn.Module) -> None:
             if isinstance(module, LowRankSparseLinear):
                 with torch.no_grad():
                     module.sparse.mul_(module.mask)
+                module.compact()
 
 
 def _trainable(cfg: TrainConfig, student: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,59 @@
+"""Real all-MiniLM-L6-v2 (slow): the whitened plan applied in PyTorch exports the compressed graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from factorlm.errors import DataError
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_whiten_plan_matches_graph_passes(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from factorlm import assets
+    from factorlm.calibration import collect_statistics
+    from factorlm.compress import compress
+    from factorlm.exporters.hf import _load_torch_model
+    from factorlm.recovery import apply_plan
+    from factorlm.recovery.export import export_student
+
+    try:
+        onnx_model, hf_dir, reviews = (
+            assets.exported_minilm(),
+            assets.minilm_dir(),
+            assets.reviews_path(),
+        )
+    except DataError as exc:
+        pytest.skip(str(exc))
+    stats = collect_statistics(onnx_model, reviews, max_samples=256, progress=False)
+    result = compress(
+        onnx_model, tmp_path / "c" / "model.onnx", method="whiten", ratio=0.6, stats=stats
+    )
+    model = _load_torch_model(hf_dir, "feature-extraction", False)
+    applied = apply_plan(model, result.plan, onnx_model, stats=stats)
+    assert len(applied.modules) == len(result.plan.weights) > 30
+    factors = {
+        n: [t.detach().numpy().copy() for t in model.get_submodule(p).factor_tensors()]
+        for n, p in applied.modules.items()
+    }
+    info = export_student(model, hf_dir, tmp_path / "student", "feature-extraction", factors)
+    assert info["tagged_factors"] == 2 * len(applied.modules)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    texts = ["A quiet triumph, funny and sad.", "Tedious, overlong and loud; the plot never lands."]
+    enc = tok(texts, padding=True, return_tensors="np")
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
+    outs = []
+    for path in (tmp_path / "c" / "model.onnx", tmp_path / "student" / "model.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        outs.append(
+            session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0]
+        )
+    expected, got = outs
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
