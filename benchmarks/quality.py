@@ -130,6 +130,27 @@ def compress_point(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
+    if method == "kron":  # the plan is cheap; refuse to run a graph slower than dense by design
+        from factorlm.compress import DEFAULT_MIN_SIZE
+        from factorlm.io import load_model
+        from factorlm.passes import analyze
+        from factorlm.planning import make_plan
+
+        planned = make_plan(analyze(load_model(source), min_size=DEFAULT_MIN_SIZE), method=method, ratio=ratio, stats=stats)
+        totals = planned.totals()
+        if totals["flops_after"] > totals["flops_before"]:
+            return {
+                "method": method,
+                "budget": ratio,
+                "linear_kept": kept_linear_ratio(linear, totals["params_before"], totals["params_after"]),
+                "factorized": len(planned.weights),
+                "left_dense": len(planned.skipped),
+                "flops_ratio": totals["flops_after"] / totals["flops_before"],
+                "compress_s": round(time.perf_counter() - start, 1),
+                "error": "not evaluated: the plan's linear FLOPs per token are "
+                f"{totals['flops_after'] / totals['flops_before']:.1f}x the dense weights' "
+                "(Kronecker sums with this many terms are slower than dense by construction)",
+            }
     result = compress(source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats)
     seconds = time.perf_counter() - start
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
@@ -139,12 +160,34 @@ def compress_point(
         "method": method,
         "budget": ratio,
         "linear_kept": kept_linear_ratio(linear, result.params_before, result.params_after),
+        "flops_ratio": result.flops_after / max(result.flops_before, 1),
         "model_params_kept": result.model_params_after / result.model_params_before,
         "factorized": result.factorized,
         "left_dense": result.skipped,
         "compress_s": round(seconds, 1),
         "compress_stages_s": {k: round(v, 1) for k, v in result.seconds.items()},
     }
+
+
+def load_done(work: Path, resume: bool) -> dict[str, dict[str, Any]]:
+    """Points finished by an earlier run in ``work`` (``--resume``), keyed by ``method-budget``."""
+    log = work / "points.jsonl"
+    if not resume:
+        log.unlink(missing_ok=True)
+        return {}
+    if not log.is_file():
+        return {}
+    done = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            point = json.loads(line)
+            done[f"{point['method']}-{point['budget']}"] = point
+    return done
+
+
+def log_point(work: Path, point: dict[str, Any]) -> None:
+    with (work / "points.jsonl").open("a") as handle:
+        handle.write(json.dumps(point) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,11 +286,24 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
 
     linear = linear_param_count(source)
     points: list[dict[str, Any]] = []
+    done = load_done(work, args.resume)
     for method, ratio in grid("minilm", args.quick, args.methods, args.ratios):
         label = f"{method}-{ratio}"
+        engine = work / f"engine-{label}" / "model.onnx"
+        if label in done and ("error" in done[label] or engine.is_file()):
+            say(f"MiniLM {label}: reused from an earlier run (--resume)")
+            points.append(done[label])
+            if "error" not in done[label]:
+                engines[label] = engine
+            continue
         say(f"MiniLM {label}: compressing")
         try:
             point = compress_point(source, work / label, method, ratio, stats, linear)
+            if "error" in point:
+                say(f"MiniLM {label}: {point['error']}")
+                points.append(point)
+                log_point(work, point)
+                continue
             built = build_ort_engine(work / label / "model.onnx", work / f"engine-{label}", optimize=True, overwrite=True)
         except Exception as exc:  # record the failure and keep the table going
             logger.exception("point %s failed", label)
@@ -275,6 +331,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             f"compress {point['compress_s']} s"
         )
         points.append(point)
+        log_point(work, point)
 
     latency = minilm_latency(engines, tokenizer, rows[MINILM_CALIB_ROWS]["text"], args)
     for point in points:
@@ -426,12 +483,17 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     say(f"original perplexity {ref_ppl:.3f} ({time.perf_counter() - start:.0f} s)")
     linear = linear_param_count(source)
     points: list[dict[str, Any]] = []
+    done = load_done(work, args.resume)
     ratios = args.ratios or ([QUICK_RATIO["smollm"]] if args.quick else args.smollm_ratios)
     plan = [(m, r) for r in ratios for m in args.smollm_methods]
     if not args.quick and not args.ratios:
         plan += [(m, float(r)) for m, r in (e.split(":") for e in args.smollm_extra)]
     for method, ratio in plan:
         label = f"{method}-{ratio}"
+        if label in done:
+            say(f"SmolLM {label}: reused from an earlier run (--resume)")
+            points.append(done[label])
+            continue
         if time.perf_counter() - args.started > args.deadline_s:
             say(f"SmolLM {label}: skipped, past the --deadline")
             points.append({"method": method, "budget": ratio, "error": "skipped: past the time budget"})
@@ -439,6 +501,11 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         say(f"SmolLM {label}: compressing")
         try:
             point = compress_point(source, work / label, method, ratio, stats, linear)
+            if "error" in point:
+                say(f"SmolLM {label}: {point['error']}")
+                points.append(point)
+                log_point(work, point)
+                continue
             path = work / label / "model.onnx"
             point["perplexity"] = perplexity(path)
             point["perplexity_increase"] = (point["perplexity"] / ref_ppl - 1.0) * 100.0
@@ -455,6 +522,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
             f"compress {point['compress_s']} s"
         )
         points.append(point)
+        log_point(work, point)
     return {
         "model": "SmolLM2-135M-Instruct",
         "source": str(source),
@@ -542,7 +610,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for p in minilm["points"]:
             if "error" in p:
-                lines.append(f"| {p['method']} | {p['budget']} | failed: {p['error'][:120]} |||||||||")
+                kept = f"{p['linear_kept']:.3f}" if "linear_kept" in p else "-"
+                lines.append(f"| {p['method']} | {p['budget']} | {kept} | {p['error']} |||||||||")
                 continue
             lost = {k: v - p["fusions"].get(k, 0) for k, v in ref["fusions"].items() if v > p["fusions"].get(k, 0)}
             lines.append(
@@ -599,7 +668,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for p in smollm["points"]:
             if "error" in p:
-                lines.append(f"| {p['method']} | {p['budget']} | {p['error'][:120]} ||||||")
+                kept = f"{p['linear_kept']:.3f}" if "linear_kept" in p else "-"
+                lines.append(f"| {p['method']} | {p['budget']} | {kept} | {p['error']} |||||")
                 continue
             lines.append(
                 f"| {p['method']} | {p['budget']} | {p['linear_kept']:.3f} | {p['perplexity']:.4g} | {p['perplexity_increase']:+.1f} | "
@@ -706,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=30, help="MiniLM latency rounds")
     parser.add_argument("--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point")
     parser.add_argument("--deadline", type=float, default=45.0, help="minutes; later SmolLM points are skipped")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse points an earlier (interrupted) run finished in --work")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-quality")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
