@@ -1,8 +1,8 @@
 """Data-aware methods at one parameter budget on the real all-MiniLM-L6-v2: svd, whiten, asvd, fwsvd.
 
 Every method factorizes the same 36 linear weights at ``--ratio`` (default 0.6) of their
-parameters with the default allocation (exact optimum of the summed relative errors of each
-method's own, data-aware spectrum). Statistics: activation Gram / mean |x| from reviews rows
+parameters, allocated by the exact optimum of the summed relative and of the summed absolute
+errors of each method's own, data-aware spectrum. Statistics: activation Gram / mean |x| from reviews rows
 [0, 256) (``collect_statistics``); Fisher row sums (FWSVD) from the PyTorch model of the same HF
 folder on the first ``--fisher-samples`` labelled fresh/rotten reviews (a fixed logistic probe on
 the frozen encoder, see ``factorlm.calibration.fisher``). Held-out: ``--heldout`` fresh/rotten rows
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from allocation import compress_variant, evaluate, heldout_file, machine
+from allocation import VARIANTS, compress_variant, evaluate, heldout_file, machine
 
 __all__ = ["main"]
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.6)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--variants", nargs="+", default=["optimal-rel", "optimal-abs"])
     parser.add_argument("--fisher-samples", type=int, default=128)
     parser.add_argument("--heldout-start", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=600)
@@ -70,14 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Path] = {"original": source}
     budget: dict[str, dict[str, Any]] = {}
     for method in args.methods:
-        target = work / method / "model.onnx"
-        budget[method] = compress_variant(
-            source, target, method=method, ratio=args.ratio, stats=stats
-        )
-        models[method] = target
+        for variant in args.variants:
+            key = f"{method}/{variant}"
+            target = work / method / variant / "model.onnx"
+            budget[key] = compress_variant(
+                source, target, method=method, ratio=args.ratio, stats=stats, **VARIANTS[variant]
+            )
+            models[key] = target
     metrics = evaluate(models, heldout, source.parent)
     seconds = time.perf_counter() - start
-    rows = [{"method": m, **budget[m], **metrics[m]} for m in args.methods]
+    rows = [
+        {"method": k.split("/")[0], "variant": k.split("/")[1], **budget[k], **metrics[k]}
+        for k in budget
+    ]
     record = {
         "command": "python " + " ".join(["benchmarks/data_aware.py", *(argv or sys.argv[1:])]),
         "machine_before": before,
@@ -100,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine after: {record['machine_after']}",
         f"Calibration: Gram / mean |x| from reviews rows 0-255; Fisher from the first "
         f"{args.fisher_samples} labelled fresh/rotten reviews; held-out: {record['heldout']}.",
-        "Allocation: the default (exact optimum of summed relative errors of each method's spectrum).",
+        "Allocation: exact optimum of the summed relative (optimal-rel) or absolute (optimal-abs) "
+        "errors of each method's own spectrum (see benchmarks/allocation.py).",
         "",
-        "| method | achieved ratio | factorized / dense | ranks | pooled cosine | probe acc % |",
-        "|---|---|---|---|---|---|",
-        f"| original | 1.000 | - | - | 1.0000 | {metrics['original']['accuracy']:.1f} |",
+        "| method | allocation | achieved ratio | factorized / dense | ranks | pooled cosine | probe acc % |",
+        "|---|---|---|---|---|---|---|",
+        f"| original | - | 1.000 | - | - | 1.0000 | {metrics['original']['accuracy']:.1f} |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['achieved_ratio']:.3f} | {row['factorized']} / {row['dense']} "
+            f"| {row['method']} | {row['variant']} | {row['achieved_ratio']:.3f} | {row['factorized']} / {row['dense']} "
             f"| {row['ranks']} | {row['pooled_cosine']:.4f} | {row['accuracy']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
