@@ -122,6 +122,12 @@ def apply_plan(
     from factorlm.passes import analyze
 
     chosen = load_plan(plan)
+    joint = [name for name in chosen.weights if "+" in name]
+    if joint:
+        raise PlanError(
+            f"plan weight {joint[0]!r} factorizes Q/K/V jointly, which recovery does not support "
+            "yet; make the plan with `factorlm compress --separate-qkv`."
+        )
     analysis = analyze(load_model(onnx_model), min_size=0)
     chosen = validate_plan(chosen, analysis)
     linear = {
