@@ -275,3 +275,13 @@ def test_optimal_falls_back_to_the_lagrangian_on_a_huge_table(
     assert allocate_ranks(spectra, ratio=0.5) == allocate_ranks(
         spectra, ratio=0.5, strategy="lagrangian"
     )
+
+
+def test_an_infeasible_floor_is_lowered_not_refused() -> None:
+    spectra = _spectra(8)
+    ranks = allocate_ranks(spectra, ratio=0.2, min_fraction=0.9)
+    assert allocation_cost(spectra, ranks) <= 0.2 * allocation_cost(spectra, {})
+    strict = allocate_ranks(spectra, ratio=0.9, min_fraction=0.5)
+    for spec in spectra:
+        r = strict[spec.name]
+        assert r is None or r >= 0.5 * break_even_rank(*spec.shape)

@@ -236,7 +236,8 @@ def allocate_ranks(
     """Ranks minimising the summed truncation error so that the cost is ≤ ``ratio`` of dense.
 
     Returns ``name -> rank`` (a multiple of ``multiple`` below break-even, at least
-    ``min_fraction`` of break-even) or None for weights kept dense. ``strategy`` and ``error``
+    ``min_fraction`` of break-even, a floor that is lowered as far as needed when the ratio
+    cannot be met with it) or None for weights kept dense. ``strategy`` and ``error``
     are described in the module docstring. Raises ``DecompositionError`` (a ``ValueError``) when
     ``ratio`` cannot be met, naming the smallest feasible ratio.
     """
@@ -258,6 +259,21 @@ def allocate_ranks(
     original = sum(int(layer.costs[-1]) for layer in layers)
     target = ratio * original
     floor = sum(int(layer.costs[0]) for layer in layers)
+    if floor > target and min_fraction > 0:
+        # The floor is a preference: lower it (bisection) until the budget becomes feasible.
+        low, high = 0.0, float(min_fraction)
+        for _ in range(30):
+            mid = 0.5 * (low + high)
+            trial = _layers(spectra, budget, multiple, mid, error)
+            if sum(int(layer.costs[0]) for layer in trial) <= target:
+                low = mid
+            else:
+                high = mid
+        logger.info(
+            "min_fraction %.3g infeasible at ratio %s; lowered to %.3g", min_fraction, ratio, low
+        )
+        layers = _layers(spectra, budget, multiple, low, error)
+        floor = sum(int(layer.costs[0]) for layer in layers)
     if floor > target:
         smallest = math.ceil(floor / original * 1e4) / 1e4 if original else 1.0
         raise DecompositionError(
