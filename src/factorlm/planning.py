@@ -447,14 +447,15 @@ def _plan_low_rank(
     cache: dict[str, PreparedWeight] = {}
     for cand in targets:
         found = _stat(stats, core_method, cand.name)
-        # One Gram eigendecomposition gives the spectrum and the vectors up to break-even.
+        # Eigenvalues of the small-side Gram only; compress takes the vectors (one eigh) for
+        # the weights the allocation factorizes, so no vectors are held in between.
         ready = prepare(
             cand.matrix(),
             core_method,
             gram=found["gram"],
             mean_abs=found["mean_abs"],
             fisher=found["fisher"],
-            keep=break_even_rank(*cand.shape) if prepared is not None else 0,
+            keep=0,
         )
         spectra[cand.name] = ready.singular_values
         if prepared is not None and method != "losparse":

@@ -32,10 +32,12 @@ def test_prepared_matches_spectrum_and_exact_decompose(method: str, m: int, n: i
     prepared = prepare(w, method, **stats)
     s = spectrum(w, method, **stats)
     np.testing.assert_allclose(prepared.singular_values, s, rtol=1e-7, atol=1e-7 * s[0])
+    spectrum_only = prepare(w, method, keep=0, **stats)  # what the planner does
+    np.testing.assert_allclose(spectrum_only.singular_values, prepared.singular_values, rtol=1e-9)
     for rank in (1, 5, min(m, n) - 1):
-        got = prepared.lowrank(w, rank).reconstruct()
         want = decompose(w, method, rank, svd_method="exact", **stats).reconstruct()
-        assert _relative(got, want) < 1e-8
+        assert _relative(prepared.lowrank(w, rank).reconstruct(), want) < 1e-8
+        assert _relative(spectrum_only.lowrank(w, rank).reconstruct(), want) < 1e-8
 
 
 @pytest.mark.parametrize(("m", "n"), [(24, 40), (40, 24)])
