@@ -44,7 +44,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_command = _blocks()[1]
     for step in (
         "pip install -c constraints-cpu.txt -e '.[dev]'",
-        "factorlm assets",
+        "factorlm assets minilm reviews austen",
         "-m pytest -q",
     ):
         assert step in test_command and step in ci
