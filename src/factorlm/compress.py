@@ -40,7 +40,14 @@ from factorlm.passes import (
 )
 from factorlm.planning import DATA_AWARE, Plan, StatsLike, WeightPlan, make_plan, validate_plan
 
-__all__ = ["DEFAULT_MIN_SIZE", "CompressResult", "compress", "plan_path_for", "write_text_atomic"]
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "CompressResult",
+    "compress",
+    "factorize_entry",
+    "plan_path_for",
+    "write_text_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +116,10 @@ def _load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
     return Plan.from_json(path.read_text(encoding="utf-8"), source=str(path))
 
 
-def _factorize(name: str, entry: WeightPlan, matrix: np.ndarray, stats: StatsLike | None) -> Any:
-    """The numbers for one plan entry, all from factorlm.decompose."""
+def factorize_entry(
+    name: str, entry: WeightPlan, matrix: np.ndarray, stats: StatsLike | None
+) -> Any:
+    """The numbers for one plan entry, all from factorlm.decompose (also used by recovery)."""
     if entry.method == "kron":
         assert entry.kron is not None
         a_in, a_out = (int(d) for d in entry.kron["a_shape"])
@@ -233,7 +242,7 @@ def compress(
         if ready is not None and ready.method == entry.method and entry.rank is not None:
             factors = ready.lowrank(cand.matrix(), entry.rank)
         else:
-            factors = _factorize(name, entry, cand.matrix(), stats)
+            factors = factorize_entry(name, entry, cand.matrix(), stats)
         del ready
         if entry.method in ("kron", "losparse"):
             groups[entry.method][name] = factors

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from factorlm.decompose import decompose, kronecker, lowrank_plus_sparse
-from factorlm.errors import ConfigError, PlanError
-from factorlm.planning import DATA_AWARE, Plan, StatsLike, WeightPlan, validate_plan
+from factorlm.compress import factorize_entry
+from factorlm.errors import PlanError
+from factorlm.planning import Plan, StatsLike, validate_plan
 from factorlm.recovery.modules import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -53,40 +53,6 @@ def load_plan(plan: Plan | str | Path) -> Plan:
     if not path.is_file():
         raise PlanError(f"plan file {path} does not exist.")
     return Plan.from_json(path.read_text(encoding="utf-8"), source=str(path))
-
-
-def factorize_entry(
-    name: str, entry: WeightPlan, matrix: np.ndarray, stats: StatsLike | None
-) -> Any:
-    """The factors for one plan entry, exactly as ``factorlm.compress`` computes them."""
-    if entry.method == "kron":
-        assert entry.kron is not None
-        a_in, a_out = (int(d) for d in entry.kron["a_shape"])
-        return kronecker(matrix, (a_in, a_out), int(entry.kron["terms"]))
-    assert entry.rank is not None
-    if entry.method == "losparse":
-        assert entry.sparse is not None
-        return lowrank_plus_sparse(
-            matrix, entry.rank, float(entry.sparse["density"]), entry.sparse["structure"]
-        )
-    key = DATA_AWARE.get(entry.method)
-    extra: dict[str, np.ndarray | None] = {"gram": None, "mean_abs": None, "fisher": None}
-    if key is not None:
-        table = getattr(stats, key, None) if stats is not None else None
-        if table is None or name not in table:
-            raise ConfigError(
-                f"plan weight {name!r} uses method {entry.method!r}, which needs calibration "
-                f"statistics ({key}): pass --stats STATS.npz or calibration data."
-            )
-        extra[key] = table[name]
-    return decompose(
-        matrix,
-        entry.method,
-        entry.rank,
-        gram=extra["gram"],
-        mean_abs=extra["mean_abs"],
-        fisher=extra["fisher"],
-    )
 
 
 def _digest(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:
