@@ -8,7 +8,8 @@ their parameters, factors' overhead included) and differs only in how ranks are 
 - ``optimal-abs``: the exact knapsack optimum of the summed absolute errors.
 - ``optimal-rel``: the exact optimum of the summed *relative* errors (the default).
 - ``lagrangian-rel``: the convex-hull (λ sweep) allocation with fill-back, relative errors.
-- ``optimal-rel-floor``: ``optimal-rel`` with no weight below a quarter of its break-even rank.
+- ``optimal-rel-floor`` / ``-floor50``: ``optimal-rel`` with no weight below a quarter / half of
+  its break-even rank.
 
 Data (the shuffled reviews asset): rows [0, 256) calibrate the statistics; the held-out set is
 ``--heldout`` fresh/rotten rows from row ``--heldout-start`` on, disjoint from calibration (and
@@ -43,12 +44,17 @@ HERE = Path(__file__).resolve().parent
 
 #: name -> make_plan keyword arguments
 VARIANTS: dict[str, dict[str, Any]] = {
-    "uniform": {"allocation": "uniform"},
-    "greedy-abs": {"allocation": "greedy", "error_scale": "absolute"},
-    "optimal-abs": {"allocation": "optimal", "error_scale": "absolute"},
-    "optimal-rel": {"allocation": "optimal", "error_scale": "relative"},
-    "lagrangian-rel": {"allocation": "lagrangian", "error_scale": "relative"},
+    "uniform": {"allocation": "uniform", "min_fraction": 0.0},
+    "greedy-abs": {"allocation": "greedy", "error_scale": "absolute", "min_fraction": 0.0},
+    "optimal-abs": {"allocation": "optimal", "error_scale": "absolute", "min_fraction": 0.0},
+    "optimal-rel": {"allocation": "optimal", "error_scale": "relative", "min_fraction": 0.0},
+    "lagrangian-rel": {"allocation": "lagrangian", "error_scale": "relative", "min_fraction": 0.0},
     "optimal-rel-floor": {"allocation": "optimal", "error_scale": "relative", "min_fraction": 0.25},
+    "optimal-rel-floor50": {
+        "allocation": "optimal",
+        "error_scale": "relative",
+        "min_fraction": 0.5,
+    },
 }
 
 
@@ -149,26 +155,27 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for method in args.methods:
         for ratio in args.ratios:
-            done = work / f"{method}-{ratio}.json"  # a group already measured in this --work
-            if done.is_file():
-                rows += [r for r in json.loads(done.read_text()) if r["variant"] in args.variants]
-                continue
+            done = work / f"{method}-{ratio}.json"  # variants already measured in this --work
+            known = json.loads(done.read_text()) if done.is_file() else []
+            missing = [v for v in args.variants if v not in {r["variant"] for r in known}]
             models: dict[str, Path] = {"original": source}
             budget: dict[str, dict[str, Any]] = {}
-            for variant in args.variants:
+            for variant in missing:
                 target = work / f"{method}-{ratio}-{variant}" / "model.onnx"
                 budget[variant] = compress_variant(
                     source, target, method=method, ratio=ratio, stats=stats, **VARIANTS[variant]
                 )
                 models[variant] = target
-            metrics = evaluate(models, heldout, source.parent)
-            for variant in args.variants:
-                rows.append(
+            metrics = evaluate(models, heldout, source.parent) if missing else {}
+            for variant in missing:
+                known.append(
                     {"method": method, "ratio": ratio, "variant": variant, **budget[variant],
                      **metrics[variant], "original_accuracy": metrics["original"]["accuracy"]}
                 )  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-            done.write_text(json.dumps(rows[-len(args.variants) :], indent=2))
+                print(json.dumps(known[-1]), flush=True)
+            done.write_text(json.dumps(known, indent=2))
+            by_variant = {r["variant"]: r for r in known}
+            rows += [by_variant[v] for v in args.variants]
     seconds = time.perf_counter() - start
     record = {
         "command": "python " + " ".join(["benchmarks/allocation.py", *(argv or sys.argv[1:])]),

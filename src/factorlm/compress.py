@@ -170,7 +170,7 @@ def compress(
     joint_qkv: bool = False,
     allocation: str = "optimal",
     error_scale: str = "relative",
-    min_fraction: float = 0.0,
+    min_fraction: float = 0.5,  # decompose.rank.DEFAULT_MIN_FRACTION
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompressResult:
     """Factorize the linear (and optionally embedding) weights of an ONNX model.

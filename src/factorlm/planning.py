@@ -33,7 +33,7 @@ from factorlm.decompose import (
     spectrum,
 )
 from factorlm.decompose.methods import PreparedWeight, prepare
-from factorlm.decompose.rank import STRATEGIES
+from factorlm.decompose.rank import DEFAULT_MIN_FRACTION, STRATEGIES
 from factorlm.errors import ConfigError, PlanError
 from factorlm.passes.analysis import Analysis, Candidate
 from factorlm.passes.kronecker import supports_kronecker
@@ -265,7 +265,7 @@ def make_plan(
     sparse_density: float = 0.05,
     allocation: str = "optimal",
     error_scale: str = "relative",
-    min_fraction: float = 0.0,
+    min_fraction: float = DEFAULT_MIN_FRACTION,
     prepared: dict[str, PreparedWeight] | None = None,
 ) -> Plan:
     """Choose a factorization for every analysed weight under one budget.
@@ -277,10 +277,11 @@ def make_plan(
     stay dense, with the reason in ``Plan.skipped``.
 
     ``allocation``, ``error_scale`` and ``min_fraction`` choose how ``allocate_ranks`` spends the
-    budget (default: the exact optimum of the summed relative errors). Spectra come from one
-    eigendecomposition per weight (``decompose.prepare``); when ``prepared`` is a dict, the
-    prepared weights of the factorized entries are stored in it so that ``compress`` builds the
-    factors without a second SVD.
+    budget (default: the exact optimum of the summed relative errors with no factorized weight
+    below half its break-even rank; see benchmarks/results/allocation.md). Spectra are the
+    eigenvalues of each weight's small-side Gram (``decompose.prepare``, no SVD); when
+    ``prepared`` is a dict, the prepared weights of the factorized entries are stored in it so
+    that ``compress`` builds their factors from one ``eigh`` of the same Gram.
     """
     if method not in ALL_METHODS:
         raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
@@ -432,7 +433,7 @@ def _plan_low_rank(
     stats: StatsLike | None,
     structure: str,
     density: float,
-    options: tuple[str, str, float] = ("optimal", "relative", 0.0),
+    options: tuple[str, str, float] = ("optimal", "relative", DEFAULT_MIN_FRACTION),
     prepared: dict[str, PreparedWeight] | None = None,
 ) -> None:
     core_method = "svd" if method == "losparse" else method

@@ -87,7 +87,7 @@ def test_budget_is_spent_tightly() -> None:
 def test_allocation_spends_where_error_is_cheapest() -> None:
     flat = WeightSpectrum("flat", (64, 64), np.ones(64))
     steep = WeightSpectrum("steep", (64, 64), 0.5 ** np.arange(64))
-    ranks = allocate_ranks([flat, steep], ratio=0.5)
+    ranks = allocate_ranks([flat, steep], ratio=0.5, min_fraction=0.0)
     assert ranks["steep"] == 8
     assert ranks["flat"] is not None and ranks["flat"] > 8
 
@@ -113,10 +113,13 @@ def test_allocation_matches_brute_force_on_a_small_case() -> None:
         if allocation_cost(spectra, dict(zip([s.name for s in spectra], combo, strict=True)))
         <= target
     )
-    got = error(allocate_ranks(spectra, ratio=0.5, strategy="greedy", error="absolute"))
+    got = error(
+        allocate_ranks(spectra, ratio=0.5, strategy="greedy", error="absolute", min_fraction=0.0)
+    )
     # Greedy with convex per-weight error curves is optimal up to the last step's granularity.
     assert got <= best * 1.05 + 1e-12
-    assert error(allocate_ranks(spectra, ratio=0.5, error="absolute")) == pytest.approx(best)
+    exact = allocate_ranks(spectra, ratio=0.5, error="absolute", min_fraction=0.0)
+    assert error(exact) == pytest.approx(best)
 
 
 def test_infeasible_ratio_names_the_smallest_feasible_one() -> None:
@@ -192,16 +195,29 @@ def _non_convex(seed: int) -> list[WeightSpectrum]:
     return out
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.5])
 @pytest.mark.parametrize("scale", ["relative", "absolute"])
 @pytest.mark.parametrize("ratio", [0.85, 0.6, 0.45, 0.3])
 @pytest.mark.parametrize("seed", range(4))
-def test_optimal_allocation_equals_brute_force(scale: str, ratio: float, seed: int) -> None:
+def test_optimal_allocation_equals_brute_force(
+    floor: float, scale: str, ratio: float, seed: int
+) -> None:
     spectra = _non_convex(seed)
     target = ratio * allocation_cost(spectra, {})
-    ranks = allocate_ranks(spectra, ratio=ratio, error=scale)  # type: ignore[arg-type]
+    if (
+        floor
+        and sum(
+            min(o for o in opts if o is not None) * sum(s.shape)
+            for opts, s in zip(_options(spectra, floor), spectra, strict=True)
+        )
+        > target
+    ):
+        pytest.skip("the floor is infeasible at this ratio (it would be lowered)")
+    ranks = allocate_ranks(spectra, ratio=ratio, error=scale, min_fraction=floor)  # type: ignore[arg-type]
     assert allocation_cost(spectra, ranks) <= target
     got = allocation_error(spectra, ranks, scale)  # type: ignore[arg-type]
-    assert got == pytest.approx(_brute_force(spectra, target, scale), rel=1e-12, abs=1e-300)
+    best = _brute_force(spectra, target, scale, floor)
+    assert got == pytest.approx(best, rel=1e-12, abs=1e-300)
 
 
 @pytest.mark.parametrize("ratio", [0.85, 0.6, 0.45, 0.3])
@@ -210,7 +226,7 @@ def test_lagrangian_hull_point_is_optimal_for_its_own_cost(ratio: float, seed: i
     """Everett: the point where the λ sweep stops beats every allocation of its cost or less."""
     spectra = _non_convex(seed)
     target = ratio * allocation_cost(spectra, {})
-    layers = _layers(spectra, "params", 8)
+    layers = _layers(spectra, "params", 8)  # no floor
     _lagrangian(layers, target)
     hull = {layer.name: layer.ranks[layer.choice] for layer in layers}
     hull_cost = allocation_cost(spectra, hull)
@@ -218,10 +234,10 @@ def test_lagrangian_hull_point_is_optimal_for_its_own_cost(ratio: float, seed: i
     hull_error = allocation_error(spectra, hull)
     assert hull_error <= _brute_force(spectra, hull_cost, "relative") * (1 + 1e-12)
     # The fill-back only lowers the error and stays within the budget.
-    ranks = allocate_ranks(spectra, ratio=ratio, strategy="lagrangian")
+    ranks = allocate_ranks(spectra, ratio=ratio, strategy="lagrangian", min_fraction=0.0)
     assert allocation_cost(spectra, ranks) <= target
     assert allocation_error(spectra, ranks) <= hull_error
-    optimum = allocation_error(spectra, allocate_ranks(spectra, ratio=ratio))
+    optimum = allocation_error(spectra, allocate_ranks(spectra, ratio=ratio, min_fraction=0.0))
     assert optimum <= allocation_error(spectra, ranks) * (1 + 1e-12)
 
 
@@ -230,10 +246,12 @@ def test_optimal_opens_every_weight_instead_of_crushing_one() -> None:
     for a large error, so it crushed the first weight it opened to rank 8."""
     s = 1.0 / (np.arange(66) + 1.0)
     spectra = [WeightSpectrum(name, (66, 66), s) for name in "abc"]
-    greedy = allocate_ranks(spectra, ratio=0.6, strategy="greedy", error="absolute")
+    greedy = allocate_ranks(
+        spectra, ratio=0.6, strategy="greedy", error="absolute", min_fraction=0.0
+    )
     assert greedy == {"a": 8, "b": 16, "c": None}
     for strategy in ("optimal", "lagrangian"):
-        best = allocate_ranks(spectra, ratio=0.6, strategy=strategy)  # type: ignore[arg-type]
+        best = allocate_ranks(spectra, ratio=0.6, strategy=strategy, min_fraction=0.0)  # type: ignore[arg-type]
         assert None not in best.values() and min(best.values()) >= 16  # type: ignore[type-var]
         assert allocation_error(spectra, best) < 0.8 * allocation_error(spectra, greedy)
 
@@ -242,9 +260,9 @@ def test_relative_error_does_not_favour_small_activations() -> None:
     """Two weights with identical shape of spectrum but 1000x different scale get equal ranks."""
     s = (np.arange(64) + 1.0) ** -0.5
     spectra = [WeightSpectrum("loud", (64, 64), s * 1e3), WeightSpectrum("quiet", (64, 64), s)]
-    relative = allocate_ranks(spectra, ratio=0.5)
+    relative = allocate_ranks(spectra, ratio=0.5, min_fraction=0.0)
     assert relative["loud"] == relative["quiet"]
-    absolute = allocate_ranks(spectra, ratio=0.5, error="absolute")
+    absolute = allocate_ranks(spectra, ratio=0.5, error="absolute", min_fraction=0.0)
     assert absolute["quiet"] == 8  # in absolute terms the quiet weight looks free to crush
 
 
@@ -274,6 +292,9 @@ def test_optimal_falls_back_to_the_lagrangian_on_a_huge_table(
     monkeypatch.setattr(rank_module, "_DP_MAX_CELLS", 1)
     assert allocate_ranks(spectra, ratio=0.5) == allocate_ranks(
         spectra, ratio=0.5, strategy="lagrangian"
+    )
+    assert allocate_ranks(spectra, ratio=0.5, min_fraction=0.0) == allocate_ranks(
+        spectra, ratio=0.5, strategy="lagrangian", min_fraction=0.0
     )
 
 
