@@ -724,7 +724,7 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
         ax.set_yscale("log")
     ax.set_xlabel("ORT speedup vs ORT-optimized original (paired, batch 1)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{section['model']}: {ylabel} vs speedup (labels: budget)")
+    ax.set_title(f"{section['model']}: {ylabel} vs speedup (labels: budget)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -776,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=30, help="MiniLM latency rounds")
     parser.add_argument("--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point")
     parser.add_argument("--deadline", type=float, default=45.0, help="minutes; later SmolLM points are skipped")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite quality.md and the PNGs from quality.json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse points an earlier (interrupted) run finished in --work")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-quality")
@@ -785,6 +787,11 @@ def main(argv: list[str] | None = None) -> int:
     args.deadline_s = args.deadline * 60
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.replot:  # redraw quality.md and the plots from quality.json, run nothing
+        from factorlm.compress import write_text_atomic
+
+        _write_all(args.out, json.loads((args.out / "quality.json").read_text()), write_text_atomic)
+        return 0
     info = machine()
     info["python_platform"] = platform.platform()
     todo = ["minilm", "smollm"] if args.model == "all" else [args.model]
