@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine after: {record['machine_after']}",
         f"Calibration: Gram / mean |x| from reviews rows 0-255; Fisher from the first "
         f"{args.fisher_samples} labelled fresh/rotten reviews; held-out: {record['heldout']}.",
-        "Allocation: exact optimum of the summed relative (optimal-rel) or absolute (optimal-abs) "
-        "errors of each method's own spectrum (see benchmarks/allocation.py).",
+        "Allocation (benchmarks/allocation.py VARIANTS): "
+        + "; ".join(f"{v} = {VARIANTS[v]}" for v in args.variants)
+        + ". Each method allocates over its own (data-aware) spectrum.",
         "",
         "| method | allocation | achieved ratio | factorized / dense | ranks | pooled cosine | probe acc % |",
         "|---|---|---|---|---|---|---|",
