@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.6)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--variants", nargs="+", default=["optimal-rel", "optimal-abs"])
+    parser.add_argument("--variants", nargs="+", default=["optimal-rel-floor50"])
     parser.add_argument("--fisher-samples", type=int, default=128)
     parser.add_argument("--heldout-start", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=600)
