@@ -10,14 +10,14 @@ the factors are stored once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 import onnx_ir as ir
 
 from factorlm.decompose import LowRank
-from factorlm.passes._graph import GraphEditor, stored_factors
-from factorlm.passes.analysis import Use, analyze
-from factorlm.passes.linear import rewrite_linear_use
+from factorlm.passes._graph import GraphEditor
+from factorlm.passes.analysis import Candidate, Use
+from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.linear import low_rank_values, rewrite_linear_use
 
 __all__ = ["LowRankEmbeddingPass", "rewrite_gather_use"]
 
@@ -38,33 +38,22 @@ def rewrite_gather_use(editor: GraphEditor, use: Use, p: ir.Value, q: ir.Value) 
     editor.graph.insert_after(gather, matmul)
 
 
-class LowRankEmbeddingPass(ir.passes.InPlacePass):
+class LowRankEmbeddingPass(PlannedFactorPass[LowRank]):
     """Replace each planned embedding (and its tied LM head) by shared low-rank factors.
 
     Attributes:
         factors: initializer name -> ``LowRank`` of the embedding matrix ``(vocab, d)``.
     """
 
-    def __init__(self, factors: Mapping[str, LowRank]) -> None:
-        super().__init__()
-        self.factors = dict(factors)
+    summary = "Factorized %s embeddings"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        editor = GraphEditor(model)
-        count = 0
-        for cand in analyze(model).candidates:
-            low_rank = self.factors.get(cand.name)
-            if low_rank is None or cand.kind != "embedding":
-                continue
-            p_arr, q_arr = stored_factors(cand, low_rank.left, low_rank.right)
-            p = editor.initializer(f"{cand.name}.factorlm_left", p_arr, factor_of=cand.name)
-            q = editor.initializer(f"{cand.name}.factorlm_right", q_arr, factor_of=cand.name)
-            for use in cand.uses:
-                if use.form == "gather":
-                    rewrite_gather_use(editor, use, p, q)
-                else:
-                    rewrite_linear_use(editor, use, p, q)
-            count += 1
-        editor.tag_model()
-        logger.info("Factorized %s embeddings", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    def _accepts(self, cand: Candidate) -> bool:
+        return cand.kind == "embedding"
+
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, factors: LowRank) -> None:
+        p, q = low_rank_values(editor, cand, factors)
+        for use in cand.uses:
+            if use.form == "gather":
+                rewrite_gather_use(editor, use, p, q)
+            else:
+                rewrite_linear_use(editor, use, p, q)

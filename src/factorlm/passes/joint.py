@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ import onnx_ir as ir
 from factorlm.decompose import LowRank
 from factorlm.passes._graph import GraphEditor
 from factorlm.passes.analysis import Analysis, Candidate, analyze
+from factorlm.passes.base import PlannedFactorPass
 
 __all__ = [
     "JOINT_SEPARATOR",
@@ -147,7 +148,7 @@ def joint_statistics(stats: Any, analysis: Analysis) -> Any:
     return result
 
 
-class JointLinearPass(ir.passes.InPlacePass):
+class JointLinearPass(PlannedFactorPass[LowRank]):
     """Give each planned joint candidate one shared ``MatMul(x, L)`` and per-member ``R`` slices.
 
     Attributes:
@@ -155,46 +156,46 @@ class JointLinearPass(ir.passes.InPlacePass):
             Names that are not joint candidates of the model are ignored.
     """
 
-    def __init__(self, factors: Mapping[str, LowRank]) -> None:
-        super().__init__()
-        self.factors = dict(factors)
+    summary = "Jointly factorized %s weight groups"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.factors:
+        if not self.factors:  # skip the (costly) joint analysis when nothing is planned
             return ir.passes.PassResult(model, modified=False)
-        editor = GraphEditor(model)
-        order = {id(node): i for i, node in enumerate(model.graph)}
-        count = 0
-        for cand in analyze(model, joint=True).candidates:
-            low_rank = self.factors.get(cand.name)
-            if low_rank is None or not cand.members:
-                continue
-            nodes = [use.node for use in cand.uses]
-            first = min(nodes, key=lambda n: order.get(id(n), 0))
-            x = nodes[0].inputs[0]
-            dtype = cand.dtype  # factors are stored in the weights' own dtype
-            left = editor.initializer(
-                f"{cand.members[0]}.factorlm_joint_left",
-                low_rank.left.astype(dtype, copy=False),
-                factor_of=cand.name,
+        return super().call(model)
+
+    def _candidates(self, model: ir.Model) -> Sequence[Candidate]:
+        return analyze(model, joint=True).candidates
+
+    def _accepts(self, cand: Candidate) -> bool:
+        return bool(cand.members)
+
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, factors: LowRank) -> None:
+        low_rank = factors
+        graph = editor.graph
+        # Earlier rewrites only insert nodes, so the members' relative order is the original one.
+        order = {id(node): i for i, node in enumerate(graph)}
+        nodes = [use.node for use in cand.uses]
+        first = min(nodes, key=lambda n: order.get(id(n), 0))
+        x = nodes[0].inputs[0]
+        dtype = cand.dtype  # factors are stored in the weights' own dtype
+        left = editor.initializer(
+            f"{cand.members[0]}.factorlm_joint_left",
+            low_rank.left.astype(dtype, copy=False),
+            factor_of=cand.name,
+        )
+        base = first.name or "MatMul"
+        down = editor.node("MatMul", [x, left], name=f"{base}/factorlm_joint")
+        graph.insert_before(first, down)
+        offset = 0
+        for member, node in zip(cand.members, nodes, strict=True):
+            tensor = graph.initializers[member].const_value
+            assert tensor is not None  # analysis only groups constant initializers
+            width = int(tensor.shape.numpy()[1])
+            right = editor.initializer(
+                f"{member}.factorlm_right",
+                np.ascontiguousarray(low_rank.right[:, offset : offset + width], dtype=dtype),
+                factor_of=member,
             )
-            base = first.name or "MatMul"
-            down = editor.node("MatMul", [x, left], name=f"{base}/factorlm_joint")
-            editor.graph.insert_before(first, down)
-            offset = 0
-            for member, node in zip(cand.members, nodes, strict=True):
-                tensor = model.graph.initializers[member].const_value
-                assert tensor is not None  # analysis only groups constant initializers
-                width = int(tensor.shape.numpy()[1])
-                right = editor.initializer(
-                    f"{member}.factorlm_right",
-                    np.ascontiguousarray(low_rank.right[:, offset : offset + width], dtype=dtype),
-                    factor_of=member,
-                )
-                node.replace_input_with(0, down.outputs[0])
-                node.replace_input_with(1, right)
-                offset += width
-            count += 1
-        editor.tag_model()
-        logger.info("Jointly factorized %s weight groups", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+            node.replace_input_with(0, down.outputs[0])
+            node.replace_input_with(1, right)
+            offset += width

@@ -18,14 +18,14 @@ With one term the middle Reshape/Transpose/Reshape is skipped. Leading dimension
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from factorlm.passes._graph import GraphEditor
-from factorlm.passes.analysis import Candidate, analyze
+from factorlm.passes.analysis import Candidate
+from factorlm.passes.base import PlannedFactorPass
 
 __all__ = ["KroneckerPass", "supports_kronecker"]
 
@@ -46,7 +46,7 @@ def _ints(editor: GraphEditor, base: str, values: list[int]) -> ir.Value:
     return editor.initializer(base, np.asarray(values, dtype=np.int64))
 
 
-class KroneckerPass(ir.passes.InPlacePass):
+class KroneckerPass(PlannedFactorPass["KroneckerFactors"]):
     """Replace each planned ``MatMul(x, W)`` by its sum-of-Kronecker-products form.
 
     Attributes:
@@ -54,24 +54,13 @@ class KroneckerPass(ir.passes.InPlacePass):
             ``b: (T, b_in, b_out)``).
     """
 
-    def __init__(self, factors: Mapping[str, KroneckerFactors]) -> None:
-        super().__init__()
-        self.factors = dict(factors)
+    summary = "Factorized %s weights as Kronecker sums"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        editor = GraphEditor(model)
-        count = 0
-        for cand in analyze(model).candidates:
-            kf = self.factors.get(cand.name)
-            if kf is None or supports_kronecker(cand) is not None:
-                continue
-            self._rewrite(editor, cand, kf)
-            count += 1
-        editor.tag_model()
-        logger.info("Factorized %s weights as Kronecker sums", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    def _accepts(self, cand: Candidate) -> bool:
+        return supports_kronecker(cand) is None
 
-    def _rewrite(self, editor: GraphEditor, cand: Candidate, kf: KroneckerFactors) -> None:
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, factors: KroneckerFactors) -> None:
+        kf = factors
         node = cand.uses[0].node
         base = node.name or "MatMul"
         terms, a_in, a_out = (int(d) for d in kf.a.shape)

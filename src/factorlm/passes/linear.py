@@ -17,15 +17,15 @@ factor. Bias Add, residual and LayerNorm neighbours are untouched, so ORT's fusi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 import onnx_ir as ir
 
 from factorlm.decompose import LowRank
 from factorlm.passes._graph import GraphEditor, stored_factors
-from factorlm.passes.analysis import Use, analyze
+from factorlm.passes.analysis import Candidate, Use
+from factorlm.passes.base import PlannedFactorPass
 
-__all__ = ["LowRankLinearPass", "rewrite_linear_use"]
+__all__ = ["LowRankLinearPass", "low_rank_values", "rewrite_linear_use"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,17 @@ def rewrite_linear_use(editor: GraphEditor, use: Use, p: ir.Value, q: ir.Value) 
     editor.graph.insert_before(node, first)
 
 
-class LowRankLinearPass(ir.passes.InPlacePass):
+def low_rank_values(
+    editor: GraphEditor, cand: Candidate, low_rank: LowRank
+) -> tuple[ir.Value, ir.Value]:
+    """Register the stored-orientation factors ``(P, Q)`` of ``cand`` as tagged initializers."""
+    p_arr, q_arr = stored_factors(cand, low_rank.left, low_rank.right)
+    p = editor.initializer(f"{cand.name}.factorlm_left", p_arr, factor_of=cand.name)
+    q = editor.initializer(f"{cand.name}.factorlm_right", q_arr, factor_of=cand.name)
+    return p, q
+
+
+class LowRankLinearPass(PlannedFactorPass[LowRank]):
     """Replace each planned linear weight by its low-rank factors.
 
     Attributes:
@@ -105,22 +115,11 @@ class LowRankLinearPass(ir.passes.InPlacePass):
             that are not linear candidates of the model are ignored (the plan validates them).
     """
 
-    def __init__(self, factors: Mapping[str, LowRank]) -> None:
-        super().__init__()
-        self.factors = dict(factors)
+    summary = "Factorized %s linear weights"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        editor = GraphEditor(model)
-        count = 0
-        for cand in analyze(model).candidates:
-            low_rank = self.factors.get(cand.name)
-            if low_rank is None or cand.kind != "linear":
-                continue
-            p_arr, q_arr = stored_factors(cand, low_rank.left, low_rank.right)
-            p = editor.initializer(f"{cand.name}.factorlm_left", p_arr, factor_of=cand.name)
-            q = editor.initializer(f"{cand.name}.factorlm_right", q_arr, factor_of=cand.name)
-            rewrite_linear_use(editor, cand.uses[0], p, q)
-            count += 1
-        editor.tag_model()
-        logger.info("Factorized %s linear weights", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    def _accepts(self, cand: Candidate) -> bool:
+        return cand.kind == "linear"
+
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, factors: LowRank) -> None:
+        p, q = low_rank_values(editor, cand, factors)
+        rewrite_linear_use(editor, cand.uses[0], p, q)

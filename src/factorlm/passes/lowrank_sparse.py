@@ -14,13 +14,13 @@ value from the two branches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from factorlm.passes._graph import GraphEditor
-from factorlm.passes.analysis import Candidate, analyze
+from factorlm.passes.analysis import Candidate
+from factorlm.passes.base import PlannedFactorPass
 
 __all__ = ["LowRankSparsePass", "supports_lowrank_sparse"]
 
@@ -37,31 +37,20 @@ def supports_lowrank_sparse(candidate: Candidate) -> str | None:
     return None
 
 
-class LowRankSparsePass(ir.passes.InPlacePass):
+class LowRankSparsePass(PlannedFactorPass["LowRankSparse"]):
     """Replace each planned ``MatMul(x, W)`` by a low-rank branch plus a sparse branch.
 
     Attributes:
         factors: initializer name -> ``LowRankSparse``.
     """
 
-    def __init__(self, factors: Mapping[str, LowRankSparse]) -> None:
-        super().__init__()
-        self.factors = dict(factors)
+    summary = "Factorized %s weights as low-rank + sparse"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        editor = GraphEditor(model)
-        count = 0
-        for cand in analyze(model).candidates:
-            lrs = self.factors.get(cand.name)
-            if lrs is None or supports_lowrank_sparse(cand) is not None:
-                continue
-            self._rewrite(editor, cand, lrs)
-            count += 1
-        editor.tag_model()
-        logger.info("Factorized %s weights as low-rank + sparse", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    def _accepts(self, cand: Candidate) -> bool:
+        return supports_lowrank_sparse(cand) is None
 
-    def _rewrite(self, editor: GraphEditor, cand: Candidate, lrs: LowRankSparse) -> None:
+    def _rewrite(self, editor: GraphEditor, cand: Candidate, factors: LowRankSparse) -> None:
+        lrs = factors
         node = cand.uses[0].node
         base = node.name or "MatMul"
         name = cand.name
