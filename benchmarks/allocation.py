@@ -102,8 +102,14 @@ def compress_variant(
     }
 
 
-def evaluate(models: dict[str, Path], heldout: Path, tokenizer_dir: Path) -> dict[str, Any]:
-    """Probe accuracy and mean pooled cosine of each model vs the first (the original)."""
+def evaluate(
+    models: dict[str, Path], heldout: Path, tokenizer_dir: Path, *, include_details: bool = False
+) -> dict[str, Any]:
+    """Probe accuracy and mean pooled cosine of each model vs the first (the original).
+
+    Shared by data_aware.py and recovery.py; ``include_details`` adds the probe's split details
+    under ``"task"``.
+    """
     from transformers import AutoTokenizer
 
     from factorlm.benchmark.accuracy import FidelityAccumulator
@@ -122,10 +128,10 @@ def evaluate(models: dict[str, Path], heldout: Path, tokenizer_dir: Path) -> dic
         )
     scores = [task["reference"], *task["candidates"].values()]
     cosines = [1.0] + [acc.result()["last_hidden_state"]["pooled_cosine_mean"] for acc in fidelity]
-    return {
-        name: {"accuracy": float(score), "pooled_cosine": float(cos)}
-        for name, score, cos in zip(models, scores, cosines, strict=True)
-    }
+    out: dict[str, Any] = {"task": task["details"]} if include_details else {}
+    for name, score, cos in zip(models, scores, cosines, strict=True):
+        out[name] = {"accuracy": float(score), "pooled_cosine": float(cos)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

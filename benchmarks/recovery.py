@@ -16,7 +16,6 @@ Gap closed = (recovered − best training-free) / (original − best training-fr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -25,9 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-__all__ = ["evaluate", "main"]
+from allocation import evaluate  # same probe + pooled-cosine metrics as the other tables
+
+__all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +41,6 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
-
-
-def evaluate(models: dict[str, Path], heldout: Path, tokenizer_dir: Path) -> dict[str, Any]:
-    """Probe accuracy and pooled cosine of each model vs the first (the original)."""
-    from transformers import AutoTokenizer
-
-    from factorlm.benchmark.accuracy import FidelityAccumulator
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import classification_task, load_dataset
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dataset = load_dataset(heldout, labels=["fresh", "rotten"])
-    runners = [OrtRunner(path, name=name) for name, path in models.items()]
-    fidelity = [FidelityAccumulator() for _ in runners[1:]]
-    with contextlib.ExitStack() as stack:
-        for r in runners:
-            stack.enter_context(r)
-        task = classification_task(
-            runners, tok, dataset, test_fraction=0.5, seed=0, fidelity=fidelity
-        )
-    scores = [task["reference"], *task["candidates"].values()]
-    out: dict[str, Any] = {"task": task["details"]}
-    cosines = [1.0] + [acc.result()["last_hidden_state"]["pooled_cosine_mean"] for acc in fidelity]
-    for name, score, cos in zip(models, scores, cosines, strict=True):
-        out[name] = {"accuracy": float(score), "pooled_cosine": float(cos)}
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     recover_wall = time.perf_counter() - start
     load_end = _load()
     models = {"original": onnx_model, **baselines, "whiten+distill": result.model}
-    metrics = evaluate(models, heldout, onnx_model.parent)
+    metrics = evaluate(models, heldout, onnx_model.parent, include_details=True)
     orig, rec = metrics["original"], metrics["whiten+distill"]
     best: dict[str, str] = {}
     closed: dict[str, float | None] = {}
