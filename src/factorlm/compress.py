@@ -22,8 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from factorlm._callable import make_module_callable
-from factorlm.decompose import decompose, kronecker, lowrank_plus_sparse
-from factorlm.decompose.methods import PreparedWeight
+from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
 from factorlm.errors import ConfigError, PlanError
 from factorlm.io import load_model, save_model
 from factorlm.passes import (
@@ -119,7 +118,12 @@ def _load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
 def factorize_entry(
     name: str, entry: WeightPlan, matrix: np.ndarray, stats: StatsLike | None
 ) -> Any:
-    """The numbers for one plan entry, all from factorlm.decompose (also used by recovery)."""
+    """The numbers for one plan entry, all from factorlm.decompose (also used by recovery).
+
+    Low-rank entries go through the planner's prepared path (``prepared_lowrank``: one ``eigh``
+    of the small-side Gram), so replaying a saved plan gives the factors a plan-less ``compress``
+    builds from the planner's own eigendecompositions.
+    """
     if entry.method == "kron":
         assert entry.kron is not None
         a_in, a_out = (int(d) for d in entry.kron["a_shape"])
@@ -140,7 +144,7 @@ def factorize_entry(
                 f"statistics ({key}): pass --calib DATA or --stats STATS.npz."
             )
         extra[key] = table[name]
-    return decompose(
+    return prepared_lowrank(
         matrix,
         entry.method,
         entry.rank,
@@ -193,9 +197,11 @@ def compress(
     model = load_model(source)
     loaded = _load_plan(plan) if plan is not None else None
     # A plan written with joint candidates ("<q>+<k>+<v>") needs the joint analysis to validate.
-    joint = joint_qkv or (
-        loaded is not None and any(JOINT_SEPARATOR in name for name in loaded.weights)
-    )
+    # Kronecker and low-rank + sparse factors have no joint form: their members plan separately.
+    if loaded is not None:
+        joint = any(JOINT_SEPARATOR in name for name in loaded.weights)
+    else:
+        joint = joint_qkv and method not in ("kron", "losparse")
     analysis = analyze(model, min_size=min_size, joint=joint)
     stats = joint_statistics(stats, analysis)
     seconds["load"] = time.perf_counter() - clock

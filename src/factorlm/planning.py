@@ -24,15 +24,21 @@ import numpy as np
 
 from factorlm.decompose import (
     METHODS,
+    DecompositionError,
+    PreparedWeight,
+    WeightOptions,
     WeightSpectrum,
+    allocate_options,
     allocate_ranks,
     break_even_rank,
+    kronecker_cost,
+    kronecker_spectrum,
+    prepare,
     propose_kronecker_shapes,
     rank_for_energy,
     round_rank,
     spectrum,
 )
-from factorlm.decompose.methods import PreparedWeight, prepare
 from factorlm.decompose.rank import DEFAULT_MIN_FRACTION, STRATEGIES
 from factorlm.errors import ConfigError, PlanError
 from factorlm.passes.analysis import Analysis, Candidate
@@ -62,6 +68,8 @@ DATA_AWARE: dict[str, str] = {
     "fwsvd": "fisher",
 }
 SPARSE_STRUCTURES = ("column", "unstructured", "2:4")
+#: Kronecker splits examined per weight: the ones with the fewest FLOPs per parameter.
+KRON_SHAPES = 4
 
 
 class StatsLike(Protocol):
@@ -176,17 +184,19 @@ class Plan:
 def _costs(cand: Candidate, entry: WeightPlan) -> None:
     """Fill params/FLOPs before and after for ``entry`` (in place)."""
     m, n = cand.shape
-    # A joint candidate's members each compute their own slice: one pass over the whole matrix.
-    linear_uses = 1 if cand.members else sum(1 for u in cand.uses if u.form != "gather")
-    gathers = len(cand.uses) - linear_uses
+    # A joint candidate's members each compute their own slice of one product with the whole
+    # matrix (one shared down-projection once factorized): one linear use, and no lookups.
+    gathers = sum(1 for u in cand.uses if u.form == "gather")
+    linear_uses = 1 if cand.members else len(cand.uses) - gathers
     entry.params_before = m * n
     entry.flops_before = 2 * m * n * linear_uses
     if entry.method == "kron" and entry.kron is not None:
-        (a_in, a_out), (b_in, b_out) = entry.kron["a_shape"], entry.kron["b_shape"]
-        t = int(entry.kron["terms"])
-        entry.params_after = t * (a_in * a_out + b_in * b_out)
-        # X (a_in, b_in): Âᵀ X costs t·a_out·a_in·b_in, then (a_out, t·b_in) @ B̂ costs a_out·t·b_in·b_out.
-        entry.flops_after = 2 * t * a_out * b_in * (a_in + b_out)
+        a_shape, b_shape = entry.kron["a_shape"], entry.kron["b_shape"]
+        entry.params_after, entry.flops_after = kronecker_cost(
+            (int(a_shape[0]), int(a_shape[1])),
+            (int(b_shape[0]), int(b_shape[1])),
+            int(entry.kron["terms"]),
+        )
         return
     r = int(entry.rank or 0)
     entry.params_after = r * (m + n)
@@ -282,6 +292,12 @@ def make_plan(
     eigenvalues of each weight's small-side Gram (``decompose.prepare``, no SVD); when
     ``prepared`` is a dict, the prepared weights of the factorized entries are stored in it so
     that ``compress`` builds their factors from one ``eigh`` of the same Gram.
+
+    ``method="kron"`` spends the same budget on sums of Kronecker products whose FLOPs per token
+    never exceed the dense weight's (``_plan_kronecker``): a Kronecker form's FLOPs, as a
+    fraction of dense, are at least twice its parameters' fraction, so kron plans cost about as
+    many FLOPs as dense at ratios above 0.5 and fewer below. ``allocation`` "lagrangian" is
+    honoured there; every other strategy uses the exact knapsack.
     """
     if method not in ALL_METHODS:
         raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
@@ -350,10 +366,7 @@ def make_plan(
         else:
             linear.append(cand)
     if method == "kron":
-        for cand in linear:
-            _plan_kronecker(plan, cand, ratio)
-            if cand.name not in plan.weights and "fits ratio" in plan.skipped.get(cand.name, ""):
-                plan.dense[cand.name] = _dense_cost(cand)
+        _plan_kronecker(plan, linear, ratio, (allocation, error_scale, min_fraction))
     else:
         _plan_low_rank(
             plan,
@@ -403,24 +416,163 @@ def _plan_embedding(plan: Plan, cand: Candidate, ratio: float | None, multiple: 
     plan.weights[cand.name] = entry
 
 
-def _plan_kronecker(plan: Plan, cand: Candidate, ratio: float) -> None:
-    reason = supports_kronecker(cand)
-    if reason is not None:
-        plan.skipped[cand.name] = reason
-        return
+@dataclass(frozen=True)
+class _KronOption:
+    params: int
+    flops: int
+    tail: float  # squared Frobenius error Σ s[t:]² of the Kronecker spectrum
+    kron: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _KronSplit:
+    """One factor shape of a weight: per-term costs, its FLOP break-even and its spectrum tail."""
+
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    per_params: int
+    per_flops: int
+    most: int  # the most terms below dense in parameters and not above dense in FLOPs
+    tail: np.ndarray  # tail[t] = Σ s[t:]²
+
+
+def _kron_splits(cand: Candidate) -> list[_KronSplit]:
+    """The ``KRON_SHAPES`` splits with the fewest FLOPs per parameter that beat dense at all.
+
+    For every split FLOPs are at least the parameters (``decompose.kronecker``), so these are
+    the shapes that store the most for what they compute.
+    """
     m, n = cand.shape
-    for a_shape, b_shape in propose_kronecker_shapes(m, n):
-        per_term = a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
-        terms = min(
-            int(ratio * m * n) // per_term, a_shape[0] * a_shape[1], b_shape[0] * b_shape[1]
+    matrix = cand.matrix()
+    found: list[_KronSplit] = []
+    for a_shape, b_shape in propose_kronecker_shapes(m, n, limit=KRON_SHAPES, by="flops"):
+        per_params, per_flops = kronecker_cost(a_shape, b_shape, 1)
+        most = min(
+            a_shape[0] * a_shape[1],
+            b_shape[0] * b_shape[1],
+            (2 * m * n) // per_flops,
+            (m * n - 1) // per_params,
         )
-        if terms >= 1:
-            kron = {"a_shape": list(a_shape), "b_shape": list(b_shape), "terms": terms}
-            entry = _entry(cand, "kron", kron=kron)
-            _costs(cand, entry)
-            plan.weights[cand.name] = entry
-            return
-    plan.skipped[cand.name] = f"no Kronecker split of {m}x{n} fits ratio {ratio}"
+        if most < 1:
+            continue
+        power = kronecker_spectrum(matrix, a_shape) ** 2
+        tail = np.concatenate([np.cumsum(power[::-1])[::-1], [0.0]])
+        found.append(_KronSplit(a_shape, b_shape, per_params, per_flops, most, tail))
+    return found
+
+
+def _kron_front(splits: list[_KronSplit], min_fraction: float) -> list[_KronOption]:
+    """Term counts from ``min_fraction`` of each split's break-even up to it, on the front.
+
+    Among forms of equal parameters the lower error wins, then the lower FLOPs; a form is kept
+    only when it removes error that every cheaper form leaves.
+    """
+    found: list[_KronOption] = []
+    for split in splits:
+        low = max(1, math.ceil(min_fraction * split.most))
+        for t in range(low, split.most + 1):
+            kron = {"a_shape": list(split.a_shape), "b_shape": list(split.b_shape), "terms": t}
+            tail = float(split.tail[min(t, split.tail.size - 1)])
+            found.append(_KronOption(t * split.per_params, t * split.per_flops, tail, kron))
+    found.sort(key=lambda o: (o.params, o.tail, o.flops))
+    front: list[_KronOption] = []
+    for option in found:
+        if front and (option.params == front[-1].params or option.tail >= front[-1].tail):
+            continue
+        front.append(option)
+    return front
+
+
+def _plan_kronecker(
+    plan: Plan,
+    linear: list[Candidate],
+    ratio: float,
+    options: tuple[str, str, float] = ("optimal", "relative", DEFAULT_MIN_FRACTION),
+) -> None:
+    """Sums of Kronecker products under one parameter budget, never above dense FLOPs.
+
+    A weight's options are dense and, for each of its FLOP-cheapest splits (``_kron_splits``),
+    every term count from ``min_fraction`` of the split's FLOP break-even (the most terms whose
+    FLOPs do not exceed dense) up to it: the analogue of the low-rank floor at a fraction of the
+    break-even rank, lowered as far as needed when the ratio cannot be met with it. The
+    low-rank allocation's multiple-choice knapsack picks one option per weight, minimising the
+    summed (relative) squared error within ``ratio`` of the targeted parameters.
+    """
+    allocation, error_scale, min_fraction = options
+    splits: dict[str, list[_KronSplit]] = {}
+    scales: dict[str, float] = {}
+    energy: dict[str, float] = {}
+    for cand in linear:
+        reason = supports_kronecker(cand)
+        if reason is None and cand.members:
+            reason = "a joint Q/K/V weight takes low-rank factors only, not Kronecker ones"
+        if reason is not None:
+            plan.skipped[cand.name] = reason
+            continue
+        splits[cand.name] = _kron_splits(cand)
+        total = float(np.sum(cand.matrix().astype(np.float64) ** 2))
+        energy[cand.name] = total
+        scales[cand.name] = 1.0 / total if error_scale == "relative" and total > 0 else 1.0
+    targets = [c for c in linear if c.name in splits]
+    if not targets:
+        return
+
+    def fronts(fraction: float) -> dict[str, list[_KronOption]]:
+        return {name: _kron_front(found, fraction) for name, found in splits.items()}
+
+    def floor_cost(found: dict[str, list[_KronOption]]) -> int:
+        return sum(
+            found[c.name][0].params if found[c.name] else c.shape[0] * c.shape[1] for c in targets
+        )
+
+    dense_total = sum(c.shape[0] * c.shape[1] for c in targets)
+    chosen = fronts(min_fraction)
+    if floor_cost(chosen) > ratio * dense_total and min_fraction > 0:
+        low, high = 0.0, float(min_fraction)
+        for _ in range(20):
+            mid = 0.5 * (low + high)
+            if floor_cost(fronts(mid)) <= ratio * dense_total:
+                low = mid
+            else:
+                high = mid
+        logger.info(
+            "kron: min_fraction %.3g infeasible at ratio %s; lowered to %.3g",
+            min_fraction,
+            ratio,
+            low,
+        )
+        chosen = fronts(low)
+    weights = [
+        WeightOptions(
+            c.name,
+            np.asarray([o.params for o in chosen[c.name]] + [c.shape[0] * c.shape[1]], np.int64),
+            np.asarray([o.tail * scales[c.name] for o in chosen[c.name]] + [0.0]),
+        )
+        for c in targets
+    ]
+    try:
+        picked = allocate_options(
+            weights, ratio=ratio, strategy="lagrangian" if allocation == "lagrangian" else "optimal"
+        )
+    except DecompositionError as exc:
+        raise ConfigError(f"method 'kron': {exc}") from None
+    for cand in targets:
+        found, index = chosen[cand.name], picked[cand.name]
+        if index >= len(found):
+            plan.dense[cand.name] = _dense_cost(cand)
+            m, n = cand.shape
+            plan.skipped[cand.name] = (
+                "left dense by the global Kronecker allocation (cutting it costs the most error)"
+                if found
+                else f"no Kronecker split of {m}x{n} is cheaper than dense in parameters and FLOPs"
+            )
+            continue
+        option = found[index]
+        total = energy[cand.name]
+        error = math.sqrt(option.tail / total) if total > 0 else 0.0
+        entry = _entry(cand, "kron", kron=dict(option.kron), expected_error=error)
+        _costs(cand, entry)
+        plan.weights[cand.name] = entry
 
 
 def _plan_low_rank(
@@ -440,6 +592,8 @@ def _plan_low_rank(
     targets: list[Candidate] = []
     for cand in linear:
         reason = supports_lowrank_sparse(cand) if method == "losparse" else None
+        if reason is None and method == "losparse" and cand.members:
+            reason = "a joint Q/K/V weight takes plain low-rank factors only, not low-rank + sparse"
         if reason is not None:
             plan.skipped[cand.name] = reason
         else:
@@ -531,6 +685,11 @@ def validate_plan(plan: Plan, analysis: Analysis) -> Plan:
         if cand.kind == "embedding" and entry.method != "svd":
             raise PlanError(
                 f"plan weight {name!r} is a token embedding; only method 'svd' applies to it."
+            )
+        if cand.members and entry.method in ("kron", "losparse"):
+            raise PlanError(
+                f"plan weight {name!r} is a joint Q/K/V weight; method {entry.method!r} does not "
+                "apply to it (use a low-rank method, or plan its members separately)."
             )
         entry.nodes, entry.kind = cand.node_names, cand.kind
         entry.shape, entry.stored_shape = list(cand.shape), list(cand.stored_shape)

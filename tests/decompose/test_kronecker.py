@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from factorlm.decompose import KroneckerFactors, kronecker, propose_kronecker_shapes
+from factorlm.decompose import (
+    KroneckerFactors,
+    kronecker,
+    kronecker_cost,
+    kronecker_spectrum,
+    propose_kronecker_shapes,
+)
 
 
 def test_exact_on_a_kronecker_product() -> None:
@@ -82,3 +88,38 @@ def test_proposed_shapes_divide_and_are_ordered() -> None:
     assert proposals[0] == ((24, 64), (32, 48))
     assert propose_kronecker_shapes(1, 1) == []
     assert all(a[0] * a[1] > 1 and b[0] * b[1] > 1 for a, b in propose_kronecker_shapes(7, 3))
+
+
+@pytest.mark.parametrize(("a_shape", "terms"), [((4, 3), 1), ((4, 3), 3), ((2, 6), 2), ((8, 2), 4)])
+def test_spectrum_tail_is_the_kronecker_error(a_shape: tuple[int, int], terms: int) -> None:
+    w = np.random.default_rng(11).standard_normal((16, 12))
+    s = kronecker_spectrum(w, a_shape)
+    assert np.all(np.diff(s) <= 1e-12)
+    error = np.linalg.norm(w - kronecker(w, a_shape, terms).reconstruct())
+    assert error**2 == pytest.approx(float(np.sum(s[terms:] ** 2)), rel=1e-9, abs=1e-9)
+    assert float(np.sum(s**2)) == pytest.approx(float(np.sum(w**2)), rel=1e-12)
+
+
+def test_cost_matches_the_rewrite_and_flops_never_below_params() -> None:
+    # (Aᵀ X) B for X: (a_in, b_in): a_out·a_in·b_in + a_out·b_in·b_out multiply-adds per term.
+    assert kronecker_cost((6, 4), (5, 3), 2) == (2 * (24 + 15), 2 * 2 * (4 * 6 * 5 + 4 * 5 * 3))
+    for (a_in, a_out), (b_in, b_out) in propose_kronecker_shapes(384, 1536, limit=50):
+        params, flops = kronecker_cost((a_in, a_out), (b_in, b_out), 1)
+        assert flops / (2 * 384 * 1536) >= params / (384 * 1536)  # as fractions of dense
+        # FLOPs relative to dense: terms · (1/a_in + 1/b_out).
+        assert flops / (2 * 384 * 1536) == pytest.approx(1 / a_in + 1 / b_out)
+
+
+def test_shapes_by_flops_start_with_the_fewest_flops_per_parameter() -> None:
+    proposals = propose_kronecker_shapes(384, 1536, limit=6, by="flops")
+    ratios = [kronecker_cost(a, b, 1)[1] / kronecker_cost(a, b, 1)[0] for a, b in proposals]
+    assert ratios == sorted(ratios)
+    # FLOPs (2·multiply-adds) exactly 4x the parameters: twice their fraction of dense.
+    assert proposals[0] == ((192, 2), (2, 768))
+    assert ratios[0] == pytest.approx(4.0)
+    everything = propose_kronecker_shapes(384, 1536, limit=10_000)
+    assert min(kronecker_cost(a, b, 1)[1] / kronecker_cost(a, b, 1)[0] for a, b in everything) == (
+        pytest.approx(4.0)
+    )
+    with pytest.raises(ValueError, match="by"):
+        propose_kronecker_shapes(4, 4, by="time")  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from factorlm.decompose import (
+    WeightOptions,
     WeightSpectrum,
+    allocate_options,
     allocate_ranks,
     break_even_rank,
     rank_for_energy,
@@ -306,3 +308,53 @@ def test_an_infeasible_floor_is_lowered_not_refused() -> None:
     for spec in spectra:
         r = strict[spec.name]
         assert r is None or r >= 0.5 * break_even_rank(*spec.shape)
+
+
+def _random_options(rng: np.random.Generator, count: int) -> list[WeightOptions]:
+    weights = []
+    for w in range(count):
+        k = int(rng.integers(1, 5))
+        dense = int(rng.integers(40, 100))
+        costs = np.sort(rng.choice(np.arange(1, dense), size=k, replace=False))
+        errors = np.sort(rng.uniform(0.0, 1.0, k))[::-1]  # not convex: any decreasing errors
+        weights.append(WeightOptions(f"w{w}", np.append(costs, dense), np.append(errors, 0.0)))
+    return weights
+
+
+@pytest.mark.parametrize("strategy", ["optimal", "lagrangian"])
+@pytest.mark.parametrize("seed", range(6))
+def test_option_allocation_against_brute_force(strategy: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    weights = _random_options(rng, 4)
+    ratio = float(rng.uniform(0.3, 0.9))
+    target = ratio * sum(int(w.costs[-1]) for w in weights)
+    best = min(
+        (
+            sum(float(w.errors[k]) for w, k in zip(weights, combo, strict=True))
+            for combo in itertools.product(*(range(w.costs.size) for w in weights))
+            if sum(int(w.costs[k]) for w, k in zip(weights, combo, strict=True)) <= target
+        ),
+        default=None,
+    )
+    if best is None:
+        with pytest.raises(ValueError, match="infeasible"):
+            allocate_options(weights, ratio=ratio, strategy=strategy)  # type: ignore[arg-type]
+        return
+    picked = allocate_options(weights, ratio=ratio, strategy=strategy)  # type: ignore[arg-type]
+    cost = sum(int(w.costs[picked[w.name]]) for w in weights)
+    error = sum(float(w.errors[picked[w.name]]) for w in weights)
+    assert cost <= target
+    if strategy == "optimal":
+        assert error == pytest.approx(best, abs=1e-12)
+    else:  # a hull walk plus fill-back: feasible, and never worse than all-cheapest
+        assert error <= sum(float(w.errors[0]) for w in weights) + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("costs", "errors", "message"),
+    [([3, 2, 5], [0.5, 0.4, 0.0], "ascending"), ([1, 5], [0.5, 0.1], "dense"), ([], [], "empty")],
+)
+def test_bad_option_input(costs: list[int], errors: list[float], message: str) -> None:
+    weights = [WeightOptions("w", np.asarray(costs, dtype=np.int64), np.asarray(errors))]
+    with pytest.raises(ValueError, match=message):
+        allocate_options(weights, ratio=0.5)

@@ -12,11 +12,28 @@ import logging
 from factorlm.decompose._validate import DecompositionError
 from factorlm.decompose.data_aware import activation_scaled_svd, whitened_svd
 from factorlm.decompose.fisher import fisher_weighted_svd
-from factorlm.decompose.kronecker import KroneckerFactors, kronecker, propose_kronecker_shapes
-from factorlm.decompose.methods import METHODS, Method, decompose, spectrum
+from factorlm.decompose.kronecker import (
+    KroneckerFactors,
+    kronecker,
+    kronecker_cost,
+    kronecker_spectrum,
+    propose_kronecker_shapes,
+)
+from factorlm.decompose.methods import (
+    METHODS,
+    Method,
+    PreparedWeight,
+    decompose,
+    prepare,
+    prepared_lowrank,
+    spectrum,
+)
 from factorlm.decompose.rank import (
+    WeightOptions,
     WeightSpectrum,
+    allocate_options,
     allocate_ranks,
+    allocation_error,
     break_even_rank,
     rank_for_energy,
     round_rank,
@@ -32,14 +49,22 @@ __all__ = [
     "LowRank",
     "LowRankSparse",
     "Method",
+    "PreparedWeight",
+    "WeightOptions",
     "WeightSpectrum",
     "activation_scaled_svd",
+    "allocate_options",
     "allocate_ranks",
+    "allocation_error",
     "break_even_rank",
     "decompose",
     "fisher_weighted_svd",
     "kronecker",
+    "kronecker_cost",
+    "kronecker_spectrum",
     "lowrank_plus_sparse",
+    "prepare",
+    "prepared_lowrank",
     "propose_kronecker_shapes",
     "rank_for_energy",
     "round_rank",

@@ -9,7 +9,13 @@ the optimum (Eckart–Young); singular values are split as square roots between 
 
 ``y = x @ (A ⊗ B)`` needs no dense matrix: with ``X`` the token reshaped to ``(a_in, b_in)``,
 ``y = vec(Aᵀ X B)``, costing ``a_in·b_in·b_out + a_in·a_out·b_out`` multiply-adds (or the other
-association order, whichever is cheaper).
+association order, whichever is cheaper). The graph rewrite (``passes.kronecker``) computes
+``(Aᵀ X) B``: ``terms · a_out·b_in·(a_in + b_out)`` multiply-adds, which is
+``terms · (1/a_in + 1/b_out)`` of the dense ``m·n``, while the parameters are
+``terms · (1/(a_in·a_out) + 1/(b_in·b_out))`` of dense. FLOPs are therefore never below
+parameters (equal only for the low-rank split ``a_out = b_in = 1``); with every factor
+dimension at least 2 the fewest FLOPs per parameter, twice the parameters, come from
+``a = (in/2, 2)``, ``b = (2, out/2)`` (``kronecker_cost``, ``propose_kronecker_shapes(by="flops")``).
 """
 
 from __future__ import annotations
@@ -17,13 +23,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import scipy.linalg
 
 from factorlm.decompose._validate import DecompositionError, cast_back, check_weight
 from factorlm.decompose.svd import factors_from_svd, svd_rank
 
-__all__ = ["KroneckerFactors", "kronecker", "propose_kronecker_shapes"]
+__all__ = [
+    "KroneckerFactors",
+    "kronecker",
+    "kronecker_cost",
+    "kronecker_spectrum",
+    "propose_kronecker_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +142,63 @@ def kronecker(W: np.ndarray, a_shape: tuple[int, int], terms: int) -> KroneckerF
     )
 
 
+def kronecker_spectrum(W: np.ndarray, a_shape: tuple[int, int]) -> np.ndarray:
+    """Descending singular values of Van Loan's ``R(W)`` for the split ``a_shape``.
+
+    ``Σ s[t:]²`` is the squared Frobenius error of the best ``t``-term Kronecker sum, so this is
+    the planner's spectrum for one factor shape. Like ``methods.prepare`` it takes the
+    eigenvalues of the Gram on the smaller side (no SVD, no vectors): the tail energies it is
+    read for are exact to the rounding of ``‖W‖²``.
+    """
+    weight = check_weight(W)
+    b_shape = _b_shape(weight.shape, tuple(a_shape))  # type: ignore[arg-type]
+    a = (int(a_shape[0]), int(a_shape[1]))
+    rearranged = _rearrange(weight.astype(np.float64), a, b_shape)
+    if rearranged.shape[0] > rearranged.shape[1]:
+        rearranged = rearranged.T
+    values = scipy.linalg.eigvalsh(rearranged @ rearranged.T, check_finite=False)
+    return np.sqrt(np.maximum(values[::-1], 0.0))
+
+
+def kronecker_cost(
+    a_shape: tuple[int, int], b_shape: tuple[int, int], terms: int
+) -> tuple[int, int]:
+    """Parameters and FLOPs per token (``2·`` multiply-adds) of the ``(Aᵀ X) B`` rewrite."""
+    (a_in, a_out), (b_in, b_out) = a_shape, b_shape
+    params = terms * (a_in * a_out + b_in * b_out)
+    # Âᵀ X costs t·a_out·a_in·b_in, then (a_out, t·b_in) @ B̂ costs a_out·t·b_in·b_out.
+    flops = 2 * terms * a_out * b_in * (a_in + b_out)
+    return int(params), int(flops)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def propose_kronecker_shapes(
-    in_features: int, out_features: int, *, limit: int = 8
+    in_features: int,
+    out_features: int,
+    *,
+    limit: int = 8,
+    by: Literal["params", "flops"] = "params",
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Candidate ``(a_shape, b_shape)`` splits of ``(in, out)``, fewest parameters per term first.
+
+    With ``by="flops"``, fewest FLOPs per token per stored parameter first (``kronecker_cost``):
+    at any parameter count, the split whose rewrite computes least; ties as below.
 
     Every factor dimension is at least 2 when the shape allows it (a vector factor makes the
     product a thin structured matrix); otherwise both factors need more than one entry. Ties are broken towards balanced
     factors (``a`` and ``b`` of similar size), then towards square factors, then lexicographically,
     so the order is stable.
     """
+    if by not in ("params", "flops"):
+        raise DecompositionError(f"by {by!r} is unknown; use 'params' or 'flops'.")
     if in_features < 1 or out_features < 1:
         raise DecompositionError(
             f"in_features and out_features must be positive, got ({in_features}, {out_features})."
         )
-    candidates: list[tuple[int, int, float, tuple[tuple[int, int], tuple[int, int]]]] = []
+    candidates: list[tuple[float, int, int, float, tuple[tuple[int, int], tuple[int, int]]]] = []
     for strict in (True, False):
         for a_in in _divisors(in_features):
             for a_out in _divisors(out_features):
@@ -158,7 +210,11 @@ def propose_kronecker_shapes(
                     continue
                 skew = abs(math.log(a_in / a_out)) + abs(math.log(b_in / b_out))
                 shapes = ((a_in, a_out), (b_in, b_out))
-                candidates.append((a_size + b_size, abs(a_size - b_size), round(skew, 9), shapes))
+                params, flops = kronecker_cost(shapes[0], shapes[1], 1)
+                first = round(flops / params, 9) if by == "flops" else 0.0
+                candidates.append(
+                    (first, a_size + b_size, abs(a_size - b_size), round(skew, 9), shapes)
+                )
         if candidates:
             break
     candidates.sort()

@@ -43,7 +43,15 @@ from factorlm.decompose.data_aware import asvd_transform, check_gram, whiten_tra
 from factorlm.decompose.fisher import fisher_transform
 from factorlm.decompose.svd import LowRank, SvdMethod, sketch_dtype
 
-__all__ = ["METHODS", "Method", "PreparedWeight", "decompose", "prepare", "spectrum"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "PreparedWeight",
+    "decompose",
+    "prepare",
+    "prepared_lowrank",
+    "spectrum",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +294,33 @@ def prepare(
         s, vectors = _eigh_descending(k)
         vectors = vectors[:, :kept].astype(sketch_dtype(weight), copy=False)
     return PreparedWeight(str(method), (m, n), s, side, np.ascontiguousarray(vectors), stats)
+
+
+def prepared_lowrank(
+    W: np.ndarray,
+    method: Method | str,
+    rank: int,
+    *,
+    gram: np.ndarray | None = None,
+    mean_abs: np.ndarray | None = None,
+    fisher: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> LowRank:
+    """Rank-``rank`` factors of ``W`` by ``method`` through the planner's path, in one ``eigh``.
+
+    The same numbers as ``prepare(W, method, keep=0).lowrank(W, rank)`` (what ``compress`` does
+    after planning), without the spectrum-only ``eigvalsh``: replaying a saved plan with this
+    function reproduces a planned compression. Equal to ``decompose(..., svd_method="exact")``
+    up to rounding.
+    """
+    weight = check_weight(W)
+    m, n = weight.shape
+    r = check_rank(rank, weight.shape)
+    stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
+    s, vectors = _eigh_descending(_small_gram(weight, method, gram, mean_abs, fisher, alpha))
+    side: Literal["left", "right"] = "left" if m <= n else "right"
+    ready = PreparedWeight(str(method), (m, n), s, side, vectors[:, :r], stats)
+    return ready.lowrank(weight, r)
 
 
 def _small_gram(

@@ -52,7 +52,9 @@ __all__ = [
     "Budget",
     "ErrorScale",
     "Strategy",
+    "WeightOptions",
     "WeightSpectrum",
+    "allocate_options",
     "allocate_ranks",
     "allocation_cost",
     "allocation_error",
@@ -314,6 +316,73 @@ def allocate_ranks(
         ratio,
     )
     return {layer.name: layer.ranks[layer.choice] for layer in layers}
+
+
+@dataclass(frozen=True, eq=False)
+class WeightOptions:
+    """One weight's choices for ``allocate_options``: costs ascending, the last one dense.
+
+    ``errors[k]`` is the error of option ``k`` on the allocation's scale (for example the
+    relative squared error); the dense option (last) costs ``costs[-1]`` and has error 0.
+    """
+
+    name: str
+    costs: np.ndarray  # int, strictly ascending
+    errors: np.ndarray  # float, errors[-1] == 0
+
+
+def allocate_options(
+    weights: Sequence[WeightOptions],
+    *,
+    ratio: float,
+    strategy: Literal["optimal", "lagrangian"] = "optimal",
+) -> dict[str, int]:
+    """Index of one option per weight minimising the summed error with cost ≤ ``ratio`` of dense.
+
+    The multiple-choice knapsack of ``allocate_ranks`` over arbitrary options (Kronecker shapes
+    and term counts, for example): ``optimal`` is exact (dynamic programming, falling back to
+    ``lagrangian`` when the table would be too large), ``lagrangian`` walks the lower convex
+    hulls and fills back the slack. Raises ``DecompositionError`` when even the cheapest option
+    of every weight exceeds the budget.
+    """
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
+        raise DecompositionError(f"ratio must be a positive number, got {ratio!r}.")
+    if strategy not in ("optimal", "lagrangian"):
+        raise DecompositionError(
+            f"option allocation strategy {strategy!r} is unknown; use 'optimal' or 'lagrangian'."
+        )
+    layers: list[_Layer] = []
+    for index, weight in enumerate(weights):
+        costs = np.asarray(weight.costs, dtype=np.int64)
+        errors = np.asarray(weight.errors, dtype=np.float64)
+        if costs.ndim != 1 or costs.shape != errors.shape or costs.size == 0:
+            raise DecompositionError(
+                f"weight {weight.name!r} needs equally long, non-empty 1-D costs and errors."
+            )
+        if (np.diff(costs) <= 0).any() or costs[0] < 0:
+            raise DecompositionError(
+                f"weight {weight.name!r}: option costs must be non-negative and strictly ascending."
+            )
+        if not np.isfinite(errors).all() or errors[-1] != 0.0:
+            raise DecompositionError(
+                f"weight {weight.name!r}: errors must be finite and the last (dense) option's 0."
+            )
+        options: list[int | None] = list(range(costs.size))
+        layers.append(_Layer(index, weight.name, 1, options, costs, errors))
+    original = sum(int(layer.costs[-1]) for layer in layers)
+    target = ratio * original
+    floor = sum(int(layer.costs[0]) for layer in layers)
+    if floor > target:
+        smallest = math.ceil(floor / original * 1e4) / 1e4 if original else 1.0
+        raise DecompositionError(
+            f"ratio {ratio} is infeasible: the cheapest options cannot go below a ratio of "
+            f"{smallest}."
+        )
+    if strategy == "lagrangian" or not _knapsack(layers, target):
+        _lagrangian(layers, target)
+        _fill_back(layers, target, steps_only=False)
+    assert sum(layer.cost for layer in layers) <= target, "allocation exceeded its budget"
+    return {layer.name: layer.choice for layer in layers}
 
 
 def _knapsack(layers: list[_Layer], target: float) -> bool:
