@@ -72,6 +72,7 @@ SMOLLM_FISHER_SAMPLES = 32
 SMOLLM_WINDOW = 512
 SMOLLM_WINDOWS = 8
 SMOLLM_LATENCY_SEQ = 128
+SMOLLM_HELDOUT_NOVEL = "prideprejudice"
 
 
 def say(message: str) -> None:
@@ -120,7 +121,7 @@ def grid(model: str, quick: bool, methods: Sequence[str], ratios: Sequence[float
 
 
 def compress_point(
-    source: Path, out_dir: Path, method: str, ratio: float, stats: Any, linear: int
+    source: Path, out_dir: Path, method: str, ratio: float, stats: Any, linear: int, *, joint_qkv: bool = True
 ) -> dict[str, Any]:
     """``compress`` one (method, ratio) point; the record of what it did."""
     from factorlm.benchmark.quality import kept_linear_ratio
@@ -151,7 +152,10 @@ def compress_point(
                 f"{totals['flops_after'] / totals['flops_before']:.1f}x the dense weights' "
                 "(Kronecker sums with this many terms are slower than dense by construction)",
             }
-    result = compress(source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats)
+    result = compress(source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats, joint_qkv=joint_qkv)
+    plans = out_dir.parent / "plans"  # kept for the recovery rows after the point's folder is gone
+    plans.mkdir(exist_ok=True)
+    shutil.copy2(out_dir / "model.plan.json", plans / f"{out_dir.name}.json")
     seconds = time.perf_counter() - start
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (source.parent / name).is_file():
@@ -167,6 +171,82 @@ def compress_point(
         "compress_s": round(seconds, 1),
         "compress_stages_s": {k: round(v, 1) for k, v in result.seconds.items()},
     }
+
+
+#: Recovery rows (``--recover-minutes``): distillation from the best data-aware plan at the budget
+#: each target names, trained on text disjoint from every held-out row; ``recover`` keywords.
+RECOVER_BUDGET = {"minilm": 0.6, "smollm": 0.8}
+MINILM_RECOVERY: dict[str, Any] = {"method": "distill", "batch_size": 16, "lr": 3e-4, "max_length": 64, "threads": 1}
+SMOLLM_RECOVERY: dict[str, Any] = {"method": "distill", "batch_size": 4, "lr": 1e-4, "max_length": 256, "threads": 1}
+
+
+def recover_point(
+    model: str,
+    points: list[dict[str, Any]],
+    work: Path,
+    source: Path,
+    hf_dir: Path,
+    stats: Any,
+    linear: int,
+    args: argparse.Namespace,
+    *,
+    texts: Sequence[str],
+    settings: dict[str, Any],
+) -> tuple[dict[str, Any], Path] | None:
+    """Distil the best data-aware plan at ``RECOVER_BUDGET[model]``; its point and exported model.
+
+    The plan comes from the same ``compress`` call as its training-free row; when recovery cannot
+    take that plan (joint Q/K/V), the same budget is planned again with separate Q/K/V and the
+    row says so.
+    """
+    from factorlm.benchmark.quality import DATA_AWARE_METHODS
+    from factorlm.errors import ConfigError
+    from factorlm.recovery import recover
+
+    budget = RECOVER_BUDGET[model]
+    key, higher = ("cosine_mean", True) if model == "minilm" else ("perplexity", False)
+    scored = [
+        p for p in points
+        if p["budget"] == budget and p["method"] in DATA_AWARE_METHODS and "error" not in p and key in p
+    ]  # fmt: skip
+    if not scored:
+        say(f"{model}: no data-aware point at budget {budget} to recover from")
+        return None
+    best = (max if higher else min)(scored, key=lambda p: float(p[key]))
+    method = best["method"]
+    plan = work / "plans" / f"{method}-{budget}.json"
+    out = work / f"recovered-{method}-{budget}"
+    say(f"{model}: recovering {method} {budget} by distillation for {args.recover_minutes} CPU minutes")
+    start = time.perf_counter()
+    point: dict[str, Any] = {
+        "method": f"{method}+distill", "budget": budget, "recovered": True, "from": f"{method}-{budget}",
+        **{k: best[k] for k in ("linear_kept", "flops_ratio", "factorized", "left_dense") if k in best},
+    }  # fmt: skip
+    common = {
+        "data": list(texts), "steps": 1_000_000, "time_budget_s": args.recover_minutes * 60.0, "seed": 0,
+        "onnx_model": source, "stats": stats, "overwrite": True, "progress": sys.stderr.isatty(),
+        **settings,
+    }  # fmt: skip
+    try:
+        result = recover(hf_dir, plan, out, **common)
+    except ConfigError as exc:
+        if "jointly" not in str(exc):
+            raise
+        say(f"{model}: {exc} Planning {method} {budget} again with separate Q/K/V.")
+        again = compress_point(source, work / f"{method}-{budget}-separate", method, budget, stats, linear, joint_qkv=False)
+        point.update({k: again[k] for k in ("linear_kept", "flops_ratio", "factorized", "left_dense")})
+        point["note"] = "separate Q/K/V (recovery does not take joint plans)"
+        result = recover(hf_dir, work / "plans" / f"{method}-{budget}-separate.json", out, **common)
+    point["compress_s"] = round(time.perf_counter() - start, 1)
+    point["recovery"] = {
+        "settings": {k: v for k, v in settings.items()},
+        "steps": result.steps_done,
+        "stopped": result.stopped,
+        "train_seconds": round(result.train_seconds, 1),
+        "final_loss": result.final_loss,
+        "texts": len(texts),
+    }
+    return point, result.model
 
 
 def load_done(work: Path, resume: bool) -> dict[str, dict[str, Any]]:
@@ -284,31 +364,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     majority = max(float((eval_y == c).mean()) for c in ("fresh", "rotten")) * 100
     say(f"original probe accuracy {ref_acc:.2f} % (majority {majority:.1f} %)")
 
-    linear = linear_param_count(source)
-    points: list[dict[str, Any]] = []
-    done = load_done(work, args.resume)
-    for method, ratio in grid("minilm", args.quick, args.methods, args.ratios):
-        label = f"{method}-{ratio}"
-        engine = work / f"engine-{label}" / "model.onnx"
-        if label in done and ("error" in done[label] or engine.is_file()):
-            say(f"MiniLM {label}: reused from an earlier run (--resume)")
-            points.append(done[label])
-            if "error" not in done[label]:
-                engines[label] = engine
-            continue
-        say(f"MiniLM {label}: compressing")
-        try:
-            point = compress_point(source, work / label, method, ratio, stats, linear)
-            if "error" in point:
-                say(f"MiniLM {label}: {point['error']}")
-                points.append(point)
-                log_point(work, point)
-                continue
-            built = build_ort_engine(work / label / "model.onnx", work / f"engine-{label}", optimize=True, overwrite=True)
-        except Exception as exc:  # record the failure and keep the table going
-            logger.exception("point %s failed", label)
-            points.append({"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"})
-            continue
+    def score(label: str, model: Path, point: dict[str, Any]) -> None:
+        """Build the ORT engine of ``model``, score it on the held-out rows, record it in ``point``."""
+        built = build_ort_engine(model, work / f"engine-{label}", optimize=True, overwrite=True)
         engines[label] = built.engine_path
         point["fusions"] = {k: v for k, v in built.fusions["engine"].items() if v}
         with runner(built.engine_path) as cand:
@@ -327,11 +385,54 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         )
         say(
             f"MiniLM {label}: kept {point['linear_kept']:.3f}, accuracy {acc:.2f} "
-            f"({point['accuracy_drop']:+.2f} drop), cosine {point['cosine_mean']:.4f}, "
-            f"compress {point['compress_s']} s"
+            f"({point['accuracy_drop']:+.2f} drop), cosine {point['cosine_mean']:.4f}"
         )
+
+    linear = linear_param_count(source)
+    points: list[dict[str, Any]] = []
+    done = load_done(work, args.resume)
+    for method, ratio in grid("minilm", args.quick, args.methods, args.ratios):
+        label = f"{method}-{ratio}"
+        engine = work / f"engine-{label}" / "model.onnx"
+        if label in done and ("error" in done[label] or engine.is_file()):
+            say(f"MiniLM {label}: reused from an earlier run (--resume)")
+            points.append(done[label])
+            if "error" not in done[label]:
+                engines[label] = engine
+            continue
+        say(f"MiniLM {label}: compressing")
+        try:
+            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=args.joint_qkv)
+            if "error" in point:
+                say(f"MiniLM {label}: {point['error']}")
+                points.append(point)
+                log_point(work, point)
+                continue
+            score(label, work / label / "model.onnx", point)
+        except Exception as exc:  # record the failure and keep the table going
+            logger.exception("point %s failed", label)
+            points.append({"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         points.append(point)
         log_point(work, point)
+
+    recovery = None
+    if args.recover_minutes > 0:
+        distill_rows = rows[split["eval_rows"][1] :]
+        recovery = recover_point(
+            "minilm", points, work, source, minilm_dir(), stats, linear, args,
+            texts=[str(r["text"]) for r in distill_rows if str(r.get("text", "")).strip()],
+            settings=MINILM_RECOVERY,
+        )  # fmt: skip
+        if recovery is not None:
+            point, model = recovery
+            try:
+                score(f"{point['method']}-{point['budget']}", model, point)
+            except Exception as exc:
+                logger.exception("recovered point failed")
+                point["error"] = f"{type(exc).__name__}: {exc}"
+            points.append(point)
+        split["distill_rows"] = [split["eval_rows"][1], len(rows)]
 
     latency = minilm_latency(engines, tokenizer, rows[MINILM_CALIB_ROWS]["text"], args)
     for point in points:
@@ -424,6 +525,18 @@ def _austen_ids(tokenizer: Any, novel: str) -> np.ndarray:
     return np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
 
 
+def smollm_distill_texts(tokenizer: Any, tokens: int) -> tuple[list[str], str]:
+    """Training text for SmolLM recovery: every Austen novel but the held-out one, in chunks."""
+    from factorlm.assets import austen_dir
+
+    texts: list[str] = []
+    novels = sorted(p.stem for p in austen_dir().glob("*.txt") if p.stem != SMOLLM_HELDOUT_NOVEL)
+    for novel in novels:
+        ids = _austen_ids(tokenizer, novel)
+        texts += [tokenizer.decode(ids[i : i + tokens]) for i in range(0, len(ids) - tokens + 1, tokens)]
+    return texts, f"{len(texts)} chunks of {tokens} tokens from {', '.join(novels)} (never {SMOLLM_HELDOUT_NOVEL})"
+
+
 def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -457,7 +570,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     calib_s = time.perf_counter() - start
     say(f"SmolLM calibration ready in {calib_s:.1f} s ({stats.tokens} tokens)")
 
-    ids = _austen_ids(tokenizer, "prideprejudice")
+    ids = _austen_ids(tokenizer, SMOLLM_HELDOUT_NOVEL)
 
     def perplexity(path: Path) -> float:
         with OrtRunner(path, graph_optimization_level="all") as r:
@@ -500,7 +613,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
             continue
         say(f"SmolLM {label}: compressing")
         try:
-            point = compress_point(source, work / label, method, ratio, stats, linear)
+            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=args.joint_qkv)
             if "error" in point:
                 say(f"SmolLM {label}: {point['error']}")
                 points.append(point)
@@ -523,6 +636,24 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         )
         points.append(point)
         log_point(work, point)
+
+    distill_note = None
+    if args.recover_minutes > 0:
+        texts, distill_note = smollm_distill_texts(tokenizer, int(SMOLLM_RECOVERY["max_length"]))
+        recovery = recover_point(
+            "smollm", points, work, source, smollm_dir(), stats, linear, args, texts=texts, settings=SMOLLM_RECOVERY
+        )
+        if recovery is not None:
+            point, model = recovery
+            try:
+                point["perplexity"] = perplexity(model)
+                point["perplexity_increase"] = (point["perplexity"] / ref_ppl - 1.0) * 100.0
+                point["speedup"] = speed(model)
+                say(f"SmolLM {point['method']}-{point['budget']}: perplexity {point['perplexity']:.2f}")
+            except Exception as exc:
+                logger.exception("recovered point failed")
+                point["error"] = f"{type(exc).__name__}: {exc}"
+            points.append(point)
     return {
         "model": "SmolLM2-135M-Instruct",
         "source": str(source),
@@ -531,6 +662,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         "split": {
             "calibration": f"Emma, first {SMOLLM_CALIB_CHUNKS} chunks of {SMOLLM_CALIB_TOKENS} tokens",
             "evaluation": f"Pride and Prejudice, first {SMOLLM_WINDOWS} non-overlapping windows of {SMOLLM_WINDOW} tokens",
+            "distillation": distill_note,
         },
         "calibration": {
             "gram_mean_abs": f"{stats.tokens} tokens of Emma",
@@ -567,7 +699,11 @@ def orderings(section: dict[str, Any], key: str, higher: bool) -> list[dict[str,
     out = []
     budgets = sorted({p["budget"] for p in section["points"]}, reverse=True)
     for budget in budgets:
-        scores = {p["method"]: float(p.get(key, float("nan"))) for p in section["points"] if p["budget"] == budget and "error" not in p}
+        scores = {
+            p["method"]: float(p.get(key, float("nan")))
+            for p in section["points"]
+            if p["budget"] == budget and "error" not in p and not p.get("recovered")
+        }
         if len(scores) >= 2:
             out.append(method_ordering(scores, budget, higher_is_better=higher).to_dict())
     return out
@@ -576,14 +712,17 @@ def orderings(section: dict[str, Any], key: str, higher: bool) -> list[dict[str,
 def markdown(results: dict[str, Any]) -> str:
     from factorlm.benchmark.quality import best_under
 
-    lines = ["# Quality vs speed of every factorization method (training-free)", ""]
+    lines = ["# Quality vs speed of every factorization method", ""]
     lines += [
         "Produced by `benchmarks/quality.py`; every number below comes from `quality.json` next to",
         "this file. `budget` is the `ratio` passed to `compress` (fraction of targeted linear-layer",
         "parameters to keep, global rank allocation); `linear kept` is the fraction of *all* linear",
         "parameters actually left (factors included, weights left dense counted). Speedups are paired,",
         "alternating ORT measurements against the ORT-optimized original on a shared 2-core machine:",
-        "compare ratios, not milliseconds.",
+        "compare ratios, not milliseconds. Rows named `<method>+distill` are *not* training-free: the",
+        "same plan as the `<method>` row at that budget, recovered by distillation (`factorlm recover`,",
+        "`--recover-minutes` CPU minutes) on text disjoint from the held-out rows; `compress s` is then",
+        "the recovery's wall time. Orderings below compare training-free rows only.",
         "",
     ]
     minilm = results.get("minilm")
@@ -717,6 +856,11 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
         ax.plot(xs, ys, marker=markers.get(method, "o"), label=method)
         for p, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(f"{p['budget']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for p in section["points"]:
+        if p.get("recovered") and "error" not in p and p.get("speedup"):
+            x, y = p["speedup"]["estimate"], p[key]
+            ax.plot([x], [y], marker="*", markersize=12, linestyle="none", color="black", label=p["method"])
+            ax.annotate(f"{p['budget']}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="original")
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
@@ -773,6 +917,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="SmolLM methods, in the order they run (the deadline cuts the tail)")
     parser.add_argument("--smollm-extra", nargs="*", default=["whiten:0.9", "whiten:0.6"],
                         help="METHOD:RATIO points run after the SmolLM grid (reduced grid)")
+    parser.add_argument("--separate-qkv", dest="joint_qkv", action="store_false",
+                        help="factorize Q/K/V separately (default: jointly, as `factorlm compress` does)")
+    parser.add_argument("--recover-minutes", type=float, default=0.0,
+                        help="add a distillation row per model: the best data-aware plan at the target budget "
+                        "trained for this many CPU minutes (0: none; 15 adds about 35 minutes)")
     parser.add_argument("--iterations", type=int, default=30, help="MiniLM latency rounds")
     parser.add_argument("--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point")
     parser.add_argument("--deadline", type=float, default=45.0, help="minutes; later SmolLM points are skipped")
