@@ -81,6 +81,28 @@ def test_edited_plan_is_applied_and_validated(mlp_path: Path, tmp_path: Path) ->
     )  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("allocation", "floor"), [("uniform", 0.0), ("lagrangian", 1.0)])
+def test_allocation_and_min_fraction_reach_the_planner(
+    mlp_path: Path, tmp_path: Path, allocation: str, floor: float
+) -> None:
+    out = tmp_path / "o.onnx"
+    argv = ["compress", str(mlp_path), "-o", str(out), "--min-size", "0", "--ratio", "0.6"]
+    assert main([*argv, "--allocation", allocation, "--min-fraction", str(floor)]) == 0
+    plan = json.loads((tmp_path / "o.plan.json").read_text())
+    assert (plan["budget"]["allocation"], plan["budget"]["min_fraction"]) == (allocation, floor)
+    expected = compress(
+        mlp_path,
+        tmp_path / "api.onnx",
+        ratio=0.6,
+        min_size=0,
+        allocation=allocation,
+        min_fraction=floor,
+    )
+    assert {k: v["rank"] for k, v in plan["weights"].items()} == {
+        k: v.rank for k, v in expected.plan.weights.items()
+    }
+
+
 @pytest.mark.parametrize(
     ("method", "extra"),
     [("kron", []), ("losparse", ["--sparse-density", "0.1"]), ("svd", ["--energy", "0.9"])],
@@ -181,6 +203,8 @@ def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[str], 
         "outside folder": (evil_dir / "m.onnx", [], "outside the model's folder"),
         "unknown method": (good, ["--method", "magic"], "method 'magic' is unknown"),
         "ratio": (good, ["--ratio", "1.5"], "--ratio 1.5 is out of range"),
+        "allocation": (good, ["--allocation", "best"], "--allocation 'best' is unknown"),
+        "min fraction": (good, ["--min-fraction", "1.5"], "--min-fraction 1.5 is out of range"),
         "include": (good, ["--include", "^nothing$"], "matches no weight"),
         "plan": (good, ["--plan", str(plan)], "'nope.weight', which is not in the model"),
         "data-aware": (good, ["--method", "whiten"], "needs calibration statistics"),

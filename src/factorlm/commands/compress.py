@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from factorlm.compress import DEFAULT_MIN_SIZE, CompressResult, compress
+from factorlm.decompose.rank import DEFAULT_MIN_FRACTION, STRATEGIES
 from factorlm.errors import ConfigError
 from factorlm.planning import ALL_METHODS, DATA_AWARE, StatsLike
 
@@ -111,6 +112,15 @@ def register(app: typer.Typer) -> None:
             "--joint-qkv/--separate-qkv",
             help="Factorize Q/K/V jointly (one shared down-projection) so ORT keeps Attention.",
         ),
+        allocation: str = typer.Option(
+            "optimal",
+            help=f"How --ratio is spread over the weights: one of {', '.join(STRATEGIES)}.",
+        ),
+        min_fraction: float = typer.Option(
+            DEFAULT_MIN_FRACTION,
+            help="Floor in [0, 1]: no factorized weight below this fraction of its break-even "
+            "rank (lowered when --ratio needs it).",
+        ),
     ) -> None:
         """Factorize the linear (and embedding) weights of an ONNX model; write OUT and OUT.plan.json."""
         if method not in ALL_METHODS:
@@ -118,6 +128,14 @@ def register(app: typer.Typer) -> None:
         if not 0.0 < ratio < 1.0:
             raise ConfigError(
                 f"--ratio {ratio} is out of range: it must be strictly between 0 and 1."
+            )
+        if allocation not in STRATEGIES:
+            raise ConfigError(
+                f"--allocation {allocation!r} is unknown; use one of {', '.join(STRATEGIES)}."
+            )
+        if not 0.0 <= min_fraction <= 1.0:
+            raise ConfigError(
+                f"--min-fraction {min_fraction} is out of range: it must be between 0 and 1."
             )
         if plan is None and method in DATA_AWARE and calib is None and stats is None:
             raise ConfigError(
@@ -157,6 +175,8 @@ def register(app: typer.Typer) -> None:
                 sparse_structure=sparse_structure,
                 sparse_density=sparse_density,
                 joint_qkv=joint_qkv,
+                allocation=allocation,
+                min_fraction=min_fraction,
                 progress=progress,
             )
         console.print(_table(result))
