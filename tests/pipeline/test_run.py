@@ -133,6 +133,11 @@ def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
         (job / "out-recover" / "build" / "compressed" / "manifest.json").read_text()
     )
     assert "recover" in engine["source"]["path"]
+    # Recovery keeps the default joint Q/K/V, so the recovered engine keeps its Attention node.
+    compressed = next((job / "out-recover").rglob("model.plan.json"))
+    assert any("+" in name for name in json.loads(compressed.read_text())["weights"])
+    assert engine["extra"]["factor_fusion"]["attention"] >= 1
+    assert engine["fusions"]["engine"]["Attention"] >= 1
 
 
 def test_interrupted_stage_leaves_nothing_and_the_next_run_resumes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ def _compressed(tmp: Path, onnx_dir: Path, method: str, **kwargs: Any) -> Any:
         ("kron", {}),
         ("losparse", {"sparse_structure": "column", "sparse_density": 0.1}),
         ("losparse", {"sparse_structure": "unstructured", "sparse_density": 0.1}),
+        ("svd", {"joint_qkv": True}),
     ],
 )
 def test_applied_plan_exports_what_the_passes_produce(
@@ -103,15 +105,17 @@ def test_applied_plan_exports_what_the_passes_produce(
     assert not set(again.plan.weights) & set(tags)
 
 
+@pytest.mark.parametrize("joint_qkv", [False, True])
 def test_whitened_plan_with_stats_matches(
-    tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path
+    tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path, joint_qkv: bool
 ) -> None:
     from factorlm.calibration import collect_statistics
 
     stats = collect_statistics(
         onnx_dir / "model.onnx", TEXTS * 4, cache_dir=tmp_path / "cache", progress=False
     )
-    result = _compressed(tmp_path, onnx_dir, "whiten", stats=stats)
+    result = _compressed(tmp_path, onnx_dir, "whiten", stats=stats, joint_qkv=joint_qkv)
+    assert any("+" in name for name in result.plan.weights) == joint_qkv
     model = _load_torch_model(tiny_bert_dir, TASK, False)
     applied = apply_plan(model, result.plan, onnx_dir / "model.onnx", stats=stats)
     factors = {
@@ -121,6 +125,79 @@ def test_whitened_plan_with_stats_matches(
     export_student(model, tiny_bert_dir, tmp_path / "student", TASK, factors)
     expected, got = _run(tmp_path / "c" / "model.onnx"), _run(tmp_path / "student" / "model.onnx")
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def _joint_structure(path: Path) -> tuple[int, int]:
+    """(down-projections feeding 3 tagged MatMuls, MatMuls reading a down-projection)."""
+    model = onnx.load(str(path))
+    tags = json.loads({p.key: p.value for p in model.metadata_props}[FACTOR_METADATA_KEY])
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    downs = ups = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in tags:
+            continue
+        users = readers.get(node.output[0], [])
+        if len(users) == 3 and all(u.op_type == "MatMul" and u.input[1] in tags for u in users):
+            downs += 1
+            ups += len(users)
+    return downs, ups
+
+
+def test_joint_plan_trains_one_shared_left_factor_and_keeps_attention_fused(
+    tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path
+) -> None:
+    from factorlm.exporters.ort import build_ort_engine
+    from factorlm.recovery.modules import JointFactorizedLinear, JointProjection
+
+    result = _compressed(tmp_path, onnx_dir, "svd", joint_qkv=True)
+    (joint,) = [name for name in result.plan.weights if "+" in name]
+    student, _, _ = _student(tiny_bert_dir, onnx_dir, result.plan)
+    shared = [m for m in student.modules() if isinstance(m, JointFactorizedLinear)]
+    views = [m for m in student.modules() if isinstance(m, JointProjection)]
+    assert len(shared) == 1 and len(views) == 3 and all(v.joint is shared[0] for v in views)
+    rank = result.plan.weights[joint].rank
+    assert tuple(shared[0].left.shape) == (16, rank)
+    # Each factor is one parameter: the state dict (checkpoints) and optimizer see it once.
+    keys = [k for k in student.state_dict() if "attention.self" in k]
+    assert sorted(keys) == sorted(
+        f"bert.encoder.layer.0.attention.self.joint_query_key_value.{k}"
+        for k in ["left", *(f"rights.{i}.{p}" for i in range(3) for p in ("weight", "bias"))]
+    )
+    out = recover(
+        tiny_bert_dir, result.plan_path, tmp_path / "out", data=TEXTS, steps=4, batch_size=4,
+        lr=1e-2, onnx_model=onnx_dir / "model.onnx", progress=False,
+    )  # fmt: skip
+    assert out.steps_done == 4 and out.max_relative_diff < 1e-3
+    assert _joint_structure(out.model) == _joint_structure(tmp_path / "c" / "model.onnx") == (1, 3)
+    # Trained, so no longer the compressed model; still the fused engine of the compressed one.
+    assert not np.allclose(_run(out.model), _run(tmp_path / "c" / "model.onnx"), atol=1e-6)
+    compressed = build_ort_engine(tmp_path / "c" / "model.onnx", tmp_path / "ce", optimize=True)
+    engine = build_ort_engine(out.model, tmp_path / "engine", optimize=True, model_type="bert")
+    fused = {k: v for k, v in engine.fusions["engine"].items() if v}
+    assert fused == {k: v for k, v in compressed.fusions["engine"].items() if v}
+    assert fused["Attention"] == 1 and fused["EmbedLayerNormalization"] == 1
+    assert engine.extra["factor_fusion"]["attention"] == 1
+    assert engine.extra["factor_fusion"]["dense"] == []
+    np.testing.assert_allclose(_run(engine.engine_path), _run(out.model), atol=1e-4, rtol=0)
+
+
+def test_joint_plan_with_a_kronecker_method_is_refused(
+    tmp_path: Path, tiny_bert_dir: Path, onnx_dir: Path
+) -> None:
+    from factorlm.errors import PlanError
+
+    plan = _compressed(tmp_path, onnx_dir, "svd", joint_qkv=True).plan
+    (joint,) = [name for name in plan.weights if "+" in name]
+    entry = plan.weights[joint]
+    plan.weights[joint] = dataclasses.replace(
+        entry, method="kron", rank=None, kron={"a_shape": [4, 12], "b_shape": [4, 4], "terms": 2}
+    )
+    model = _load_torch_model(tiny_bert_dir, TASK, False)
+    with pytest.raises(PlanError, match="is a joint Q/K/V weight; method 'kron'"):
+        apply_plan(model, plan, onnx_dir / "model.onnx")
 
 
 def _student(tiny_bert_dir: Path, onnx_dir: Path, plan: Any) -> tuple[Any, Any, Any]:

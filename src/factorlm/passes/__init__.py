@@ -23,6 +23,7 @@ from factorlm.passes.joint import JOINT_SEPARATOR, JointLinearPass, joint_statis
 from factorlm.passes.kronecker import KroneckerPass
 from factorlm.passes.linear import LowRankLinearPass
 from factorlm.passes.lowrank_sparse import LowRankSparsePass
+from factorlm.passes.shared import MergeSharedMatMulsPass
 
 __all__ = [
     "FACTOR_METADATA_KEY",
@@ -34,6 +35,7 @@ __all__ = [
     "LowRankEmbeddingPass",
     "LowRankLinearPass",
     "LowRankSparsePass",
+    "MergeSharedMatMulsPass",
     "RemoveReplacedWeightsPass",
     "Skipped",
     "Use",

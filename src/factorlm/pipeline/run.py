@@ -197,8 +197,7 @@ def _compress(
         embeddings=cfg.embeddings,
         plan=cfg.plan,
         stats=stats,
-        # recovery applies plans per nn.Linear, so it needs Q/K/V planned separately
-        joint_qkv=cfg.joint_qkv and config.recover.method is None,
+        joint_qkv=cfg.joint_qkv,
         **kwargs,
     )
     copy_sidecars(onnx_dir / "model.onnx", out)
@@ -390,7 +389,6 @@ def run_pipeline(
                 "stats": stats_dir and result.stage("calibrate").key,
                 "cfg": config.compress.model_dump(mode="json"),
                 "plan": plan_key,
-                "recover": config.recover.method is not None,
             }
         ),
         lambda out: _compress(config, exported.path, stats_dir, out),

@@ -7,7 +7,9 @@ the Fisher statistics use), token embeddings by value against ``nn.Embedding`` w
 module is then replaced by a factorized module (``factorlm.recovery.modules``) whose factors come
 from ``factorlm.decompose`` with the plan's method, rank and statistics, computed from the very
 matrix the graph passes see (``Candidate.matrix()``), so the exported student equals the
-compressed graph before any training.
+compressed graph before any training. A joint Q/K/V weight (``"<q>+<k>+<v>"``) is factorized as
+the concatenation its joint candidate holds, exactly as ``passes.joint`` does; its members become
+views of one ``JointFactorizedLinear`` that owns the shared ``L`` and the ``Rᵢ`` slices.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ import numpy as np
 
 from factorlm.compress import factorize_entry
 from factorlm.errors import PlanError
-from factorlm.planning import Plan, StatsLike, validate_plan
+from factorlm.passes.analysis import Candidate
+from factorlm.passes.joint import JOINT_SEPARATOR, joint_statistics
+from factorlm.planning import Plan, StatsLike, WeightPlan, validate_plan
 from factorlm.recovery.modules import (
     FactorizedEmbedding,
     FactorizedLinear,
+    JointFactorizedLinear,
+    JointProjection,
     KroneckerLinear,
     LowRankSparseLinear,
     SafeEmbedding,
@@ -66,6 +72,57 @@ def _set_module(model: Any, path: str, module: Any) -> None:
     setattr(parent, child, module)
 
 
+def _apply_joint(
+    model: Any,
+    name: str,
+    entry: WeightPlan,
+    cand: Candidate,
+    matrix: np.ndarray,
+    stats: StatsLike | None,
+    mapping: Mapping[str, Any],
+    linear: Mapping[str, Any],
+) -> str:
+    """Replace the members of joint candidate ``name`` by views of one ``JointFactorizedLinear``.
+
+    The joint module is registered next to the first member (``<parent>.joint_<q>_<k>_<v>``);
+    its path is returned. ``validate_plan`` has refused non-low-rank methods for joint weights. ``matrix`` is the members' ``(in, out)`` weights side by side.
+    """
+    paths: list[str] = []
+    olds: list[Any] = []
+    offset = 0
+    for member in cand.members:
+        hit = mapping.get(member)
+        if hit is None:
+            raise PlanError(
+                f"member {member!r} of plan weight {name!r} matches no nn.Linear weight of the model."
+            )
+        old = linear[hit[0]]
+        width = int(old.weight.shape[0])
+        block = matrix[:, offset : offset + width]
+        if not np.array_equal(old.weight.detach().numpy().T, block):
+            raise PlanError(
+                f"member {member!r} of plan weight {name!r} is not {hit[0]} in (in, out) layout."
+            )
+        paths.append(hit[0].removesuffix(".weight"))
+        olds.append(old)
+        offset += width
+    low = factorize_entry(name, entry, matrix, stats)
+    rights: list[np.ndarray] = []
+    offset = 0
+    for old in olds:
+        width = int(old.weight.shape[0])
+        rights.append(low.right[:, offset : offset + width])
+        offset += width
+    joint = JointFactorizedLinear(low.left, rights, [old.bias for old in olds])
+    parent, _, _ = paths[0].rpartition(".")
+    children = "_".join(p.rpartition(".")[2] for p in paths)
+    path = f"{parent}.joint_{children}" if parent else f"joint_{children}"
+    _set_module(model, path, joint)
+    for index, member_path in enumerate(paths):
+        _set_module(model, member_path, JointProjection(joint, index))
+    return path
+
+
 def apply_plan(
     model: Any,
     plan: Plan | str | Path,
@@ -77,8 +134,10 @@ def apply_plan(
     """Replace the planned modules of ``model`` (in place) by factorized modules.
 
     ``onnx_model`` is the export the plan was made for; ``stats`` the calibration statistics a
-    data-aware plan needs; ``safe`` turns factorized embeddings into SAFE embeddings. Raises
-    PlanError when a planned weight has no PyTorch counterpart.
+    data-aware plan needs; ``safe`` turns factorized embeddings into SAFE embeddings. A joint
+    weight (``"<q>+<k>+<v>"``, ``compress(joint_qkv=True)``) becomes one ``JointFactorizedLinear``
+    whose ``JointProjection`` views replace the members; ``AppliedPlan.modules`` maps the joint
+    name to the joint module. Raises PlanError when a planned weight has no PyTorch counterpart.
     """
     import onnx
     import torch
@@ -88,14 +147,11 @@ def apply_plan(
     from factorlm.passes import analyze
 
     chosen = load_plan(plan)
-    joint = [name for name in chosen.weights if "+" in name]
-    if joint:
-        raise PlanError(
-            f"plan weight {joint[0]!r} factorizes Q/K/V jointly, which recovery does not support "
-            "yet; make the plan with `factorlm compress --separate-qkv`."
-        )
-    analysis = analyze(load_model(onnx_model), min_size=0)
+    # A plan with joint candidates ("<q>+<k>+<v>") needs the joint analysis, as compress does.
+    joint = any(JOINT_SEPARATOR in name for name in chosen.weights)
+    analysis = analyze(load_model(onnx_model), min_size=0, joint=joint)
     chosen = validate_plan(chosen, analysis)
+    stats = joint_statistics(stats, analysis)
     linear = {
         f"{name}.weight": mod
         for name, mod in model.named_modules()
@@ -127,6 +183,9 @@ def apply_plan(
             kind = SafeEmbedding if safe else FactorizedEmbedding
             _set_module(model, path, kind(low.left, low.right, old.padding_idx))
             replaced[name] = path
+            continue
+        if cand.members:
+            replaced[name] = _apply_joint(model, name, entry, cand, matrix, stats, mapping, linear)
             continue
         hit = mapping.get(name)
         if hit is None:

@@ -4,7 +4,10 @@ The student is exported from memory with ``optimum.exporters.onnx.onnx_export_fr
 folder re-loaded by ``from_pretrained`` would rebuild dense layers), validated against the same
 in-memory model with ``factorlm.exporters.hf.validate``, and its factor initializers are recorded
 in the model metadata ``factorlm.factors`` (``{factor initializer: original initializer}``), so
-``factorlm compress`` leaves already-factorized weights alone.
+``factorlm compress`` leaves already-factorized weights alone. A joint Q/K/V's shared ``x @ L``
+is then merged into one MatMul (``passes.MergeSharedMatMulsPass``; the TorchScript exporter
+usually writes it once already), the form ``compress(joint_qkv=True)`` writes and ONNX Runtime
+builds fuse into Attention.
 
 Why factors are found by sorted values: the TorchScript exporter constant-folds layout changes
 (``weight.t()``, ``a.transpose(1, 2)``) into new initializers, so a factor appears transposed or
@@ -26,7 +29,7 @@ import numpy as np
 from factorlm.errors import ModelLoadError
 from factorlm.passes.analysis import FACTOR_METADATA_KEY
 
-__all__ = ["export_student", "tag_factors"]
+__all__ = ["export_student", "merge_shared_factors", "tag_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,21 @@ def tag_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> dic
     return tags
 
 
+def merge_shared_factors(onnx_path: Path) -> int:
+    """Merge duplicate ``MatMul(x, factor)`` nodes of the tagged model in place; how many went."""
+    import onnx_ir as ir
+
+    from factorlm.passes.shared import MergeSharedMatMulsPass
+
+    model = ir.load(str(onnx_path))
+    before = sum(1 for _ in model.graph)
+    result = MergeSharedMatMulsPass()(model)
+    if not result.modified:
+        return 0
+    ir.save(result.model, str(onnx_path))
+    return before - sum(1 for _ in result.model.graph)
+
+
 def export_student(
     model: Any,
     model_dir: Path,
@@ -104,7 +122,9 @@ def export_student(
             f"by {worst.relative:.2g} of its scale (tolerance {rtol:g})."
         )
     tags = tag_factors(onnx_path, factors)
+    merged = merge_shared_factors(onnx_path)
     return {
         "max_relative_diff": worst.relative,
         "tagged_factors": len(tags),
+        "merged_matmuls": merged,
     }

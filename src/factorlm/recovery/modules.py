@@ -5,6 +5,8 @@ Each module computes exactly what the matching graph pass computes, in the same 
 rewritten graph:
 
 - ``FactorizedLinear``: ``Linear(in, r, bias=False) -> Linear(r, out, bias)``; ``W ≈ L R``.
+- ``JointFactorizedLinear`` + ``JointProjection``: sibling projections of one input (Q/K/V) share
+  ``L``; ``[Wq Wk Wv] ≈ L [Rq Rk Rv]``, so member ``i`` computes ``(x @ L) @ Rᵢ + bᵢ``.
 - ``FactorizedEmbedding``: ``Embedding(vocab, r) -> Linear(r, d, bias=False)``; ``E ≈ L R``.
 - ``KroneckerLinear``: ``W ≈ Σᵢ Aᵢ ⊗ Bᵢ``; a token viewed as ``X: (a_in, b_in)`` maps to
   ``Σᵢ Aᵢᵀ X Bᵢ`` (two batched MatMuls, never the dense ``W``).
@@ -29,6 +31,8 @@ from torch import nn
 __all__ = [
     "FactorizedEmbedding",
     "FactorizedLinear",
+    "JointFactorizedLinear",
+    "JointProjection",
     "KroneckerLinear",
     "LowRankSparseLinear",
     "SafeEmbedding",
@@ -69,6 +73,75 @@ class FactorizedLinear(nn.Module):
 
     def factor_tensors(self) -> list[torch.Tensor]:
         return [self.first.weight, self.second.weight]
+
+
+class JointFactorizedLinear(nn.Module):
+    """One shared ``L: (in, r)`` and per-member ``Rᵢ: (r, outᵢ)`` (+ bias): a joint Q/K/V.
+
+    It owns every parameter once; the model calls it through ``JointProjection`` views put where
+    the members' ``nn.Linear`` were. Each view computes ``x @ L`` itself, so the export holds one
+    ``MatMul(x, L)`` per member; ``factorlm.passes.MergeSharedMatMulsPass`` merges them into the
+    single down-projection ``passes.joint`` writes.
+    """
+
+    def __init__(
+        self, left: np.ndarray, rights: list[np.ndarray], biases: list[torch.Tensor | None]
+    ) -> None:
+        super().__init__()
+        if len(rights) != len(biases):
+            raise ValueError(f"{len(rights)} right factors but {len(biases)} biases.")
+        self.in_features, self.rank = left.shape
+        self.left = _param(left)  # (in, r): exported as MatMul(x, L), no transposed copy
+        self.rights = nn.ModuleList()
+        for right, bias in zip(rights, biases, strict=True):
+            if right.shape[0] != self.rank:
+                raise ValueError(f"right factor {right.shape} does not have rank {self.rank}.")
+            linear = nn.Linear(self.rank, right.shape[1], bias=bias is not None)
+            linear.weight = _param(right.T)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.detach().clone())
+            self.rights.append(linear)
+
+    def right(self, index: int) -> nn.Linear:
+        """Member ``index``'s ``Rᵢ`` (stored ``(outᵢ, r)``) and bias."""
+        linear = self.rights[index]
+        assert isinstance(linear, nn.Linear)
+        return linear
+
+    def project(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``: ``(x @ L) @ Rᵢ + bᵢ``."""
+        return self.right(index)(torch.matmul(x, self.left))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        t = torch.matmul(x, self.left)
+        return [self.right(i)(t) for i in range(len(self.rights))]
+
+    def factor_tensors(self) -> list[torch.Tensor]:
+        return [self.left, *(self.right(i).weight for i in range(len(self.rights)))]
+
+
+class JointProjection(nn.Module):
+    """Member ``index`` of a ``JointFactorizedLinear``, in place of that member's ``nn.Linear``.
+
+    It holds no parameters: the joint module is registered once elsewhere in the model (so the
+    state dict and optimizer see each factor once) and referenced here, not registered.
+    """
+
+    _joint: JointFactorizedLinear
+
+    def __init__(self, joint: JointFactorizedLinear, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_joint", joint)  # a plain reference, not a submodule
+        self.index = index
+        self.in_features = joint.in_features
+        self.out_features = joint.right(index).out_features
+
+    @property
+    def joint(self) -> JointFactorizedLinear:
+        return self._joint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._joint.project(x, self.index)
 
 
 class LowRankSparseLinear(FactorizedLinear):
@@ -251,4 +324,11 @@ class SafeEmbedding(FactorizedEmbedding):
 
 def is_factorized(module: nn.Module) -> bool:
     """Whether ``module`` is one of the factorized modules above."""
-    return isinstance(module, FactorizedLinear | KroneckerLinear | FactorizedEmbedding)
+    return isinstance(
+        module,
+        FactorizedLinear
+        | JointFactorizedLinear
+        | JointProjection
+        | KroneckerLinear
+        | FactorizedEmbedding,
+    )
