@@ -21,7 +21,7 @@ from typing import Any
 from factorlm.errors import ConfigError, DataError
 from factorlm.planning import DATA_AWARE, Plan
 from factorlm.recovery.apply import apply_plan, load_plan
-from factorlm.recovery.train import METHODS, TrainConfig, train
+from factorlm.recovery.train import CLOCKS, METHODS, TrainConfig, train
 
 __all__ = ["RecoveryResult", "checkpoint_dir_for", "recover"]
 
@@ -38,6 +38,7 @@ class RecoveryResult:
     task: str
     steps_done: int
     train_seconds: float
+    train_cpu_seconds: float
     stopped: str
     resumed_from: int | None
     final_loss: float | None
@@ -78,6 +79,7 @@ def recover(
     data: str | Path | Sequence[str],
     steps: int = 500,
     time_budget_s: float | None = None,
+    clock: str = "wall",
     seed: int = 0,
     onnx_model: str | Path | None = None,
     stats: Any = None,
@@ -88,6 +90,8 @@ def recover(
     max_length: int = 128,
     lr: float = 1e-4,
     feature_fraction: float = 0.5,
+    temperature: float = 2.0,
+    lm_weight: float = 0.0,
     checkpoint_every: int = 50,
     threads: int | None = None,
     task: str | None = None,
@@ -104,6 +108,9 @@ def recover(
     or an .npz path) feeds data-aware plans; without it they are computed on the first
     ``calib_samples`` texts of ``data``, which ``factorlm compress --calib DATA`` also uses.
     ``data`` (a file or a list of texts) must hold calibration texts only, never held-out rows.
+    ``time_budget_s`` caps the training steps' time on ``clock`` ("wall", or "cpu": process CPU
+    seconds, which a loaded machine does not stretch); ``temperature`` scales the logit KL and
+    ``lm_weight`` adds a causal LM's next-token cross-entropy on ``data`` to it.
     """
     import torch
 
@@ -112,7 +119,7 @@ def recover(
     from factorlm.exporters.hf import _load_torch_model, check_model_dir, export
     from factorlm.recovery.export import export_student
 
-    clock = time.perf_counter()
+    began = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if method not in METHODS:
         raise ConfigError(
@@ -120,6 +127,8 @@ def recover(
         )
     if time_budget_s is not None and not time_budget_s > 0:
         raise ConfigError(f"time budget {time_budget_s!r} s must be positive.")
+    if clock not in CLOCKS:
+        raise ConfigError(f"clock {clock!r} is unknown; use one of {', '.join(CLOCKS)}.")
     config = check_model_dir(model_dir)
     chosen = load_plan(plan)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -157,7 +166,7 @@ def recover(
                 onnx_model, texts[:calib_samples], tokenizer=model_dir,
                 max_samples=calib_samples, progress=progress,
             )  # fmt: skip
-        seconds["prepare"] = time.perf_counter() - clock
+        seconds["prepare"] = time.perf_counter() - began
 
         start = time.perf_counter()
         torch.manual_seed(seed)
@@ -174,7 +183,8 @@ def recover(
         cfg = TrainConfig(
             method=method, steps=steps, time_budget_s=time_budget_s, batch_size=batch_size,
             max_length=max_length, lr=lr, seed=seed, feature_fraction=feature_fraction,
-            checkpoint_every=checkpoint_every, threads=threads,
+            checkpoint_every=checkpoint_every, threads=threads, clock=clock,
+            temperature=temperature, lm_weight=lm_weight,
         )  # fmt: skip
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
         result = train(
@@ -197,6 +207,7 @@ def recover(
             "train": asdict(cfg),
             "steps_done": result.steps_done,
             "train_seconds": result.seconds,
+            "train_cpu_seconds": result.cpu_seconds,
             "stopped": result.stopped,
             "resumed_from": result.resumed_from,
             "losses": result.losses[-200:],
@@ -211,7 +222,7 @@ def recover(
         seconds["export"] = time.perf_counter() - start
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    logger.info("Recovered %s into %s in %.0f s", model_dir, out_dir, time.perf_counter() - clock)
+    logger.info("Recovered %s into %s in %.0f s", model_dir, out_dir, time.perf_counter() - began)
     return RecoveryResult(
         out_dir=out_dir,
         model=out_dir / "model.onnx",
@@ -219,6 +230,7 @@ def recover(
         task=task,
         steps_done=result.steps_done,
         train_seconds=result.seconds,
+        train_cpu_seconds=result.cpu_seconds,
         stopped=result.stopped,
         resumed_from=result.resumed_from,
         final_loss=result.losses[-1][1] if result.losses else None,

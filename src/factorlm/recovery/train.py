@@ -6,7 +6,8 @@ Losses (teacher = the original model, frozen; student = the factorized model):
   relative squared error of hidden states on real tokens, ``Σ‖h_s − h_t‖² / Σ‖h_t‖²``;
 - output distillation (second phase): an encoder's last hidden state (relative squared error)
   plus ``1 − cos`` of mean-pooled embeddings; a classifier's or causal LM's logits by
-  temperature-scaled KL.
+  temperature-scaled KL; a causal LM may add ``lm_weight`` times the next-token cross-entropy
+  on the text itself.
 
 Methods add to that loop: ``losparse`` re-densifies each sparse residual to ``W − L R`` and prunes
 it by smoothed importance ``|θ·∇θ|`` (EMA of importance times EMA of its deviation) on a cubic
@@ -18,10 +19,17 @@ Reproducibility: data order is a function of (seed, epoch), the learning rate a 
 step, dropout is off, and a checkpoint holds the student, optimizer, step, method state and RNG
 states, so a run interrupted after its last checkpoint and resumed reaches the same weights as
 an uninterrupted one.
+
+Time budget: ``time_budget_s`` caps the seconds spent in training steps, counted on ``clock``:
+``"wall"`` (elapsed time) or ``"cpu"`` (``time.process_time()``: CPU time of this process, all
+threads), which a loaded shared machine changes far less, so a budget in CPU seconds buys about
+the same number of steps whatever else runs. The schedule is a function of ``steps`` only; the
+budget decides where a run stops, never what a step does.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -43,10 +51,14 @@ __all__ = ["METHODS", "DseeLinear", "TrainConfig", "TrainResult", "train"]
 logger = logging.getLogger(__name__)
 
 METHODS = ("distill", "losparse", "dsee", "kron-kd", "safe")
+CLOCKS = ("wall", "cpu")
 CHECKPOINT = "checkpoint.pt"
 _BUCKET = 8  # batches per length-sorted group
 #: Config fields a resumed run must share with its checkpoint.
-_RESUME_KEYS = ("method", "steps", "batch_size", "max_length", "lr", "seed", "feature_fraction")
+_RESUME_KEYS = (
+    "method", "steps", "batch_size", "max_length", "lr", "seed", "feature_fraction",
+    "temperature", "lm_weight",
+)  # fmt: skip
 
 
 @dataclass
@@ -70,17 +82,23 @@ class TrainConfig:
     dsee_rank: int = 8
     dsee_density: float = 0.005
     threads: int | None = None  # torch intra-op threads; 1 is fastest on an oversubscribed CPU
+    clock: str = "wall"  # what time_budget_s counts: "wall" or "cpu" (process CPU time)
+    lm_weight: float = 0.0  # causal LM: weight of the next-token cross-entropy (output phase)
 
 
 @dataclass
 class TrainResult:
-    """What a run did: steps, seconds of training, loss history and why it stopped."""
+    """What a run did: steps, seconds of training, loss history and why it stopped.
+
+    ``seconds`` is wall time in training steps, ``cpu_seconds`` the process CPU time in them.
+    """
 
     steps_done: int
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
     stopped: str = "steps"
+    cpu_seconds: float = 0.0
 
 
 class DseeLinear(nn.Module):
@@ -190,7 +208,13 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _loss(
-    kind: str, cfg: TrainConfig, feature: bool, s_out: Any, t_out: Any, mask: torch.Tensor
+    kind: str,
+    cfg: TrainConfig,
+    feature: bool,
+    s_out: Any,
+    t_out: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     if feature:
         pairs = zip(s_out.hidden_states, t_out.hidden_states, strict=True)
@@ -202,7 +226,19 @@ def _loss(
     kl = _kl(s_out.logits, t_out.logits, cfg.temperature)
     if kind == "classification":
         return kl.mean()
-    return (kl * mask).sum() / mask.sum().clamp_min(1)
+    loss = (kl * mask).sum() / mask.sum().clamp_min(1)
+    if cfg.lm_weight > 0:
+        loss = loss + cfg.lm_weight * _next_token_loss(s_out.logits, ids, mask)
+    return loss
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting each real token from the ones before it."""
+    scored = (mask[:, 1:] * mask[:, :-1]).reshape(-1).to(logits.dtype)
+    nll = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return (nll * scored).sum() / scored.sum().clamp_min(1)
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
@@ -365,6 +401,10 @@ def train(
         raise ConfigError(f"method {cfg.method!r} is unknown; use one of {', '.join(METHODS)}.")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
         raise ConfigError("steps, batch size and checkpoint interval must be positive integers.")
+    if cfg.clock not in CLOCKS:
+        raise ConfigError(f"clock {cfg.clock!r} is unknown; use one of {', '.join(CLOCKS)}.")
+    if cfg.lm_weight < 0:
+        raise ConfigError(f"lm_weight {cfg.lm_weight!r} must not be negative.")
     if not cfg.lr > 0:
         raise ConfigError(f"learning rate {cfg.lr!r} must be positive.")
     kind = _kind(student)
@@ -383,7 +423,7 @@ def train(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_dir / CHECKPOINT
-    step, seconds, losses, resumed_from = 0, 0.0, [], None
+    step, seconds, cpu_seconds, losses, resumed_from = 0, 0.0, 0.0, [], None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -402,6 +442,7 @@ def train(
         optimizer.load_state_dict(payload["optimizer"])
         state = payload["method_state"]
         step, seconds, losses = payload["step"], payload["seconds"], payload["losses"]
+        cpu_seconds = payload.get("cpu_seconds", 0.0)
         torch.set_rng_state(payload["rng"]["torch"])
         np.random.set_state(payload["rng"]["numpy"])
         random.setstate(payload["rng"]["python"])
@@ -418,6 +459,7 @@ def train(
                 "method_state": state,
                 "step": step,
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "losses": losses,
                 "rng": {
                     "torch": torch.get_rng_state(),
@@ -429,6 +471,8 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    # A causal LM's feature loss needs no logits: skip the vocabulary projection when it can.
+    lean = kind == "lm" and "logits_to_keep" in inspect.signature(student.forward).parameters
     stopped = "steps"
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
@@ -438,19 +482,22 @@ def train(
         job = bar.add_task(f"recover ({cfg.method})", total=cfg.steps, completed=step)
         while step < cfg.steps:
             if cfg.time_budget_s is not None and step > (resumed_from or 0):
-                per_step = seconds / max(1, step)
-                if seconds + per_step > cfg.time_budget_s:
+                spent = cpu_seconds if cfg.clock == "cpu" else seconds
+                if spent + spent / max(1, step) > cfg.time_budget_s:
                     stopped = "time"
                     break
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             batch = _collate([rows[i] for i in _batch_indices(cfg, step, lengths)], pad_id)
             feature = step < cfg.feature_fraction * cfg.steps
             for group in optimizer.param_groups:
                 group["lr"] = _lr(cfg, step)
+            extra = {"logits_to_keep": 1} if feature and lean else {}
             with torch.no_grad():
-                t_out = teacher(**batch, output_hidden_states=feature)
-            s_out = student(**batch, output_hidden_states=feature)
-            loss = _loss(kind, cfg, feature, s_out, t_out, batch["attention_mask"])
+                t_out = teacher(**batch, output_hidden_states=feature, **extra)
+            s_out = student(**batch, output_hidden_states=feature, **extra)
+            loss = _loss(
+                kind, cfg, feature, s_out, t_out, batch["input_ids"], batch["attention_mask"]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if state and cfg.method == "losparse":
@@ -463,6 +510,7 @@ def train(
                             module.sparse.mul_(module.mask)
             step += 1
             seconds += time.perf_counter() - start
+            cpu_seconds += time.process_time() - cpu_start
             value = float(loss.detach())
             losses.append((step, value))
             phase = "feature" if feature else "output"
@@ -476,6 +524,11 @@ def train(
     torch.set_num_threads(previous_threads)
     if stopped == "time":
         checkpoint()
-        logger.info("Stopped at step %d: time budget %.0f s spent", step, cfg.time_budget_s or 0)
+        logger.info(
+            "Stopped at step %d: time budget %.0f %s s spent",
+            step,
+            cfg.time_budget_s or 0,
+            cfg.clock,
+        )
     _finish_method(cfg, student)
-    return TrainResult(step, seconds, losses, resumed_from, stopped)
+    return TrainResult(step, seconds, losses, resumed_from, stopped, cpu_seconds)
