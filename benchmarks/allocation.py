@@ -27,16 +27,24 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VARIANTS", "compress_variant", "evaluate", "heldout_file", "machine", "main"]
+from _common import machine, publish
+
+__all__ = [
+    "VARIANTS",
+    "add_heldout_arguments",
+    "compress_variant",
+    "evaluate",
+    "heldout_file",
+    "main",
+    "prepare",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +66,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def machine() -> str:
-    """CPU, core count and ``uptime`` (the machine is shared: record its load)."""
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, uptime: {load}"
+def add_heldout_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """``--heldout-start``, ``--heldout``, ``--work`` and ``--out`` (default ``results/<out>``)."""
+    parser.add_argument("--heldout-start", type=int, default=2000)
+    parser.add_argument("--heldout", type=int, default=600)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / out)
+
+
+def prepare(args: argparse.Namespace, prefix: str) -> tuple[Path, Path, Path]:
+    """The work folder (``--work`` or a new temporary one), the exported MiniLM, the held-out file."""
+    from factorlm.assets import exported_minilm
+
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    source = exported_minilm()
+    return work, source, heldout_file(work, args.heldout_start, args.heldout)
+
+
+def write_results(out: Path, record: dict[str, Any], lines: list[str]) -> None:
+    """``record`` as JSON beside ``out``, ``lines`` as the Markdown at ``out`` (and printed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    publish(out, "\n".join(lines) + "\n")
 
 
 def heldout_file(folder: Path, start: int, count: int) -> Path:
@@ -141,20 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", nargs="+", default=[v for v in VARIANTS if v != "lagrangian-rel"]
     )
-    parser.add_argument("--heldout-start", type=int, default=2000)
-    parser.add_argument("--heldout", type=int, default=600)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "allocation.md")
+    add_heldout_arguments(parser, "allocation.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from factorlm.assets import exported_minilm, reviews_path
+    from factorlm.assets import reviews_path
     from factorlm.calibration import collect_statistics
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="factorlm-allocation-"))
-    work.mkdir(parents=True, exist_ok=True)
-    source = exported_minilm()
-    heldout = heldout_file(work, args.heldout_start, args.heldout)
+    work, source, heldout = prepare(args, "factorlm-allocation-")
     stats = collect_statistics(source, reviews_path(), max_samples=256, progress=False)
     before = machine()
     start = time.perf_counter()
@@ -192,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": "rows 0-255 (collect_statistics, max_samples=256)",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Rank allocation on all-MiniLM-L6-v2 (36 linear weights, 10.6M parameters)",
         "",
@@ -214,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['factorized']} / {row['dense']} | {row['ranks']} | {row['pooled_cosine']:.4f} | "
             f"{row['accuracy']:.1f} ({row['original_accuracy']:.1f}) |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text)
+    write_results(args.out, record, lines)
     return 0
 
 

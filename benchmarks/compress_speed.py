@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine, publish
 
 __all__ = ["export_bert", "main"]
 
@@ -87,11 +87,6 @@ def _run(code: str, *args: str) -> tuple[dict[str, object], float]:
     return data, float(data["rss"])
 
 
-def _machine() -> str:
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, uptime: {load}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "# compress speed and memory (BERT-base shape, random weights)",
         "",
         f"Command: `.venv/bin/python benchmarks/compress_speed.py --layers {args.layers} --ratio {args.ratio}`",
-        f"Machine: {_machine()}",
+        f"Machine: {machine()}",
         f"Model: {model.name}, {size / 1e6:.1f} MB, {args.layers} layers (export {export_s:.1f} s, not timed below)",
         "",
         "| measure | value | target |",
@@ -134,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Parameters (whole model): {full['params_before']:,} -> {full['params_after']:,}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(args.out, "\n".join(lines))
     return 0
 
 

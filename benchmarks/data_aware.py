@@ -15,21 +15,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from allocation import VARIANTS, compress_variant, evaluate, heldout_file, machine
+from _common import machine
+from allocation import (
+    VARIANTS,
+    add_heldout_arguments,
+    compress_variant,
+    evaluate,
+    prepare,
+    write_results,
+)
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
 METHODS = ("svd", "whiten", "asvd", "fwsvd")
 
 
@@ -39,20 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--variants", nargs="+", default=["optimal-rel-floor50"])
     parser.add_argument("--fisher-samples", type=int, default=128)
-    parser.add_argument("--heldout-start", type=int, default=2000)
-    parser.add_argument("--heldout", type=int, default=600)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "data_aware.md")
+    add_heldout_arguments(parser, "data_aware.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from factorlm.assets import exported_minilm, minilm_dir, reviews_path
+    from factorlm.assets import minilm_dir, reviews_path
     from factorlm.calibration import collect_fisher, collect_statistics
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="factorlm-data-aware-"))
-    work.mkdir(parents=True, exist_ok=True)
-    source = exported_minilm()
-    heldout = heldout_file(work, args.heldout_start, args.heldout)
+    work, source, heldout = prepare(args, "factorlm-data-aware-")
     before = machine()
     start = time.perf_counter()
     stats: Any = collect_statistics(source, reviews_path(), max_samples=256, progress=False)
@@ -95,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         "original": metrics["original"],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# Data-aware methods on all-MiniLM-L6-v2 at {args.ratio} of linear parameters",
         "",
@@ -119,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['method']} | {row['variant']} | {row['achieved_ratio']:.3f} | {row['factorized']} / {row['dense']} "
             f"| {row['ranks']} | {row['pooled_cosine']:.4f} | {row['accuracy']:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text)
+    write_results(args.out, record, lines)
     return 0
 
 

@@ -19,15 +19,25 @@ Usage: ``.venv/bin/python benchmarks/engines.py [--ratio 0.5] [--method svd] [--
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _common import (
+    add_timing_arguments,
+    alternate,
+    environment_lines,
+    fmt_interval,
+    nonzero_counts,
+    publish,
+    review_feeds,
+    rounds,
+    uptime,
+)
 
 __all__ = ["OPTIONS", "cpu_has_fp16", "main"]
 
@@ -58,29 +68,6 @@ def cpu_has_fp16() -> bool:
     return bool(flags & {"avx512fp16", "amx_fp16", "fphp", "asimdhp"})
 
 
-def uptime() -> str:
-    """The ``uptime`` line (load averages), or a note when the command is missing."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
-
-
-def review_feeds(model_dir: Path, batch: int, seq: int) -> dict[str, np.ndarray]:
-    """``batch`` real review snippets tokenized and padded to ``seq`` tokens."""
-    from transformers import AutoTokenizer
-
-    from factorlm.assets import reviews_path
-
-    with open(reviews_path()) as fh:
-        texts = [json.loads(line)["text"] for _, line in zip(range(batch), fh, strict=False)]
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np"
-    )
-    return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-
-
 def pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Mean cosine of mean-pooled token embeddings (how the model is used)."""
     m = mask[..., None].astype(np.float64)
@@ -107,31 +94,18 @@ def build_all(
     return manifests
 
 
-def _fmt_interval(iv: Any) -> str:
-    return f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="svd")
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads per session")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--seq", type=int, default=128)
+    add_timing_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/factorlm-bench-engines"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "engines.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from factorlm.assets import exported_minilm
-    from factorlm.benchmark.latency import (
-        environment_info,
-        latency_summary,
-        measure_alternating,
-        speedup_interval,
-    )
+    from factorlm.benchmark.latency import latency_summary, speedup_interval
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.compress import compress
     from factorlm.exporters.fusions import lost_fusions
@@ -177,15 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: pooled_cosine(out[name], ref[k[0]], feeds["attention_mask"])
                 for k, out in outputs.items()
             }
-            iterations = args.iterations if batch > 1 else args.iterations * 2
-            times = measure_alternating(
-                [runners[k] for k in keys],
-                feeds,
-                warmup=args.warmup,
-                iterations=iterations,
-                rng=rng,
-            )
-            col = {k: times[:, i] for i, k in enumerate(keys)}
+            iterations = rounds(args.iterations, batch)
+            col = alternate(runners, feeds, warmup=args.warmup, iterations=iterations, rng=rng)
             base = col[("original", "unoptimized")]
             rows = []
             for option in options:
@@ -215,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.__exit__(None, None, None)
     load_after = uptime()
 
-    env = environment_info()
+    fp16_note = "yes" if cpu_has_fp16() else "no (fp16 rows skipped)"
     lines = [
         "# ORT engines: original vs compressed all-MiniLM-L6-v2",
         "",
@@ -224,11 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.factorized} weights factorized, targeted parameters "
         f"{result.params_before:,} -> {result.params_after:,}, model parameters "
         f"{result.model_params_before:,} -> {result.model_params_after:,}.  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['affinity']} usable), "
-        f"{env['platform']}; fp16 arithmetic on this CPU: {'yes' if cpu_has_fp16() else 'no (fp16 rows skipped)'}.  ",
-        f"Libraries: {', '.join(f'{k} {v}' for k, v in env['libraries'].items())}.  ",
-        f"Load before: `{load_before}`  ",
-        f"Load after: `{load_after}`  ",
+        *environment_lines(
+            load_before, load_after, cpu_note=f"; fp16 arithmetic on this CPU: {fp16_note}"
+        ),
         f"Timing: all {len(keys)} engines alternated in random order each round, {args.warmup} "
         f"warm-up rounds, intra-op threads {args.threads}, sequence {args.seq}, real review "
         "snippets padded to the sequence length. Ratios are medians of per-round paired ratios "
@@ -247,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in data["rows"]:
             lines.append(
                 f"| {row['option']} | {row['original_p50_ms']:.1f} | {row['compressed_p50_ms']:.1f} "
-                f"| {_fmt_interval(row['factorization'])} | {_fmt_interval(row['original_vs_unopt'])} "
-                f"| {_fmt_interval(row['compressed_vs_unopt'])} | {row['cos_original']:.5f} "
+                f"| {fmt_interval(row['factorization'])} | {fmt_interval(row['original_vs_unopt'])} "
+                f"| {fmt_interval(row['compressed_vs_unopt'])} | {row['cos_original']:.5f} "
                 f"| {row['cos_compressed']:.5f} |"
             )
         by = {row["option"]: row for row in data["rows"]}
@@ -272,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---|---|",
     ]
     for key, manifest in manifests.items():
-        fused = ", ".join(f"{k} {v}" for k, v in manifest.fusions["engine"].items() if v)
+        fused = nonzero_counts(manifest.fusions["engine"])
         q = manifest.quantization
         quant = (
             f"{q['quantized']}/{q['weights']} ({q['factor_quantized']}/{q['factor_weights']})"
@@ -291,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Fusions the compressed model loses under the transformer optimizer: {lost or 'none'}.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(args.out, "\n".join(lines))
     return 0
 
 

@@ -20,15 +20,26 @@ Usage: ``.venv/bin/python benchmarks/fusion.py [--ratios 0.6,0.5] [--iterations 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _common import (
+    add_timing_arguments,
+    alternate,
+    environment_lines,
+    fmt_interval,
+    nonzero_counts,
+    publish,
+    review_feeds,
+    review_texts,
+    rounds,
+    uptime,
+)
 
 __all__ = ["main"]
 
@@ -38,43 +49,11 @@ HERE = Path(__file__).resolve().parent
 CALIBRATION_ROWS = 256
 
 
-def uptime() -> str:
-    """The ``uptime`` line (load averages), or a note when the command is missing."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
-
-
-def review_feeds(model_dir: Path, batch: int, seq: int) -> dict[str, np.ndarray]:
-    """``batch`` held-out review snippets tokenized and padded to ``seq`` tokens."""
-    from transformers import AutoTokenizer
-
-    from factorlm.assets import reviews_path
-
-    with open(reviews_path(), encoding="utf-8") as fh:
-        rows = [json.loads(line)["text"] for line in fh.read().split("\n") if line.strip()]
-    texts = rows[CALIBRATION_ROWS : CALIBRATION_ROWS + batch]
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np"
-    )
-    return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-
-
-def _fmt(iv: Any) -> str:
-    return f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", default="0.6,0.5")
     parser.add_argument("--rank-multiple", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads per session")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--seq", type=int, default=128)
+    add_timing_arguments(parser)
     parser.add_argument("--eval-rows", type=int, default=600)
     parser.add_argument("--work", type=Path, default=Path("/tmp/factorlm-bench-fusion"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "fusion.md")
@@ -82,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from factorlm.assets import exported_minilm, reviews_path
-    from factorlm.benchmark.latency import (
-        environment_info,
-        latency_summary,
-        measure_alternating,
-        speedup_interval,
-    )
+    from factorlm.benchmark.latency import latency_summary, speedup_interval
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.benchmark.tasks import classification_task, load_dataset, load_tokenizer
     from factorlm.calibration import collect_statistics
@@ -102,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
 
     start = time.perf_counter()
-    with open(reviews_path(), encoding="utf-8") as fh:
-        rows = [json.loads(line)["text"] for line in fh.read().split("\n") if line.strip()]
     stats = collect_statistics(
         original,
-        rows[:CALIBRATION_ROWS],
+        review_texts()[:CALIBRATION_ROWS],
         tokenizer=original.parent,
         max_samples=CALIBRATION_ROWS,
         progress=False,
@@ -177,16 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         probe_s = time.perf_counter() - start
         per_batch: dict[int, dict[str, Any]] = {}
         for batch in (int(b) for b in args.batches.split(",")):
-            feeds = review_feeds(original.parent, batch, args.seq)
-            iterations = args.iterations if batch > 1 else args.iterations * 2
-            times = measure_alternating(
-                [runners[k] for k in keys],
-                feeds,
-                warmup=args.warmup,
-                iterations=iterations,
-                rng=rng,
-            )
-            col = {k: times[:, i] for i, k in enumerate(keys)}
+            feeds = review_feeds(original.parent, batch, args.seq, skip=CALIBRATION_ROWS)
+            iterations = rounds(args.iterations, batch)
+            col = alternate(runners, feeds, warmup=args.warmup, iterations=iterations, rng=rng)
             per_batch[batch] = {
                 "iterations": iterations,
                 "p50": {k: latency_summary(col[k], batch)["p50_ms"] for k in keys},
@@ -199,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     load_after = uptime()
 
     scores = {"original fp32": float(probe["reference"]), **probe["candidates"]}
-    env = environment_info()
     lines = [
         "# Fusion-preserving factorization: compressed + optimizer + int8 vs original + optimizer + int8",
         "",
@@ -210,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         f"rank_multiple={args.rank_multiple})`).  ",
         "Engines: `build_ort_engine(model, int8=True)` (transformer optimizer, then dynamic int8 "
         "with uint8 per-channel weights).  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores ({env['affinity']} usable), "
-        f"{env['platform']}.  ",
-        f"Libraries: {', '.join(f'{k} {v}' for k, v in env['libraries'].items())}.  ",
-        f"Load before: `{load_before}`  ",
-        f"Load after: `{load_after}`  ",
+        *environment_lines(load_before, load_after),
         f"Timing: {len(keys)} engines alternated in random order every round, {args.warmup} warm-up "
         f"rounds, intra-op threads {args.threads}, sequence {args.seq}, held-out review snippets "
         "padded to the sequence length. Speedups are medians of per-round paired ratios against "
@@ -227,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---|---|---|---|---|",
     ]
     for name, manifest in manifests.items():
-        engine_ops = ", ".join(f"{k} {v}" for k, v in manifest.fusions["engine"].items() if v)
-        optimized = ", ".join(
-            f"{k} {v}" for k, v in manifest.fusions.get("optimized", {}).items() if v
-        )
+        engine_ops = nonzero_counts(manifest.fusions["engine"])
+        optimized = nonzero_counts(manifest.fusions.get("optimized", {}))
         q = manifest.quantization or {}
         quant = f"{q.get('factor_quantized', 0)}/{q.get('factor_weights', 0)}"
         if name == "original":
@@ -261,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         row = f"| {key} + optimizer + int8 | {scores.get(key, float('nan')):.1f} |"
         for data in per_batch.values():
-            row += f" {data['p50'][key]:.1f} | {_fmt(data['speedup'][key])} |"
+            row += f" {data['p50'][key]:.1f} | {fmt_interval(data['speedup'][key])} |"
         lines.append(row)
     lines += [
         "",
@@ -270,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{probe_s:.0f} s.  ",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(args.out, "\n".join(lines))
     return 0
 
 

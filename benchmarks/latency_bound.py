@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress_speed import _machine, export_bert
+from _common import machine, publish
+from compress_speed import export_bert
 from factorlm.compress import compress
 from factorlm.io import load_model
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "# ORT CPU latency: original vs SVD-compressed, realized vs FLOP-bound speedup",
         "",
         f"Command: `.venv/bin/python benchmarks/latency_bound.py --layers {args.layers} --repeats {args.repeats} --threads {args.threads}`",
-        f"Machine: {_machine()}",
+        f"Machine: {machine()}",
         f"Model: random BERT, {layers} layers of BERT-base shape (hidden 768, FFN 3072), sequence {SEQ}, "
         f"ORT_ENABLE_ALL, {args.threads} intra-op threads, {args.repeats} alternating rounds after warm-up.",
         "",
@@ -133,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"FLOPs per token (linear + attention): {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in flops.items())}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(args.out, "\n".join(lines))
     return 0
 
 
