@@ -19,9 +19,24 @@ import numpy as np
 from factorlm.decompose._validate import cast_back
 from factorlm.decompose.svd import LowRank, SvdMethod, factors_from_svd, svd_rank
 
-__all__ = ["Transform", "lowrank_from_transform"]
+__all__ = ["Transform", "floored_scale", "lowrank_from_transform"]
 
 logger = logging.getLogger(__name__)
+
+_SCALE_FLOOR = 1e-6  # smallest diagonal scale, relative to the largest: keeps the inverse finite
+
+
+def floored_scale(values: np.ndarray, power: float) -> np.ndarray | None:
+    """``values**power`` floored at ``_SCALE_FLOOR`` of its maximum, or None when all zero.
+
+    The diagonal ``A`` (ASVD, ``mean_abs^α``) or ``B`` (FWSVD, ``√fisher``); None stands for the
+    identity: an all-zero statistic carries no information and gives the plain SVD.
+    """
+    scale = values**power
+    top = float(scale.max()) if scale.size else 0.0
+    if top == 0.0:
+        return None
+    return np.maximum(scale, _SCALE_FLOOR * top)
 
 
 def _identity(x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from factorlm.errors import FactorlmError
 __all__ = [
     "DecompositionError",
     "cast_back",
+    "check_alpha",
     "check_rank",
     "check_vector",
     "check_weight",
@@ -78,6 +79,13 @@ def check_vector(values: Any, length: int, name: str, *, what: str) -> np.ndarra
     if (out < 0).any():
         raise DecompositionError(f"{name} has negative entries; it must be non-negative.")
     return out
+
+
+def check_alpha(alpha: float) -> float:
+    """Return ASVD's exponent ``alpha`` as a float, refusing NaN, Inf and negative values."""
+    if not np.isfinite(alpha) or alpha < 0:
+        raise DecompositionError(f"alpha must be a finite non-negative number, got {alpha!r}.")
+    return float(alpha)
 
 
 def cast_back(array: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from factorlm.decompose._transform import Transform, lowrank_from_transform
+from factorlm.decompose._transform import Transform, floored_scale, lowrank_from_transform
 from factorlm.decompose._validate import (
     DecompositionError,
+    check_alpha,
     check_rank,
     check_vector,
     check_weight,
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 _DAMPING_START = 1e-10
 _DAMPING_MAX = 1.0
-_SCALE_FLOOR = 1e-6
 
 
 def check_gram(gram: Any, in_features: int) -> np.ndarray:
@@ -120,20 +120,12 @@ def whitened_svd(
     return lowrank_from_transform(transform, r, weight.dtype, rng=rng, method=method)
 
 
-def _check_alpha(alpha: float) -> float:
-    if not np.isfinite(alpha) or alpha < 0:
-        raise DecompositionError(f"alpha must be a finite non-negative number, got {alpha!r}.")
-    return float(alpha)
-
-
 def asvd_transform(weight: np.ndarray, mean_abs: np.ndarray, alpha: float) -> Transform:
     """``Z = diag(s) W`` with ``s = mean_abs^α`` floored at 1e-6 of its maximum."""
-    scale = mean_abs**alpha
-    top = float(scale.max())
-    if top == 0.0:
+    scale = floored_scale(mean_abs, alpha)
+    if scale is None:
         logger.debug("mean_abs is all zeros; ASVD falls back to the plain SVD")
         return Transform(weight)
-    scale = np.maximum(scale, _SCALE_FLOOR * top)
 
     def undo_left(left: np.ndarray) -> np.ndarray:
         return left / scale[:, None]
@@ -154,5 +146,5 @@ def activation_scaled_svd(
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
     stats = check_vector(mean_abs, weight.shape[0], "mean_abs", what="mean |x| per input feature")
-    transform = asvd_transform(weight.astype(np.float64), stats, _check_alpha(alpha))
+    transform = asvd_transform(weight.astype(np.float64), stats, check_alpha(alpha))
     return lowrank_from_transform(transform, r, weight.dtype, rng=rng, method=method)

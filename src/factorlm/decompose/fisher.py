@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from factorlm.decompose._transform import Transform, lowrank_from_transform
+from factorlm.decompose._transform import Transform, floored_scale, lowrank_from_transform
 from factorlm.decompose._validate import check_rank, check_vector, check_weight
 from factorlm.decompose.svd import LowRank, SvdMethod
 
@@ -22,17 +22,13 @@ __all__ = ["fisher_transform", "fisher_weighted_svd"]
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_FLOOR = 1e-6
-
 
 def fisher_transform(weight: np.ndarray, fisher: np.ndarray) -> Transform:
     """``Z = W diag(√fisher)`` (floored), with the inverse applied to the right factor."""
-    root = np.sqrt(fisher)
-    top = float(root.max())
-    if top == 0.0:
+    root = floored_scale(fisher, 0.5)
+    if root is None:
         logger.debug("fisher is all zeros; FWSVD falls back to the plain SVD")
         return Transform(weight)
-    root = np.maximum(root, _WEIGHT_FLOOR * top)
 
     def undo_right(right: np.ndarray) -> np.ndarray:
         return right / root[None, :]

@@ -31,10 +31,11 @@ from typing import Any, Literal
 import numpy as np
 import scipy.linalg
 
-from factorlm.decompose._transform import Transform, lowrank_from_transform
+from factorlm.decompose._transform import Transform, floored_scale, lowrank_from_transform
 from factorlm.decompose._validate import (
     DecompositionError,
     cast_back,
+    check_alpha,
     check_rank,
     check_vector,
     check_weight,
@@ -59,6 +60,40 @@ Method = Literal["svd", "whiten", "drone", "asvd", "fwsvd"]
 METHODS: tuple[str, ...] = ("svd", "whiten", "drone", "asvd", "fwsvd")
 
 
+def _statistic(
+    shape: tuple[int, ...],
+    method: str,
+    gram: np.ndarray | None,
+    mean_abs: np.ndarray | None,
+    fisher: np.ndarray | None,
+    alpha: float,
+) -> np.ndarray | None:
+    """The checked float64 statistic ``method`` reads (None for svd); raises when it is missing.
+
+    The gram for whiten and drone, mean |x| per input feature for asvd (``alpha`` checked too),
+    Fisher row sums per output feature for fwsvd.
+    """
+    m, n = shape
+    if method == "svd":
+        return None
+    if method in ("whiten", "drone"):
+        if gram is None:
+            raise DecompositionError(f"method {method!r} needs gram (XᵀX of the weight's input).")
+        return check_gram(gram, m)
+    if method == "asvd":
+        if mean_abs is None:
+            raise DecompositionError("method 'asvd' needs mean_abs (mean |x| per input feature).")
+        check_alpha(alpha)
+        return check_vector(mean_abs, m, "mean_abs", what="mean |x| per input feature")
+    if method == "fwsvd":
+        if fisher is None:
+            raise DecompositionError(
+                "method 'fwsvd' needs fisher (Fisher row sums per output feature)."
+            )
+        return check_vector(fisher, n, "fisher", what="Fisher row sums per output feature")
+    raise DecompositionError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+
+
 def _transform(
     weight: np.ndarray,
     method: str,
@@ -68,28 +103,14 @@ def _transform(
     alpha: float,
 ) -> Transform:
     w64 = weight.astype(np.float64)
-    m, n = weight.shape
-    if method == "svd":
+    stats = _statistic(weight.shape, method, gram, mean_abs, fisher, alpha)
+    if stats is None:
         return Transform(w64)
-    if method in ("whiten", "drone"):
-        if gram is None:
-            raise DecompositionError(f"method {method!r} needs gram (XᵀX of the weight's input).")
-        return whiten_transform(w64, check_gram(gram, m))
     if method == "asvd":
-        if mean_abs is None:
-            raise DecompositionError("method 'asvd' needs mean_abs (mean |x| per input feature).")
-        if not np.isfinite(alpha) or alpha < 0:
-            raise DecompositionError(f"alpha must be a finite non-negative number, got {alpha!r}.")
-        stats = check_vector(mean_abs, m, "mean_abs", what="mean |x| per input feature")
         return asvd_transform(w64, stats, float(alpha))
     if method == "fwsvd":
-        if fisher is None:
-            raise DecompositionError(
-                "method 'fwsvd' needs fisher (Fisher row sums per output feature)."
-            )
-        stats = check_vector(fisher, n, "fisher", what="Fisher row sums per output feature")
         return fisher_transform(w64, stats)
-    raise DecompositionError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+    return whiten_transform(w64, stats)
 
 
 def decompose(
@@ -133,16 +154,6 @@ def spectrum(
 
 
 _DAMPING = 1e-10  # first step of data_aware's adaptive damping rule
-_FLOOR = 1e-6  # data_aware's / fisher's floor on diagonal scales
-
-
-def _diag_scale(values: np.ndarray, power: float) -> np.ndarray | None:
-    """``values**power`` floored at 1e-6 of its maximum, or None when all zero (identity)."""
-    scale = values**power
-    top = float(scale.max()) if scale.size else 0.0
-    if top == 0.0:
-        return None
-    return np.maximum(scale, _FLOOR * top)
 
 
 def _tall_gram(
@@ -154,42 +165,32 @@ def _tall_gram(
     alpha: float,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(K, b)`` with ``K = Bᵀ Wᵀ AᵀA W B`` (out × out) and ``b`` the diagonal of B (or None)."""
-    m, n = weight.shape
-    b: np.ndarray | None = None
-    y = weight.astype(np.float64)
-    if method == "fwsvd":
-        if fisher is None:
-            raise DecompositionError(
-                "method 'fwsvd' needs fisher (Fisher row sums per output feature)."
-            )
-        b = _diag_scale(
-            check_vector(fisher, n, "fisher", what="Fisher row sums per output feature"), 0.5
-        )
-        if b is not None:
-            y = y * b[None, :]
-    if method in ("whiten", "drone"):
-        if gram is None:
-            raise DecompositionError(f"method {method!r} needs gram (XᵀX of the weight's input).")
-        g = check_gram(gram, m)
-        mean_diag = float(np.mean(np.diag(g)))
+    stats = _statistic(weight.shape, method, gram, mean_abs, fisher, alpha)
+    y, b = _output_scaled(weight, stats if method == "fwsvd" else None)
+    if stats is not None and method in ("whiten", "drone"):
+        mean_diag = float(np.mean(np.diag(stats)))
         if mean_diag == 0.0:
             return y.T @ y, b
-        k = y.T @ (g @ y) + (_DAMPING * mean_diag) * (y.T @ y)
+        k = y.T @ (stats @ y) + (_DAMPING * mean_diag) * (y.T @ y)
         return 0.5 * (k + k.T), b
-    if method == "asvd":
-        if mean_abs is None:
-            raise DecompositionError("method 'asvd' needs mean_abs (mean |x| per input feature).")
-        if not np.isfinite(alpha) or alpha < 0:
-            raise DecompositionError(f"alpha must be a finite non-negative number, got {alpha!r}.")
-        a = _diag_scale(
-            check_vector(mean_abs, m, "mean_abs", what="mean |x| per input feature"), alpha
-        )
+    if stats is not None and method == "asvd":
+        a = floored_scale(stats, alpha)
         if a is not None:
             scaled = a[:, None] * y
             return scaled.T @ scaled, b
-    if method not in METHODS:
-        raise DecompositionError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}.")
     return y.T @ y, b
+
+
+def _output_scaled(
+    weight: np.ndarray, fisher: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(W B, b)`` in float64 with FWSVD's output scaling ``B = diag(b)``; ``(W, None)``
+    without ``fisher`` (or with an all-zero one)."""
+    y = weight.astype(np.float64)
+    b = None if fisher is None else floored_scale(fisher, 0.5)
+    if b is not None:
+        y = y * b[None, :]
+    return y, b
 
 
 def _eigh_descending(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,12 +251,10 @@ class PreparedWeight:
             left = transform.undo_left(vectors * t[None, :])
             right = transform.undo_right(raw / t[:, None])
         else:
-            y = weight.astype(np.float64)
-            b = None
-            if self.method == "fwsvd":
-                b = _diag_scale(np.asarray(self.stats["fisher"], dtype=np.float64), 0.5)
-            if b is not None:
-                y = y * b[None, :]
+            fisher = self.stats["fisher"] if self.method == "fwsvd" else None
+            y, b = _output_scaled(
+                weight, None if fisher is None else np.asarray(fisher, dtype=np.float64)
+            )
             t = np.where(s > 0, np.sqrt(s), 1.0)
             left = (y @ vectors) / t[None, :]  # A⁻¹ Z V_r diag(1/√s) = W B V_r diag(1/√s)
             right = t[:, None] * vectors.T
@@ -280,12 +279,10 @@ def prepare(
     """Spectrum and leading ``keep`` singular vectors (default all) of the matrix ``method``
     truncates, from one eigendecomposition of its Gram on the smaller side."""
     weight = check_weight(W)
-    m, n = weight.shape
-    small = min(m, n)
+    small = min(weight.shape)
     kept = small if keep is None else max(0, min(int(keep), small))
     stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
-    k = _small_gram(weight, method, gram, mean_abs, fisher, alpha)
-    side: Literal["left", "right"] = "left" if m <= n else "right"
+    k = _small_gram(weight, method, **stats)
     if kept == 0:  # spectrum only: eigenvalues without vectors, ~4x cheaper than eigh
         values = scipy.linalg.eigvalsh(k, check_finite=False)
         s = np.sqrt(np.maximum(values[::-1], 0.0))
@@ -293,7 +290,7 @@ def prepare(
     else:
         s, vectors = _eigh_descending(k)
         vectors = vectors[:, :kept].astype(sketch_dtype(weight), copy=False)
-    return PreparedWeight(str(method), (m, n), s, side, np.ascontiguousarray(vectors), stats)
+    return _prepared(weight, method, s, np.ascontiguousarray(vectors), stats)
 
 
 def prepared_lowrank(
@@ -314,13 +311,19 @@ def prepared_lowrank(
     up to rounding.
     """
     weight = check_weight(W)
-    m, n = weight.shape
     r = check_rank(rank, weight.shape)
     stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
-    s, vectors = _eigh_descending(_small_gram(weight, method, gram, mean_abs, fisher, alpha))
+    s, vectors = _eigh_descending(_small_gram(weight, method, **stats))
+    return _prepared(weight, method, s, vectors[:, :r], stats).lowrank(weight, r)
+
+
+def _prepared(
+    weight: np.ndarray, method: str, s: np.ndarray, vectors: np.ndarray, stats: dict[str, Any]
+) -> PreparedWeight:
+    """A ``PreparedWeight`` of ``weight``: vectors on the left when ``in <= out``, else right."""
+    m, n = weight.shape
     side: Literal["left", "right"] = "left" if m <= n else "right"
-    ready = PreparedWeight(str(method), (m, n), s, side, vectors[:, :r], stats)
-    return ready.lowrank(weight, r)
+    return PreparedWeight(str(method), (m, n), s, side, vectors, stats)
 
 
 def _small_gram(
