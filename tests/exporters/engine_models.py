@@ -1,7 +1,7 @@
-"""Models and helpers for the engine tests: an MLP, a factorized MLP, BERT feeds, cosine.
+"""Models and helpers for the engine tests: a factorized MLP, BERT feeds, cosine.
 
-Self-contained (no import of ``tests/models.py``) so the engine tests import the same way
-whether or not ``tests`` is a package.
+The plain MLP, ``random_weight`` and ``run_ort`` are ``tests/models.py``'s (imported as
+``models``, like the other suites: ``tests`` is not a package, so pytest puts it on the path).
 """
 
 from __future__ import annotations
@@ -10,56 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from models import _finish, random_weight
+
 VOCAB = 96
 SEQ = 16
-
-
-def random_weight(rows: int, cols: int, seed: int, *, decay: float = 0.0) -> np.ndarray:
-    """A float32 matrix; with ``decay`` > 0 its singular values fall off like exp(-decay*i)."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((rows, cols))
-    if decay > 0:
-        u, _, vt = np.linalg.svd(w, full_matrices=False)
-        w = (u * np.exp(-decay * np.arange(min(rows, cols)))) @ vt
-    return (w / np.sqrt(rows)).astype(np.float32)
-
-
-def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 24, *, seed: int = 0) -> onnx.ModelProto:
-    """x[batch, seq, d_in] -> MatMul W1 -> Add b1 -> Relu -> MatMul W2 -> Add b2 -> y."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"], name="fc1/MatMul"),
-            helper.make_node("Add", ["h0", "fc1.bias"], ["h1"], name="fc1/Add"),
-            helper.make_node("Relu", ["h1"], ["h2"], name="act"),
-            helper.make_node("MatMul", ["h2", "fc2.weight"], ["h3"], name="fc2/MatMul"),
-            helper.make_node("Add", ["h3", "fc2.bias"], ["y"], name="fc2/Add"),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_out])],
-        [
-            numpy_helper.from_array(random_weight(d_in, hidden, seed), "fc1.weight"),
-            numpy_helper.from_array(np.linspace(-0.1, 0.1, hidden, dtype=np.float32), "fc1.bias"),
-            numpy_helper.from_array(random_weight(hidden, d_out, seed + 1), "fc2.weight"),
-            numpy_helper.from_array(np.linspace(0.1, -0.1, d_out, dtype=np.float32), "fc2.bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Reference outputs: single-threaded ORT CPU session with every optimization off."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    source = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, feeds)]
 
 
 def bert_feeds(batch: int = 2, seq: int = SEQ, seed: int = 0) -> dict[str, np.ndarray]:
@@ -114,10 +68,7 @@ def factorized_mlp(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_out])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _finish(graph)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,8 +10,7 @@ import onnx
 import pytest
 
 from factorlm.cli import main
-
-from .engine_models import mlp
+from models import mlp
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

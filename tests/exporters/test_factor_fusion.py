@@ -20,8 +20,9 @@ from factorlm.exporters.ort import build_ort_engine
 from factorlm.io import load_model
 from factorlm.passes import analyze
 from factorlm.planning import Plan, WeightPlan
+from models import run_ort
 
-from .engine_models import bert_feeds, run_ort
+from .engine_models import bert_feeds
 
 KEPT = ("Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization")
 

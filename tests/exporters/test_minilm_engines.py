@@ -15,8 +15,7 @@ import pytest
 
 from factorlm.exporters.fusions import lost_fusions
 from factorlm.exporters.ort import build_ort_engine, open_session
-
-from .engine_models import run_ort
+from models import run_ort
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from factorlm.exporters.ort import build_ort_engine
-
-from .engine_models import run_ort
+from models import run_ort
 
 pytestmark = pytest.mark.slow
 

@@ -27,8 +27,9 @@ from factorlm.exporters.ort import (
     open_session,
     resolve_providers,
 )
+from models import mlp, run_ort
 
-from .engine_models import bert_feeds, cosine, factorized_mlp, mlp, run_ort
+from .engine_models import bert_feeds, cosine, factorized_mlp
 
 FP32_ATOL = 1e-4
 

@@ -19,8 +19,7 @@ from factorlm.exporters.shapes import (
     parse_shapes,
     validate_shapes,
 )
-
-from .engine_models import mlp
+from models import mlp
 
 
 def bert_like() -> onnx.ModelProto:

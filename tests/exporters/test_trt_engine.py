@@ -24,8 +24,7 @@ from factorlm.exporters.tensorrt import (
     load_calibration,
     plan_trt_build,
 )
-
-from .engine_models import mlp, run_ort
+from models import mlp, run_ort
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
