@@ -49,3 +49,9 @@ def test_best_under_constraint() -> None:
     good = best_under(points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True)
     assert good is not None and good["name"] == "d"  # "e" has no measured speed: NaN objective
     assert best_under(points, objective="drop", constraint="speed", limit=3.0, at_least=True, maximize=False) is None
+
+
+def test_best_under_counts_a_limit_reached_through_float_rounding() -> None:
+    points = [{"drop": 73.9 - 72.9, "speed": 1.74}, {"drop": 1.2, "speed": 2.0}]
+    good = best_under(points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True)
+    assert good is not None and good["speed"] == 1.74

@@ -92,13 +92,17 @@ def best_under(
     """The point with the best ``objective`` among those whose ``constraint`` meets ``limit``.
 
     ``at_least`` means the constraint is ``value >= limit`` (e.g. speedup >= 1.5), else
-    ``value <= limit`` (e.g. accuracy drop <= 1). Returns None when no point qualifies.
+    ``value <= limit`` (e.g. accuracy drop <= 1). A value within ``1e-9`` of the limit meets it:
+    73.9 - 72.9 is 1.0000000000000142 in floating point, and a drop of exactly one point is
+    within one point. Returns None when no point qualifies.
     """
+    slack = 1e-9
+
     def ok(point: Mapping[str, Any]) -> bool:
         value = point.get(constraint)
         if value is None or value != value:
             return False
-        return float(value) >= limit if at_least else float(value) <= limit
+        return float(value) >= limit - slack if at_least else float(value) <= limit + slack
 
     def has_objective(point: Mapping[str, Any]) -> bool:
         value = point.get(objective)
