@@ -183,8 +183,12 @@ MINILM_RECOVERY: dict[str, Any] = {
     "method": "distill", "steps": 600, "batch_size": 16, "lr": 3e-4, "max_length": 64, "threads": 1,
     "clock": "cpu",
 }  # fmt: skip
+#: SmolLM: pure KL on next-token logits (temperature 1, no feature phase), lr chosen on the last
+#: 30,000 characters of Emma (benchmarks/results/recovery_smollm.md); 48 steps of 4 x 256 tokens
+#: take about 15 CPU minutes with one thread.
 SMOLLM_RECOVERY: dict[str, Any] = {
-    "method": "distill", "batch_size": 4, "lr": 1e-4, "max_length": 256, "threads": 1, "clock": "cpu",
+    "method": "distill", "steps": 48, "batch_size": 4, "lr": 5e-5, "max_length": 256, "threads": 1,
+    "clock": "cpu", "feature_fraction": 0.0, "temperature": 1.0,
 }  # fmt: skip
 
 
