@@ -5,62 +5,13 @@ Both are built in code (no download) so export, calibration and Fisher tests run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-WORDS = [
-    "the",
-    "film",
-    "is",
-    "a",
-    "good",
-    "bad",
-    "movie",
-    "plot",
-    "great",
-    "awful",
-    "quiet",
-    "loud",
-    "story",
-    "actor",
-    "funny",
-    "sad",
-    "long",
-    "short",
-    "best",
-    "worst",
-    "boring",
-    "clever",
-]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+from tiny_vocab import SPECIALS, WORDS, write_tokenizer
 
-
-def write_tokenizer(folder: Path) -> Path:
-    """Write a word-level tokenizer (tokenizer.json + tokenizer_config.json) into ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": "[PAD]",
-        "unk_token": "[UNK]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "model_max_length": 64,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+__all__ = ["SPECIALS", "WORDS", "write_tokenizer"]
 
 
 @pytest.fixture(scope="session")

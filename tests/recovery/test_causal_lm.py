@@ -12,7 +12,6 @@ import onnx
 import pytest
 import torch
 
-from conftest import SPECIALS, WORDS, write_tokenizer
 from factorlm.compress import compress
 from factorlm.errors import ConfigError
 from factorlm.exporters.hf import _load_torch_model, export
@@ -20,6 +19,7 @@ from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
 from factorlm.recovery.modules import FactorizedLinear
 from factorlm.recovery.train import _next_token_loss
+from tiny_vocab import SPECIALS, WORDS, write_tokenizer
 
 TEXTS = [
     "the film is a good movie",
