@@ -15,6 +15,10 @@ def test_empty_config_gives_the_documented_defaults() -> None:
     assert config.compress.method == "whiten"
     assert config.compress.ratio == 0.6
     assert config.benchmark.shapes == ["1x128", "8x128"]
+    # recover() defaults, so a config without them trains like the API and the CLI
+    recover = config.recover
+    assert (recover.clock, recover.temperature, recover.lm_weight) == ("wall", 2.0, 0.0)
+    assert recover.feature_fraction == 0.5
 
 
 @pytest.mark.parametrize(
@@ -29,6 +33,11 @@ def test_empty_config_gives_the_documented_defaults() -> None:
         ({"compress": {"ratio": 1.5}}, "'compress.ratio' is invalid"),
         ({"compress": {"method": "pca"}}, "'compress.method' is invalid"),
         ({"benchmark": {"shapes": ["8by128"]}}, "'8by128' is not BATCHxSEQUENCE"),
+        ({"recover": {"clock": "gpu"}}, "'recover.clock' is invalid: Input should be 'wall' or"),
+        ({"recover": {"temperature": 0}}, "'recover.temperature' is invalid"),
+        ({"recover": {"lm_weight": -1}}, "'recover.lm_weight' is invalid"),
+        ({"recover": {"feature_fraction": 1.5}}, "'recover.feature_fraction' is invalid"),
+        ({"recover": {"temperatur": 1.0}}, "did you mean 'temperature'?"),
     ],
 )
 def test_bad_config_is_one_sentence_naming_the_key(data: dict[str, object], expected: str) -> None:

@@ -115,10 +115,17 @@ def test_missing_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
     config = yaml.safe_load((job / "job.yaml").read_text())
     config["output_dir"] = "out-recover"
-    config["recover"] = {"method": "distill", "steps": 4, "batch_size": 4}
+    config["recover"] = {
+        "method": "distill", "steps": 4, "batch_size": 4, "clock": "cpu", "temperature": 1.5,
+        "feature_fraction": 0.25, "lm_weight": 0.0,
+    }  # fmt: skip
     (job / "job3.yaml").write_text(yaml.safe_dump(config))
     assert cli.main(["run", str(job / "job3.yaml")]) == 0
     manifest = json.loads((job / "out-recover" / "manifest.json").read_text())
+    record = json.loads((job / "out-recover" / "recover" / "recovery.json").read_text())
+    assert (record["train"]["clock"], record["train"]["temperature"]) == ("cpu", 1.5)
+    assert record["train"]["feature_fraction"] == 0.25
+    assert manifest["stages"]["recover"]["info"]["warning"] is None
     assert list(manifest["stages"]) == [
         "export",
         "data",
@@ -138,6 +145,15 @@ def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
     assert any("+" in name for name in json.loads(compressed.read_text())["weights"])
     assert engine["extra"]["factor_fusion"]["attention"] >= 1
     assert engine["fusions"]["engine"]["Attention"] >= 1
+    # A recover setting is part of the stage's key: changing it reruns recover, not compress.
+    config["recover"]["temperature"] = 1.0
+    (job / "job3b.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(job / "job3b.yaml")]) == 0
+    again = json.loads((job / "out-recover" / "manifest.json").read_text())["stages"]
+    assert again["compress"]["key"] == manifest["stages"]["compress"]["key"]
+    assert again["recover"]["key"] != manifest["stages"]["recover"]["key"]
+    record = json.loads((job / "out-recover" / "recover" / "recovery.json").read_text())
+    assert record["train"]["temperature"] == 1.0
 
 
 def test_interrupted_stage_leaves_nothing_and_the_next_run_resumes(

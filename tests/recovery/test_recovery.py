@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +299,7 @@ def test_methods_end_to_end(
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     record = json.loads((tmp_path / "out" / "recovery.json").read_text())
     assert record["method"] == method and record["steps_done"] == 4
+    assert (record["steps"], record["stopped"], record["warning"]) == (4, "steps", None)
     assert _run(out.model).shape == (2, 2)
 
 
@@ -315,10 +318,14 @@ def test_cli_recover_and_resume(tmp_path: Path, tiny_bert_dir: Path, onnx_dir: P
     args = [
         "recover", str(tiny_bert_dir), "--plan", str(result.plan_path), "--data", str(data),
         "-o", str(tmp_path / "out"), "--steps", "4", "--batch-size", "4",
-        "--onnx", str(onnx_dir / "model.onnx"), "--checkpoint-every", "2",
+        "--onnx", str(onnx_dir / "model.onnx"), "--checkpoint-every", "2", "--clock", "cpu",
+        "--temperature", "1.5", "--feature-fraction", "0.25", "--lm-weight", "0",
     ]  # fmt: skip
     assert _cli(args) == 0
     assert (tmp_path / "out" / "model.onnx").is_file()
+    train_cfg = json.loads((tmp_path / "out" / "recovery.json").read_text())["train"]
+    assert (train_cfg["clock"], train_cfg["temperature"]) == ("cpu", 1.5)
+    assert (train_cfg["feature_fraction"], train_cfg["lm_weight"]) == (0.25, 0.0)
     assert (tmp_path / "out.checkpoints" / "checkpoint.pt").is_file()
     assert _cli(args) == 2  # the output exists
     assert _cli([*args, "--resume", "--overwrite"]) == 0
@@ -346,7 +353,85 @@ def test_cli_refusals(
     assert "--method kron" in capsys.readouterr().err
     assert _cli([*base, "--resume", "--onnx", str(onnx_dir / "model.onnx")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    for flag, value, message in [
+        ("--clock", "gpu", "--clock 'gpu' is unknown; use one of wall, cpu."),
+        ("--temperature", "0", "--temperature 0 must be positive."),
+        ("--lm-weight", "-1", "--lm-weight -1 must not be negative."),
+        ("--feature-fraction", "1.5", "--feature-fraction 1.5 must lie in [0, 1]."),
+        ("--lm-weight", "0.5", "lm_weight needs a causal LM; task 'text-classification'"),
+    ]:
+        assert _cli([*base, flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+class FakeCpuClock:
+    """``time.process_time`` that advances ``tick`` seconds per call (so a step costs ``tick``)."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_budget_before_the_horizon_is_a_warning_in_the_log_and_the_record(
+    tmp_path: Path,
+    tiny_bert_dir: Path,
+    onnx_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    result = _compressed(tmp_path, onnx_dir, "svd")
+    monkeypatch.setattr(time, "process_time", FakeCpuClock(10.0))  # a step costs 10 CPU s
+    with caplog.at_level(logging.WARNING, logger="factorlm.recovery.train"):
+        out = recover(
+            tiny_bert_dir, result.plan_path, tmp_path / "out", data=TEXTS, steps=8,
+            batch_size=4, onnx_model=onnx_dir / "model.onnx", progress=False,
+            time_budget_s=35.0, clock="cpu", feature_fraction=0.5,
+        )  # fmt: skip
+    # 3 steps fit 35 s; the horizon of 8 would switch to output distillation after step 4.
+    assert (out.stopped, out.steps_done, out.steps) == ("time", 3, 8)
+    assert out.warning is not None
+    assert "stopped training after 3/8 steps" in out.warning
+    assert "still at 86% of its peak" in out.warning  # step 3 of the decay: (8 - 2) / (8 - 1)
+    assert "output-distillation phase (after step 4) never started" in out.warning
+    assert "lower steps (--steps) to about 2 so the schedule fits" in out.warning
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and out.warning in warnings[0].getMessage()
+    record = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert (record["stopped"], record["steps_done"], record["steps"]) == ("time", 3, 8)
+    assert record["warning"] == out.warning
+
+
+def test_cut_short_warning_names_the_phase_only_when_it_never_started() -> None:
+    from factorlm.recovery.train import _cut_short
+
+    cfg = TrainConfig(steps=10, time_budget_s=60.0, clock="wall", feature_fraction=0.5)
+    assert "output-distillation phase (after step 5) never started" in _cut_short(cfg, 5)
+    late = _cut_short(cfg, 6)
+    assert "phase" not in late and "6/10 steps" in late and "60 wall s" in late
+    assert "phase" not in _cut_short(dataclasses.replace(cfg, feature_fraction=0.0), 2)
+    assert "phase" not in _cut_short(dataclasses.replace(cfg, feature_fraction=1.0), 2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", 0.0, "temperature 0.0 must be positive"),
+        ("feature_fraction", -0.1, r"feature_fraction -0.1 must lie in \[0, 1\]"),
+        ("lm_weight", -1.0, "lm_weight -1.0 must not be negative"),
+        ("clock", "gpu", "clock 'gpu' is unknown"),
+    ],
+)
+def test_recover_refuses_bad_settings_before_any_work(
+    tmp_path: Path, field: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        recover(tmp_path / "no-model", tmp_path / "no-plan.json", tmp_path / "out",
+                data=TEXTS, **{field: value})  # fmt: skip
 
 
 def test_parse_duration() -> None:

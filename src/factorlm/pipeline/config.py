@@ -91,9 +91,19 @@ class RecoverConfig(_Section):
     """Optional recovery by distillation between compress and build (skipped when method is null)."""
 
     method: Literal["distill", "losparse", "dsee", "kron-kd", "safe"] | None = None
-    steps: int = Field(300, ge=1)
-    time_budget_s: float | None = Field(None, gt=0.0)
+    steps: int = Field(300, ge=1, description="The schedule's horizon (warm-up, phases, decay).")
+    time_budget_s: float | None = Field(
+        None, gt=0.0, description="A hard cap on training time; may stop before 'steps'."
+    )
+    clock: Literal["wall", "cpu"] = Field(
+        "wall", description="What time_budget_s counts: elapsed or process CPU seconds."
+    )
     lr: float = Field(1e-4, gt=0.0)
+    feature_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of steps in feature distillation, then output."
+    )
+    temperature: float = Field(2.0, gt=0.0, description="Temperature of the logit KL.")
+    lm_weight: float = Field(0.0, ge=0.0, description="Causal LM only: next-token loss weight.")
     batch_size: int = Field(16, ge=1)
     max_samples: int | None = Field(None, ge=1, description="Distillation texts (train split).")
     seed: int = 0

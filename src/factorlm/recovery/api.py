@@ -46,6 +46,8 @@ class RecoveryResult:
     tagged_factors: int
     max_relative_diff: float
     seconds: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # the schedule's horizon; steps_done < steps when the time budget stopped it
+    warning: str | None = None  # why the schedule did not finish (stopped == "time")
 
 
 def checkpoint_dir_for(out_dir: Path) -> Path:
@@ -129,6 +131,12 @@ def recover(
         raise ConfigError(f"time budget {time_budget_s!r} s must be positive.")
     if clock not in CLOCKS:
         raise ConfigError(f"clock {clock!r} is unknown; use one of {', '.join(CLOCKS)}.")
+    if not temperature > 0:
+        raise ConfigError(f"temperature {temperature!r} must be positive.")
+    if not lm_weight >= 0:
+        raise ConfigError(f"lm_weight {lm_weight!r} must not be negative.")
+    if not 0 <= feature_fraction <= 1:
+        raise ConfigError(f"feature_fraction {feature_fraction!r} must lie in [0, 1].")
     config = check_model_dir(model_dir)
     chosen = load_plan(plan)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -150,6 +158,8 @@ def recover(
             "method 'safe' needs a plan that factorizes the token embedding (--embeddings RATIO)."
         )
     task = task or _task_for(config)
+    if lm_weight > 0 and not task.startswith("text-generation"):
+        raise ConfigError(f"lm_weight needs a causal LM; task {task!r} has no next-token loss.")
     seconds: dict[str, float] = {}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -206,10 +216,12 @@ def recover(
             "plan": json.loads(applied.plan.to_json()),
             "train": asdict(cfg),
             "steps_done": result.steps_done,
+            "steps": steps,
             "train_seconds": result.seconds,
             "train_cpu_seconds": result.cpu_seconds,
             "stopped": result.stopped,
             "resumed_from": result.resumed_from,
+            "warning": result.warning,
             "losses": result.losses[-200:],
             "texts": len(texts),
             **info,
@@ -238,4 +250,6 @@ def recover(
         tagged_factors=int(info["tagged_factors"]),
         max_relative_diff=float(info["max_relative_diff"]),
         seconds=seconds,
+        steps=steps,
+        warning=result.warning,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import random
 import time
@@ -91,6 +92,8 @@ class TrainResult:
     """What a run did: steps, seconds of training, loss history and why it stopped.
 
     ``seconds`` is wall time in training steps, ``cpu_seconds`` the process CPU time in them.
+    ``stopped`` is ``"steps"`` (the schedule ran to its horizon) or ``"time"`` (the budget ended
+    it first, so the learning rate never decayed); ``warning`` then says so in words.
     """
 
     steps_done: int
@@ -99,6 +102,23 @@ class TrainResult:
     resumed_from: int | None = None
     stopped: str = "steps"
     cpu_seconds: float = 0.0
+    warning: str | None = None
+
+
+def _cut_short(cfg: TrainConfig, step: int) -> str:
+    """The warning for a run the time budget stopped at ``step``, before the ``cfg.steps`` horizon."""
+    feature_steps = math.ceil(cfg.feature_fraction * cfg.steps)
+    phase = (
+        f" and the output-distillation phase (after step {feature_steps}) never started"
+        if step <= feature_steps < cfg.steps
+        else ""
+    )
+    return (
+        f"the time budget ({cfg.time_budget_s:g} {cfg.clock} s) stopped training after "
+        f"{step}/{cfg.steps} steps, so the learning rate never decayed (it was still at "
+        f"{_lr(cfg, step - 1) / cfg.lr:.0%} of its peak){phase}; "
+        f"lower steps (--steps) to about {max(1, step * 9 // 10)} so the schedule fits the budget."
+    )
 
 
 class DseeLinear(nn.Module):
@@ -403,8 +423,12 @@ def train(
         raise ConfigError("steps, batch size and checkpoint interval must be positive integers.")
     if cfg.clock not in CLOCKS:
         raise ConfigError(f"clock {cfg.clock!r} is unknown; use one of {', '.join(CLOCKS)}.")
-    if cfg.lm_weight < 0:
+    if not cfg.lm_weight >= 0:
         raise ConfigError(f"lm_weight {cfg.lm_weight!r} must not be negative.")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"temperature {cfg.temperature!r} must be positive.")
+    if not 0 <= cfg.feature_fraction <= 1:
+        raise ConfigError(f"feature_fraction {cfg.feature_fraction!r} must lie in [0, 1].")
     if not cfg.lr > 0:
         raise ConfigError(f"learning rate {cfg.lr!r} must be positive.")
     kind = _kind(student)
@@ -522,13 +546,10 @@ def train(
             if on_step is not None:
                 on_step(step, value)
     torch.set_num_threads(previous_threads)
+    warning = None
     if stopped == "time":
         checkpoint()
-        logger.info(
-            "Stopped at step %d: time budget %.0f %s s spent",
-            step,
-            cfg.time_budget_s or 0,
-            cfg.clock,
-        )
+        warning = _cut_short(cfg, step)
+        logger.warning("Stopped early: %s", warning)
     _finish_method(cfg, student)
-    return TrainResult(step, seconds, losses, resumed_from, stopped, cpu_seconds)
+    return TrainResult(step, seconds, losses, resumed_from, stopped, cpu_seconds, warning)
