@@ -25,7 +25,11 @@ model, updated in place), ``quality.md`` (tables, orderings, targets; from the J
 ``quality-<model>.png`` (metric vs speedup). Intermediate models live under ``--work``; the
 SmolLM2 export and all calibration statistics are cached under the factorlm cache root.
 
-Usage: ``.venv/bin/python benchmarks/quality.py [--model minilm|smollm|all] [--quick]``.
+Usage: ``.venv/bin/python benchmarks/quality.py [--model minilm|smollm|all] [--quick]
+[--recover-minutes 15]``. On a shared machine set ``OPENBLAS_NUM_THREADS=1``: multithreaded BLAS
+made the decompositions 10x slower under load. The recorded run took 17.5 + 40 minutes for the two
+training-free grids under load 2-8 (the 45-minute aim was not shown), plus about 13 minutes per
+recovery row (15 CPU minutes of training, one thread).
 """
 
 from __future__ import annotations
@@ -262,6 +266,15 @@ def recover_point(
     return point, result.model
 
 
+def joint_qkv(args: argparse.Namespace, model: str) -> bool:
+    """``--qkv auto``: joint for MiniLM (keeps ORT's fused Attention), separate for SmolLM2.
+
+    SmolLM2's export has no fused Attention to keep, and with its grouped K/V (576 -> 192) a
+    joint plan costs perplexity (whiten 0.8: 46.06 joint vs 42.93 separate).
+    """
+    return args.qkv == "joint" or (args.qkv == "auto" and model == "minilm")
+
+
 def load_done(work: Path, resume: bool) -> dict[str, dict[str, Any]]:
     """Points finished by an earlier run in ``work`` (``--resume``), keyed by ``method-budget``."""
     log = work / "points.jsonl"
@@ -418,7 +431,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             continue
         say(f"MiniLM {label}: compressing")
         try:
-            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=args.joint_qkv)
+            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "minilm"))
             if "error" in point:
                 say(f"MiniLM {label}: {point['error']}")
                 points.append(point)
@@ -630,7 +643,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
             continue
         say(f"SmolLM {label}: compressing")
         try:
-            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=args.joint_qkv)
+            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "smollm"))
             if "error" in point:
                 say(f"SmolLM {label}: {point['error']}")
                 points.append(point)
@@ -941,23 +954,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one budget per method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=None, help="override the budgets")
-    parser.add_argument("--smollm-ratios", nargs="+", type=float, default=[0.8],
-                        help="SmolLM budgets when neither --ratios nor --quick is given (reduced grid)")
+    parser.add_argument("--smollm-ratios", nargs="+", type=float, default=[0.8, 0.9, 0.75, 0.6],
+                        help="SmolLM budgets when neither --ratios nor --quick is given (0.8: the target's)")
     parser.add_argument("--smollm-methods", nargs="+", choices=METHODS,
                         default=["whiten", "svd", "asvd", "losparse", "fwsvd", "kron"],
                         help="SmolLM methods, in the order they run (the deadline cuts the tail)")
-    parser.add_argument("--smollm-extra", nargs="*", default=["whiten:0.9", "whiten:0.6"],
+    parser.add_argument("--smollm-extra", nargs="*", default=[],
                         help="METHOD:RATIO points run after the SmolLM grid (reduced grid)")
     parser.add_argument("--minilm-extra", nargs="*", default=["whiten:0.5"],
                         help="METHOD:RATIO points run after the MiniLM grid (0.5: the budget fast enough for 1.5x)")
-    parser.add_argument("--separate-qkv", dest="joint_qkv", action="store_false",
-                        help="factorize Q/K/V separately (default: jointly, as `factorlm compress` does)")
+    parser.add_argument("--qkv", choices=("auto", "joint", "separate"), default="auto",
+                        help="Q/K/V factorized jointly or separately (auto: joint for MiniLM, separate for SmolLM)")
+    parser.add_argument("--separate-qkv", dest="qkv", action="store_const", const="separate",
+                        help="same as --qkv separate")
     parser.add_argument("--recover-minutes", type=float, default=0.0,
                         help="add a distillation row per model: the best data-aware plan at the target budget "
                         "trained for this many CPU minutes (0: none; 15 adds about 35 minutes)")
     parser.add_argument("--iterations", type=int, default=30, help="MiniLM latency rounds")
     parser.add_argument("--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point")
-    parser.add_argument("--deadline", type=float, default=45.0, help="minutes; later SmolLM points are skipped")
+    parser.add_argument("--deadline", type=float, default=60.0,
+                        help="minutes from the start; later SmolLM grid points are skipped (and say so)")
     parser.add_argument("--replot", action="store_true",
                         help="only rewrite quality.md and the PNGs from quality.json")
     parser.add_argument("--resume", action="store_true",
