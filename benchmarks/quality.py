@@ -130,40 +130,18 @@ def compress_point(
     """``compress`` one (method, ratio) point; the record of what it did."""
     from factorlm.benchmark.quality import kept_linear_ratio
     from factorlm.compress import compress
+    from factorlm.exporters.ort import copy_sidecars
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    if method == "kron":  # the plan is cheap; refuse to run a graph slower than dense by design
-        from factorlm.compress import DEFAULT_MIN_SIZE
-        from factorlm.io import load_model
-        from factorlm.passes import analyze
-        from factorlm.planning import make_plan
-
-        planned = make_plan(analyze(load_model(source), min_size=DEFAULT_MIN_SIZE), method=method, ratio=ratio, stats=stats)
-        totals = planned.totals()
-        if totals["flops_after"] > totals["flops_before"]:
-            return {
-                "method": method,
-                "budget": ratio,
-                "linear_kept": kept_linear_ratio(linear, totals["params_before"], totals["params_after"]),
-                "factorized": len(planned.weights),
-                "left_dense": len(planned.skipped),
-                "flops_ratio": totals["flops_after"] / totals["flops_before"],
-                "compress_s": round(time.perf_counter() - start, 1),
-                "error": "not evaluated: the plan's linear FLOPs per token are "
-                f"{totals['flops_after'] / totals['flops_before']:.1f}x the dense weights' "
-                "(Kronecker sums with this many terms are slower than dense by construction)",
-            }
     result = compress(source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats, joint_qkv=joint_qkv)
     plans = out_dir.parent / "plans"  # kept for the recovery rows after the point's folder is gone
     plans.mkdir(exist_ok=True)
     shutil.copy2(out_dir / "model.plan.json", plans / f"{out_dir.name}.json")
     seconds = time.perf_counter() - start
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (source.parent / name).is_file():
-            shutil.copy2(source.parent / name, out_dir / name)
+    copy_sidecars(source, out_dir)
     return {
         "method": method,
         "budget": ratio,
@@ -255,7 +233,7 @@ def recover_point(
         result = recover(hf_dir, work / "plans" / f"{method}-{budget}-separate.json", out, **common)
     point["compress_s"] = round(time.perf_counter() - start, 1)
     point["recovery"] = {
-        "settings": {k: v for k, v in settings.items()},
+        "settings": dict(settings),
         "steps": result.steps_done,
         "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 1),
@@ -432,11 +410,6 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         say(f"MiniLM {label}: compressing")
         try:
             point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "minilm"))
-            if "error" in point:
-                say(f"MiniLM {label}: {point['error']}")
-                points.append(point)
-                log_point(work, point)
-                continue
             score(label, work / label / "model.onnx", point)
         except Exception as exc:  # record the failure and keep the table going
             logger.exception("point %s failed", label)
@@ -644,11 +617,6 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         say(f"SmolLM {label}: compressing")
         try:
             point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "smollm"))
-            if "error" in point:
-                say(f"SmolLM {label}: {point['error']}")
-                points.append(point)
-                log_point(work, point)
-                continue
             path = work / label / "model.onnx"
             point["perplexity"] = perplexity(path)
             point["perplexity_increase"] = (point["perplexity"] / ref_ppl - 1.0) * 100.0
@@ -668,8 +636,9 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         log_point(work, point)
 
     distill_note = None
-    for budget in RECOVER_BUDGETS["smollm"] if args.recover_minutes > 0 else ():
+    if args.recover_minutes > 0:
         texts, distill_note = smollm_distill_texts(tokenizer, int(SMOLLM_RECOVERY["max_length"]))
+    for budget in RECOVER_BUDGETS["smollm"] if args.recover_minutes > 0 else ():
         recovery = recover_point(
             "smollm", points, work, source, smollm_dir(), stats, linear, args,
             budget=budget, texts=texts, settings=SMOLLM_RECOVERY,
