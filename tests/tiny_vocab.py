@@ -35,6 +35,18 @@ WORDS = [
 ]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
+#: Sentences over WORDS (recovery tests train on them).
+TEXTS = [
+    "the film is a good movie",
+    "a bad plot and an awful actor",
+    "the story is funny and clever",
+    "long boring sad movie",
+    "the best actor in the worst film",
+    "a quiet short story",
+    "loud awful movie the plot is bad",
+    "great film great story",
+]
+
 
 def write_tokenizer(folder: Path) -> Path:
     """Write a word-level tokenizer (tokenizer.json + tokenizer_config.json) into ``folder``."""

@@ -19,18 +19,8 @@ from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
 from factorlm.recovery.modules import FactorizedLinear
 from factorlm.recovery.train import _next_token_loss
-from tiny_vocab import SPECIALS, WORDS, write_tokenizer
+from tiny_vocab import SPECIALS, TEXTS, WORDS, write_tokenizer
 
-TEXTS = [
-    "the film is a good movie",
-    "a bad plot and an awful actor",
-    "the story is funny and clever",
-    "long boring sad movie",
-    "the best actor in the worst film",
-    "a quiet short story",
-    "loud awful movie the plot is bad",
-    "great film great story",
-]
 TASK = "text-generation-with-past"
 
 

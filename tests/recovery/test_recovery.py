@@ -23,17 +23,8 @@ from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
 from factorlm.recovery.export import export_student
 from factorlm.recovery.modules import LowRankSparseLinear
+from tiny_vocab import TEXTS
 
-TEXTS = [
-    "the film is a good movie",
-    "a bad plot and an awful actor",
-    "the story is funny and clever",
-    "long boring sad movie",
-    "the best actor in the worst film",
-    "a quiet short story",
-    "loud awful movie the plot is bad",
-    "great film great story",
-]
 TASK = "text-classification"
 
 
