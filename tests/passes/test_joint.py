@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.decompose import truncated_svd
 from factorlm.passes import (
     JointLinearPass,
@@ -141,7 +141,7 @@ def test_compress_writes_a_joint_plan_that_replays(tmp_path: Path) -> None:
     joint = first.plan.weights["q.weight+k.weight+v.weight"]
     m, n = joint.shape
     assert (m, n) == (D, 3 * H) and joint.flops_before == 2 * m * n  # one pass over the matrix
-    assert joint.params_after == joint.rank * (m + n)
+    assert joint.rank is not None and joint.params_after == joint.rank * (m + n)
     assert first.plan_path is not None
     # A plan file with joint keys replays without the flag (the analysis switches to joint).
     again = compress(src, tmp_path / "b.onnx", plan=first.plan_path, min_size=0)

@@ -1,7 +1,9 @@
 """Graph surgery on onnx_ir models: analysis, then one rewrite pass per factorization form.
 
 The passes do no math: they receive factors computed by ``factorlm.decompose`` (keyed by
-initializer name, as in a plan) and only rewire the graph.
+initializer name, as in a plan) and only rewire the graph. Which weights a rewrite supports is
+decided once in ``factorlm.planning`` (``supports_kronecker``, ``supports_lowrank_sparse``), which
+reads the analysis through protocols: dependencies run decompose <- planning <- passes.
 """
 
 from __future__ import annotations

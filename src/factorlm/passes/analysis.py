@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,18 +28,22 @@ import onnx_ir as ir
 
 __all__ = [
     "FACTOR_METADATA_KEY",
+    "JOINT_SEPARATOR",
     "Analysis",
     "Candidate",
     "Skipped",
     "Use",
     "analyze",
     "factor_names",
+    "group_siblings",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Model metadata key holding a JSON object ``{factor initializer: original initializer}``.
 FACTOR_METADATA_KEY = "factorlm.factors"
+#: Joins member initializer names into the name of a joint candidate.
+JOINT_SEPARATOR = "+"
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _QUANTIZED_OPS = {
@@ -202,6 +207,66 @@ def _is_weight_consumer(node: ir.Node, index: int, value: ir.Value) -> bool:
     return False
 
 
+def _joinable(cand: Candidate) -> bool:
+    use = cand.uses[0]
+    return (
+        cand.kind == "linear"
+        and len(cand.uses) == 1
+        and use.form == "x@W"
+        and not cand.transposed
+        and use.node.inputs[0] is not None
+    )
+
+
+def group_siblings(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Replace linear candidates that multiply the same activation by one joint candidate.
+
+    Only ``MatMul(x, W)`` weights of one dtype join (Gemm and transposed forms keep their own
+    factors); a group needs at least two members. The joint candidate takes the place of its
+    first member.
+    """
+    by_input: dict[int, list[Candidate]] = {}
+    for cand in candidates:
+        if _joinable(cand):
+            x = cand.uses[0].node.inputs[0]
+            by_input.setdefault(id(x), []).append(cand)
+    groups = {
+        id(members[0]): members
+        for members in by_input.values()
+        if len(members) > 1 and len({m.dtype for m in members}) == 1
+    }
+    joined = {id(m) for members in groups.values() for m in members}
+    result: list[Candidate] = []
+    for cand in candidates:
+        if id(cand) in groups:
+            result.append(_joint_candidate(groups[id(cand)]))
+        elif id(cand) not in joined:
+            result.append(cand)
+    if groups:
+        logger.info("Grouped %d weights into %d joint candidates", len(joined), len(groups))
+    return result
+
+
+def _joint_candidate(members: Sequence[Candidate]) -> Candidate:
+    name = JOINT_SEPARATOR.join(m.name for m in members)
+    matrix = np.concatenate([m.stored() for m in members], axis=1)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(matrix.shape),
+        type=ir.TensorType(members[0].value.const_value.dtype),  # type: ignore[union-attr]
+        const_value=ir.tensor(matrix, name=name),
+    )
+    return Candidate(
+        name=name,
+        value=value,
+        kind="linear",
+        stored_shape=(int(matrix.shape[0]), int(matrix.shape[1])),
+        transposed=False,
+        uses=tuple(u for m in members for u in m.uses),
+        members=tuple(m.name for m in members),
+    )
+
+
 def analyze(model: ir.Model, *, min_size: int = 0, joint: bool = False) -> Analysis:
     """Classify every weight-like initializer of the main graph as a candidate or skipped.
 
@@ -277,8 +342,6 @@ def analyze(model: ir.Model, *, min_size: int = 0, joint: bool = False) -> Analy
         transposed = use.transposed if direct else not use.transposed
         candidates.append(Candidate(name, value, "linear", (rows, cols), transposed, (use,)))
     if joint:
-        from factorlm.passes.joint import group_siblings
-
         candidates = group_siblings(candidates)
     logger.info("Found %d factorizable weights, skipped %d", len(candidates), len(skipped))
     return Analysis(tuple(candidates), tuple(skipped))

@@ -12,8 +12,8 @@ from typing import ClassVar, Generic, TypeVar
 
 import onnx_ir as ir
 
-from factorlm.passes._graph import GraphEditor
 from factorlm.passes.analysis import Candidate, analyze
+from factorlm.passes.editor import GraphEditor
 
 __all__ = ["PlannedFactorPass"]
 

@@ -14,9 +14,9 @@ import logging
 import onnx_ir as ir
 
 from factorlm.decompose import LowRank
-from factorlm.passes._graph import GraphEditor
 from factorlm.passes.analysis import Candidate, Use
 from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.editor import GraphEditor
 from factorlm.passes.linear import low_rank_values, rewrite_linear_use
 
 __all__ = ["LowRankEmbeddingPass", "rewrite_gather_use"]

@@ -12,7 +12,7 @@ ONNX (TensorRT, any runtime); ONNX Runtime engines turn ``t`` and ``R`` into the
 ``com.microsoft.Attention`` op at build time (``factorlm.exporters.fusions``). A whitened
 factorization needs no new statistics: the members share their input, so they share ``XᵀX``.
 
-For planning, ``analyze(model, joint=True)`` offers the group as one *virtual* weight named
+For planning, ``analyze(model, joint=True)`` (``analysis.group_siblings``) offers the group as one *virtual* weight named
 ``"<q>+<k>+<v>"`` whose matrix is the concatenation; the global rank allocation treats it like
 any other weight.
 """
@@ -28,22 +28,18 @@ import numpy as np
 import onnx_ir as ir
 
 from factorlm.decompose import LowRank
-from factorlm.passes._graph import GraphEditor
-from factorlm.passes.analysis import Analysis, Candidate, analyze
+from factorlm.passes.analysis import JOINT_SEPARATOR, Analysis, Candidate, analyze
 from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.editor import GraphEditor
 
 __all__ = [
     "JOINT_SEPARATOR",
     "JointLinearPass",
-    "group_siblings",
     "joint_statistics",
     "member_names",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Joins member initializer names into the name of a joint candidate.
-JOINT_SEPARATOR = "+"
 
 
 def member_names(names: Iterable[str], analysis: Analysis) -> list[str]:
@@ -59,66 +55,6 @@ def member_names(names: Iterable[str], analysis: Analysis) -> list[str]:
         else:
             result.append(name)
     return result
-
-
-def _joinable(cand: Candidate) -> bool:
-    use = cand.uses[0]
-    return (
-        cand.kind == "linear"
-        and len(cand.uses) == 1
-        and use.form == "x@W"
-        and not cand.transposed
-        and use.node.inputs[0] is not None
-    )
-
-
-def group_siblings(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Replace linear candidates that multiply the same activation by one joint candidate.
-
-    Only ``MatMul(x, W)`` weights of one dtype join (Gemm and transposed forms keep their own
-    factors); a group needs at least two members. The joint candidate takes the place of its
-    first member.
-    """
-    by_input: dict[int, list[Candidate]] = {}
-    for cand in candidates:
-        if _joinable(cand):
-            x = cand.uses[0].node.inputs[0]
-            by_input.setdefault(id(x), []).append(cand)
-    groups = {
-        id(members[0]): members
-        for members in by_input.values()
-        if len(members) > 1 and len({m.dtype for m in members}) == 1
-    }
-    joined = {id(m) for members in groups.values() for m in members}
-    result: list[Candidate] = []
-    for cand in candidates:
-        if id(cand) in groups:
-            result.append(_joint_candidate(groups[id(cand)]))
-        elif id(cand) not in joined:
-            result.append(cand)
-    if groups:
-        logger.info("Grouped %d weights into %d joint candidates", len(joined), len(groups))
-    return result
-
-
-def _joint_candidate(members: Sequence[Candidate]) -> Candidate:
-    name = JOINT_SEPARATOR.join(m.name for m in members)
-    matrix = np.concatenate([m.stored() for m in members], axis=1)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(matrix.shape),
-        type=ir.TensorType(members[0].value.const_value.dtype),  # type: ignore[union-attr]
-        const_value=ir.tensor(matrix, name=name),
-    )
-    return Candidate(
-        name=name,
-        value=value,
-        kind="linear",
-        stored_shape=(int(matrix.shape[0]), int(matrix.shape[1])),
-        transposed=False,
-        uses=tuple(u for m in members for u in m.uses),
-        members=tuple(m.name for m in members),
-    )
 
 
 def joint_statistics(stats: Any, analysis: Analysis) -> Any:

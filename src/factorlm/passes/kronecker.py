@@ -23,23 +23,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from factorlm.passes._graph import GraphEditor
 from factorlm.passes.analysis import Candidate
 from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.editor import GraphEditor
+from factorlm.planning import supports_kronecker
 
-__all__ = ["KroneckerPass", "supports_kronecker"]
+__all__ = ["KroneckerPass"]
 
-if TYPE_CHECKING:  # landing in factorlm.decompose; only attributes are read here
+if TYPE_CHECKING:  # only the factors' attributes are read here
     from factorlm.decompose import KroneckerFactors
 
 logger = logging.getLogger(__name__)
-
-
-def supports_kronecker(candidate: Candidate) -> str | None:
-    """None when the Kronecker rewrite applies, else the reason it does not."""
-    if candidate.kind != "linear" or candidate.uses[0].form != "x@W":
-        return f"the Kronecker rewrite needs MatMul(x, W), not {candidate.uses[0].form}"
-    return None
 
 
 def _ints(editor: GraphEditor, base: str, values: list[int]) -> ir.Value:

@@ -21,9 +21,9 @@ import logging
 import onnx_ir as ir
 
 from factorlm.decompose import LowRank
-from factorlm.passes._graph import GraphEditor, stored_factors
 from factorlm.passes.analysis import Candidate, Use
 from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.editor import GraphEditor, stored_factors
 
 __all__ = ["LowRankLinearPass", "low_rank_values", "rewrite_linear_use"]
 

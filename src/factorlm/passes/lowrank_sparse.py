@@ -18,23 +18,17 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from factorlm.passes._graph import GraphEditor
 from factorlm.passes.analysis import Candidate
 from factorlm.passes.base import PlannedFactorPass
+from factorlm.passes.editor import GraphEditor
+from factorlm.planning import supports_lowrank_sparse
 
-__all__ = ["LowRankSparsePass", "supports_lowrank_sparse"]
+__all__ = ["LowRankSparsePass"]
 
-if TYPE_CHECKING:  # landing in factorlm.decompose; only attributes are read here
+if TYPE_CHECKING:  # only the factors' attributes are read here
     from factorlm.decompose import LowRankSparse
 
 logger = logging.getLogger(__name__)
-
-
-def supports_lowrank_sparse(candidate: Candidate) -> str | None:
-    """None when the low-rank + sparse rewrite applies, else the reason it does not."""
-    if candidate.kind != "linear" or candidate.uses[0].form != "x@W":
-        return f"the low-rank + sparse rewrite needs MatMul(x, W), not {candidate.uses[0].form}"
-    return None
 
 
 class LowRankSparsePass(PlannedFactorPass["LowRankSparse"]):

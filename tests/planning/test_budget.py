@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.decompose import decompose
 from factorlm.passes import analyze
 from factorlm.planning import Plan, make_plan, validate_plan
@@ -34,7 +34,7 @@ def _stats(model: onnx.ModelProto) -> _Stats:
             x = rng.standard_normal((4 * m, m)) * rng.uniform(0.2, 2.0, m)
             stats.gram[init.name] = x.T @ x
             stats.mean_abs[init.name] = np.abs(x).mean(axis=0)
-            stats.fisher[init.name] = rng.uniform(0.1, 1.0, n)
+            stats.fisher[init.name] = np.asarray(rng.uniform(0.1, 1.0, n))
     return stats
 
 
@@ -84,7 +84,13 @@ def test_compress_factors_equal_exact_decompose(tmp_path: Path, method: str) -> 
     onnx.save(model, source)
     stats = _stats(model) if method != "svd" else None
     result = compress(
-        source, tmp_path / "out.onnx", method=method, ratio=0.5, min_size=0, stats=stats
+        source,
+        tmp_path / "out.onnx",
+        method=method,
+        ratio=0.5,
+        min_size=0,
+        stats=stats,
+        joint_qkv=False,
     )
     assert result.params_after <= 0.5 * result.params_before
     assert result.params_before == 32 * 96 + 96 * 48
@@ -96,14 +102,19 @@ def test_compress_factors_equal_exact_decompose(tmp_path: Path, method: str) -> 
         w = weights[name]
         entry = result.plan.weights.get(name)
         if entry is not None:
-            extra = {}
+            gram = mean_abs = fisher = None
             if stats is not None:
-                extra = {
-                    "gram": stats.gram[name],
-                    "mean_abs": stats.mean_abs[name],
-                    "fisher": stats.fisher[name],
-                }
-            w = decompose(w, method, int(entry.rank), svd_method="exact", **extra).reconstruct()
+                gram, mean_abs, fisher = stats.gram[name], stats.mean_abs[name], stats.fisher[name]
+            assert entry.rank is not None
+            w = decompose(
+                w,
+                method,
+                entry.rank,
+                gram=gram,
+                mean_abs=mean_abs,
+                fisher=fisher,
+                svd_method="exact",
+            ).reconstruct()
         h = h @ w.astype(np.float64) + weights[f"{layer}.bias"]
         if layer == "fc1":
             h = np.maximum(h, 0.0)
@@ -188,6 +199,7 @@ def test_low_rank_flops_are_twice_the_parameters_joint_or_separate(
         min_fraction=0.0,
         min_size=0,
         joint_qkv=joint,
+        method="svd",
     )
     assert (result.flops_before, result.flops_after) == (
         totals["flops_before"],

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.decompose import kronecker, kronecker_cost, propose_kronecker_shapes
 from factorlm.errors import ConfigError
 from factorlm.passes import analyze
@@ -50,7 +50,8 @@ def _reference(model: onnx.ModelProto, plan: Plan, x: np.ndarray) -> np.ndarray:
     w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     for name, entry in plan.weights.items():
         assert entry.kron is not None
-        a_shape = tuple(int(d) for d in entry.kron["a_shape"])
+        a_in, a_out = (int(d) for d in entry.kron["a_shape"])
+        a_shape = (a_in, a_out)
         factors = kronecker(w[name].astype(np.float32), a_shape, int(entry.kron["terms"]))
         w[name] = factors.reconstruct().astype(np.float64)
     h = x.astype(np.float64)

@@ -1,0 +1,51 @@
+"""The compression plan as data: which weight gets which factorization, and what it costs.
+
+``make_plan`` (``planner``) is a pure function of the analysed weights, optional calibration
+statistics and a budget; it hands linear weights to ``lowrank`` or ``kronecker``. Its result
+(``schema``: ``Plan``, ``WeightPlan``) is JSON keyed by initializer name that a user can read,
+edit and pass back with ``--plan``; ``validate_plan`` (``validation``) checks an edited plan
+against the model and recomputes its costs (``costs``). Planning reads the model only through
+the ``AnalysisLike`` protocol, so it imports no graph code: ``factorlm.passes`` builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from factorlm.planning.costs import dense_cost, fill_costs
+from factorlm.planning.kronecker import KRON_SHAPES, supports_kronecker
+from factorlm.planning.lowrank import supports_lowrank_sparse
+from factorlm.planning.planner import make_plan
+from factorlm.planning.schema import (
+    ALL_METHODS,
+    DATA_AWARE,
+    PLAN_FORMAT,
+    SPARSE_STRUCTURES,
+    AnalysisLike,
+    CandidateLike,
+    Plan,
+    StatsLike,
+    WeightPlan,
+)
+from factorlm.planning.validation import validate_plan
+
+__all__ = [
+    "ALL_METHODS",
+    "DATA_AWARE",
+    "KRON_SHAPES",
+    "PLAN_FORMAT",
+    "SPARSE_STRUCTURES",
+    "AnalysisLike",
+    "CandidateLike",
+    "Plan",
+    "StatsLike",
+    "WeightPlan",
+    "dense_cost",
+    "fill_costs",
+    "make_plan",
+    "supports_kronecker",
+    "supports_lowrank_sparse",
+    "validate_plan",
+]
+
+logger = logging.getLogger(__name__)

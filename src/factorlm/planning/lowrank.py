@@ -1,0 +1,179 @@
+"""Low-rank planning: ranks for linear weights under one global budget, and token embeddings.
+
+Numbers (spectra, global rank allocation, break-even) come from ``factorlm.decompose``; this
+module only chooses ranks and records them. Low-rank + sparse (``losparse``) spends part of each
+weight's budget on the sparse residual, in one of ``SPARSE_STRUCTURES``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from factorlm.decompose import (
+    PreparedWeight,
+    WeightSpectrum,
+    allocate_ranks,
+    break_even_rank,
+    prepare,
+    rank_for_energy,
+    round_rank,
+    spectrum,
+)
+from factorlm.decompose.rank import DEFAULT_MIN_FRACTION
+from factorlm.errors import ConfigError, PlanError
+from factorlm.planning.costs import dense_cost, fill_costs, relative_error
+from factorlm.planning.schema import DATA_AWARE, CandidateLike, Plan, StatsLike, new_entry
+
+__all__ = ["plan_embedding", "plan_low_rank", "statistics_for", "supports_lowrank_sparse"]
+
+logger = logging.getLogger(__name__)
+
+
+def supports_lowrank_sparse(candidate: CandidateLike) -> str | None:
+    """None when the low-rank + sparse rewrite applies, else the reason it does not.
+
+    The plan and ``factorlm.passes.LowRankSparsePass`` both apply this one rule.
+    """
+    if candidate.kind != "linear" or candidate.uses[0].form != "x@W":
+        return f"the low-rank + sparse rewrite needs MatMul(x, W), not {candidate.uses[0].form}"
+    return None
+
+
+def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str, np.ndarray | None]:
+    """The statistic a data-aware method needs for one weight, as decompose keyword arguments."""
+    found: dict[str, np.ndarray | None] = {"gram": None, "mean_abs": None, "fisher": None}
+    key = DATA_AWARE.get(method)
+    if key is None:
+        return found
+    if stats is None:
+        raise ConfigError(
+            f"method {method!r} needs calibration statistics ({key}): pass --calib DATA (with "
+            "--tokenizer) or --stats STATS.npz."
+        )
+    table: Mapping[str, np.ndarray] = getattr(stats, key)
+    if name not in table:
+        raise PlanError(f"the calibration statistics have no {key} for weight {name!r}.")
+    found[key] = table[name]
+    return found
+
+
+def plan_embedding(plan: Plan, cand: CandidateLike, ratio: float | None, multiple: int) -> None:
+    """Plan a token embedding at its own ``ratio`` (None leaves it dense)."""
+    if ratio is None:
+        plan.skipped[cand.name] = (
+            "token embedding left dense (set --embeddings RATIO to factorize it)"
+        )
+        return
+    m, n = cand.shape
+    limit = break_even_rank(m, n)
+    rank = (int(ratio * m * n / (m + n)) // multiple) * multiple
+    if rank < 1 or rank > limit:
+        plan.skipped[cand.name] = (
+            f"no rank multiple of {multiple} below break-even {limit} fits ratio {ratio}"
+        )
+        return
+    s = spectrum(cand.matrix(), "svd")
+    entry = new_entry(cand, "svd", rank=rank, expected_error=relative_error(s, rank))
+    fill_costs(cand, entry)
+    plan.weights[cand.name] = entry
+
+
+def plan_low_rank(
+    plan: Plan,
+    linear: list[CandidateLike],
+    method: str,
+    ratio: float,
+    energy: float | None,
+    multiple: int,
+    stats: StatsLike | None,
+    structure: str,
+    density: float,
+    options: tuple[str, str, float] = ("optimal", "relative", DEFAULT_MIN_FRACTION),
+    prepared: dict[str, PreparedWeight] | None = None,
+) -> None:
+    """Ranks for ``linear`` by energy or by the global allocation; the rest stays dense.
+
+    ``options`` is ``(allocation, error_scale, min_fraction)`` for ``allocate_ranks``.
+    """
+    core_method = "svd" if method == "losparse" else method
+    targets: list[CandidateLike] = []
+    for cand in linear:
+        reason = supports_lowrank_sparse(cand) if method == "losparse" else None
+        if reason is None and method == "losparse" and cand.members:
+            reason = "a joint Q/K/V weight takes plain low-rank factors only, not low-rank + sparse"
+        if reason is not None:
+            plan.skipped[cand.name] = reason
+        else:
+            targets.append(cand)
+    spectra: dict[str, np.ndarray] = {}
+    cache: dict[str, PreparedWeight] = {}
+    for cand in targets:
+        found = statistics_for(stats, core_method, cand.name)
+        # Eigenvalues of the small-side Gram only; compress takes the vectors (one eigh) for
+        # the weights the allocation factorizes, so no vectors are held in between.
+        ready = prepare(
+            cand.matrix(),
+            core_method,
+            gram=found["gram"],
+            mean_abs=found["mean_abs"],
+            fisher=found["fisher"],
+            keep=0,
+        )
+        spectra[cand.name] = ready.singular_values
+        if prepared is not None and method != "losparse":
+            cache[cand.name] = ready
+    if energy is not None:
+        ranks: dict[str, int | None] = {}
+        for cand in targets:
+            m, n = cand.shape
+            r = round_rank(rank_for_energy(spectra[cand.name], energy), multiple)
+            ranks[cand.name] = r if r <= break_even_rank(m, n) else None
+    else:
+        # losparse spends part of each weight's budget on the sparse part.
+        lr_ratio = ratio - density if method == "losparse" else ratio
+        ranks = (
+            allocate_ranks(
+                [WeightSpectrum(c.name, c.shape, spectra[c.name]) for c in targets],
+                ratio=lr_ratio,
+                multiple=multiple,
+                strategy=options[0],  # type: ignore[arg-type]
+                error=options[1],  # type: ignore[arg-type]
+                min_fraction=options[2],
+            )
+            if targets
+            else {}
+        )
+    for cand in targets:
+        chosen = ranks.get(cand.name)
+        m, n = cand.shape
+        limit = break_even_rank(m, n)
+        if chosen is None:
+            plan.dense[cand.name] = dense_cost(cand)
+            if limit < multiple:
+                plan.skipped[cand.name] = (
+                    f"would not reduce cost: break-even rank {limit} is below the rank multiple {multiple}"
+                )
+            elif energy is not None:
+                plan.skipped[cand.name] = (
+                    f"would not reduce cost: energy {energy} needs a rank above break-even {limit}"
+                )
+            else:
+                plan.skipped[cand.name] = (
+                    "left dense by the global rank allocation (cutting it costs the most error)"
+                )
+            continue
+        sparse = {"structure": structure, "density": density} if method == "losparse" else None
+        entry = new_entry(
+            cand,
+            method,
+            rank=chosen,
+            sparse=sparse,
+            expected_error=relative_error(spectra[cand.name], chosen),
+        )
+        fill_costs(cand, entry)
+        plan.weights[cand.name] = entry
+        if prepared is not None and cand.name in cache:
+            prepared[cand.name] = cache.pop(cand.name)
