@@ -115,8 +115,8 @@ def compress_variant(
     source: Path, target: Path, *, method: str, ratio: float, stats: Any, **options: Any
 ) -> dict[str, Any]:
     """Compress ``source`` to ``target`` with planner ``options``; return the budget figures."""
-    from factorlm.compress import compress
-    from factorlm.exporters.ort import copy_sidecars
+    from factorlm._common.files import copy_sidecars
+    from factorlm.compression import compress
 
     result = compress(source, target, method=method, ratio=ratio, stats=stats, **options)
     copy_sidecars(source, target.parent)
@@ -137,13 +137,12 @@ def evaluate(
     Shared by data_aware.py and recovery.py; ``include_details`` adds the probe's split details
     under ``"task"``.
     """
-    from transformers import AutoTokenizer
-
+    from factorlm._common.text import TextTokenizer
     from factorlm.benchmark.accuracy import FidelityAccumulator
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.benchmark.tasks import classification_task, load_dataset
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = TextTokenizer(tokenizer_dir)
     dataset = load_dataset(heldout, labels=["fresh", "rotten"])
     runners = [OrtRunner(path, name=name) for name, path in models.items()]
     fidelity = [FidelityAccumulator() for _ in runners[1:]]
@@ -151,7 +150,7 @@ def evaluate(
         for runner in runners:
             stack.enter_context(runner)
         task = classification_task(
-            runners, tok, dataset, test_fraction=0.5, seed=0, fidelity=fidelity
+            runners, tok, dataset, seed=0, fidelity=fidelity
         )
     scores = [task["reference"], *task["candidates"].values()]
     cosines = [1.0] + [acc.result()["last_hidden_state"]["pooled_cosine_mean"] for acc in fidelity]

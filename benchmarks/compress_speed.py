@@ -5,7 +5,7 @@ optimum, then, each in a fresh subprocess so peak RSS is its own:
 
 1. the pure decomposition time: ``factorlm.decompose.decompose`` on exactly the weights and
    ranks of the plan (weights already in memory as numpy arrays), and
-2. ``factorlm.compress.compress`` end to end (load, analyse, plan with spectra, decompose,
+2. ``factorlm.compress`` end to end (load, analyse, plan with spectra, decompose,
    rewrite, save with the full ONNX check).
 
 Targets: end to end ≤ 1.5x the pure decomposition time; peak RSS ≤ 2.5x the model file size.
@@ -68,7 +68,7 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 _COMPRESS = """
 import json, sys, time
-from factorlm.compress import compress
+from factorlm.compression import compress
 start = time.perf_counter()
 r = compress(sys.argv[1], sys.argv[2], ratio=float(sys.argv[3]), min_size=0)
 print(json.dumps({"seconds": time.perf_counter() - start, "stages": r.seconds,

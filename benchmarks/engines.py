@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from factorlm.assets import exported_minilm
     from factorlm.benchmark.latency import latency_summary, speedup_interval
     from factorlm.benchmark.runners import OrtRunner
-    from factorlm.compress import compress
+    from factorlm.compression import compress
     from factorlm.exporters.fusions import lost_fusions
 
     command = " ".join([".venv/bin/python", "benchmarks/engines.py", *sys.argv[1:]])
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     compressed = args.work / "compressed" / "model.onnx"
     start = time.perf_counter()
-    result = compress(original, compressed, method=args.method, ratio=args.ratio)
+    result = compress(original, compressed, method=args.method, ratio=args.ratio, joint_qkv=False)
     compress_s = time.perf_counter() - start
     models = {"original": original, "compressed": compressed}
     options = [o for o in OPTIONS if o != "fp16" or cpu_has_fp16()]

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.benchmark.tasks import classification_task, load_dataset, load_tokenizer
     from factorlm.calibration import collect_statistics
-    from factorlm.compress import compress
+    from factorlm.compression import compress
     from factorlm.exporters.fusions import lost_fusions
     from factorlm.exporters.ort import build_ort_engine
 

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, publish
 from compress_speed import export_bert
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.io import load_model
 
 __all__ = ["main"]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     linear_ratio: dict[str, float] = {}
     for ratio in (0.5, 0.3):
         out = args.work / f"bert-{layers}l-svd{ratio}" / "model.onnx"
-        compress(original, out, ratio=ratio, min_size=0)
+        compress(original, out, ratio=ratio, min_size=0, method="svd", joint_qkv=False)
         models[f"ratio {ratio}"] = out
         linear_ratio[f"ratio {ratio}"] = _linear_params(out) / _linear_params(original)
     flops = {name: _linear_flops(path) + attention_flops for name, path in models.items()}

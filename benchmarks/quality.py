@@ -1,7 +1,7 @@
 """The quality table: what every factorization method keeps at each budget, and at what speed.
 
 For each model, every method (svd, fwsvd, whiten (= DRONE / SVD-LLM closed form), asvd, kron,
-losparse) is applied through the public ``factorlm.compress.compress(...)`` API at budgets of
+losparse) is applied through the public ``factorlm.compress(...)`` API at budgets of
 linear-layer parameters (global rank allocation, whatever ``compress`` does today), and each point
 gets a task metric on held-out data plus an ONNX Runtime latency ratio against the ORT-optimized
 original, measured in alternation (paired per round, bootstrap interval).
@@ -128,9 +128,9 @@ def compress_point(
     source: Path, out_dir: Path, method: str, ratio: float, stats: Any, linear: int, *, joint_qkv: bool = True
 ) -> dict[str, Any]:
     """``compress`` one (method, ratio) point; the record of what it did."""
+    from factorlm._common.files import copy_sidecars
     from factorlm.benchmark.quality import kept_linear_ratio
-    from factorlm.compress import compress
-    from factorlm.exporters.ort import copy_sidecars
+    from factorlm.compression import compress
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -292,6 +292,12 @@ def _embed(runner: Any, tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     return vectors[0]
 
 
+def _fmt_interval(point: dict[str, Any]) -> str:
+    """`` [low, high]`` of the accuracy drop (paired bootstrap over rows), blank for old results."""
+    span = point.get("accuracy_drop_interval")
+    return f" [{span[0]:+.2f}, {span[1]:+.2f}]" if span else ""
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     na = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
     nb = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
@@ -302,7 +308,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoTokenizer
 
+    from factorlm._common.text import TextTokenizer
     from factorlm.assets import exported_minilm, minilm_dir, reviews_path
+    from factorlm.benchmark.accuracy import paired_bootstrap_drop
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.calibration import collect_fisher, collect_statistics
     from factorlm.exporters.ort import build_ort_engine
@@ -344,6 +352,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     say(f"calibration statistics ready in {calib_s:.1f} s ({stats.tokens} tokens)")
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent))
+    text_tokenizer = TextTokenizer(source.parent)  # the benchmark's and calibration's path
     engines: dict[str, Path] = {}
     manifest = build_ort_engine(source, work / "engine-original", optimize=True, overwrite=True)
     engines["original"] = manifest.engine_path
@@ -360,8 +369,8 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     train_y = np.asarray([r["label"] for _, r in train])
     eval_y = np.asarray([r["label"] for _, r in evaluation])
     with runner(engines["original"]) as ref:
-        ref_train = _embed(ref, tokenizer, train_texts)
-        ref_eval = _embed(ref, tokenizer, eval_texts)
+        ref_train = _embed(ref, text_tokenizer, train_texts)
+        ref_eval = _embed(ref, text_tokenizer, eval_texts)
     probe = LogisticRegression(max_iter=2000).fit(ref_train, train_y)
     ref_pred = probe.predict(ref_eval)
     ref_acc = float((ref_pred == eval_y).mean()) * 100
@@ -374,7 +383,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         engines[label] = built.engine_path
         point["fusions"] = {k: v for k, v in built.fusions["engine"].items() if v}
         with runner(built.engine_path) as cand:
-            emb = _embed(cand, tokenizer, eval_texts)
+            emb = _embed(cand, text_tokenizer, eval_texts)
         pred = probe.predict(emb)
         acc = float((pred == eval_y).mean()) * 100
         cos = _cosine(ref_eval, emb)
@@ -382,6 +391,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "accuracy": acc,
                 "accuracy_drop": ref_acc - acc,
+                "accuracy_drop_interval": list(
+                    paired_bootstrap_drop(ref_pred == eval_y, pred == eval_y, seed=0)
+                ),
                 "prediction_agreement": float((pred == ref_pred).mean()) * 100,
                 "cosine_mean": float(cos.mean()),
                 "cosine_p10": float(np.percentile(cos, 10)),
@@ -744,7 +756,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Load after: `{minilm['load_after']}`",
             *(f"Note: {note}  " for note in minilm.get("notes", [])),
             "",
-            "| method | budget | linear kept | probe acc % | drop (pts) | agree w/ original % | mean cosine | p10 cosine | speedup [95% CI] | factorized / dense | fusions lost | compress s |",
+            "| method | budget | linear kept | probe acc % | drop (pts) [95% CI] | agree w/ original % | mean cosine | p10 cosine | speedup [95% CI] | factorized / dense | fusions lost | compress s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
             f"| original | 1.0 | 1.000 | {ref['accuracy']:.2f} | 0.00 | 100.0 | 1.0000 | 1.0000 | 1.00x | - | - | - |",
         ]
@@ -755,7 +767,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             lost = {k: v - p["fusions"].get(k, 0) for k, v in ref["fusions"].items() if v > p["fusions"].get(k, 0)}
             lines.append(
-                f"| {p['method']} | {p['budget']} | {p['linear_kept']:.3f} | {p['accuracy']:.2f} | {p['accuracy_drop']:+.2f} | "
+                f"| {p['method']} | {p['budget']} | {p['linear_kept']:.3f} | {p['accuracy']:.2f} | {p['accuracy_drop']:+.2f}{_fmt_interval(p)} | "
                 f"{p['prediction_agreement']:.1f} | {p['cosine_mean']:.4f} | {p['cosine_p10']:.4f} | {_fmt_speed(p)} | "
                 f"{p['factorized']} / {p['left_dense']} | {', '.join(f'{k} {v}' for k, v in lost.items()) or '-'} | {p['compress_s']:.0f} |"
             )
@@ -895,8 +907,8 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
 
 def write_results(out: Path, name: str, section: dict[str, Any]) -> None:
     """Replace one model's section of quality.json (others kept: runs may overlap), then redraw."""
+    from factorlm._common.files import write_text_atomic
     from factorlm.assets.prepare import file_lock
-    from factorlm.compress import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(Path(tempfile.gettempdir()) / "factorlm-quality.lock"):
@@ -955,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.replot:  # redraw quality.md and the plots from quality.json, run nothing
-        from factorlm.compress import write_text_atomic
+        from factorlm._common.files import write_text_atomic
 
         _write_all(args.out, json.loads((args.out / "quality.json").read_text()), write_text_atomic)
         return 0

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from factorlm.assets import exported_minilm, minilm_dir, reviews_path
     from factorlm.calibration import collect_statistics
-    from factorlm.compress import compress
+    from factorlm.compression import compress
     from factorlm.data import iter_records
     from factorlm.recovery import recover
 
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines: dict[str, Path] = {}
     for method in ("svd", "asvd", "whiten"):
         target = work / method / "model.onnx"
-        compress(onnx_model, target, method=method, ratio=0.6, stats=stats)
-        from factorlm.exporters.ort import copy_sidecars
+        compress(onnx_model, target, method=method, ratio=0.6, stats=stats, joint_qkv=False)
+        from factorlm._common.files import copy_sidecars
 
         copy_sidecars(onnx_model, target.parent)
         baselines[method] = target
@@ -242,12 +242,12 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
+    from factorlm._common.files import copy_sidecars
     from factorlm.assets import smollm_dir
     from factorlm.benchmark.runners import OrtRunner
     from factorlm.benchmark.tasks import window_nll
     from factorlm.calibration import collect_statistics
-    from factorlm.compress import compress
-    from factorlm.exporters.ort import copy_sidecars
+    from factorlm.compression import compress
     from factorlm.recovery import recover
     from quality import (
         SMOLLM_CALIB_CHUNKS,
@@ -279,7 +279,7 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
     compress_s = 0.0
     if not reused:
         start = time.perf_counter()
-        compress(source, baseline, method="whiten", ratio=SMOLLM_RATIO, stats=stats)
+        compress(source, baseline, method="whiten", ratio=SMOLLM_RATIO, stats=stats, joint_qkv=False)
         copy_sidecars(source, baseline.parent)
         compress_s = time.perf_counter() - start
     print(f"whiten baseline {'reused' if reused else 'made'}: {baseline}", file=sys.stderr, flush=True)

@@ -16,7 +16,9 @@ def test_factorlm_error_becomes_one_line_and_exit_2(
 
     @probe.command()
     def boom() -> None:
-        raise ModelLoadError("model.onnx is not an ONNX file; try `pip install factorlm[tensorrt]`.")
+        raise ModelLoadError(
+            "model.onnx is not an ONNX file; try `pip install factorlm[tensorrt]`."
+        )
 
     @probe.command()
     def other() -> None:

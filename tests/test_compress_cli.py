@@ -18,7 +18,7 @@ import pytest
 from onnx import external_data_helper, numpy_helper
 
 from factorlm.cli import main
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.planning import Plan
 from models import embedding_lm, mlp, run_ort
 
@@ -41,8 +41,8 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
 
 def test_cli_compress_writes_checked_model_and_plan(mlp_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "mlp_c.onnx"
-    argv = ["compress", str(mlp_path), "-o", str(out), "--ratio", "0.5", "--min-size", "0"]
-    assert main(argv) == 0
+    argv = ["compress", str(mlp_path), "-o", str(out), "--method", "svd", "--ratio", "0.5"]
+    assert main([*argv, "--min-size", "0"]) == 0
     onnx.checker.check_model(str(out), full_check=True)
     plan = json.loads((tmp_path / "out" / "mlp_c.plan.json").read_text())
     assert set(plan["weights"]) == {"fc1.weight", "fc2.weight"}
@@ -59,13 +59,15 @@ def test_cli_compress_writes_checked_model_and_plan(mlp_path: Path, tmp_path: Pa
     assert run_ort(str(out), {"x": x})[0].shape == (3, 7, 48)
 
     # A second run finds only factors: nothing new is factorized.
-    again = compress(out, tmp_path / "out2" / "again.onnx", min_size=0)
+    again = compress(
+        out, tmp_path / "out2" / "again.onnx", min_size=0, method="svd", joint_qkv=False
+    )
     assert again.factorized == 0
     assert all("already a factor" in r for r in again.plan.skipped.values())
 
 
 def test_edited_plan_is_applied_and_validated(mlp_path: Path, tmp_path: Path) -> None:
-    first = compress(mlp_path, tmp_path / "a.onnx", min_size=0)
+    first = compress(mlp_path, tmp_path / "a.onnx", min_size=0, method="svd", joint_qkv=False)
     assert first.plan_path is not None
     data = json.loads(first.plan_path.read_text())
     data["weights"]["fc1.weight"]["rank"] = 5
@@ -86,7 +88,8 @@ def test_allocation_and_min_fraction_reach_the_planner(
     mlp_path: Path, tmp_path: Path, allocation: str, floor: float
 ) -> None:
     out = tmp_path / "o.onnx"
-    argv = ["compress", str(mlp_path), "-o", str(out), "--min-size", "0", "--ratio", "0.6"]
+    argv = ["compress", str(mlp_path), "-o", str(out), "--method", "svd", "--ratio", "0.6"]
+    argv += ["--min-size", "0"]
     assert main([*argv, "--allocation", allocation, "--min-fraction", str(floor)]) == 0
     plan = json.loads((tmp_path / "o.plan.json").read_text())
     assert (plan["budget"]["allocation"], plan["budget"]["min_fraction"]) == (allocation, floor)
@@ -97,6 +100,8 @@ def test_allocation_and_min_fraction_reach_the_planner(
         min_size=0,
         allocation=allocation,
         min_fraction=floor,
+        method="svd",
+        joint_qkv=False,
     )
     assert {k: v["rank"] for k, v in plan["weights"].items()} == {
         k: v.rank for k, v in expected.plan.weights.items()
@@ -139,6 +144,8 @@ def test_embeddings_and_external_data(tmp_path: Path) -> None:
         str(src),
         "-o",
         str(out),
+        "--method",
+        "svd",
         "--embeddings",
         "0.3",
         "--min-size",
@@ -201,10 +208,10 @@ def _bad_inputs(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[str], 
         "truncated": (cut, [], "truncated or corrupt"),
         "missing external": (ext_dir / "m.onnx", [], "is missing"),
         "outside folder": (evil_dir / "m.onnx", [], "outside the model's folder"),
-        "unknown method": (good, ["--method", "magic"], "method 'magic' is unknown"),
-        "ratio": (good, ["--ratio", "1.5"], "--ratio 1.5 is out of range"),
-        "allocation": (good, ["--allocation", "best"], "--allocation 'best' is unknown"),
-        "min fraction": (good, ["--min-fraction", "1.5"], "--min-fraction 1.5 is out of range"),
+        "unknown method": (good, ["--method", "magic"], "'magic' is not one of 'svd', 'whiten'"),
+        "ratio": (good, ["--ratio", "1.5"], "--ratio is 1.5; it must be > 0.0 and < 1.0."),
+        "allocation": (good, ["--allocation", "best"], "'best' is not one of 'optimal'"),
+        "min fraction": (good, ["--min-fraction", "1.5"], "--min-fraction is 1.5; it must be"),
         "include": (good, ["--include", "^nothing$"], "matches no weight"),
         "plan": (good, ["--plan", str(plan)], "'nope.weight', which is not in the model"),
         "data-aware": (good, ["--method", "whiten"], "needs calibration statistics"),
@@ -219,9 +226,8 @@ def test_bad_input_one_line_exit_2_nothing_written(
         before = _digest(src)
         out_dir = tmp_path / f"out-{case.replace(' ', '_')}"
         out_dir.mkdir()
-        code = main(
-            ["compress", str(src), "-o", str(out_dir / "o.onnx"), "--min-size", "0", *extra]
-        )
+        argv = ["compress", str(src), "-o", str(out_dir / "o.onnx"), "--method", "svd"]
+        code = main([*argv, "--min-size", "0", *extra])
         err = capsys.readouterr().err
         assert code == 2, case
         assert message in err, (case, err)
@@ -273,7 +279,7 @@ def test_real_bert_export_exact_at_full_rank_and_fusions(tiny_bert: Path, tmp_pa
     src = onnx.load(str(tiny_bert))
 
     lossless = tmp_path / "lossless.onnx"
-    plan = compress(tiny_bert, tmp_path / "p.onnx", min_size=0).plan
+    plan = compress(tiny_bert, tmp_path / "p.onnx", min_size=0, method="svd", joint_qkv=False).plan
     for entry in plan.weights.values():
         entry.rank = min(entry.shape)
     assert compress(tiny_bert, lossless, plan=plan).factorized == len(plan.weights) > 0
@@ -289,7 +295,7 @@ def test_real_bert_export_exact_at_full_rank_and_fusions(tiny_bert: Path, tmp_pa
     # Fusions: factorized attention projections lose Attention (and with it EmbedLayerNorm);
     # bias Add / LayerNorm / Gelu neighbours survive. Excluding the attention linears keeps all.
     compressed = tmp_path / "c.onnx"
-    compress(tiny_bert, compressed, ratio=0.5, min_size=0)
+    compress(tiny_bert, compressed, ratio=0.5, min_size=0, method="svd", joint_qkv=False)
     keep_attention = tmp_path / "k.onnx"
     compress(
         tiny_bert,
@@ -297,6 +303,8 @@ def test_real_bert_export_exact_at_full_rank_and_fusions(tiny_bert: Path, tmp_pa
         ratio=0.5,
         min_size=0,
         exclude=r"/attention/",
+        method="svd",
+        joint_qkv=False,
     )
     before, after, kept = _fusions(tiny_bert), _fusions(compressed), _fusions(keep_attention)
     print(f"fusions original {before}, compressed {after}, attention excluded {kept}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factorlm.data import iter_records, read_labelled, read_texts, texts_digest
+from factorlm.data import iter_records, read_corpus, read_labelled, read_texts, texts_digest
 from factorlm.errors import DataError
 
 
@@ -22,7 +22,19 @@ def test_formats(tmp_path: Path) -> None:
     assert read_texts(tmp_path / "a.jsonl") == ["one", "two"]  # blank text skipped
     assert read_labelled(tmp_path / "b.json") == (["three"], ["1"])
     assert read_texts(tmp_path / "c.csv") == ["four, with comma", "five\nlines"]
-    assert read_texts(tmp_path / "d.txt") == ["Para one wrapped.", "Para two."]
+    # TXT: one record per non-empty line, under whatever text column was asked for
+    assert read_texts(tmp_path / "d.txt") == ["Para one", "wrapped.", "Para two."]
+    assert read_texts(tmp_path / "d.txt", text_column="body") == ["Para one", "wrapped.", "Para two."]
+    # perplexity reads a TXT file's exact text; skipping rows keeps the rest disjoint
+    assert read_corpus(tmp_path / "d.txt") == "Para one\nwrapped.\n\n\nPara two.\n"
+    assert read_corpus(tmp_path / "d.txt", skip_rows=1) == "wrapped.\nPara two."
+    assert read_corpus(tmp_path / "a.jsonl") == "one\n\ntwo"
+    # a JSON array is accepted whatever the suffix, like JSON lines
+    (tmp_path / "arr.jsonl").write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
+    assert read_texts(tmp_path / "arr.jsonl") == ["x", "y"]
+    # U+2028 inside a JSON string is not a line break
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert read_texts(tmp_path / "u.jsonl") == ["a\u2028b"]
     texts, labels = read_labelled(tmp_path / "a.jsonl", labels=["rotten"])
     assert (texts, labels) == (["two"], ["rotten"])
     assert read_texts(tmp_path / "a.jsonl", max_samples=1) == ["one"]
@@ -46,6 +58,9 @@ def test_errors(tmp_path: Path) -> None:
     (tmp_path / "l.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match="no column 'label'"):
         read_labelled(tmp_path / "l.jsonl")
+    (tmp_path / "gap.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match="record without a 'label' label"):
+        read_labelled(tmp_path / "gap.jsonl")  # never a silent "None" class
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         list(iter_records(tmp_path / "bad.jsonl"))

@@ -1,34 +1,46 @@
-"""Read calibration and evaluation texts (and labels) from JSONL, CSV, TXT or a local HF dataset.
+"""The one reader of user data files: JSONL, JSON, CSV/TSV, TXT or a folder of them.
 
-Why one reader: calibration, Fisher estimation and the accuracy benchmark all take "a data file
-and a column name"; they must agree on what a sample is and fail the same way on bad input.
+Why one reader: calibration, Fisher estimation, recovery and the benchmark all take "a data file
+and a column name"; they must agree on what a record is and fail the same way on bad input.
 
-- ``.jsonl`` / ``.json`` (one object per line, or a JSON list of objects): records by key.
-- ``.csv`` / ``.tsv``: records by header name.
-- ``.txt``: one sample per paragraph (blank-line separated; hard-wrapped lines joined), so a
-  novel gives sentence-sized samples rather than 70-character fragments. There is no column.
+- ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line, or one JSON array of objects
+  (accepted for every suffix and by every command). Lines split on ``\n`` only, so U+2028 inside
+  a string is not a break. Records by key.
+- ``.csv`` / ``.tsv``: records by header name (quoted fields may hold newlines).
+- ``.txt`` / ``.text`` / ``.md``: one record per non-empty line (stripped), under whatever text
+  column was asked for: the convention of Hugging Face's ``text`` loader. A hard-wrapped novel
+  thus gives one record per printed line; use JSONL for longer samples. Tasks that read a text as
+  a whole (perplexity) use ``read_corpus``, which for a TXT file is the file's exact text.
 - a folder: a dataset saved with ``datasets.save_to_disk`` (needs the ``datasets`` package; the
   ``train`` split or the first one), or else the data files in it, in name order.
 
-Records are streamed, so asking for ``max_samples`` reads only as far as needed.
+A record whose text is missing or blank is skipped everywhere (``max_samples`` counts only kept
+records). Records are streamed, so asking for ``max_samples`` reads only as far as needed.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from factorlm._common.userfiles import (
+    MAX_DATA_DOCUMENT_BYTES,
+    iter_csv_rows,
+    iter_lines,
+    parse_json,
+    read_text,
+)
 from factorlm.errors import BackendUnavailableError, DataError
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
+    "TEXT_SUFFIXES",
     "iter_records",
+    "read_corpus",
     "read_labelled",
     "read_texts",
     "texts_digest",
@@ -36,60 +48,44 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
-_TXT_COLUMN = "text"
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TABLE_SUFFIXES = (".csv", ".tsv")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+SUPPORTED_SUFFIXES = JSON_SUFFIXES + TABLE_SUFFIXES + TEXT_SUFFIXES
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        first = handle.read(1)
-        while first.isspace():
-            first = handle.read(1)
-        handle.seek(0)
-        if first == "[":  # a JSON array of records
-            try:
-                records = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})."
-                ) from exc
-            for i, record in enumerate(records):
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} item {i} is not a JSON object.")
-                yield record
-            return
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}).") from exc
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):  # a JSON array of records
+        text = read_text(path, what="data file", limit=MAX_DATA_DOCUMENT_BYTES, error=DataError)
+        records = parse_json(text, source=f"data file {path}", error=DataError)
+        for i, record in enumerate(records):
             if not isinstance(record, dict):
-                raise DataError(f"{path} line {number} is not a JSON object.")
+                raise DataError(f"{path} item {i} is not a JSON object.")
             yield record
+        return
+    for number, line in iter_lines(path, error=DataError):
+        if not line.strip():
+            continue
+        record = parse_json(line, source=f"{path} line {number}", error=DataError)
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number} is not a JSON object.")
+        yield record
 
 
 def _iter_csv(path: Path) -> Iterator[dict[str, Any]]:
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle, delimiter=delimiter)
+    yield from iter_csv_rows(path, delimiter=delimiter, error=DataError)
 
 
-def _iter_txt(path: Path) -> Iterator[dict[str, Any]]:
-    paragraph: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                paragraph.append(line.strip())
-            elif paragraph:
-                yield {_TXT_COLUMN: " ".join(paragraph)}
-                paragraph = []
-    if paragraph:
-        yield {_TXT_COLUMN: " ".join(paragraph)}
+def _iter_txt(path: Path, column: str) -> Iterator[dict[str, Any]]:
+    for _, line in iter_lines(path, error=DataError):
+        if line.strip():
+            yield {column: line.strip()}
 
 
-def _iter_folder(path: Path) -> Iterator[dict[str, Any]]:
+def _iter_folder(path: Path, column: str) -> Iterator[dict[str, Any]]:
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         try:
             import datasets
@@ -108,37 +104,37 @@ def _iter_folder(path: Path) -> Iterator[dict[str, Any]]:
     if not files:
         raise DataError(f"{path} holds no data files ({', '.join(SUPPORTED_SUFFIXES)}).")
     for file in files:
-        yield from _iter_file(file)
+        yield from _iter_file(file, column)
 
 
-def _iter_file(path: Path) -> Iterator[dict[str, Any]]:
+def _iter_file(path: Path, column: str) -> Iterator[dict[str, Any]]:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix in JSON_SUFFIXES:
         return _iter_jsonl(path)
-    if suffix in (".csv", ".tsv"):
+    if suffix in TABLE_SUFFIXES:
         return _iter_csv(path)
-    if suffix == ".txt":
-        return _iter_txt(path)
+    if suffix in TEXT_SUFFIXES:
+        return _iter_txt(path, column)
     raise DataError(
         f"{path} has an unsupported extension; use one of {', '.join(SUPPORTED_SUFFIXES)}."
     )
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Stream the records of a data file or folder as dicts (TXT: ``{"text": paragraph}``)."""
+def iter_records(path: Path, text_column: str = "text") -> Iterator[dict[str, Any]]:
+    """Stream the records of a data file or folder as dicts (TXT: ``{text_column: line}``)."""
     path = Path(path)
     if path.is_dir():
-        return _iter_folder(path)
+        return _iter_folder(path, text_column)
     if not path.is_file():
         raise DataError(f"The data file {path} does not exist.")
-    return _iter_file(path)
+    return _iter_file(path, text_column)
 
 
 def _take(path: Path, columns: Sequence[str], max_samples: int | None) -> Iterator[tuple[Any, ...]]:
     """Yield the named columns of non-empty records, checking the columns on the first one."""
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be at least 1, not {max_samples}.")
-    records = iter_records(path)
+    records = iter_records(path, columns[0])
     seen = 0
     first = True
     for record in records:
@@ -185,11 +181,42 @@ def read_labelled(
     texts: list[str] = []
     out_labels: list[str] = []
     for text, label in rows:
+        if label is None or str(label).strip() == "":
+            raise DataError(
+                f"{path} has a record without a {label_column!r} label (after {len(texts)} "
+                "labelled ones)."
+            )
         texts.append(text)
         out_labels.append(str(label))
     if not texts:
         raise DataError(f"{path} holds no texts labelled {sorted(keep or [])}.")
     return texts, out_labels
+
+
+def read_corpus(path: Path, *, text_column: str = "text", skip_rows: int = 0) -> str:
+    """One long text for tasks that score text as a whole (perplexity).
+
+    A TXT file gives its exact content (line breaks and blank lines kept); after ``skip_rows``
+    records, the remaining non-empty lines joined by newlines. Any other source gives its
+    non-empty texts joined by blank lines.
+    """
+    path = Path(path)
+    if skip_rows < 0:
+        raise DataError(f"skip_rows must not be negative, not {skip_rows}.")
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        if skip_rows == 0:
+            text = path.read_text(encoding="utf-8")
+            if not text.strip():
+                raise DataError(f"{path} holds no non-empty texts.")
+            return text
+        lines = read_texts(path, text_column=text_column)[skip_rows:]
+        if not lines:
+            raise DataError(f"{path} holds no lines after skipping {skip_rows}.")
+        return "\n".join(lines)
+    texts = read_texts(path, text_column=text_column)[skip_rows:]
+    if not texts:
+        raise DataError(f"{path} holds no texts after skipping {skip_rows}.")
+    return "\n\n".join(texts)
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from factorlm._common.userfiles import check_onnx_model
 from factorlm.errors import ModelLoadError
 
 __all__ = [
@@ -120,6 +121,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelLoadError(f"{path} is empty, not an ONNX file.")
     proto = _read_proto(path)
     _check_external_data(proto, path)
+    check_onnx_model(proto, path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     logger.info("Loaded %s (%d nodes)", path, len(model.graph))

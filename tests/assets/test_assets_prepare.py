@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from factorlm import assets
+from factorlm._common.files import sha256_file
 from factorlm.assets import prepare as prep
 from factorlm.cli import main
 from factorlm.errors import DataError
@@ -43,7 +44,7 @@ def test_prepare_is_idempotent_with_manifest(
     assert path.read_text().startswith('{"text": "fine"')
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     entry = manifest["reviews"]["files"]["reviews.jsonl"]
-    assert entry["sha256"] == prep.sha256_file(path) and entry["size"] == path.stat().st_size
+    assert entry["sha256"] == sha256_file(path) and entry["size"] == path.stat().st_size
     assert not list(path.parent.parent.glob(".rotten_tomatoes.*"))  # no staging left
 
     again = prep.prepare(["reviews"], root=tmp_path, progress=False)

@@ -72,8 +72,8 @@ def test_baseline_flow_through_the_cli(models: dict[str, Path], tmp_path: Path) 
 
 def test_bad_options_exit_2(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "-r", str(models["ref"]), "-c", str(models["noisy"]), "-o", str(tmp_path), "--shapes", "8by128"]) == 2
-    _one_line_error(capsys, "Shape '8by128' is not BATCHxSEQUENCE")
+    _one_line_error(capsys, "--shapes has '8by128'; write BATCHxSEQUENCE")
     assert _bench(models, tmp_path, "noisy", "--task", "translation", "--data", str(tmp_path)) == 2
-    _one_line_error(capsys, "Task 'translation' is not one of")
+    _one_line_error(capsys, "'translation' is not one of 'auto'")
     assert main(["bench", "-r", str(tmp_path / "missing"), "-c", str(models["noisy"]), "-o", str(tmp_path)]) == 2
     _one_line_error(capsys, "does not exist")

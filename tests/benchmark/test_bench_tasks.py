@@ -12,7 +12,7 @@ from bench_models import WORDS, bigram_lm, bigram_weights, save_tokenizer
 from factorlm.benchmark import run_benchmark
 from factorlm.benchmark.accuracy import log_softmax
 from factorlm.benchmark.runners import OrtRunner
-from factorlm.benchmark.tasks import check_dataset, load_dataset, window_nll
+from factorlm.benchmark.tasks import check_dataset, load_dataset, task_needs_labels, window_nll
 from factorlm.errors import DataError
 
 
@@ -63,9 +63,17 @@ def test_classification_probe_and_similarity(models: dict[str, Path], reviews: P
         max_accuracy_drop=50, max_fidelity_loss=1e-9, **common,
     )
     task = report.data["task"]
-    assert task["details"]["test"] == 24 and task["details"]["train"] == 96
+    assert task["details"]["folds"] == 5 and task["details"]["rows_scored"] == 120
     assert task["reference"] > task["details"]["majority_percent"]
     assert task["candidates"]["ref#2"] == task["reference"]  # identical model, identical probe
+    assert task["drop_interval"]["ref#2"] == [0.0, 0.0] and task["agreement"]["ref#2"] == 1.0
+    low, high = task["drop_interval"]["noisy"]
+    assert low <= task["drop"]["noisy"] <= high and 0.0 <= task["agreement"]["noisy"] <= 1.0
+    from factorlm.benchmark.report import render_html, render_markdown
+
+    markdown = render_markdown(report)
+    assert "95 % interval" in markdown and "agreement" in markdown
+    assert "95 % interval" in render_html(report)
     fid = report.data["fidelity"]
     assert fid["ref#2"]["inputs"] == "data"
     assert fid["ref#2"]["outputs"]["last_hidden_state"]["max_abs_error"] == 0.0
@@ -87,6 +95,13 @@ def test_data_formats_and_label_checks(tmp_path: Path) -> None:
     txt.write_text("w1 w2\n\nw3\n")
     data = load_dataset(txt)
     assert data.texts == ["w1 w2", "w3"] and data.labels is None and data.raw_text == "w1 w2\n\nw3\n"
+    assert load_dataset(txt, skip_rows=1).raw_text == "w3"  # held-out text stays disjoint
+    assert load_dataset(txt, text_column="body").texts == ["w1 w2", "w3"]  # TXT has no columns
+    check_dataset(data, "perplexity")  # text-only tasks need no labels
+    assert not task_needs_labels("perplexity") and task_needs_labels("classification")
+    array = tmp_path / "a.json"  # a JSON array of objects is accepted here as by calibration
+    array.write_text(json.dumps([{"text": "w1", "label": "pos"}, {"text": "w2", "label": "neg"}]))
+    assert load_dataset(array).labels == ["pos", "neg"]
     with pytest.raises(DataError, match="no label on every row"):
         check_dataset(data, "classification")
     bad = tmp_path / "bad.jsonl"

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from factorlm._common.text import TextTokenizer
 from factorlm.calibration import CalibrationStats, collect_statistics, find_targets
-from factorlm.calibration.capture import TextTokenizer
 from factorlm.errors import ConfigError, DataError
 
 VOCAB, D, H, K = 26, 8, 12, 5

@@ -6,10 +6,15 @@ The plain MLP, ``random_weight`` and ``run_ort`` are ``tests/models.py``'s (impo
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from factorlm._common.sessions import create_session
+from factorlm.exporters.ort import EngineManifest
 from models import _finish, random_weight
 
 VOCAB = 96
@@ -75,3 +80,24 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two flattened outputs, in float64."""
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def open_engine(engine_dir: Path, threads: int = 0) -> Any:
+    """An ORT session of an engine directory with the settings its manifest records."""
+    manifest = EngineManifest.load(engine_dir)
+    return create_session(
+        manifest.engine_path,
+        providers=manifest.providers,
+        graph_optimization_level=manifest.session["graph_optimization_level"],
+        intra_op_num_threads=threads,
+    )
+
+
+def run_engine(engine_dir: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of an engine on ``feeds`` (one intra-op thread: deterministic sums)."""
+    return [np.asarray(o) for o in open_engine(engine_dir, threads=1).run(None, feeds)]
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging folders a build left in ``parent`` (there must be none)."""
+    return [p.name for p in parent.iterdir() if p.name.endswith((".tmp", ".old"))]

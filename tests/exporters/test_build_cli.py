@@ -38,16 +38,16 @@ def test_ort_build_writes_engine_and_manifest(
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--backend", "onnx"], "Unknown backend 'onnx'"),
+        (["--backend", "onnx"], "'onnx' is not one of 'ort', 'tensorrt'"),
         (["--backend", "tensorrt", "--shapes", "x:1x16,8x128"], "has 2 shapes"),
         (["--backend", "tensorrt", "--shapes", "x:1xx16,1x1x32,1x1x32"], "Malformed shape"),
         (["--backend", "tensorrt", "--shapes", "ids:1x1x32,1x1x32,1x1x32"], "does not have"),
         (["--backend", "tensorrt", "--shapes", "x:1x1x8,1x1x8,1x1x8"], "fixed to 32"),
         (["--backend", "tensorrt", "--shapes", "x:1x16,8x128,32x512"], "rank 2"),
-        (["--backend", "tensorrt", "--format", "ort"], "--format does not apply"),
-        (["--shapes", "x:1x1x32,1x1x32,1x1x32"], "--shapes does not apply to the ort"),
+        (["--backend", "tensorrt", "--format", "ort"], "--format applies to the ort backend only"),
+        (["--shapes", "x:1x1x32,1x1x32,1x1x32"], "--shapes applies to the tensorrt backend only"),
         (["--fp16", "--int8"], "cannot be combined"),
-        (["--format", "tflite"], "Unknown engine format"),
+        (["--format", "tflite"], "'tflite' is not one of 'onnx', 'ort'"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line_and_write_nothing(

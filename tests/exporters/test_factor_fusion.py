@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.exporters.fusions import collapse_factor_pairs, count_fusions
 from factorlm.exporters.ort import build_ort_engine
 from factorlm.io import load_model

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from factorlm.exporters.fusions import lost_fusions
-from factorlm.exporters.ort import build_ort_engine, open_session
+from factorlm.exporters.ort import build_ort_engine
 from models import run_ort
+
+from .engine_models import open_engine
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +44,10 @@ def feeds(minilm: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def compressed(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from factorlm.compress import compress
+    from factorlm.compression import compress
 
     out = tmp_path_factory.mktemp("compressed") / "model.onnx"
-    compress(minilm, out, method="svd", ratio=0.5)
+    compress(minilm, out, method="svd", ratio=0.5, joint_qkv=False)
     return out
 
 
@@ -80,12 +82,12 @@ def check_engines(
     """Build fp32, fp16 and int8 engines; return the fp32 fusion counts and the int8 report."""
     reference = run_ort(str(source), feeds)[0]
     fused = build_ort_engine(source, out / "fp32")
-    got = open_session(out / "fp32").run(None, feeds)[0]
+    got = open_engine(out / "fp32").run(None, feeds)[0]
     np.testing.assert_allclose(got, reference, atol=1e-4)
     print(f"{label} fp32: max |diff| {np.abs(got - reference).max():.2e}")
     for precision, bound in COSINE_BOUND.items():
         manifest = build_ort_engine(source, out / precision, **{precision: True})
-        got = open_session(out / precision).run(None, feeds)[0]
+        got = open_engine(out / precision).run(None, feeds)[0]
         cos = pooled_cosine(got, reference, feeds["attention_mask"])
         print(f"{label} {precision}: pooled cosine {cos:.6f}")
         assert cos > bound

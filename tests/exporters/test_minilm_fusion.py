@@ -57,7 +57,7 @@ def test_whitened_joint_plans_keep_every_fusion(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from factorlm.compress import compress
+    from factorlm.compression import compress
 
     out = tmp_path / "model.onnx"
     result = compress(minilm, out, method="whiten", ratio=ratio, stats=stats, joint_qkv=True)

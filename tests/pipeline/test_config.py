@@ -14,7 +14,7 @@ def test_empty_config_gives_the_documented_defaults() -> None:
     config = parse_config({})
     assert config.compress.method == "whiten"
     assert config.compress.ratio == 0.6
-    assert config.benchmark.shapes == ["1x128", "8x128"]
+    assert config.benchmark.shapes == []  # the model's axes: 1x128 and 8x128 where free
     # recover() defaults, so a config without them trains like the API and the CLI
     recover = config.recover
     assert (recover.clock, recover.temperature, recover.lm_weight) == ("wall", 2.0, 0.0)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from factorlm import cli
+from factorlm.pipeline.artifacts import LOCK_NAME
 
 WORDS = ["the", "film", "is", "a", "good", "bad", "movie", "plot", "great", "awful"]
 
@@ -69,11 +70,15 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
     assert not {json.loads(r)["text"] for r in calib} & {json.loads(r)["text"] for r in held_out}
 
     before = {
-        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+        p: p.stat().st_mtime_ns
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", LOCK_NAME)
     }
     assert cli.main(["run", str(job / "job.yaml")]) == 0
     after = {
-        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+        p: p.stat().st_mtime_ns
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", LOCK_NAME)
     }
     assert before == after  # every stage reused, nothing rewritten
 

@@ -12,9 +12,9 @@ import onnx
 import pytest
 import torch
 
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.errors import ConfigError
-from factorlm.exporters.hf import _load_torch_model, export
+from factorlm.exporters.hf import export, load_torch_model
 from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
 from factorlm.recovery.modules import FactorizedLinear
@@ -59,6 +59,7 @@ def _plan(tmp: Path, onnx_model: Path) -> Path:
     result = compress(
         onnx_model, tmp / "c" / "model.onnx", method="svd", ratio=0.6, rank_multiple=4,
         min_size=0,
+        joint_qkv=False,
     )  # fmt: skip
     assert result.factorized > 0
     return result.plan_path
@@ -68,7 +69,7 @@ def test_tied_lm_recovers_and_exports(
     tmp_path: Path, tiny_llama_dir: Path, llama_onnx: Path
 ) -> None:
     plan = _plan(tmp_path, llama_onnx)
-    model = _load_torch_model(tiny_llama_dir, TASK, False)
+    model = load_torch_model(tiny_llama_dir, TASK, False)
     applied = apply_plan(model, plan, llama_onnx)
     # A linear-only plan leaves the tied embedding / LM head pair alone.
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -120,8 +121,8 @@ class FakeCpuClock:
 def _student(tiny_llama_dir: Path, llama_onnx: Path, plan: Path) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
-    teacher = _load_torch_model(tiny_llama_dir, TASK, False)
-    student = _load_torch_model(tiny_llama_dir, TASK, False)
+    teacher = load_torch_model(tiny_llama_dir, TASK, False)
+    student = load_torch_model(tiny_llama_dir, TASK, False)
     apply_plan(student, plan, llama_onnx)
     return student, teacher, AutoTokenizer.from_pretrained(tiny_llama_dir)
 

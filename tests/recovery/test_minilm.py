@@ -40,8 +40,8 @@ def compress_and_apply(
     minilm: tuple[Path, Path, Any], tmp_path: Path, *, joint_qkv: bool
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Compress with a plan (as ``factorlm compress --plan``), apply it in PyTorch, export it."""
-    from factorlm.compress import compress
-    from factorlm.exporters.hf import _load_torch_model
+    from factorlm.compression import compress
+    from factorlm.exporters.hf import load_torch_model
     from factorlm.recovery import apply_plan
     from factorlm.recovery.export import export_student
 
@@ -51,7 +51,7 @@ def compress_and_apply(
         joint_qkv=joint_qkv,
     )  # fmt: skip
     result = compress(onnx_model, tmp_path / "c" / "model.onnx", plan=made.plan_path, stats=stats)
-    model = _load_torch_model(hf_dir, "feature-extraction", False)
+    model = load_torch_model(hf_dir, "feature-extraction", False)
     applied = apply_plan(model, result.plan, onnx_model, stats=stats)
     factors = {
         n: [t.detach().numpy().copy() for t in model.get_submodule(p).factor_tensors()]

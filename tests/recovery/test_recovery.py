@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from factorlm.cli import app, main
-from factorlm.compress import compress
+from factorlm.compression import compress
 from factorlm.errors import ConfigError
-from factorlm.exporters.hf import _load_torch_model, export
+from factorlm.exporters.hf import export, load_torch_model
 from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
 from factorlm.recovery.export import export_student
@@ -72,7 +72,7 @@ def test_applied_plan_exports_what_the_passes_produce(
 ) -> None:
     result = _compressed(tmp_path, onnx_dir, method, **kwargs)
     assert result.factorized > 0
-    model = _load_torch_model(tiny_bert_dir, TASK, False)
+    model = load_torch_model(tiny_bert_dir, TASK, False)
     applied = apply_plan(model, result.plan_path, onnx_dir / "model.onnx")
     assert set(applied.modules) == set(result.plan.weights)
     factors = {
@@ -94,6 +94,7 @@ def test_applied_plan_exports_what_the_passes_produce(
     again = compress(
         tmp_path / "student" / "model.onnx", tmp_path / "again.onnx", method="svd", ratio=0.6,
         rank_multiple=4, min_size=0,
+        joint_qkv=False,
     )  # fmt: skip
     assert not set(again.plan.weights) & set(tags)
 
@@ -109,7 +110,7 @@ def test_whitened_plan_with_stats_matches(
     )
     result = _compressed(tmp_path, onnx_dir, "whiten", stats=stats, joint_qkv=joint_qkv)
     assert any("+" in name for name in result.plan.weights) == joint_qkv
-    model = _load_torch_model(tiny_bert_dir, TASK, False)
+    model = load_torch_model(tiny_bert_dir, TASK, False)
     applied = apply_plan(model, result.plan, onnx_dir / "model.onnx", stats=stats)
     factors = {
         n: [t.detach().numpy().copy() for t in model.get_submodule(p).factor_tensors()]
@@ -188,7 +189,7 @@ def test_joint_plan_with_a_kronecker_method_is_refused(
     plan.weights[joint] = dataclasses.replace(
         entry, method="kron", rank=None, kron={"a_shape": [4, 12], "b_shape": [4, 4], "terms": 2}
     )
-    model = _load_torch_model(tiny_bert_dir, TASK, False)
+    model = load_torch_model(tiny_bert_dir, TASK, False)
     with pytest.raises(PlanError, match="is a joint Q/K/V weight; method 'kron'"):
         apply_plan(model, plan, onnx_dir / "model.onnx")
 
@@ -196,8 +197,8 @@ def test_joint_plan_with_a_kronecker_method_is_refused(
 def _student(tiny_bert_dir: Path, onnx_dir: Path, plan: Any) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
-    teacher = _load_torch_model(tiny_bert_dir, TASK, False)
-    student = _load_torch_model(tiny_bert_dir, TASK, False)
+    teacher = load_torch_model(tiny_bert_dir, TASK, False)
+    student = load_torch_model(tiny_bert_dir, TASK, False)
     apply_plan(student, plan, onnx_dir / "model.onnx")
     return student, teacher, AutoTokenizer.from_pretrained(tiny_bert_dir)
 
@@ -296,7 +297,7 @@ def test_methods_end_to_end(
 
 def _cli(argv: list[str]) -> int:
     if not any(getattr(c, "name", None) == "recover" for c in app.registered_commands):
-        from factorlm.commands.recover import register
+        from factorlm.cli.recover import register
 
         register(app)
     return main(argv)
@@ -337,7 +338,7 @@ def test_cli_refusals(
     texts.write_text("\n".join(TEXTS))
     base[5] = str(texts)
     assert _cli([*base, "--method", "magic"]) == 2
-    assert "method 'magic' is unknown" in capsys.readouterr().err
+    assert "'magic' is not one of 'distill'" in capsys.readouterr().err
     assert _cli([*base, "--time-budget", "soon"]) == 2
     assert "not a positive duration" in capsys.readouterr().err
     assert _cli([*base, "--method", "kron-kd"]) == 2
@@ -345,10 +346,10 @@ def test_cli_refusals(
     assert _cli([*base, "--resume", "--onnx", str(onnx_dir / "model.onnx")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     for flag, value, message in [
-        ("--clock", "gpu", "--clock 'gpu' is unknown; use one of wall, cpu."),
-        ("--temperature", "0", "--temperature 0 must be positive."),
-        ("--lm-weight", "-1", "--lm-weight -1 must not be negative."),
-        ("--feature-fraction", "1.5", "--feature-fraction 1.5 must lie in [0, 1]."),
+        ("--clock", "gpu", "'gpu' is not one of 'wall', 'cpu'."),
+        ("--temperature", "0", "--temperature is 0.0; it must be > 0.0."),
+        ("--lm-weight", "-1", "--lm-weight is -1.0; it must be >= 0.0."),
+        ("--feature-fraction", "1.5", "--feature-fraction is 1.5; it must be >= 0.0 and <= 1.0."),
         ("--lm-weight", "0.5", "lm_weight needs a causal LM; task 'text-classification'"),
     ]:
         assert _cli([*base, flag, value]) == 2, flag
@@ -426,7 +427,7 @@ def test_recover_refuses_bad_settings_before_any_work(
 
 
 def test_parse_duration() -> None:
-    from factorlm.commands.recover import parse_duration
+    from factorlm.cli.recover import parse_duration
 
     assert parse_duration("15m") == 900 and parse_duration("90s") == 90
     assert parse_duration("1.5h") == 5400 and parse_duration("30") == 30

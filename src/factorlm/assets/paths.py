@@ -7,9 +7,9 @@ not pay for importing the preparation code (pip, apt, transformers).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from factorlm._common.files import cache_root
 from factorlm.errors import DataError
 
 __all__ = [
@@ -37,16 +37,6 @@ _LAYOUT: dict[str, str] = {
     "austen": "data/austen",
 }
 ASSET_NAMES: tuple[str, ...] = tuple(_LAYOUT)
-
-
-def cache_root(root: Path | None = None) -> Path:
-    """The cache root: ``root`` if given, else ``$FACTORLM_CACHE``, else ``~/.cache/factorlm``."""
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("FACTORLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "factorlm"
 
 
 def asset_dir(name: str, root: Path | None = None) -> Path:

@@ -14,11 +14,9 @@ import bz2
 import contextlib
 import csv
 import fcntl
-import hashlib
 import io
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -30,10 +28,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from factorlm._common.files import sha256_file, staged_directory, write_text_atomic
 from factorlm.assets.paths import ASSET_NAMES, COMPLETE_MARKER, asset_dir, cache_root
 from factorlm.errors import DataError
 
-__all__ = ["PreparedAsset", "file_lock", "prepare", "sha256_file", "verify"]
+__all__ = ["PreparedAsset", "file_lock", "prepare", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +61,6 @@ class PreparedAsset:
     path: Path
     built: bool
     files: int
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed so large weight files do not load into memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -102,9 +92,7 @@ def _update_manifest(root: Path, name: str, entry: dict[str, object] | None) -> 
             data.pop(name, None)
         else:
             data[name] = entry
-        tmp = manifest.with_name(f".manifest.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(manifest)
+        write_text_atomic(manifest, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def verify(name: str, root: Path | None = None) -> list[str]:
@@ -286,27 +274,14 @@ def _prepare_one(name: str, root: Path, step: Step, check: bool) -> PreparedAsse
                 count = sum(1 for p in folder.rglob("*") if p.is_file()) - 1
                 return PreparedAsset(name, folder, built=False, files=count)
             logger.warning("Asset %s is stale or damaged (%s); rebuilding", name, bad[:3])
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        stage.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-        try:
+        # The old copy (if any) is moved aside before the rename: readers never see half a folder.
+        with staged_directory(folder) as stage:
             with tempfile.TemporaryDirectory(prefix=f"factorlm-{name}-") as tmp:
                 _BUILDERS[name](stage, Path(tmp), step)
             step("checksumming")
             files = _checksums(stage)
             marker = {"source": _SOURCES[name], "version": _VERSIONS[name]}
             (stage / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
-            if folder.exists():
-                # Move the old copy aside first so readers never see a half-deleted folder.
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                folder.rename(old)
-                stage.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                stage.rename(folder)
-        finally:
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
         _update_manifest(
             root,
             name,

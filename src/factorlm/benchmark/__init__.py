@@ -1,6 +1,6 @@
 """The benchmark stage: latency and accuracy of candidates against the original, as a CI gate.
 
-``run_benchmark(reference, candidates, ...)`` returns a ``Report``; ``Report.write(folder)`` writes
+``run_benchmark(reference, candidates, options)`` returns a ``Report``; ``Report.write(folder)`` writes
 report.json (schema in ``factorlm.benchmark.report``), report.md, report.html and junit.xml, and
 ``Report.passed`` decides the exit status. Runners (``OrtRunner``, ``TrtRunner``) share one
 protocol and can be used on their own.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from factorlm._callable import make_module_callable
 from factorlm.benchmark.goals import Goal, GoalResult, goals_from_options, load_goals
 from factorlm.benchmark.report import SCHEMA_VERSION, Report, load_report
 from factorlm.benchmark.run import run_benchmark
@@ -33,5 +32,3 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-make_module_callable(__name__, run_benchmark)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from factorlm._common.text import is_past_input
 from factorlm.benchmark.runners import TensorMeta
 from factorlm.errors import ConfigError
 
@@ -72,11 +73,6 @@ def parse_shapes(texts: Iterable[str | Shape]) -> list[Shape]:
     if not shapes:
         raise ConfigError("The shape list is empty; give at least one BATCHxSEQUENCE.")
     return shapes
-
-
-def is_past_input(name: str) -> bool:
-    lowered = name.lower()
-    return "past" in lowered or "cache" in lowered
 
 
 def _main_input(inputs: Sequence[TensorMeta]) -> TensorMeta:

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from factorlm.options import DATA_AWARE_METHODS
+
 __all__ = [
     "DATA_AWARE_METHODS",
     "Ordering",
@@ -22,8 +24,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Methods that read calibration data (the published "data-aware" family).
-DATA_AWARE_METHODS = ("fwsvd", "whiten", "drone", "asvd")
+# DATA_AWARE_METHODS (re-exported): the one definition lives in factorlm.options.
 
 
 def kept_linear_ratio(linear_params: int, params_before: int, params_after: int) -> float:

@@ -21,7 +21,9 @@ fidelity           {candidate name: {inputs: "data" | "random",
                                        kl_divergence, pooled_cosine_mean?, pooled_cosine_min?}},
                                      random: {...same outputs block on random feeds...}}}
 task               null or {task, metric, higher_is_better, drop_unit ("points" | "percent"),
-                            reference, candidates: {name: value}, drop: {name: value}, details}
+                            reference, candidates: {name: value}, drop: {name: value}, details,
+                            classification only: drop_interval: {name: [low, high]} (paired
+                            bootstrap over rows, details.confidence), agreement: {name: rate}}
 goals              [{type, value, candidate, passed, measured, margin, detail}]
 passed             true when every goal passed (true when there are no goals)
 ```
@@ -38,18 +40,17 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from factorlm._common.files import write_text_atomic
 from factorlm.benchmark.goals import GoalResult
 from factorlm.errors import ConfigError
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "Report", "load_report", "write_text_atomic"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Report", "load_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +98,6 @@ class Report:
             files["html"] = out_dir / "report.html"
             write_text_atomic(files["html"], render_html(self))
         return files
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file next to ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -213,7 +202,17 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
         rows += [
             [n, _fmt(v, 6), f"{task['drop'][n]:+.3f}{unit}"] for n, v in task["candidates"].items()
         ]
-        tables.append((f"Task: {task['task']} ({task['metric']})", ["model", task["metric"], "drop"], rows))
+        header = ["model", task["metric"], "drop"]
+        intervals, agreement = task.get("drop_interval") or {}, task.get("agreement") or {}
+        if intervals:  # classification: paired bootstrap interval of the drop, agreement rate
+            level = f"{100 * task['details'].get('confidence', 0.95):g} % interval"
+            header += [level, "agreement"]
+            rows[0] += ["–", "–"]
+            for row in rows[1:]:
+                low, high = intervals.get(row[0], (None, None))
+                span = "–" if low is None else f"[{low:+.3f}, {high:+.3f}]{unit}"
+                row += [span, _fmt(agreement.get(row[0]), 4)]
+        tables.append((f"Task: {task['task']} ({task['metric']})", header, rows))
     if report.goals:
         rows = [
             [g.candidate, g.goal.label, "PASS" if g.passed else "FAIL", _fmt(g.measured), g.detail]

@@ -1,8 +1,9 @@
 """``run_benchmark``: latency, fidelity, task metrics and goals of candidates against a reference.
 
-The order of work is chosen so that every usage error (unknown goal, missing labels, unreadable
-baseline, models that do not match) surfaces before the first timed inference, and the slow parts
-(latency rounds, task data) report progress through one callback.
+The work is a loop over typed stages (``STAGES``: latency, task, fidelity, goals, report), each a
+small class that reads and fills one ``BenchContext``. Everything a user can get wrong (unknown
+goal, missing labels, unreadable baseline, models that do not match) is checked in ``_prepare``
+before the first timed inference, and the slow stages report progress through one callback.
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ import datetime as _dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from factorlm.benchmark.accuracy import FidelityAccumulator
 from factorlm.benchmark.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
-from factorlm.benchmark.goals import Goal, evaluate_goals, goals_from_options, load_goals
+from factorlm.benchmark.goals import (
+    Goal,
+    GoalResult,
+    evaluate_goals,
+    goals_from_options,
+    load_goals,
+    parse_percent,
+)
 from factorlm.benchmark.latency import (
     environment_info,
     latency_summary,
@@ -28,7 +37,7 @@ from factorlm.benchmark.latency import (
 from factorlm.benchmark.report import SCHEMA, SCHEMA_VERSION, Report, load_report
 from factorlm.benchmark.runners import BaseRunner, TensorMeta, load_runner
 from factorlm.benchmark.tasks import (
-    TASKS,
+    Dataset,
     check_dataset,
     classification_task,
     load_dataset,
@@ -37,8 +46,17 @@ from factorlm.benchmark.tasks import (
     similarity_task,
 )
 from factorlm.errors import ConfigError
+from factorlm.options import BenchOptions, replace
 
-__all__ = ["DEFAULT_MAX_REGRESSION", "Progress", "parse_model_arg", "run_benchmark"]
+__all__ = [
+    "DEFAULT_MAX_REGRESSION",
+    "STAGES",
+    "BenchContext",
+    "BenchStage",
+    "Progress",
+    "parse_model_arg",
+    "run_benchmark",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,221 +126,393 @@ def _resolve_goals(
     return load_goals(items)
 
 
-def run_benchmark(
-    reference: str | Path,
-    candidates: Sequence[str | Path | tuple[str, str | Path]],
-    *,
-    shapes: Sequence[str | Shape] | None = None,
-    data: str | Path | None = None,
-    task: str | None = None,
-    goals: Sequence[Goal] | Path | str | Mapping[str, Any] | None = None,
-    baseline: str | Path | Mapping[str, Any] | None = None,
-    max_accuracy_drop: float | None = None,
-    min_speedup: float | None = None,
-    max_fidelity_loss: float | None = None,
-    max_regression: float | str | None = None,
-    regression_basis: str = "reference",
-    warmup: int = 5,
-    iterations: int = 30,
-    seed: int = 0,
-    confidence: float = 0.95,
-    backend: str = "auto",
-    providers: Sequence[str] | None = None,
-    threads: int = 0,
-    graph_optimization_level: str = "all",
-    tokenizer: str | Path | None = None,
-    text_column: str = "text",
-    label_column: str | None = "label",
-    labels: Sequence[str] | None = None,
-    max_samples: int | None = 2000,
-    skip_rows: int = 0,
-    test_fraction: float = 0.2,
-    max_length: int = 128,
-    batch_size: int = 32,
-    window: int = 512,
-    stride: int | None = None,
-    max_windows: int | None = 8,
-    progress: Progress | None = None,
-) -> Report:
-    """Benchmark ``candidates`` against ``reference`` and judge the goals.
+@dataclass
+class BenchContext:
+    """What the stages share: the validated inputs, the open runners and the report sections."""
 
-    Models are paths (file, export folder or engine folder) or ``NAME=PATH``. Goals come from
-    ``goals`` (list, mapping or YAML path) plus the keyword shortcuts; a ``baseline`` without an
-    explicit ``max_regression`` gates at 5 %. Raises ``FactorlmError`` subclasses on usage errors.
-    """
-    if not candidates:
-        raise ConfigError("Give at least one candidate model to compare with the reference.")
-    if iterations < 3:
-        raise ConfigError(f"Iterations must be at least 3, not {iterations}.")
-    if warmup < 0:
-        raise ConfigError(f"Warm-up rounds must be non-negative, not {warmup}.")
-    if regression_basis not in ("reference", "absolute"):
-        raise ConfigError(f"Regression basis {regression_basis!r} is not reference or absolute.")
-    if not 0.5 <= confidence < 1.0:
-        raise ConfigError(f"Confidence {confidence} must lie in [0.5, 1).")
-    task = None if task in (None, "none") else task
-    goal_list = _resolve_goals(goals) + goals_from_options(
-        max_accuracy_drop=max_accuracy_drop,
-        min_speedup=min_speedup,
-        max_fidelity_loss=max_fidelity_loss,
-        max_regression=max_regression,
-    )
-    baseline_data: Mapping[str, Any] | None = None
-    if baseline is not None:
-        baseline_data = baseline if isinstance(baseline, Mapping) else load_report(Path(baseline))
-        if not any(g.type == "max-regression" for g in goal_list):
-            goal_list.append(Goal("max-regression", DEFAULT_MAX_REGRESSION))
-    if any(g.type == "max-regression" for g in goal_list) and baseline_data is None:
-        raise ConfigError("Goal max-regression needs a baseline report (--baseline report.json).")
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"Task {task!r} is not one of {', '.join(TASKS)}.")
-    if task is not None and data is None:
-        raise ConfigError(f"Task {task} needs a data file (--data).")
-    if data is not None and task is None:
-        raise ConfigError("A data file needs a task (--task classification|perplexity|similarity).")
-    if any(g.type == "max-accuracy-drop" for g in goal_list) and task is None:
-        raise ConfigError("Goal max-accuracy-drop needs labelled data (--data and --task).")
-    dataset = None
-    if data is not None and task is not None:
-        dataset = load_dataset(
-            Path(data),
-            text_column=text_column,
-            label_column=label_column,
-            labels=labels,
-            limit=max_samples if task != "perplexity" else None,
-            seed=seed,
-            skip_rows=skip_rows,
-        )
-        check_dataset(dataset, task)
-    grid = parse_shapes(shapes) if shapes else None
+    options: BenchOptions
+    runners: list[BaseRunner]
+    task: str | None
+    dataset: Dataset | None
+    goals: list[Goal]
+    baseline: Mapping[str, Any] | None
+    grid: list[Shape]
+    vocab: int | None
+    feed_rng: np.random.Generator
+    boot_rng: np.random.Generator
+    order_rng: np.random.Generator
+    progress: Progress | None = None
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    random_fidelity: list[FidelityAccumulator] = field(default_factory=list)
+    data_fidelity: list[FidelityAccumulator] = field(default_factory=list)
+    task_result: dict[str, Any] | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    results: list[GoalResult] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
 
-    parsed = [parse_model_arg(reference)] + [parse_model_arg(c) for c in candidates]
-    runners = [
-        load_runner(
-            path,
-            name=name,
-            backend=backend,
-            providers=providers,
-            intra_op_threads=threads,
-            graph_optimization_level=graph_optimization_level,
-        )
-        for name, path in parsed
-    ]
-    for runner, name in zip(runners, _unique_names([r.name for r in runners]), strict=True):
-        runner.name = name
+    @property
+    def reference(self) -> BaseRunner:
+        return self.runners[0]
 
-    feed_rng, boot_rng, order_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
-    )
-    with ExitStack() as stack:
-        for runner in runners:
-            stack.enter_context(runner)
-        ref, cands = runners[0], runners[1:]
-        for cand in cands:
-            _check_match(ref, cand)
-        grid = grid or default_shapes(ref.inputs)
-        vocab = vocab_size_of(ref.path) or vocab_size_of(Path(parsed[0][1]) / "model.onnx")
-        random_fidelity = [FidelityAccumulator() for _ in cands]
-        latency: list[dict[str, Any]] = []
-        for shape in grid:
-            feeds = make_feeds(ref.inputs, shape, rng=feed_rng, vocab_size=vocab)
-            outputs = [r.infer(feeds) for r in runners]
+    @property
+    def candidates(self) -> list[BaseRunner]:
+        return self.runners[1:]
+
+
+class BenchStage(Protocol):
+    """One step of the benchmark: reads the context, fills its own part of it."""
+
+    name: ClassVar[str]
+
+    def run(self, ctx: BenchContext) -> None: ...
+
+
+class LatencyStage:
+    """Alternating timed rounds per shape, plus fidelity on the same random inputs."""
+
+    name: ClassVar[str] = "latency"
+
+    def run(self, ctx: BenchContext) -> None:
+        opts = ctx.options
+        ctx.random_fidelity = [FidelityAccumulator() for _ in ctx.candidates]
+        for shape in ctx.grid:
+            feeds = make_feeds(ctx.reference.inputs, shape, rng=ctx.feed_rng, vocab_size=ctx.vocab)
+            outputs = [r.infer(feeds) for r in ctx.runners]
             mask = feeds.get("attention_mask")
-            for acc, out in zip(random_fidelity, outputs[1:], strict=True):
+            for acc, out in zip(ctx.random_fidelity, outputs[1:], strict=True):
                 acc.add(outputs[0], out, mask)
 
             def tick(i: int, label: str = shape.label) -> None:
-                if progress is not None:
-                    progress(f"latency {label}", i + 1, iterations)
+                if ctx.progress is not None:
+                    ctx.progress(f"latency {label}", i + 1, opts.iterations)
 
             times = measure_alternating(
-                runners, feeds, warmup=warmup, iterations=iterations, rng=order_rng, on_iteration=tick
+                ctx.runners,
+                feeds,
+                warmup=opts.warmup,
+                iterations=opts.iterations,
+                rng=ctx.order_rng,
+                on_iteration=tick,
             )
             entry: dict[str, Any] = {
                 "shape": shape.label,
                 "batch": shape.batch,
                 "seq": shape.seq,
-                "results": {r.name: latency_summary(times[:, k], shape.batch) for k, r in enumerate(runners)},
+                "results": {
+                    r.name: latency_summary(times[:, k], shape.batch)
+                    for k, r in enumerate(ctx.runners)
+                },
                 "speedup": {
                     r.name: speedup_interval(
-                        times[:, 0], times[:, k], rng=boot_rng, confidence=confidence
+                        times[:, 0], times[:, k], rng=ctx.boot_rng, confidence=opts.confidence
                     ).to_dict()
-                    for k, r in enumerate(runners)
+                    for k, r in enumerate(ctx.runners)
                     if k > 0
                 },
             }
-            latency.append(entry)
+            ctx.latency.append(entry)
             logger.info(
                 "%s: %s",
                 shape.label,
                 ", ".join(f"{n} p50 {v['p50_ms']:.3f} ms" for n, v in entry["results"].items()),
             )
 
-        task_result = None
-        data_fidelity = [FidelityAccumulator() for _ in cands]
-        if dataset is not None and task is not None:
-            folders: list[Path | None] = [r.folder or r.path.parent for r in runners]
-            tok = load_tokenizer(folders, Path(tokenizer) if tokenizer else None)
-            if task == "classification":
-                task_result = classification_task(
-                    runners, tok, dataset, seed=seed, test_fraction=test_fraction,
-                    batch_size=batch_size, max_length=max_length, fidelity=data_fidelity,
-                    progress=progress,
-                )
-            elif task == "similarity":
-                task_result = similarity_task(
-                    runners, tok, dataset, batch_size=batch_size, max_length=max_length,
-                    fidelity=data_fidelity, progress=progress,
-                )
-            else:
-                task_result = perplexity_task(
-                    runners, tok, dataset, window=window, stride=stride,
-                    max_windows=max_windows, progress=progress,
-                )
-            task_result["data"] = str(dataset.path)
-            task_result["rows"] = len(dataset.texts)
 
-        fidelity: dict[str, Any] = {}
-        for cand, rnd, real in zip(cands, random_fidelity, data_fidelity, strict=True):
+class TaskStage:
+    """The task metric (classification, similarity or perplexity) on real data, if any."""
+
+    name: ClassVar[str] = "task"
+
+    def run(self, ctx: BenchContext) -> None:
+        opts = ctx.options
+        ctx.data_fidelity = [FidelityAccumulator() for _ in ctx.candidates]
+        if ctx.dataset is None or ctx.task is None:
+            return
+        folders: list[Path | None] = [r.folder or r.path.parent for r in ctx.runners]
+        tok = load_tokenizer(folders, opts.tokenizer)
+        result: dict[str, Any]
+        if ctx.task == "classification":
+            result = classification_task(
+                ctx.runners,
+                tok,
+                ctx.dataset,
+                seed=opts.seed,
+                folds=opts.folds,
+                resamples=opts.bootstrap_resamples,
+                confidence=opts.confidence,
+                batch_size=opts.batch_size,
+                max_length=opts.max_length,
+                fidelity=ctx.data_fidelity,
+                progress=ctx.progress,
+            )
+        elif ctx.task == "similarity":
+            result = similarity_task(
+                ctx.runners,
+                tok,
+                ctx.dataset,
+                batch_size=opts.batch_size,
+                max_length=opts.max_length,
+                fidelity=ctx.data_fidelity,
+                progress=ctx.progress,
+            )
+        else:
+            result = perplexity_task(
+                ctx.runners,
+                tok,
+                ctx.dataset,
+                window=opts.window,
+                stride=opts.stride,
+                max_windows=opts.max_windows,
+                progress=ctx.progress,
+            )
+        result["data"] = str(ctx.dataset.path)
+        result["rows"] = len(ctx.dataset.texts)
+        ctx.task_result = result
+
+
+class FidelityStage:
+    """Output agreement with the reference: on the real data when there was any, else random."""
+
+    name: ClassVar[str] = "fidelity"
+
+    def run(self, ctx: BenchContext) -> None:
+        for cand, rnd, real in zip(
+            ctx.candidates, ctx.random_fidelity, ctx.data_fidelity, strict=True
+        ):
             on_data = bool(real.outputs)
-            fidelity[cand.name] = {
+            ctx.fidelity[cand.name] = {
                 "inputs": "data" if on_data else "random",
                 "outputs": real.result() if on_data else rnd.result(),
                 "random": rnd.result(),
             }
-        described = [_describe(r) for r in runners]
 
-    data_dict: dict[str, Any] = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment_info(),
-        "settings": {
-            "shapes": [s.label for s in grid],
-            "warmup": warmup,
-            "iterations": iterations,
-            "seed": seed,
-            "confidence": confidence,
-            "task": task,
-            "data": str(data) if data is not None else None,
-            "labels": list(labels) if labels is not None else None,
-            "max_samples": max_samples,
-            "skip_rows": skip_rows,
-            "max_length": max_length,
-            "regression_basis": regression_basis,
-            "baseline": str(baseline) if isinstance(baseline, str | Path) else None,
-            "vocab_size": vocab,
-        },
-        "reference": described[0],
-        "candidates": described[1:],
-        "latency": latency,
-        "fidelity": fidelity,
-        "task": task_result,
-    }
-    results = evaluate_goals(
-        goal_list, data_dict, baseline=baseline_data, regression_basis=regression_basis, rng=boot_rng
+
+class ReportStage:
+    """The report data (schema ``factorlm.benchmark.report``) from every earlier stage."""
+
+    name: ClassVar[str] = "report"
+
+    def run(self, ctx: BenchContext) -> None:
+        opts = ctx.options
+        described = [_describe(r) for r in ctx.runners]
+        ctx.data = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment_info(),
+            "settings": {
+                "shapes": [s.label for s in ctx.grid],
+                "warmup": opts.warmup,
+                "iterations": opts.iterations,
+                "seed": opts.seed,
+                "confidence": opts.confidence,
+                "task": ctx.task,
+                "data": str(ctx.dataset.path) if ctx.dataset is not None else None,
+                "labels": list(opts.labels) if opts.labels is not None else None,
+                "max_samples": opts.max_samples,
+                "skip_rows": opts.skip_rows,
+                "max_length": opts.max_length,
+                "regression_basis": opts.regression_basis,
+                "baseline": str(opts.baseline) if opts.baseline is not None else None,
+                "vocab_size": ctx.vocab,
+            },
+            "reference": described[0],
+            "candidates": described[1:],
+            "latency": ctx.latency,
+            "fidelity": ctx.fidelity,
+            "task": ctx.task_result,
+        }
+
+
+class GoalsStage:
+    """Pass/fail of every goal against the report data (and the baseline report)."""
+
+    name: ClassVar[str] = "goals"
+
+    def run(self, ctx: BenchContext) -> None:
+        ctx.results = evaluate_goals(
+            ctx.goals,
+            ctx.data,
+            baseline=ctx.baseline,
+            regression_basis=ctx.options.regression_basis,
+            rng=ctx.boot_rng,
+        )
+
+
+#: The stages in order; all run while the runners are open.
+STAGES: tuple[BenchStage, ...] = (
+    LatencyStage(),
+    TaskStage(),
+    FidelityStage(),
+    ReportStage(),
+    GoalsStage(),
+)
+
+
+def _resolve_task(opts: BenchOptions, data: Path | None) -> str | None:
+    """``auto``: no task without data; classification with a label column, else perplexity."""
+    if opts.task == "none":
+        return None
+    if opts.task == "auto":
+        if data is None:
+            return None
+        return "classification" if opts.label_column else "perplexity"
+    return opts.task
+
+
+def _options(options: BenchOptions | None, overrides: dict[str, Any]) -> BenchOptions:
+    """Apply keyword overrides, accepting the older spellings of a few values."""
+    changes = dict(overrides)
+    if "goals" in changes and isinstance(changes["goals"], str | Path):
+        changes["goals_file"] = changes.pop("goals")
+    if changes.get("task", "") is None:
+        changes["task"] = "none"
+    if changes.get("backend") == "onnxruntime":
+        changes["backend"] = "ort"
+    if isinstance(changes.get("max_regression"), str):
+        changes["max_regression"] = parse_percent(changes["max_regression"])
+    if "shapes" in changes:
+        changes["shapes"] = tuple(
+            s.label if isinstance(s, Shape) else str(s) for s in changes["shapes"] or ()
+        )
+    for name in ("providers", "labels"):
+        if changes.get(name) is not None:
+            changes[name] = tuple(changes[name])
+    for name in ("tokenizer", "baseline"):
+        if isinstance(changes.get(name), str):
+            changes[name] = Path(changes[name])
+    base = options or BenchOptions()
+    return replace(base, **changes) if changes else base
+
+
+def _prepare(
+    reference: str | Path,
+    candidates: Sequence[str | Path | tuple[str, str | Path]],
+    opts: BenchOptions,
+    data: Path | None,
+    goals: Sequence[Goal] | Mapping[str, Any] | None,
+    baseline: Mapping[str, Any] | None,
+    progress: Progress | None,
+) -> BenchContext:
+    """Every check that can fail on user input, before the first timed inference."""
+    if not candidates:
+        raise ConfigError("Give at least one candidate model to compare with the reference.")
+    task = _resolve_task(opts, data)
+    goal_list = (
+        _resolve_goals(opts.goals_file)
+        + _resolve_goals(goals)
+        + goals_from_options(
+            max_accuracy_drop=opts.max_accuracy_drop,
+            min_speedup=opts.min_speedup,
+            max_fidelity_loss=opts.max_fidelity_loss,
+            max_regression=opts.max_regression,
+        )
     )
-    return Report(data_dict, results)
+    baseline_data = baseline
+    if baseline_data is None and opts.baseline is not None:
+        baseline_data = load_report(opts.baseline)
+    if baseline_data is not None and not any(g.type == "max-regression" for g in goal_list):
+        goal_list.append(Goal("max-regression", DEFAULT_MAX_REGRESSION))
+    if any(g.type == "max-regression" for g in goal_list) and baseline_data is None:
+        raise ConfigError("Goal max-regression needs a baseline report (--baseline report.json).")
+    if task is not None and data is None:
+        raise ConfigError(f"Task {task} needs a data file (--data).")
+    if any(g.type == "max-accuracy-drop" for g in goal_list) and task is None:
+        raise ConfigError("Goal max-accuracy-drop needs labelled data (--data and --task).")
+    dataset = None
+    if data is not None and task is not None:
+        dataset = load_dataset(
+            data,
+            text_column=opts.text_column,
+            label_column=opts.label_column,
+            labels=opts.labels,
+            limit=opts.max_samples if task != "perplexity" else None,
+            seed=opts.seed,
+            skip_rows=opts.skip_rows,
+        )
+        check_dataset(dataset, task)
+    grid = parse_shapes(opts.shapes) if opts.shapes else []
+
+    parsed = [parse_model_arg(reference)] + [parse_model_arg(c) for c in candidates]
+    runners = [
+        load_runner(
+            path,
+            name=name,
+            backend="onnxruntime" if opts.backend == "ort" else opts.backend,
+            providers=opts.providers or None,
+            intra_op_threads=opts.threads,
+            graph_optimization_level=opts.graph_optimization_level,
+        )
+        for name, path in parsed
+    ]
+    for runner, name in zip(runners, _unique_names([r.name for r in runners]), strict=True):
+        runner.name = name
+    feed_rng, boot_rng, order_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(opts.seed).spawn(3)
+    )
+    return BenchContext(
+        options=opts,
+        runners=runners,
+        task=task,
+        dataset=dataset,
+        goals=goal_list,
+        baseline=baseline_data,
+        grid=grid,
+        vocab=None,
+        feed_rng=feed_rng,
+        boot_rng=boot_rng,
+        order_rng=order_rng,
+        progress=progress,
+    )
+
+
+def run_benchmark(
+    reference: str | Path,
+    candidates: Sequence[str | Path | tuple[str, str | Path]],
+    options: BenchOptions | None = None,
+    *,
+    data: str | Path | None = None,
+    goals: Sequence[Goal] | Mapping[str, Any] | Path | str | None = None,
+    baseline: Mapping[str, Any] | str | Path | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> Report:
+    """Benchmark ``candidates`` against ``reference`` and judge the goals.
+
+    Models are paths (file, export folder or engine folder) or ``NAME=PATH``. ``options``
+    (``BenchOptions``) says how to measure; keyword ``overrides`` replace single options
+    (``run_benchmark(ref, [cand], shapes=["1x128"], iterations=10)``). Goals come from
+    ``options.goals_file``, ``goals`` (Goal objects, a mapping or a YAML path) and the goal
+    options; a baseline (``options.baseline`` or a loaded report mapping) without an explicit
+    ``max_regression`` gates at 5 %. Raises ``FactorlmError`` subclasses on usage errors.
+    """
+    if isinstance(baseline, str | Path):
+        overrides["baseline"] = Path(baseline)
+        baseline = None
+    if isinstance(goals, str | Path):
+        overrides["goals_file"] = Path(goals)
+        goals = None
+    opts = _options(options, overrides)
+    ctx = _prepare(
+        reference,
+        candidates,
+        opts,
+        Path(data) if data is not None else None,
+        goals,
+        baseline,
+        progress,
+    )
+    with ExitStack() as stack:
+        for runner in ctx.runners:
+            stack.enter_context(runner)
+        for cand in ctx.candidates:
+            _check_match(ctx.reference, cand)
+        ctx.grid = ctx.grid or default_shapes(ctx.reference.inputs)
+        first = Path(parse_model_arg(reference)[1])
+        ctx.vocab = vocab_size_of(ctx.reference.path) or vocab_size_of(first / "model.onnx")
+        for stage in STAGES:
+            stage.run(ctx)
+    return Report(ctx.data, ctx.results)
 
 
 def _describe(runner: BaseRunner) -> dict[str, Any]:

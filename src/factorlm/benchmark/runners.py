@@ -14,7 +14,6 @@ imported only when a ``.plan`` is actually run, so the package works without it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from factorlm._common.sessions import create_session, graph_level, resolve_providers
+from factorlm._common.userfiles import read_json
 from factorlm.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 __all__ = [
@@ -42,14 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Dim = int | str | None
-
-_ORT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "layout": "ORT_ENABLE_LAYOUT",
-    "all": "ORT_ENABLE_ALL",
-}
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -197,11 +190,7 @@ class OrtRunner(BaseRunner):
     ) -> None:
         super().__init__(path, name)
         self.allow_spinning = allow_spinning
-        if graph_optimization_level not in _ORT_LEVELS:
-            raise ConfigError(
-                f"Graph optimization level {graph_optimization_level!r} is not one of "
-                f"{', '.join(_ORT_LEVELS)}."
-            )
+        graph_level(graph_optimization_level)  # refuse an unknown level before any work
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -209,34 +198,18 @@ class OrtRunner(BaseRunner):
         self._session: Any = None
 
     def activate(self) -> None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        missing = [p for p in self.providers if p not in available]
-        if missing:
-            raise BackendUnavailableError(
-                f"ONNX Runtime provider {missing[0]} is not available here "
-                f"(available: {', '.join(available)})."
-            )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = self.inter_op_threads
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _ORT_LEVELS[self.graph_optimization_level]
-        )
-        options.log_severity_level = 3
-        spin = "1" if self.allow_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        providers = resolve_providers(self.providers)  # BackendUnavailableError if missing
         if not self.path.is_file():
             raise ModelLoadError(f"Model file {self.path} does not exist.")
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=self.providers
-            )
-        except Exception as exc:  # ORT raises its own exception types for every load failure
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {first}") from None
+        self._session = create_session(
+            self.path,
+            providers=providers,
+            intra_op_num_threads=self.intra_op_threads,
+            inter_op_num_threads=self.inter_op_threads,
+            graph_optimization_level=self.graph_optimization_level,
+            allow_spinning=self.allow_spinning,
+            log_severity_level=3,
+        )
         self._inputs = tuple(_ort_meta(m) for m in self._session.get_inputs())
         self._outputs = tuple(_ort_meta(m) for m in self._session.get_outputs())
 
@@ -372,6 +345,13 @@ def resolve_model(path: Path, backend: str = "auto") -> ResolvedModel:
     candidates = [(path / f, b) for f, b in _ENGINE_FILES]
     if manifest is not None:
         named = [path / n for n in _manifest_files(manifest)]
+        root = path.resolve()
+        for file in named:
+            if not file.resolve().is_relative_to(root):
+                raise ModelLoadError(
+                    f"Engine manifest {path / 'manifest.json'} points at {file}, outside the "
+                    "engine folder; refusing to load it."
+                )
         candidates = [(p, _backend_of(p)) for p in named if p.is_file()] + candidates
     for file, file_backend in candidates:
         if file.is_file() and backend in ("auto", file_backend):
@@ -418,10 +398,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     file = folder / "manifest.json"
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Engine manifest {file} is not valid JSON ({exc}).") from None
+    data = read_json(file, what="engine manifest", error=ModelLoadError)
     if not isinstance(data, dict):
         raise ModelLoadError(f"Engine manifest {file} is not a JSON object.")
     return data

@@ -1,11 +1,15 @@
 """Task metrics from labelled data: what the compressed model costs a user, in the user's units.
 
-- ``classification``: a model with a classification head (a rank-2 ``logits`` output) is scored
-  directly; an encoder without one gets a probe: scikit-learn logistic regression trained on the
-  *reference's* mean-pooled embeddings of a seeded, stratified train split and evaluated on both
-  models' embeddings of the held-out split. The probe is the reference's, so the candidate is
-  judged on how well its embeddings still serve the reference's downstream classifier.
-  Unit: accuracy in percent; the drop is in percentage points.
+- ``classification`` (the only task that needs labels): a model with a classification head (a
+  rank-2 ``logits`` output) is scored directly on every row; an encoder without one gets a probe:
+  scikit-learn logistic regression trained on the *reference's* mean-pooled embeddings and
+  cross-fitted over k stratified, seeded folds (default 5), so every row is scored once by a probe
+  that did not train on it. The probe is the reference's, so the candidate is judged on how well
+  its embeddings still serve the reference's downstream classifier. Unit: accuracy in percent; the
+  drop is in percentage points, with a paired bootstrap 95 % interval over rows (``drop_interval``)
+  and the rate at which the candidate predicts what the reference predicts (``agreement``).
+  Goals (``max-accuracy-drop``) judge the point estimate ``drop``; the interval says how far to
+  trust it.
 - ``perplexity``: causal LMs over long text with sliding windows (Hugging Face's recipe: each
   window scores only the tokens the previous window did not). Decoders exported with a KV cache
   get empty ``past_key_values`` (past length 0). Unit: perplexity; the drop is the relative
@@ -15,15 +19,13 @@
   the reference's pairwise cosines over the texts are the ground truth (100 by definition) and the
   candidate scores 100 x their Spearman correlation with its own. Drop in points.
 
-Data come from JSONL, CSV or TXT files; the tokenizer from the model's folder (export writes it
-next to ``model.onnx``) or ``--tokenizer``.
+Data come from ``factorlm.data`` (JSONL, JSON, CSV, TXT, folders; a TXT file is one row per
+non-empty line, and perplexity reads its exact text); tokens and feeds from
+``factorlm._common.text``, the path calibration uses too.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,9 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from factorlm.benchmark.accuracy import FidelityAccumulator, log_softmax, mean_pool
-from factorlm.benchmark.feeds import Shape, is_past_input, make_feeds
+from factorlm._common.text import TextTokenizer, batch_feeds, find_tokenizer, text_feeds
+from factorlm.benchmark.accuracy import (
+    DEFAULT_FOLDS,
+    DEFAULT_RESAMPLES,
+    FidelityAccumulator,
+    agreement_rate,
+    cross_fitted_predictions,
+    log_softmax,
+    mean_pool,
+    paired_bootstrap_drop,
+)
 from factorlm.benchmark.runners import BaseRunner, TensorMeta
+from factorlm.data import TEXT_SUFFIXES, iter_records, read_corpus
 from factorlm.errors import ConfigError, DataError
 
 __all__ = [
@@ -47,6 +59,7 @@ __all__ = [
     "load_tokenizer",
     "perplexity_task",
     "similarity_task",
+    "task_needs_labels",
     "token_feeds",
     "window_nll",
 ]
@@ -54,7 +67,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TASKS = ("classification", "perplexity", "similarity")
-_NEEDS_LABELS = {"classification": "label"}
+#: Tasks scored against labels; every other task (perplexity, generation) reads only text.
+LABELLED_TASKS = frozenset({"classification"})
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,44 +97,29 @@ def load_dataset(
     seed: int = 0,
     skip_rows: int = 0,
 ) -> Dataset:
-    """Read JSONL/CSV/TXT rows; ``labels`` keeps only those classes; ``limit`` samples rows.
+    """Rows through ``factorlm.data``; ``labels`` keeps only those classes; ``limit`` samples rows.
 
-    ``skip_rows`` drops the file's first rows first, e.g. the ones a calibration step used, so
-    evaluation and calibration texts stay disjoint.
+    Rows with a blank text are dropped. Labels are optional here (``check_dataset`` demands them
+    for classification only). ``skip_rows`` drops the first non-blank rows first, e.g. the ones
+    a calibration step used, so evaluation and calibration texts stay disjoint. ``raw_text`` (for
+    perplexity) is a TXT file's exact text, else the texts joined by blank lines.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Data file {path} does not exist.")
-    suffix = path.suffix.lower()
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Data file {path} cannot be read as UTF-8 text ({exc}).") from None
-    rows: list[dict[str, Any]]
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        # split on newlines only: str.splitlines also breaks on U+2028 and U+0085 inside strings
-        for number, line in enumerate(raw.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"Data file {path} line {number} is not valid JSON.") from None
-            if not isinstance(item, dict):
-                raise DataError(f"Data file {path} line {number} is not a JSON object.")
-            rows.append(item)
-    elif suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix in (".txt", ".text", ".md"):
-        rows = [{text_column: line.rstrip("\r")} for line in raw.split("\n") if line.strip()]
-    else:
-        raise DataError(f"Data file {path} is not .jsonl, .csv or .txt.")
+    if skip_rows < 0:
+        raise DataError(f"skip_rows must not be negative, not {skip_rows}.")
+    rows: list[dict[str, Any]] = []
+    first = True
+    for record in iter_records(path, text_column):
+        if first and text_column not in record:
+            have = ", ".join(map(str, record)) or "none"
+            raise DataError(f"Data file {path} has no column {text_column!r} (its columns: {have}).")
+        first = False
+        text = record.get(text_column)
+        if isinstance(text, str) and text.strip():
+            rows.append(record)
     rows = rows[skip_rows:]
     if not rows:
         raise DataError(f"Data file {path} holds no rows" + (f" after skipping {skip_rows}." if skip_rows else "."))
-    if text_column not in rows[0]:
-        raise DataError(f"Data file {path} has no {text_column!r} column.")
     has_labels = label_column is not None and all(
         label_column in r and r[label_column] not in (None, "") for r in rows
     )
@@ -139,21 +138,28 @@ def load_dataset(
             scores = [float(r[score_column]) for r in rows]
         except (TypeError, ValueError):
             raise DataError(f"Data file {path} has a non-numeric {score_column!r} value.") from None
+    texts = [str(r[text_column]) for r in rows]
+    plain = path.is_file() and path.suffix.lower() in TEXT_SUFFIXES
     return Dataset(
         path=path,
-        texts=[str(r[text_column]) for r in rows],
+        texts=texts,
         labels=[str(r[label_column]) for r in rows] if has_labels and label_column else None,
         pairs=[str(r[pair_column]) for r in rows] if has_pairs else None,
         scores=scores,
-        raw_text=raw if suffix in (".txt", ".text", ".md") else "\n\n".join(str(r[text_column]) for r in rows),
+        raw_text=read_corpus(path, skip_rows=skip_rows) if plain else "\n\n".join(texts),
     )
+
+
+def task_needs_labels(task: str | None) -> bool:
+    """Whether ``task`` is scored against labels (classification) rather than text alone."""
+    return task in LABELLED_TASKS
 
 
 def check_dataset(dataset: Dataset, task: str) -> None:
     """Usage errors before any model runs: a task that needs labels gets a file without them."""
     if task not in TASKS:
         raise ConfigError(f"Task {task!r} is not one of {', '.join(TASKS)}.")
-    if task == "classification":
+    if task_needs_labels(task):
         if dataset.labels is None:
             raise DataError(
                 f"Data file {dataset.path} has no label on every row, which the classification "
@@ -167,45 +173,14 @@ def check_dataset(dataset: Dataset, task: str) -> None:
         raise DataError(f"Data file {dataset.path} has fewer than 3 texts for the similarity task.")
 
 
-def load_tokenizer(folders: Sequence[Path | None], explicit: Path | None = None) -> Any:
+def load_tokenizer(folders: Sequence[Path | None], explicit: Path | None = None) -> TextTokenizer:
     """The tokenizer from ``explicit`` or the first model folder that holds one."""
-    from transformers import AutoTokenizer
-
-    tried = [explicit] if explicit is not None else [f for f in folders if f is not None]
-    for folder in tried:
-        if folder is None or not Path(folder).exists():
-            continue
-        has_files = any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-        if not has_files and explicit is None:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(str(folder))
-        except Exception as exc:  # transformers raises many types for a bad folder
-            if explicit is not None:
-                raise DataError(f"Tokenizer folder {folder} cannot be loaded ({exc}).") from None
-    where = explicit if explicit is not None else ", ".join(str(f) for f in tried) or "nowhere"
-    raise DataError(f"No tokenizer found in {where}; pass --tokenizer FOLDER.")
+    return TextTokenizer(find_tokenizer(*folders, explicit=explicit))
 
 
 def token_feeds(inputs: Sequence[TensorMeta], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for real tokens: ids and mask from the tokenizer, the rest synthesised (past empty)."""
-    batch, seq = ids.shape
-    base = make_feeds(inputs, Shape(batch, seq), rng=np.random.default_rng(0))
-    feeds: dict[str, np.ndarray] = {}
-    for meta in inputs:
-        dtype = np.dtype(meta.dtype)
-        if meta.name == "input_ids":
-            feeds[meta.name] = ids.astype(dtype)
-        elif meta.name == "attention_mask":
-            feeds[meta.name] = mask.astype(dtype)
-        elif "position" in meta.name and not is_past_input(meta.name):
-            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-            feeds[meta.name] = positions.astype(dtype)
-        elif "use_cache" in meta.name:
-            feeds[meta.name] = np.zeros(base[meta.name].shape, dtype=dtype)
-        else:
-            feeds[meta.name] = base[meta.name]
-    return feeds
+    """Feeds for real tokens (``factorlm._common.text.text_feeds``; KV cache empty)."""
+    return text_feeds(inputs, {"input_ids": ids, "attention_mask": mask})
 
 
 def _embedding_output(outputs: Sequence[TensorMeta]) -> tuple[str, str]:
@@ -224,7 +199,7 @@ def _embedding_output(outputs: Sequence[TensorMeta]) -> tuple[str, str]:
 
 def embed_texts(
     runners: Sequence[BaseRunner],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     texts: Sequence[str],
     *,
     batch_size: int = 32,
@@ -240,12 +215,10 @@ def embed_texts(
     name, kind = _embedding_output(runners[0].outputs)
     vectors: list[list[np.ndarray]] = [[] for _ in runners]
     total = len(texts)
-    for start in range(0, total, batch_size):
-        chunk = list(texts[start : start + batch_size])
-        encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        ids = np.asarray(encoded["input_ids"])
-        mask = np.asarray(encoded.get("attention_mask", np.ones_like(ids)))
-        feeds = token_feeds(runners[0].inputs, ids, mask)
+    for done, mask, feeds in batch_feeds(
+        runners[0].inputs, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+        model_name=runners[0].name,
+    ):
         results = [runner.infer(feeds) for runner in runners]
         for k, outputs in enumerate(results):
             value = outputs[name]
@@ -254,7 +227,7 @@ def embed_texts(
             for acc, outputs in zip(fidelity, results[1:], strict=True):
                 acc.add(results[0], outputs, mask)
         if progress is not None:
-            progress("embedding texts", min(start + batch_size, total), total)
+            progress("embedding texts", done, total)
     return [np.concatenate(v, axis=0) for v in vectors], kind
 
 
@@ -264,20 +237,25 @@ def _percent_drop(reference: float, value: float) -> float:
 
 def classification_task(
     runners: Sequence[BaseRunner],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     dataset: Dataset,
     *,
     seed: int = 0,
-    test_fraction: float = 0.2,
+    folds: int = DEFAULT_FOLDS,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    test_fraction: float | None = None,
     batch_size: int = 32,
     max_length: int = 128,
     fidelity: Sequence[FidelityAccumulator] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of each model (see the module docstring); reference = runners[0]."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
+    """Accuracy of each model (see the module docstring); reference = runners[0].
 
+    ``test_fraction`` is accepted for old callers and ignored: cross-fitting scores every row.
+    """
+    if test_fraction is not None:
+        logger.debug("test_fraction %s ignored: the probe is cross-fitted over %s folds", test_fraction, folds)
     assert dataset.labels is not None  # checked by check_dataset before any model ran
     vectors, kind = embed_texts(
         runners, tokenizer, dataset.texts, batch_size=batch_size, max_length=max_length,
@@ -285,30 +263,44 @@ def classification_task(
     )
     labels = np.asarray(dataset.labels)
     classes = sorted(set(dataset.labels))
-    index = np.arange(labels.size)
-    train, test = train_test_split(
-        index, test_size=test_fraction, random_state=seed, stratify=labels
-    )
+    used_folds: int | None
     if kind == "logits":
         method = "head"
-        y = np.asarray([classes.index(x) for x in labels])
-        scores = [float((v[test].argmax(axis=1) == y[test]).mean()) * 100 for v in vectors]
+        used_folds = None
+        if vectors[0].shape[1] != len(classes):
+            raise DataError(
+                f"The model's head has {vectors[0].shape[1]} classes but {dataset.path} has "
+                f"{len(classes)} labels ({', '.join(classes)}); keep the labels the head was trained on."
+            )
+        predictions = [np.asarray(classes, dtype=labels.dtype)[v.argmax(axis=1)] for v in vectors]
     else:
-        method = "logistic-regression probe on reference embeddings"
-        probe = LogisticRegression(max_iter=2000)
-        probe.fit(vectors[0][train], labels[train])
-        scores = [float(probe.score(v[test], labels[test])) * 100 for v in vectors]
-    majority = max(float((labels[test] == c).mean()) for c in classes) * 100
-    return _task_result(
+        method = "logistic-regression probe on reference embeddings, cross-fitted"
+        predictions, used_folds = cross_fitted_predictions(
+            vectors[0], labels, vectors, folds=folds, seed=seed
+        )
+    correct = [p == labels for p in predictions]
+    scores = [float(c.mean()) * 100 for c in correct]
+    majority = max(float((labels == c).mean()) for c in classes) * 100
+    result = _task_result(
         "classification", "accuracy_percent", True, "points", runners, scores,
-        {"method": method, "train": int(train.size), "test": int(test.size), "classes": classes,
-         "majority_percent": majority, "seed": seed},
+        {"method": method, "folds": used_folds, "rows_scored": int(labels.size),
+         "classes": classes, "majority_percent": majority, "seed": seed,
+         "bootstrap_resamples": resamples, "confidence": confidence},
     )
+    result["drop_interval"] = {}
+    result["agreement"] = {}
+    for k, runner in enumerate(runners[1:], start=1):
+        low, high = paired_bootstrap_drop(
+            correct[0], correct[k], resamples=resamples, confidence=confidence, seed=seed
+        )
+        result["drop_interval"][runner.name] = [low, high]
+        result["agreement"][runner.name] = agreement_rate(predictions[0], predictions[k])
+    return result
 
 
 def similarity_task(
     runners: Sequence[BaseRunner],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     dataset: Dataset,
     *,
     batch_size: int = 32,
@@ -398,7 +390,7 @@ def window_nll(
 
 def perplexity_task(
     runners: Sequence[BaseRunner],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     dataset: Dataset,
     *,
     window: int = 512,
@@ -407,7 +399,7 @@ def perplexity_task(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Perplexity of each model over the dataset's text with sliding windows."""
-    ids = np.asarray(tokenizer(dataset.raw_text, return_tensors="np")["input_ids"]).reshape(-1)
+    ids = tokenizer.encode(dataset.raw_text)
     if ids.size < 2:
         raise DataError(f"Data file {dataset.path} tokenizes to fewer than two tokens.")
     values, scored, windows = [], 0, 0

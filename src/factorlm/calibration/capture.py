@@ -17,7 +17,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +25,22 @@ import numpy as np
 import onnx
 from scipy.linalg.blas import dsyrk
 
+from factorlm._common.sessions import create_session
+from factorlm._common.text import TOKENIZER_FILES, TextTokenizer, batch_feeds, find_tokenizer
 from factorlm.calibration.stats import CalibrationStats
 from factorlm.calibration.targets import Target, find_targets
 from factorlm.errors import ConfigError, DataError, ModelLoadError
 
-__all__ = [
-    "TextTokenizer",
-    "collect_statistics",
-    "file_digest",
-    "find_tokenizer",
-    "load_texts",
-    "text_feeds",
-]
+__all__ = ["collect_statistics", "file_digest", "load_texts"]
 
 logger = logging.getLogger(__name__)
 
 _VERSION = 1
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
 def file_digest(path: Path) -> str:
     """sha256 of a file and of any external-data files next to it that the model names."""
-    from factorlm.assets.prepare import sha256_file
+    from factorlm._common.files import sha256_file
 
     digest = hashlib.sha256(sha256_file(path).encode())
     model = onnx.load(str(path), load_external_data=False)
@@ -63,19 +57,6 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_tokenizer(model: Path, tokenizer: Path | None) -> Path:
-    """The tokenizer folder: ``tokenizer`` if given, else the ONNX model's own folder."""
-    folder = Path(tokenizer) if tokenizer is not None else Path(model).parent
-    if folder.is_file():
-        folder = folder.parent
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        where = "given" if tokenizer is not None else f"next to {model}"
-        raise DataError(
-            f"No tokenizer found in {folder} ({where}); pass the tokenizer folder explicitly."
-        )
-    return folder
-
-
 def load_texts(data: Path | Sequence[str], text_column: str, max_samples: int) -> list[str]:
     """Calibration texts from a data file/folder or an in-memory list (first ``max_samples``)."""
     from factorlm.data import read_texts
@@ -90,40 +71,8 @@ def load_texts(data: Path | Sequence[str], text_column: str, max_samples: int) -
     return texts
 
 
-def text_feeds(
-    inputs: Sequence[Any], tokens: dict[str, np.ndarray], model_name: str
-) -> dict[str, np.ndarray]:
-    """ORT feeds for a text model: token ids, mask, type ids, positions, empty KV cache.
-
-    ``inputs`` are ``session.get_inputs()``; ``tokens`` the tokenizer output as int64 arrays.
-    """
-    mask = tokens["attention_mask"]
-    batch = mask.shape[0]
-    feeds: dict[str, np.ndarray] = {}
-    for inp in inputs:
-        if inp.name in tokens:
-            feeds[inp.name] = tokens[inp.name]
-        elif inp.name == "token_type_ids":
-            feeds[inp.name] = np.zeros_like(tokens["input_ids"])
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-        elif inp.name.startswith("past_key_values"):
-            heads, head_dim = inp.shape[1], inp.shape[3]
-            if not isinstance(heads, int) or not isinstance(head_dim, int):
-                raise ModelLoadError(f"{model_name} input {inp.name} has no static head shape.")
-            dtype = np.float16 if "float16" in inp.type else np.float32
-            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
-        else:
-            raise ModelLoadError(
-                f"{model_name} has an input {inp.name!r} that factorlm cannot feed from text."
-            )
-    return feeds
-
-
 def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path) -> Any:
     """An ORT session of the model with every target's activation exposed as an output."""
-    import onnxruntime as ort
-
     try:
         model = onnx.load(str(model_path))
     except Exception as exc:
@@ -141,16 +90,14 @@ def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path
             continue
         elem = elem_types.get(activation) or onnx.TensorProto.FLOAT
         model.graph.output.append(onnx.helper.make_tensor_value_info(activation, elem, None))
-    options = ort.SessionOptions()
     # Fusions would swallow the exposed MatMul inputs; basic optimizations keep them.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if model.ByteSize() < 2**31 - 1:
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        return create_session(
+            model.SerializeToString(), graph_optimization_level="basic", what=str(model_path)
         )
     path = scratch / "instrumented.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="instrumented.onnx.data")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_session(path, graph_optimization_level="basic", what=str(model_path))
 
 
 def _rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
@@ -164,106 +111,18 @@ def _rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
     return value.reshape(-1, value.shape[-1])
 
 
-def _batches(texts: list[str], batch_size: int) -> Iterator[list[str]]:
-    for start in range(0, len(texts), batch_size):
-        yield texts[start : start + batch_size]
-
-
 def _cache_key(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _tokenizer_digest(folder: Path) -> str:
-    from factorlm.assets.prepare import sha256_file
+    from factorlm._common.files import sha256_file
 
     digest = hashlib.sha256()
-    for name in sorted((*_TOKENIZER_FILES, "special_tokens_map.json")):
+    for name in sorted((*TOKENIZER_FILES, "special_tokens_map.json")):
         if (folder / name).is_file():
             digest.update(name.encode() + sha256_file(folder / name).encode())
     return digest.hexdigest()
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """A fast tokenizer from ``folder`` that can pad (pad falls back to EOS, as for decoders)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
-        raise DataError(f"The tokenizer in {folder} could not be loaded ({exc}).") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
-class TextTokenizer:
-    """Batch tokenization to int64 arrays, right-padded and truncated.
-
-    Why not ``transformers.AutoTokenizer``: importing transformers costs 5-20 s on a busy
-    2-core machine, longer than a small calibration run. ``tokenizer.json`` is read with the
-    ``tokenizers`` library directly (same Rust code); other formats fall back to transformers.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self._fast: Any = None
-        self._slow: Any = None
-        tokenizer_json = self.folder / "tokenizer.json"
-        if tokenizer_json.is_file():
-            from tokenizers import Tokenizer
-
-            try:
-                self._fast = Tokenizer.from_file(str(tokenizer_json))
-            except Exception as exc:
-                raise DataError(f"{tokenizer_json} could not be loaded ({exc}).") from exc
-            self._fast.no_padding()
-            self._fast.no_truncation()
-            self._pad_id = self._pad_token_id()
-        else:
-            self._slow = load_tokenizer(self.folder)
-
-    def _special(self, name: str) -> str | None:
-        for file in ("tokenizer_config.json", "special_tokens_map.json"):
-            path = self.folder / file
-            if path.is_file():
-                value = json.loads(path.read_text()).get(name)
-                if isinstance(value, dict):
-                    value = value.get("content")
-                if isinstance(value, str):
-                    return value
-        return None
-
-    def _pad_token_id(self) -> int:
-        for name in ("pad_token", "eos_token", "unk_token"):
-            token = self._special(name)
-            if token is not None and self._fast.token_to_id(token) is not None:
-                return int(self._fast.token_to_id(token))
-        return 0
-
-    def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
-        """``input_ids``, ``attention_mask`` and ``token_type_ids`` (batch, longest) int64."""
-        if self._slow is not None:
-            enc = self._slow(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="np",
-            )
-            return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-        # The tokenizer's own truncation keeps room for the special tokens ([CLS] ... [SEP]).
-        self._fast.enable_truncation(max_length)
-        encodings = self._fast.encode_batch(list(texts))
-        longest = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), longest), dtype=np.int64)
-        types = np.zeros((len(encodings), longest), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            ids[row, :n] = encoding.ids
-            mask[row, :n] = 1
-            types[row, :n] = encoding.type_ids
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
 def collect_statistics(
@@ -295,14 +154,14 @@ def collect_statistics(
             f"batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2."
         )
     texts = load_texts(data, text_column, max_samples)
-    tok_dir = find_tokenizer(model, tokenizer)
+    tok_dir = find_tokenizer(model, explicit=tokenizer)
     proto = onnx.load(str(model), load_external_data=False)
     targets = find_targets(proto, weights)
     del proto
     if not targets:
         raise ModelLoadError(f"{model} has no MatMul/Gemm with a 2-D float initializer weight.")
 
-    from factorlm.assets.paths import cache_root
+    from factorlm._common.files import cache_root
     from factorlm.data import texts_digest
 
     key = _cache_key(
@@ -340,10 +199,11 @@ def collect_statistics(
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(f"Calibrating {model.name}", total=len(texts))
-            for chunk in _batches(texts, batch_size):
-                arrays = tok(chunk, max_length)
-                mask = arrays["attention_mask"]
-                feeds = text_feeds(session.get_inputs(), arrays, str(model))
+            done = 0
+            for end, mask, feeds in batch_feeds(
+                session.get_inputs(), tok, texts,
+                batch_size=batch_size, max_length=max_length, model_name=str(model),
+            ):  # fmt: skip
                 values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
                 tokens += int(mask.sum())
                 for group in groups:
@@ -356,7 +216,8 @@ def collect_statistics(
                     gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
                     abs_sum[group] += np.abs(x).sum(axis=0)
                     rows_seen[group] += x.shape[0]
-                bar.advance(task, len(chunk))
+                bar.advance(task, end - done)
+                done = end
 
     stats = CalibrationStats(tokens=tokens)
     full = {g: np.triu(m) + np.triu(m, 1).T for g, m in gram.items()}  # syrk fills the upper part

@@ -160,8 +160,9 @@ def collect_fisher(
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from factorlm.assets.paths import cache_root
-    from factorlm.calibration.capture import file_digest, load_texts, load_tokenizer
+    from factorlm._common.files import cache_root
+    from factorlm._common.text import load_hf_tokenizer as load_tokenizer
+    from factorlm.calibration.capture import file_digest, load_texts
     from factorlm.data import read_labelled, texts_digest
     from factorlm.exporters.hf import check_model_dir
 
@@ -193,7 +194,7 @@ def collect_fisher(
     else:
         texts = load_texts(data, text_column, max_samples)
 
-    from factorlm.assets.prepare import sha256_file
+    from factorlm._common.files import sha256_file
 
     weights_digest = hashlib.sha256()
     for file in sorted(hf_model_dir.glob("*.safetensors")) + sorted(hf_model_dir.glob("*.bin")):

@@ -29,7 +29,6 @@ __all__ = [
     "FactorFusionReport",
     "collapse_factor_pairs",
     "count_fusions",
-    "count_ops",
     "lost_fusions",
     "restore_factor_pairs",
 ]
@@ -93,12 +92,6 @@ def _op_types(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> Ite
         return (node.op_type for node in _iter_proto_nodes(model.graph))
     proto = load_onnx(model)
     return [node.op_type for node in _iter_proto_nodes(proto.graph)]
-
-
-def count_ops(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> dict[str, int]:
-    """Count every operator type in ``model`` (subgraphs included), sorted by name."""
-    counts = Counter(_op_types(model))
-    return dict(sorted(counts.items()))
 
 
 def count_fusions(

@@ -10,10 +10,7 @@ destination and is renamed into place only once it validates.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from factorlm._common.files import copy_sidecars, sidecar_paths, staged_directory
+from factorlm._common.outputs import check_output
+from factorlm._common.sessions import create_session
+from factorlm._common.text import text_feeds
+from factorlm._common.userfiles import check_torch_file, read_json
 from factorlm.errors import ConfigError, ModelLoadError
 
-__all__ = ["TASKS", "ExportResult", "OutputCheck", "check_model_dir", "export", "validate"]
+__all__ = [
+    "TASKS",
+    "ExportResult",
+    "OutputCheck",
+    "check_model_dir",
+    "export",
+    "load_torch_model",
+    "validate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +45,6 @@ TASKS = (
     "text-generation-with-past",
 )
 
-#: Files copied next to model.onnx when present in the source folder (optimum saves most).
-_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "sentence_bert_config.json",
-    "modules.json",
-)
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 _SAMPLE_TEXTS = (
     "The film is a quiet triumph, funny and sad in equal measure.",
@@ -101,16 +96,16 @@ def check_model_dir(model_dir: Path, *, trust_remote_code: bool = False) -> dict
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{model_dir} is not a Hugging Face model folder (no config.json).")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from exc
+    config = read_json(config_path, what="model config", error=ModelLoadError)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelLoadError(f"{config_path} does not name a model_type.")
     if not any(next(model_dir.glob(p), None) for p in _WEIGHT_PATTERNS):
         raise ModelLoadError(
             f"{model_dir} has no weights (*.safetensors or pytorch_model.bin) next to config.json."
         )
+    if next(model_dir.glob("*.safetensors"), None) is None:
+        for weights in sorted(model_dir.glob("*.bin")):
+            check_torch_file(weights)  # pickled weights: tensors only, refused before any work
     if not trust_remote_code:
         from transformers import CONFIG_MAPPING
 
@@ -123,7 +118,12 @@ def check_model_dir(model_dir: Path, *, trust_remote_code: bool = False) -> dict
     return config
 
 
-def _load_torch_model(model_dir: Path, task: str, trust_remote_code: bool) -> Any:
+def load_torch_model(model_dir: Path, task: str, trust_remote_code: bool = False) -> Any:
+    """The PyTorch model of a Hugging Face folder for ``task``, fp32, in eval mode.
+
+    Export validation and recovery need the model the ONNX graph was exported from, loaded the
+    same way; this is the loader they share.
+    """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -157,17 +157,11 @@ def validate(
     torch_model: Any = None,
 ) -> tuple[OutputCheck, ...]:
     """Run the ONNX model and PyTorch on the same real sentences; compare every output."""
-    import onnxruntime as ort
     import torch
 
     tokens = _tokenize(model_dir, trust_remote_code)
-    model = torch_model or _load_torch_model(model_dir, task, trust_remote_code)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(onnx_model), options, providers=["CPUExecutionProvider"])
-
-    from factorlm.calibration.capture import text_feeds
-
+    model = torch_model or load_torch_model(model_dir, task, trust_remote_code)
+    session = create_session(onnx_model, graph_optimization_level="basic")
     feeds = text_feeds(session.get_inputs(), tokens, str(onnx_model))
     output_names = [o.name for o in session.get_outputs()]
     onnx_out = dict(zip(output_names, session.run(output_names, feeds), strict=True))
@@ -241,20 +235,16 @@ def export(
     if not rtol > 0:
         raise ConfigError(f"The validation tolerance rtol={rtol} must be positive.")
     check_model_dir(model_dir, trust_remote_code=trust_remote_code)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(f"{out_dir} already exists and is not empty; pass --overwrite.")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ConfigError(f"{out_dir} is the model folder itself; choose another output folder.")
+    check_output(out_dir, inputs=[model_dir], overwrite=overwrite, kind="folder")
+
+    sidecar_paths(model_dir)  # a tokenizer file linked from elsewhere is refused before any work
 
     from optimum.exporters.onnx import main_export
     from rich.console import Console
 
     start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    stage.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output folder
     console = Console(stderr=True, quiet=not progress)
-    try:
+    with staged_directory(out_dir) as stage:
         with console.status(f"Exporting {model_dir.name} ({task}) with optimum"):
             try:
                 main_export(
@@ -276,10 +266,7 @@ def export(
         onnx_path = stage / "model.onnx"
         if not onnx_path.is_file():
             raise ModelLoadError(f"optimum wrote no model.onnx for {model_dir} ({task}).")
-        for name in _SIDE_FILES:
-            source = model_dir / name
-            if source.is_file() and not (stage / name).exists():
-                shutil.copy2(source, stage / name)
+        copy_sidecars(model_dir, stage, skip_existing=True)
         with console.status("Validating the ONNX outputs against PyTorch"):
             checks = validate(onnx_path, model_dir, task, trust_remote_code=trust_remote_code)
         for check in checks:
@@ -295,12 +282,6 @@ def export(
                 f"tolerance {rtol:g})."
             )
         opset_used = _onnx_opset(onnx_path)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        stage.rename(out_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
     return ExportResult(
         model=out_dir / "model.onnx",
         task=task,

@@ -36,16 +36,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from factorlm.errors import BackendUnavailableError, ConfigError, DataError, FactorlmError
-from factorlm.exporters.fusions import count_fusions
-from factorlm.exporters.ort import (
-    EngineManifest,
-    check_output_dir,
+from factorlm._common.files import (
+    cache_root,
     copy_sidecars,
-    source_info,
     staged_directory,
     versions,
+    write_bytes_atomic,
 )
+from factorlm.errors import BackendUnavailableError, ConfigError, DataError, FactorlmError
+from factorlm.exporters.fusions import count_fusions
+from factorlm.exporters.ort.manifest import EngineManifest, check_output_dir, source_info
 from factorlm.exporters.shapes import (
     ModelInput,
     ShapeRange,
@@ -202,8 +202,6 @@ def load_calibration(
 
 def default_timing_cache() -> Path:
     """Where builds share their timing cache by default: ``<cache>/tensorrt/timing.cache``."""
-    from factorlm.assets.paths import cache_root
-
     return cache_root() / "tensorrt" / "timing.cache"
 
 
@@ -378,10 +376,7 @@ def _build_plan(
         raise FactorlmError(f"TensorRT failed to build an engine from {plan.source}; see its log.")
     target.write_bytes(bytes(serialized))
     if cache is not None and plan.timing_cache is not None:
-        plan.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = plan.timing_cache.with_name(plan.timing_cache.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, plan.timing_cache)
+        write_bytes_atomic(plan.timing_cache, bytes(config.get_timing_cache().serialize()))
     return {
         "inputs": [network.get_input(i).name for i in range(network.num_inputs)],
         "outputs": [network.get_output(i).name for i in range(network.num_outputs)],

@@ -8,6 +8,7 @@ only a temporary folder, which the next run deletes, so no corrupt artifact is e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,17 +16,101 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArtifactStore", "StageResult", "hash_files", "hash_json"]
+from factorlm._common.outputs import (
+    MARKER,
+    check_parent,
+    clean_stale,
+    is_owned,
+    make_stage,
+    mark_owned,
+    remove_owned,
+)
+from factorlm.errors import ConfigError
+
+__all__ = [
+    "LOCK_NAME",
+    "ArtifactStore",
+    "StageResult",
+    "hash_files",
+    "hash_json",
+    "lock_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
+#: Held (``fcntl.flock``) by the run that owns the output folder.
+LOCK_NAME = ".factorlm.lock"
+
+
+#: What ``factorlm run`` owns inside output_dir (besides manifest.json, the lock file and its
+#: hidden ``.tmp-*`` stages): one folder per stage and the recover checkpoints.
+STAGE_FOLDERS = ("export", "data", "calibrate", "compress", "recover", "build", "benchmark")
+
+
+def check_run_folder(root: Path) -> None:
+    """Refuse, before anything is created, an output_dir that is a file or that holds a stage
+    folder factorlm did not write (a user's ``data/`` or ``build/``): run would replace it."""
+    check_parent(root, "output_dir")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_dir {root} is a file, not a folder.")
+    if not root.is_dir():
+        return
+    names = [*STAGE_FOLDERS, *(p.name for p in root.glob("recover-checkpoints-*"))]
+    for name in names:
+        folder = root / name
+        if folder.is_symlink() or folder.is_file():
+            raise ConfigError(
+                f"output_dir {root} holds {name!r}, which is not a folder factorlm wrote; "
+                "move it away or choose another output_dir."
+            )
+        if folder.is_dir() and any(folder.iterdir()) and not is_owned(folder):
+            raise ConfigError(
+                f"output_dir {root} holds a {name}/ folder that factorlm did not write (no "
+                f"{MARKER} in it); move it away or choose another output_dir."
+            )
+
+
+@contextlib.contextmanager
+def lock_output_dir(root: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``root`` for the block; refuse at once if another run holds it.
+
+    The lock is taken before anything in the folder is read or removed, so a second run on the
+    same folder never deletes the first run's temporary folders. The lock file stays (removing
+    it would race with a waiting run); the operating system releases the lock when the process
+    ends, even on SIGKILL. Where ``fcntl`` is missing (Windows) the run is not locked.
+    """
+    check_run_folder(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning("No file locking on this platform; do not share %s between runs", root)
+        yield path
+        return
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"Output folder {root} is in use by another factorlm run; wait for it to "
+                "finish or choose another output_dir."
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield path
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def hash_json(value: Any) -> str:
@@ -65,9 +150,7 @@ class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):
-            logger.info("Removing %s left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_stale(root)  # only marked stages whose process is gone
         self._manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
@@ -101,19 +184,22 @@ class ArtifactStore:
         name: str,
         key: str,
         build: Callable[[Path], dict[str, Any] | None],
+        *,
+        force: bool = False,
     ) -> StageResult:
-        """Run ``build(tmp_dir)`` unless an identical stage output exists; publish atomically."""
-        hit = self.cached(name, key)
+        """Run ``build(tmp_dir)`` unless an identical stage output exists (or ``force``); publish
+        atomically."""
+        hit = None if force else self.cached(name, key)
         if hit is not None:
             logger.info("Stage %s unchanged; reusing %s", name, hit.path)
             return hit
         final = self.root / name
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{_TMP_PREFIX}{name}-"))
+        tmp = make_stage(self.root, f"{_TMP_PREFIX[1:]}{name}", "run")
         start = time.perf_counter()
         try:
             info = build(tmp) or {}
-            if final.exists():
-                shutil.rmtree(final)
+            mark_owned(tmp, "run")  # the stage may have replaced its contents
+            remove_owned(final, what="stage folder")
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

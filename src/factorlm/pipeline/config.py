@@ -1,23 +1,46 @@
-"""The YAML configuration of ``factorlm run``, validated by pydantic.
+"""The YAML configuration of ``factorlm run``, validated by pydantic and built on ``factorlm.options``.
 
-Every section mirrors one stage and its CLI flags, so a user can move between the command line and
-a config file without learning a second vocabulary. Unknown keys are errors that name the key and
+Every section mirrors one stage. Names, defaults, ranges, choices and help texts come from the
+option classes in ``factorlm.options`` (``_opt`` below reads them), so the CLI, the YAML file
+and the Python API share one vocabulary; ``RunConfig.options(CompressOptions)`` turns a config
+back into the option object a stage runs with. Unknown keys are errors that name the key and
 suggest the closest valid one, because a typo silently ignored would run the wrong job in CI.
+``json_schema()`` publishes the schema (docs/config.schema.json) for editors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factorlm._common.userfiles import read_yaml
 from factorlm.errors import ConfigError
+from factorlm.options import (
+    Allocation,
+    Backend,
+    BenchOptions,
+    BuildOptions,
+    Clock,
+    CompressOptions,
+    EngineFormat,
+    ErrorScale,
+    FisherTask,
+    Method,
+    RecoverMethod,
+    RecoverOptions,
+    SparseStructure,
+    Task,
+    option_fields,
+)
 
 __all__ = [
+    "OPTION_CLASSES",
     "BenchmarkConfig",
     "BuildConfig",
     "CalibrationConfig",
@@ -27,13 +50,51 @@ __all__ = [
     "GoalsConfig",
     "RecoverConfig",
     "RunConfig",
+    "json_schema",
+    "json_schema_text",
     "load_config",
     "parse_config",
+    "yaml_key",
 ]
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["svd", "whiten", "drone", "asvd", "fwsvd", "kron", "losparse"]
+#: The option classes whose fields the YAML config holds (see ``yaml_key``).
+OPTION_CLASSES: tuple[type[Any], ...] = (
+    CompressOptions,
+    BuildOptions,
+    BenchOptions,
+    RecoverOptions,
+)
+_O = TypeVar("_O", CompressOptions, BuildOptions, BenchOptions, RecoverOptions)
+
+
+def yaml_key(cls: type[Any], name: str) -> str | None:
+    """The dotted YAML key of option ``name`` of ``cls`` (None: the option has no YAML key)."""
+    meta = next(f.metadata for f in option_fields(cls) if f.name == name)
+    if "yaml" in meta:
+        return str(meta["yaml"]) if meta["yaml"] is not None else None
+    return f"{cls.section}.{name}"
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
+
+
+def _opt(cls: type[Any], name: str, **override: Any) -> Any:
+    """A pydantic Field with the default, bounds and help of option ``name`` of ``cls``."""
+    f = next(f for f in option_fields(cls) if f.name == name)
+    meta = f.metadata
+    default = override.pop("default", _default(f))
+    bounds = {k: meta[k] for k in ("gt", "ge", "lt", "le") if k in meta}
+    description = override.pop("description", meta.get("help") or None)
+    if isinstance(default, tuple):  # YAML lists; the options object turns them back into tuples
+        items = list(default)
+        return Field(default_factory=lambda: list(items), description=description, **bounds)
+    return Field(default, description=description, **{**bounds, **override})
 
 
 class _Section(BaseModel):
@@ -52,90 +113,98 @@ class DataConfig(_Section):
     """Labelled texts, split once into disjoint calibration and evaluation sets."""
 
     path: Path | None = Field(None, description="JSONL/CSV/TXT; default: the review snippets.")
-    text_column: str = "text"
-    label_column: str | None = "label"
+    text_column: str = _opt(CompressOptions, "text_column")
+    label_column: str | None = _opt(CompressOptions, "label_column")
     labels: list[str] | None = Field(
         default_factory=lambda: ["fresh", "rotten"],
         description="Keep only rows with these labels (None keeps all).",
     )
-    calibration_samples: int = Field(256, ge=1)
-    eval_samples: int = Field(1200, ge=10)
-    seed: int = 0
+    calibration_samples: int = _opt(CompressOptions, "calibration_samples")
+    eval_samples: int = Field(1200, ge=10, description="Held-out rows for the benchmark task.")
+    seed: int = Field(0, description="Seed of the calibration/evaluation split.")
 
 
 class CalibrationConfig(_Section):
-    """Activation statistics for the data-aware methods."""
+    """Activation statistics (or the Fisher) for the data-aware methods."""
 
-    max_length: int = Field(128, ge=8)
-    batch_size: int = Field(16, ge=1)
+    max_length: int = _opt(CompressOptions, "max_length")
+    batch_size: int = _opt(CompressOptions, "batch_size")
+    fisher_task: FisherTask = _opt(CompressOptions, "fisher_task")
 
 
 class CompressConfig(_Section):
-    """The plan and its rewrite; same meaning as ``factorlm compress`` flags."""
+    """The plan and its rewrite; same names, defaults and ranges as ``factorlm compress``."""
 
-    method: Method = "whiten"
-    ratio: float = Field(0.6, gt=0.0, le=1.0)
-    energy: float | None = Field(None, gt=0.0, le=1.0)
-    rank_multiple: int = Field(8, ge=1)
-    include: str | None = None
-    exclude: str | None = None
-    embeddings: float | None = Field(None, gt=0.0, le=1.0)
-    min_size: int | None = Field(None, ge=1)
-    plan: Path | None = None
-    joint_qkv: bool = Field(
-        True, description="Q/K/V share one down-projection so ORT keeps its Attention fusion."
-    )
+    method: Method = _opt(CompressOptions, "method")
+    ratio: float = _opt(CompressOptions, "ratio")
+    energy: float | None = _opt(CompressOptions, "energy")
+    rank_multiple: int = _opt(CompressOptions, "rank_multiple")
+    allocation: Allocation = _opt(CompressOptions, "allocation")
+    error_scale: ErrorScale = _opt(CompressOptions, "error_scale")
+    min_fraction: float = _opt(CompressOptions, "min_fraction")
+    include: str | None = _opt(CompressOptions, "include")
+    exclude: str | None = _opt(CompressOptions, "exclude")
+    embeddings: float | None = _opt(CompressOptions, "embeddings")
+    min_size: int = _opt(CompressOptions, "min_size")
+    joint_qkv: bool = _opt(CompressOptions, "joint_qkv")
+    plan: Path | None = _opt(CompressOptions, "plan")
+    sparse_structure: SparseStructure = _opt(CompressOptions, "sparse_structure")
+    sparse_density: float = _opt(CompressOptions, "sparse_density")
+
+    @model_validator(mode="after")
+    def _check_options(self) -> CompressConfig:
+        _validate(CompressOptions, self.model_dump())
+        return self
 
 
 class RecoverConfig(_Section):
     """Optional recovery by distillation between compress and build (skipped when method is null)."""
 
-    method: Literal["distill", "losparse", "dsee", "kron-kd", "safe"] | None = None
-    steps: int = Field(300, ge=1, description="The schedule's horizon (warm-up, phases, decay).")
-    time_budget_s: float | None = Field(
-        None, gt=0.0, description="A hard cap on training time; may stop before 'steps'."
-    )
-    clock: Literal["wall", "cpu"] = Field(
-        "wall", description="What time_budget_s counts: elapsed or process CPU seconds."
-    )
-    lr: float = Field(1e-4, gt=0.0)
-    feature_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="Share of steps in feature distillation, then output."
-    )
-    temperature: float = Field(2.0, gt=0.0, description="Temperature of the logit KL.")
-    lm_weight: float = Field(0.0, ge=0.0, description="Causal LM only: next-token loss weight.")
-    batch_size: int = Field(16, ge=1)
-    max_samples: int | None = Field(None, ge=1, description="Distillation texts (train split).")
-    seed: int = 0
+    method: RecoverMethod | None = _opt(RecoverOptions, "method", default=None)
+    steps: int = _opt(RecoverOptions, "steps")
+    time_budget_s: float | None = _opt(RecoverOptions, "time_budget_s")
+    clock: Clock = _opt(RecoverOptions, "clock")
+    lr: float = _opt(RecoverOptions, "lr")
+    feature_fraction: float = _opt(RecoverOptions, "feature_fraction")
+    temperature: float = _opt(RecoverOptions, "temperature")
+    lm_weight: float = _opt(RecoverOptions, "lm_weight")
+    batch_size: int = _opt(RecoverOptions, "batch_size")
+    max_samples: int | None = _opt(RecoverOptions, "max_samples")
+    seed: int = _opt(RecoverOptions, "seed")
 
 
 class BuildConfig(_Section):
     """Engines to build for both the original and the compressed model."""
 
-    backend: Literal["ort", "tensorrt"] = "ort"
-    optimize: bool = True
-    int8: bool = False
-    fp16: bool = False
-    format: Literal["onnx", "ort"] = "onnx"
+    backend: Backend = _opt(BuildOptions, "backend")
+    optimize: bool = _opt(BuildOptions, "optimize")
+    int8: bool = _opt(BuildOptions, "int8")
+    fp16: bool = _opt(BuildOptions, "fp16")
+    format: EngineFormat = _opt(BuildOptions, "format")
+
+    @model_validator(mode="after")
+    def _check_options(self) -> BuildConfig:
+        _validate(BuildOptions, self.model_dump())
+        return self
 
 
 class GoalsConfig(_Section):
     """Pass/fail criteria; the run's exit status is 1 when one fails."""
 
-    max_accuracy_drop: float | None = Field(None, ge=0.0, description="Percentage points.")
-    min_speedup: float | None = Field(None, gt=0.0)
-    max_fidelity_loss: float | None = Field(None, ge=0.0, le=2.0, description="1 - cosine.")
+    max_accuracy_drop: float | None = _opt(BenchOptions, "max_accuracy_drop")
+    min_speedup: float | None = _opt(BenchOptions, "min_speedup")
+    max_fidelity_loss: float | None = _opt(BenchOptions, "max_fidelity_loss")
 
 
 class BenchmarkConfig(_Section):
     """Latency and accuracy of the compressed engine against the original engine."""
 
-    shapes: list[str] = Field(default_factory=lambda: ["1x128", "8x128"])
-    task: Literal["classification", "perplexity", "similarity", "none"] = "classification"
-    warmup: int = Field(5, ge=0)
-    iterations: int = Field(30, ge=3)
-    baseline: Path | None = None
-    max_regression: float | None = Field(None, ge=0.0, description="Percent, vs the baseline.")
+    shapes: list[str] = _opt(BenchOptions, "shapes")
+    task: Task = _opt(BenchOptions, "task")
+    warmup: int = _opt(BenchOptions, "warmup")
+    iterations: int = _opt(BenchOptions, "iterations")
+    baseline: Path | None = _opt(BenchOptions, "baseline")
+    max_regression: float | None = _opt(BenchOptions, "max_regression")
     goals: GoalsConfig = GoalsConfig()
 
     @field_validator("shapes")
@@ -148,11 +217,19 @@ class BenchmarkConfig(_Section):
         return shapes
 
 
+def _validate(cls: type[Any], values: dict[str, Any]) -> None:
+    """Cross-field checks of the option class, as a pydantic error naming the section."""
+    try:
+        cls(**values)
+    except ConfigError as exc:
+        raise ValueError(str(exc).rstrip(".")) from None
+
+
 class RunConfig(_Section):
     """One ``factorlm run`` job: export, calibrate, plan, compress, build, benchmark."""
 
     model: Path | None = Field(None, description="HF model folder or .onnx; default: MiniLM.")
-    output_dir: Path = Path("factorlm-run")
+    output_dir: Path = Field(Path("factorlm-run"), description="Folder of every stage's output.")
     export: ExportConfig = ExportConfig()
     data: DataConfig = DataConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -160,6 +237,41 @@ class RunConfig(_Section):
     recover: RecoverConfig = RecoverConfig()
     build: BuildConfig = BuildConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+
+    def value(self, key: str) -> Any:
+        """The value at dotted ``key``, e.g. ``"calibration.max_length"``."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def options(self, cls: type[_O], **changes: Any) -> _O:
+        """The option object of one stage, filled from this config (options without a YAML key
+        keep their defaults; ``changes`` override)."""
+        values: dict[str, Any] = {}
+        for f in option_fields(cls):
+            key = yaml_key(cls, f.name)
+            if key is not None:
+                value = self.value(key)
+                if value is None and f.metadata.get("yaml_optional"):
+                    continue
+                values[f.name] = value
+        return cls(**{**values, **changes})
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the YAML config (published as docs/config.schema.json)."""
+    schema = RunConfig.model_json_schema(mode="validation")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **schema,
+        "title": "factorlm run config",
+    }
+
+
+def json_schema_text() -> str:
+    """``json_schema()`` as the exact text of docs/config.schema.json."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
@@ -204,12 +316,7 @@ def load_config(path: Path) -> RunConfig:
     """Read and validate a YAML config file; relative paths in it resolve against its folder."""
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"Config file {path} is not valid YAML{where}.") from None
+    data = read_yaml(path, what="config file")
     config = parse_config(data, source=str(path))
     return _resolve_paths(config, path.parent)
 

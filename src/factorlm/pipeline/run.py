@@ -1,8 +1,11 @@
 """``factorlm run``: export → data split → calibrate → compress → build → benchmark.
 
 Each stage is a plain function over the previous stages' folders. ``ArtifactStore`` keys every
-stage by its settings and its inputs' keys, so a second run with the same config reuses every
-folder and finishes in seconds, and a config change reruns only the stages downstream of it.
+stage by its settings, its inputs' keys and the versions of factorlm and of the libraries the
+stage uses (``STAGE_LIBRARIES``), so a second run with the same config reuses every folder and
+finishes in seconds, while a config change or a library upgrade reruns only the stages it
+affects; ``force=True`` reruns them all. A lock on the output folder (``lock_output_dir``) makes
+a second concurrent run on the same folder refuse instead of deleting the first run's files.
 """
 
 from __future__ import annotations
@@ -20,15 +23,78 @@ from typing import Any
 from rich.console import Console
 
 from factorlm.errors import ConfigError, DataError
-from factorlm.pipeline.artifacts import ArtifactStore, StageResult, hash_files, hash_json
+from factorlm.options import (
+    DATA_AWARE_METHODS,
+    BenchOptions,
+    BuildOptions,
+    CompressOptions,
+    RecoverOptions,
+)
+from factorlm.pipeline.artifacts import (
+    ArtifactStore,
+    StageResult,
+    hash_files,
+    hash_json,
+    lock_output_dir,
+)
 from factorlm.pipeline.config import RunConfig
 
-__all__ = ["DATA_AWARE_METHODS", "RunResult", "run_pipeline"]
+__all__ = ["STAGE_LIBRARIES", "RunResult", "installed_versions", "run_pipeline", "stage_versions"]
 
 logger = logging.getLogger(__name__)
 
-#: Methods whose planner needs activation statistics (ONNX Runtime capture).
-DATA_AWARE_METHODS = frozenset({"whiten", "drone", "asvd"})
+#: The distributions whose versions each stage's output depends on (factorlm for all of them).
+STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "export": ("torch", "transformers", "optimum", "onnx", "onnxruntime", "onnxruntime-gpu"),
+    "data": (),
+    "calibrate": (
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+        "tokenizers",
+        "transformers",
+        "torch",
+    ),
+    "compress": ("onnx", "onnx-ir", "numpy", "scipy"),
+    "recover": ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy"),
+    "build": ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
+    "benchmark": (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "tokenizers",
+        "transformers",
+    ),
+}
+
+
+def installed_versions() -> dict[str, str]:
+    """Installed versions of factorlm and of every library in ``STAGE_LIBRARIES`` (absent: skipped).
+
+    Read from package metadata, so asking imports none of them.
+    """
+    import importlib.metadata
+
+    from factorlm._common.files import versions
+
+    found = dict(versions())
+    wanted = {"factorlm", *(lib for libs in STAGE_LIBRARIES.values() for lib in libs)}
+    for dist in sorted(wanted - set(found)):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def stage_versions(stage: str, installed: dict[str, str]) -> dict[str, str]:
+    """The versions a stage's cache key includes: factorlm's and its libraries'."""
+    names = ("factorlm", *STAGE_LIBRARIES[stage])
+    return {name: installed[name] for name in names if name in installed}
 
 
 @dataclass
@@ -69,13 +135,17 @@ def _resolve_inputs(config: RunConfig, console: Console) -> tuple[Path, Path]:
 
 def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
     """Seeded, disjoint calibration and evaluation files, so nothing is tuned on held-out rows."""
-    from factorlm.data import read_labelled, read_texts
+    from factorlm.benchmark.tasks import task_needs_labels
+    from factorlm.data import iter_records, read_labelled, read_texts
 
     cfg = config.data
     rows: list[dict[str, str]]
-    if cfg.label_column:
+    label_column = cfg.label_column
+    if label_column and not task_needs_labels(config.benchmark.task):  # labels optional
+        label_column = label_column if label_column in next(iter_records(data), {}) else None
+    if label_column:
         texts, labels = read_labelled(
-            data, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels
+            data, text_column=cfg.text_column, label_column=label_column, labels=cfg.labels
         )
         rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
     else:
@@ -108,10 +178,10 @@ def _export(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
     from factorlm.exporters.hf import export
 
     if model.is_file():  # already ONNX: adopt it with its sidecar files
+        from factorlm._common.files import copy_sidecars
+
         shutil.copy2(model, out / "model.onnx")
-        for sidecar in model.parent.iterdir():
-            if sidecar.is_file() and sidecar.suffix in {".json", ".txt", ".model"}:
-                shutil.copy2(sidecar, out / sidecar.name)
+        copy_sidecars(model, out)  # the checked copy: no symlink out of the model's folder
         return {"source": str(model), "exported": False}
     target = out / "export"
     result = export(
@@ -149,6 +219,7 @@ def _calibrate(
             model_dir,
             onnx_dir / "model.onnx",
             calib,
+            task=config.calibration.fisher_task,
             text_column="text",
             label_column="label",
             labels=config.data.labels,
@@ -176,29 +247,14 @@ def _calibrate(
 def _compress(
     config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path
 ) -> dict[str, Any]:
+    from factorlm._common.files import copy_sidecars
     from factorlm.calibration import CalibrationStats
-    from factorlm.compress import compress
-    from factorlm.exporters.ort import copy_sidecars
+    from factorlm.compression import compress
 
     cfg = config.compress
     stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
-    kwargs: dict[str, Any] = {}
-    if cfg.min_size is not None:
-        kwargs["min_size"] = cfg.min_size
     result = compress(
-        onnx_dir / "model.onnx",
-        out / "model.onnx",
-        method=cfg.method,
-        ratio=cfg.ratio,
-        energy=cfg.energy,
-        rank_multiple=cfg.rank_multiple,
-        include=cfg.include,
-        exclude=cfg.exclude,
-        embeddings=cfg.embeddings,
-        plan=cfg.plan,
-        stats=stats,
-        joint_qkv=cfg.joint_qkv,
-        **kwargs,
+        onnx_dir / "model.onnx", out / "model.onnx", config.options(CompressOptions), stats=stats
     )
     copy_sidecars(onnx_dir / "model.onnx", out)
     return {
@@ -225,8 +281,8 @@ def _recover(
     out: Path,
     checkpoints: Path,
 ) -> dict[str, Any]:
-    from factorlm.exporters.ort import copy_sidecars
-    from factorlm.recovery import recover
+    from factorlm import recover
+    from factorlm._common.files import copy_sidecars
 
     cfg = config.recover
     if not model_dir.is_dir():
@@ -238,24 +294,13 @@ def _recover(
         model_dir,
         compressed_dir / "model.plan.json",
         target,
-        method=cfg.method or "distill",
+        config.options(RecoverOptions, method=cfg.method or "distill"),
         data=split / "train.jsonl",
-        steps=cfg.steps,
-        time_budget_s=cfg.time_budget_s,
-        clock=cfg.clock,
-        seed=cfg.seed,
         onnx_model=onnx_dir / "model.onnx",
         stats=stats_dir / "stats.npz" if stats_dir is not None else None,
-        max_samples=cfg.max_samples,
-        batch_size=cfg.batch_size,
-        max_length=config.calibration.max_length,
-        lr=cfg.lr,
-        feature_fraction=cfg.feature_fraction,
-        temperature=cfg.temperature,
-        lm_weight=cfg.lm_weight,
         checkpoint_dir=checkpoints,
         task=config.export.task,
-        resume=checkpoints.is_dir() and any(checkpoints.iterdir()),
+        resume=(checkpoints / "checkpoint.pt").is_file(),
     )
     for item in target.iterdir():
         shutil.move(str(item), out / item.name)
@@ -277,60 +322,44 @@ def _recover(
 
 
 def _build(config: RunConfig, onnx_dir: Path, compressed_dir: Path, out: Path) -> dict[str, Any]:
-    cfg = config.build
+    from factorlm import build
+
+    options = config.options(BuildOptions)
     info: dict[str, Any] = {}
     for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
-        if cfg.backend == "tensorrt":
-            from factorlm.exporters.tensorrt import build_trt_engine
-
-            manifest: Any = build_trt_engine(
-                source / "model.onnx", out / name, fp16=cfg.fp16, int8=cfg.int8
-            )
-        else:
-            from factorlm.exporters.ort import build_ort_engine
-
-            manifest = build_ort_engine(
-                source / "model.onnx",
-                out / name,
-                optimize=cfg.optimize,
-                fp16=cfg.fp16,
-                int8=cfg.int8,
-                format=cfg.format,
-                reference=onnx_dir / "model.onnx" if name == "compressed" else None,
-            )
+        reference = onnx_dir / "model.onnx" if name == "compressed" else None
+        manifest = build(
+            source / "model.onnx",
+            out / name,
+            options,
+            reference=reference if options.backend == "ort" else None,
+        )
         info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
     return info
 
 
-def _benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
-    from factorlm.benchmark import run_benchmark
+def _bench_options(config: RunConfig) -> BenchOptions:
+    """The benchmark's options: the YAML keys plus the split's columns (``text``, ``label``)."""
+    return config.options(
+        BenchOptions,
+        label_column="label" if config.data.label_column else None,
+        labels=tuple(config.data.labels) if config.data.labels is not None else None,
+        max_samples=None,
+    )
 
-    cfg = config.benchmark
-    goals = cfg.goals
+
+def _benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
+    from factorlm.benchmark.run import run_benchmark
+
+    options = _bench_options(config)
     report = run_benchmark(
         build_dir / "reference",
         [("compressed", build_dir / "compressed")],
-        shapes=cfg.shapes,
-        data=split / "eval.jsonl" if cfg.task != "none" else None,
-        task=None if cfg.task == "none" else cfg.task,
-        baseline=cfg.baseline,
-        max_regression=cfg.max_regression,
-        max_accuracy_drop=goals.max_accuracy_drop,
-        min_speedup=goals.min_speedup,
-        max_fidelity_loss=goals.max_fidelity_loss,
-        warmup=cfg.warmup,
-        iterations=cfg.iterations,
-        labels=config.data.labels,
-        max_samples=None,
+        options,
+        data=split / "eval.jsonl" if options.task != "none" else None,
     )
     report.write(out)
     return {"passed": report.passed}
-
-
-def _versions() -> dict[str, str]:
-    from factorlm.exporters.ort import versions
-
-    return versions()
 
 
 def run_pipeline(
@@ -338,18 +367,37 @@ def run_pipeline(
     *,
     console: Console | None = None,
     on_stage: Callable[[StageResult], None] | None = None,
+    force: bool = False,
 ) -> RunResult:
-    """Run every stage of ``config`` into ``config.output_dir`` and return what each produced."""
+    """Run every stage of ``config`` into ``config.output_dir`` and return what each produced.
+
+    ``force`` reruns every stage even when its cached output is current. The output folder is
+    locked for the whole run: a second run on it raises ``ConfigError`` and touches nothing.
+    """
     console = console or Console(stderr=True)
+    root = Path(config.output_dir)
+    with lock_output_dir(root):
+        return _run_locked(config, console, on_stage, force)
+
+
+def _run_locked(
+    config: RunConfig,
+    console: Console,
+    on_stage: Callable[[StageResult], None] | None,
+    force: bool,
+) -> RunResult:
     model, data = _resolve_inputs(config, console)
+    installed = installed_versions()
     store = ArtifactStore(Path(config.output_dir))
-    store.update_header({"config": json.loads(config.model_dump_json()), "versions": _versions()})
+    store.update_header({"config": json.loads(config.model_dump_json()), "versions": installed})
     result = RunResult(output_dir=Path(config.output_dir))
 
     def stage(name: str, key: str, build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
         console.rule(f"[bold]{name}")
         start = time.perf_counter()
-        done = store.run(name, key, build)
+        # A library upgrade must not reuse engines or reports made with the old one.
+        key = hash_json({"settings": key, "versions": stage_versions(name, installed)})
+        done = store.run(name, key, build, force=force)
         if done.skipped:
             console.print(f"[green]✓[/] {name}: unchanged, reused {done.path}")
         else:
@@ -412,6 +460,8 @@ def run_pipeline(
         # Checkpoints live outside the atomically published folder, keyed like the stage, so an
         # interrupted run resumes and a changed config never resumes someone else's training.
         checkpoints = Path(config.output_dir) / f"recover-checkpoints-{recover_key[:12]}"
+        if force and checkpoints.is_dir():  # rerun from scratch, not from our own checkpoints
+            shutil.rmtree(checkpoints)
         candidate = stage(
             "recover",
             recover_key,

@@ -48,6 +48,11 @@ def validate_plan(plan: Plan, analysis: AnalysisLike) -> Plan:
                 f"plan weight {name!r} is a joint Q/K/V weight; method {entry.method!r} does not "
                 "apply to it (use a low-rank method, or plan its members separately)."
             )
+        if entry.shape and list(entry.shape) != list(cand.shape):
+            raise PlanError(
+                f"plan weight {name!r} has shape {list(entry.shape)}, but the model's is "
+                f"{list(cand.shape)}: the plan was made for another model."
+            )
         entry.nodes, entry.kind = cand.node_names, cand.kind
         entry.shape, entry.stored_shape = list(cand.shape), list(cand.stored_shape)
         m, n = cand.shape

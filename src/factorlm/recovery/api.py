@@ -11,13 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factorlm._common.outputs import (
+    check_output,
+    clean_stale,
+    external_data_files,
+    make_stage,
+    mark_owned,
+    publish,
+)
 from factorlm.errors import ConfigError, DataError
 from factorlm.planning import DATA_AWARE, Plan
 from factorlm.recovery.apply import apply_plan, load_plan
@@ -118,7 +125,7 @@ def recover(
 
     from factorlm.calibration import CalibrationStats, collect_statistics
     from factorlm.data import read_texts
-    from factorlm.exporters.hf import _load_torch_model, check_model_dir, export
+    from factorlm.exporters.hf import check_model_dir, export, load_torch_model
     from factorlm.recovery.export import export_student
 
     began = time.perf_counter()
@@ -137,12 +144,23 @@ def recover(
         raise ConfigError(f"lm_weight {lm_weight!r} must not be negative.")
     if not 0 <= feature_fraction <= 1:
         raise ConfigError(f"feature_fraction {feature_fraction!r} must lie in [0, 1].")
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples must be at least 1, not {max_samples}.")
+    if calib_samples < 1:
+        raise ConfigError(f"calib_samples must be at least 1, not {calib_samples}.")
     config = check_model_dir(model_dir)
     chosen = load_plan(plan)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(f"output {out_dir} already exists and is not empty; pass --overwrite.")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ConfigError(f"output {out_dir} is the model folder itself; choose another folder.")
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
+    inputs = [
+        model_dir,
+        None if isinstance(plan, Plan) else Path(plan),
+        Path(data) if isinstance(data, str | Path) else None,
+        None if onnx_model is None else Path(onnx_model),
+        Path(stats) if isinstance(stats, str | Path) else None,
+    ]
+    inputs += external_data_files(onnx_model) if onnx_model is not None else []
+    check_output(out_dir, inputs=inputs, overwrite=overwrite, kind="folder")
+    check_output(ckpt, inputs=inputs, overwrite=True, kind="folder", what="checkpoint folder")
     if isinstance(data, str | Path):
         texts = read_texts(Path(data), text_column=text_column, max_samples=max_samples)
     else:
@@ -162,8 +180,8 @@ def recover(
         raise ConfigError(f"lm_weight needs a causal LM; task {task!r} has no next-token loss.")
     seconds: dict[str, float] = {}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    clean_stale(out_dir.parent, out_dir.name)
+    scratch = make_stage(out_dir.parent, out_dir.name, "recover")
     try:
         if onnx_model is None:
             export(model_dir, scratch / "original", task=task, progress=progress)
@@ -180,8 +198,8 @@ def recover(
 
         start = time.perf_counter()
         torch.manual_seed(seed)
-        teacher = _load_torch_model(model_dir, task, False)
-        student = _load_torch_model(model_dir, task, False)
+        teacher = load_torch_model(model_dir, task, False)
+        student = load_torch_model(model_dir, task, False)
         applied = apply_plan(student, chosen, onnx_model, stats=stats, safe=method == "safe")
         seconds["apply"] = time.perf_counter() - start
 
@@ -196,7 +214,6 @@ def recover(
             checkpoint_every=checkpoint_every, threads=threads, clock=clock,
             temperature=temperature, lm_weight=lm_weight,
         )  # fmt: skip
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
         result = train(
             student, teacher, tokenizer, texts, cfg, ckpt,
             resume=resume, progress=progress, on_step=on_step,
@@ -228,9 +245,8 @@ def recover(
         }
         (stage / "recovery.json").write_text(json.dumps(record, indent=2) + "\n")
         stage.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        stage.rename(out_dir)
+        mark_owned(stage, "recover")
+        publish(stage, out_dir)
         seconds["export"] = time.perf_counter() - start
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

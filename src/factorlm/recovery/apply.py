@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from factorlm.compress import factorize_entry
+from factorlm._common.userfiles import read_text
+from factorlm.compression import factorize_entry
 from factorlm.errors import PlanError
 from factorlm.passes.analysis import Candidate
 from factorlm.passes.joint import JOINT_SEPARATOR, joint_statistics
@@ -58,7 +59,8 @@ def load_plan(plan: Plan | str | Path) -> Plan:
     path = Path(plan)
     if not path.is_file():
         raise PlanError(f"plan file {path} does not exist.")
-    return Plan.from_json(path.read_text(encoding="utf-8"), source=str(path))
+    text = read_text(path, what="plan file", error=PlanError)
+    return Plan.from_json(text, source=f"plan file {path}")
 
 
 def _digest(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:

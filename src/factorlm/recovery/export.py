@@ -103,8 +103,8 @@ def export_student(
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from factorlm._common.files import copy_sidecars
     from factorlm.exporters.hf import validate
-    from factorlm.exporters.ort import copy_sidecars
 
     model.eval()
     stage.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from factorlm.errors import ConfigError
+from factorlm._common.outputs import mark_owned, read_marker
+from factorlm.errors import ConfigError, ModelLoadError
 from factorlm.recovery.modules import FactorizedLinear, LowRankSparseLinear
 
 __all__ = ["METHODS", "DseeLinear", "TrainConfig", "TrainResult", "train"]
@@ -376,6 +377,83 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _rng_state() -> dict[str, Any]:
+    """The three RNG states as tensors and plain numbers only, so ``weights_only`` loads them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(list(internal), dtype=torch.int64),
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
+    }
+
+
+def _set_rng_state(rng: dict[str, Any], path: Path) -> None:
+    """Restore what ``_rng_state`` stored; a malformed entry is one sentence, not a traceback."""
+    try:
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (str(n["name"]), keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"]))
+        )
+        p = rng["python"]
+        state = tuple(int(v) for v in p["state"].tolist())
+        random.setstate((int(p["version"]), state, p["gauss_next"]))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"checkpoint {path} holds a malformed RNG state ({exc}); delete it or run without "
+            "--resume."
+        ) from None
+
+
+#: Keys every checkpoint holds, with the types ``train`` relies on.
+_PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "student": dict, "optimizer": dict, "method_state": dict, "step": int,
+    "seconds": (int, float), "losses": list, "rng": dict,
+}  # fmt: skip
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, so a
+    planted file cannot run code; anything else is refused in one sentence."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol ..." is noise here
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"checkpoint {path} holds objects other than tensors and plain values (a pickle "
+            "that could run code), so it was not loaded; delete it or run without --resume."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as exc:
+        raise ModelLoadError(
+            f"checkpoint {path} is truncated or not a factorlm checkpoint "
+            f"({type(exc).__name__}); delete it or run without --resume."
+        ) from None
+    if not isinstance(payload, dict):
+        raise ModelLoadError(f"checkpoint {path} is not a factorlm checkpoint; delete it.")
+    for key, kind in _PAYLOAD_TYPES.items():
+        if not isinstance(payload.get(key), kind):
+            raise ModelLoadError(
+                f"checkpoint {path} lacks a valid {key!r} entry; delete it or run without --resume."
+            )
+    return payload
+
+
 def _encode(tokenizer: Any, texts: Sequence[str], kind: str, max_length: int) -> list[list[int]]:
     if kind != "lm":
         enc = tokenizer(list(texts), truncation=True, max_length=max_length)
@@ -446,6 +524,8 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(checkpoint_dir) is None:
+        mark_owned(checkpoint_dir, "recover")
     ckpt_path = checkpoint_dir / CHECKPOINT
     step, seconds, cpu_seconds, losses, resumed_from = 0, 0.0, 0.0, [], None
     torch.manual_seed(cfg.seed)
@@ -454,7 +534,7 @@ def train(
     if resume:
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint {ckpt_path} to resume from.")
-        payload = torch.load(ckpt_path, weights_only=False)
+        payload = _load_checkpoint(ckpt_path)
         saved = payload["config"]
         for key in _RESUME_KEYS:
             if saved.get(key) != getattr(cfg, key):
@@ -467,9 +547,7 @@ def train(
         state = payload["method_state"]
         step, seconds, losses = payload["step"], payload["seconds"], payload["losses"]
         cpu_seconds = payload.get("cpu_seconds", 0.0)
-        torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(payload["rng"]["numpy"])
-        random.setstate(payload["rng"]["python"])
+        _set_rng_state(payload["rng"], ckpt_path)
         resumed_from = step
         logger.info("Resumed from %s at step %d", ckpt_path, step)
 
@@ -485,11 +563,7 @@ def train(
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
                 "losses": losses,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                },
+                "rng": _rng_state(),
             },
         )
 

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from factorlm.cli._output import console as make_console
 from factorlm.pipeline.config import RunConfig, load_config
 from factorlm.pipeline.run import RunResult, run_pipeline
 
@@ -101,13 +102,14 @@ def run(
     run_config = load_config(config) if config is not None else RunConfig()
     if output_dir is not None:
         run_config = run_config.model_copy(update={"output_dir": output_dir})
-    console = Console()
+    console = make_console()
     result = run_pipeline(run_config, console=console)
     _summary(result, console)
     if not result.passed:
-        console.print("[bold red]A benchmark goal failed.[/]")
+        Console(stderr=True).print("[bold red]A benchmark goal failed.[/]")
         raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``run`` subcommand to the factorlm CLI."""
     app.command("run")(run)

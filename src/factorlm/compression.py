@@ -1,5 +1,8 @@
 """``compress``: load, analyse, plan, factorize, rewrite and save, as one Python call.
 
+(``factorlm.compress`` is this module's ``compress`` function; the module is named
+``compression`` so that the package attribute and the module cannot shadow each other.)
+
 The stages are kept apart so each can be checked on its own: ``passes.analyze`` finds the
 weights, ``planning.make_plan`` (or a user's plan through ``planning.validate_plan``) decides
 ranks, ``factorlm.decompose`` computes every number, the passes only rewire the graph, and
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +23,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from factorlm._callable import make_module_callable
+from factorlm._common.files import write_text_atomic
+from factorlm._common.outputs import check_output, external_data_files
+from factorlm._common.userfiles import read_text
 from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
-from factorlm.errors import ConfigError, PlanError
+from factorlm.errors import ConfigError, ModelLoadError, PlanError
 from factorlm.io import load_model, save_model
+from factorlm.options import CompressOptions, replace
 from factorlm.passes import (
     JOINT_SEPARATOR,
     JointLinearPass,
@@ -45,13 +50,12 @@ __all__ = [
     "compress",
     "factorize_entry",
     "plan_path_for",
-    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Matrices with fewer elements are not worth a factorization's extra node.
-DEFAULT_MIN_SIZE = 4096
+DEFAULT_MIN_SIZE = CompressOptions().min_size
 
 
 @dataclass
@@ -82,22 +86,6 @@ def plan_path_for(output_path: Path) -> Path:
     return output_path.with_name(f"{stem}.plan.json")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name in ``path``'s folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _model_params(model: ir.Model) -> int:
     total = 0
     for value in model.graph.initializers.values():
@@ -112,7 +100,33 @@ def _load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
     path = Path(plan)
     if not path.is_file():
         raise PlanError(f"plan file {path} does not exist.")
-    return Plan.from_json(path.read_text(encoding="utf-8"), source=str(path))
+    text = read_text(path, what="plan file", error=PlanError)
+    return Plan.from_json(text, source=f"plan file {path}")
+
+
+def _collect(
+    model: Path, data: Path, tokenizer: str | os.PathLike[str] | None, opts: CompressOptions
+) -> StatsLike | None:
+    """Activation statistics for whiten/drone/asvd from calibration texts (torch-free path)."""
+    need = opts.needs_statistics
+    if need is None:
+        return None
+    if need == "fisher":
+        raise ConfigError(
+            "method 'fwsvd' needs a Fisher from the PyTorch model: pass stats= from "
+            "factorlm.calibration.collect_fisher (or use factorlm run / the CLI)."
+        )
+    from factorlm.calibration import collect_statistics
+
+    return collect_statistics(
+        model,
+        data,
+        tokenizer=Path(tokenizer) if tokenizer is not None else None,
+        text_column=opts.text_column,
+        max_samples=opts.calibration_samples,
+        max_length=opts.max_length,
+        batch_size=opts.batch_size,
+    )
 
 
 def factorize_entry(
@@ -157,41 +171,41 @@ def factorize_entry(
 def compress(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
+    options: CompressOptions | None = None,
     *,
-    method: str = "svd",
-    ratio: float = 0.5,
-    energy: float | None = None,
-    rank_multiple: int = 8,
-    include: str | None = None,
-    exclude: str | None = None,
-    embeddings: float | None = None,
-    plan: Plan | str | os.PathLike[str] | None = None,
-    min_size: int = DEFAULT_MIN_SIZE,
     stats: StatsLike | None = None,
-    external_data: bool | None = None,
-    sparse_structure: str = "column",
-    sparse_density: float = 0.05,
-    joint_qkv: bool = False,
-    allocation: str = "optimal",
-    error_scale: str = "relative",
-    min_fraction: float = 0.5,  # decompose.rank.DEFAULT_MIN_FRACTION
+    plan: Plan | str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    **overrides: Any,
 ) -> CompressResult:
     """Factorize the linear (and optionally embedding) weights of an ONNX model.
 
-    Writes ``output_path`` (external data above 2 GB or when ``external_data``) and
-    ``<output>.plan.json``. ``plan`` (a Plan or a JSON path) replaces the planner; it is validated
-    against the model. ``progress(stage, done, total)`` is called while factorizing.
-    ``allocation``, ``error_scale`` and ``min_fraction`` choose how the planner spreads the budget
-    (``planning.make_plan``, ``decompose.rank.allocate_ranks``).
-    ``joint_qkv`` plans linear weights that share an input (Q/K/V) as one joint weight with a
-    shared down-projection, which keeps ONNX Runtime's Attention fusion (``passes.joint``).
+    ``options`` (default ``CompressOptions()``: whiten at ratio 0.6) says how; keyword
+    ``overrides`` replace single options (``compress(m, out, method="svd", ratio=0.5)``) and are
+    validated like the options object. Writes ``output_path`` (external data above 2 GB or when
+    ``options.external_data``) and ``<output>.plan.json``. ``plan`` (a Plan or a JSON path;
+    default ``options.plan``) replaces the planner and is validated against the model.
+    Data-aware methods need ``stats`` (``CalibrationStats``); for whiten, drone and asvd they are
+    collected from ``data`` (texts, ``tokenizer`` folder default: the model's) when not given.
+    ``progress(stage, done, total)`` is called while factorizing.
     """
+    if overrides.get("external_data", False) is None:  # the old "auto" spelling
+        del overrides["external_data"]
+    opts = replace(options or CompressOptions(), **overrides) if overrides else options
+    opts = opts or CompressOptions()
+    if plan is None:
+        plan = opts.plan
     source, target = Path(model_path), Path(output_path)
-    if source.exists() and target.exists() and source.resolve() == target.resolve():
-        raise ConfigError(f"output {target} is the input model; choose another output path.")
-    if min_size < 0:
-        raise ConfigError(f"min size {min_size} must be non-negative.")
+    inputs = [source, *external_data_files(source), tokenizer, data]
+    inputs.append(None if plan is None or isinstance(plan, Plan) else Path(plan))
+    companions = [plan_path_for(target), target.with_name(target.name + ".data")]
+    check_output(target, inputs=inputs, overwrite=True, kind="file", companions=companions)
+    if stats is None and data is not None and plan is None:
+        stats = _collect(source, Path(data), tokenizer, opts)
+    method, min_size, joint_qkv = opts.method, opts.min_size, opts.joint_qkv
+    external_data = True if opts.external_data else None
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     model = load_model(source)
@@ -203,6 +217,11 @@ def compress(
     else:
         joint = joint_qkv and method not in ("kron", "losparse")
     analysis = analyze(model, min_size=min_size, joint=joint)
+    for found in analysis.candidates:
+        if not np.isfinite(found.matrix()).all():
+            raise ModelLoadError(
+                f"{source}: weight {found.name!r} holds NaN or Inf values; fix the model first."
+            )
     stats = joint_statistics(stats, analysis)
     seconds["load"] = time.perf_counter() - clock
     # The planner's eigendecompositions, reused for the factors (one SVD per weight, not two).
@@ -213,18 +232,18 @@ def compress(
         chosen = make_plan(
             analysis,
             method=method,
-            ratio=ratio,
-            energy=energy,
-            rank_multiple=rank_multiple,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
+            ratio=opts.ratio,
+            energy=opts.energy,
+            rank_multiple=opts.rank_multiple,
+            include=opts.include,
+            exclude=opts.exclude,
+            embeddings=opts.embeddings,
             stats=stats,
-            sparse_structure=sparse_structure,
-            sparse_density=sparse_density,
-            allocation=allocation,
-            error_scale=error_scale,
-            min_fraction=min_fraction,
+            sparse_structure=opts.sparse_structure,
+            sparse_density=opts.sparse_density,
+            allocation=opts.allocation,
+            error_scale=opts.error_scale,
+            min_fraction=opts.min_fraction,
             prepared=prepared,
         )
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
@@ -298,6 +317,3 @@ def compress(
         plan_path=plan_file,
         seconds=seconds,
     )
-
-
-make_module_callable(__name__, compress)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from factorlm.cli._models import resolve_model
+from factorlm.cli._output import console, state
+from factorlm.exporters.hf import TASKS
+
 __all__ = ["register"]
+
+ExportTask = Literal[TASKS]  # type: ignore[valid-type]
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +29,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        model_dir: Path = typer.Argument(..., help="Hugging Face model folder."),
+        model_dir: str = typer.Argument(
+            ..., help="Hugging Face model folder, or a model id in the local Hugging Face cache."
+        ),
         output: Path = typer.Option(..., "--output", "-o", help="Output folder for model.onnx."),
-        task: str = typer.Option(
-            "feature-extraction",
-            "--task",
-            help="feature-extraction | text-classification | text-generation | "
-            "text-generation-with-past",
+        task: ExportTask = typer.Option(
+            "feature-extraction", "--task", help="What the exported graph computes."
         ),
         opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: optimum's)."),
         trust_remote_code: bool = typer.Option(
@@ -46,15 +51,16 @@ def register(app: typer.Typer) -> None:
         from factorlm.exporters.hf import export as run_export
 
         result = run_export(
-            model_dir,
+            resolve_model(model_dir),
             output,
             task=task,
             opset=opset,
             trust_remote_code=trust_remote_code,
             rtol=rtol,
             overwrite=overwrite,
+            progress=not state.quiet,
         )
-        console = Console()
+        out = console()
         table = Table(title=f"{result.model} ({result.task}, opset {result.opset})")
         table.add_column("output")
         table.add_column("max |onnx - torch|", justify="right")
@@ -67,8 +73,8 @@ def register(app: typer.Typer) -> None:
                 f"{check.scale:.3g}",
                 f"{check.relative:.3g}",
             )
-        console.print(table)
-        console.print(
+        out.print(table)
+        out.print(
             f"Validated: max difference {result.max_abs_diff:.3g} "
             f"({result.max_relative:.2g} of scale, tolerance {result.rtol:g}) in {result.seconds:.1f} s."
         )

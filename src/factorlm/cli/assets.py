@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from factorlm.assets.paths import ASSET_NAMES, cache_root
+from factorlm.cli._output import console, state
 
 __all__ = ["register"]
 
@@ -36,16 +36,17 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Prepare real models and data (all-MiniLM-L6-v2, SmolLM2-135M, reviews, Austen)."""
+        from factorlm._common.outputs import check_parent
         from factorlm.assets.prepare import prepare
 
-        console = Console()
-        done = prepare(names or None, root=cache, progress=True, check=check)
+        check_parent(cache_root(cache) / "asset", what="cache folder")  # not a file, writable
+        done = prepare(names or None, root=cache, progress=not state.quiet, check=check)
         table = Table(title=f"Assets in {cache_root(cache)}")
         table.add_column("asset")
         table.add_column("path")
         table.add_column("files", justify="right")
         table.add_column("this run")
         for asset in done.values():
-            state = "prepared" if asset.built else "already there"
-            table.add_row(asset.name, str(asset.path), str(asset.files), state)
-        console.print(table)
+            status = "prepared" if asset.built else "already there"
+            table.add_row(asset.name, str(asset.path), str(asset.files), status)
+        console().print(table)

@@ -1,0 +1,500 @@
+"""Typed, frozen option objects: the one place where every option's name, default and range live.
+
+The CLI (``factorlm.cli``), the YAML config (``factorlm.pipeline.config``) and the Python API
+(``factorlm.compress(...)`` etc.) are all built on these classes, so a flag, a YAML key and a
+keyword argument cannot drift apart (``tests/test_options_parity.py`` checks it). Each field
+carries its help text and range in ``dataclasses.field(metadata=...)``:
+
+- ``help``: one line for ``--help`` and the JSON schema;
+- ``gt``/``ge``/``lt``/``le``: numeric bounds (checked when the value is not None);
+- ``choices``: the allowed strings (also the ``Literal`` type of the field);
+- ``yaml``: the dotted YAML key when it is not ``<section>.<field>``, or ``None`` when the option
+  has no YAML key (``section`` below names each class's YAML section);
+- ``cli``: False when the option has no CLI flag.
+
+Objects are validated once, in ``__post_init__``; a bad value raises ``ConfigError`` with one
+sentence naming the field and its allowed range. This module imports nothing heavy.
+"""
+
+# ruff: noqa: RUF009  (``_opt`` is dataclasses.field with metadata, evaluated once per class)
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, get_args
+
+from factorlm.errors import ConfigError
+
+__all__ = [
+    "ALLOCATIONS",
+    "BACKENDS",
+    "BENCH_BACKENDS",
+    "CLOCKS",
+    "DATA_AWARE_METHODS",
+    "ENGINE_FORMATS",
+    "ERROR_SCALES",
+    "FISHER_TASKS",
+    "INT8_WEIGHT_TYPES",
+    "LOWRANK_METHODS",
+    "METHODS",
+    "OPT_LEVELS",
+    "RECOVER_METHODS",
+    "REGRESSION_BASES",
+    "SPARSE_STRUCTURES",
+    "TASKS",
+    "Allocation",
+    "Backend",
+    "BenchBackend",
+    "BenchOptions",
+    "BuildOptions",
+    "Clock",
+    "CompressOptions",
+    "EngineFormat",
+    "ErrorScale",
+    "FisherTask",
+    "Int8WeightType",
+    "Method",
+    "OptLevel",
+    "RecoverMethod",
+    "RecoverOptions",
+    "RegressionBasis",
+    "SparseStructure",
+    "Task",
+    "option_fields",
+    "replace",
+]
+
+logger = logging.getLogger(__name__)
+
+# --- enumerations: the Literal type and its tuple of values ------------------------------------
+
+Method = Literal["svd", "whiten", "drone", "asvd", "fwsvd", "kron", "losparse"]
+METHODS: tuple[str, ...] = get_args(Method)
+#: The plain low-rank methods (``factorlm.decompose.methods.METHODS`` holds the same five).
+LOWRANK_METHODS: tuple[str, ...] = ("svd", "whiten", "drone", "asvd", "fwsvd")
+#: THE data-aware methods: method -> the calibration statistic it needs (CalibrationStats field).
+#: ``fisher`` comes from the PyTorch model's gradients (labels or the causal-LM loss), the others
+#: from ONNX Runtime activation capture.
+DATA_AWARE_METHODS: Mapping[str, str] = {
+    "whiten": "gram",
+    "drone": "gram",
+    "asvd": "mean_abs",
+    "fwsvd": "fisher",
+}
+Allocation = Literal["optimal", "lagrangian", "greedy", "uniform"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+ErrorScale = Literal["relative", "absolute"]
+ERROR_SCALES: tuple[str, ...] = get_args(ErrorScale)
+SparseStructure = Literal["column", "unstructured", "2:4"]
+SPARSE_STRUCTURES: tuple[str, ...] = get_args(SparseStructure)
+FisherTask = Literal["auto", "classification", "lm"]
+FISHER_TASKS: tuple[str, ...] = get_args(FisherTask)
+Backend = Literal["ort", "tensorrt"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BenchBackend = Literal["auto", "ort", "tensorrt"]
+BENCH_BACKENDS: tuple[str, ...] = get_args(BenchBackend)
+EngineFormat = Literal["onnx", "ort"]
+ENGINE_FORMATS: tuple[str, ...] = get_args(EngineFormat)
+Int8WeightType = Literal["uint8", "int8"]
+INT8_WEIGHT_TYPES: tuple[str, ...] = get_args(Int8WeightType)
+Task = Literal["auto", "classification", "perplexity", "similarity", "none"]
+TASKS: tuple[str, ...] = get_args(Task)
+OptLevel = Literal["disable", "basic", "extended", "layout", "all"]
+OPT_LEVELS: tuple[str, ...] = get_args(OptLevel)
+RegressionBasis = Literal["reference", "absolute"]
+REGRESSION_BASES: tuple[str, ...] = get_args(RegressionBasis)
+RecoverMethod = Literal["distill", "losparse", "dsee", "kron-kd", "safe"]
+RECOVER_METHODS: tuple[str, ...] = get_args(RecoverMethod)
+Clock = Literal["wall", "cpu"]
+CLOCKS: tuple[str, ...] = get_args(Clock)
+
+_SHAPE = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
+
+
+def _opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = dataclasses.MISSING,
+    **meta: Any,
+) -> Any:
+    """A dataclass field whose metadata holds its help text, range, choices and YAML/CLI names."""
+    metadata = {"help": help, **meta}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    low = f"> {meta['gt']}" if "gt" in meta else f">= {meta['ge']}" if "ge" in meta else ""
+    high = f"< {meta['lt']}" if "lt" in meta else f"<= {meta['le']}" if "le" in meta else ""
+    return " and ".join(part for part in (low, high) if part)
+
+
+def _check_field(owner: str, name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Raise ConfigError when ``value`` is outside the field's choices or bounds."""
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{owner} option '{name}' is {value!r}; choose one of {', '.join(map(str, choices))}."
+        )
+    if any(k in meta for k in ("gt", "ge", "lt", "le")):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise ConfigError(f"{owner} option '{name}' must be a number, not {value!r}.")
+        ok = (
+            ("gt" not in meta or value > meta["gt"])
+            and ("ge" not in meta or value >= meta["ge"])
+            and ("lt" not in meta or value < meta["lt"])
+            and ("le" not in meta or value <= meta["le"])
+        )
+        if not ok:
+            raise ConfigError(
+                f"{owner} option '{name}' is {value!r}; it must be {_range_text(meta)}."
+            )
+
+
+class _Options:
+    """Shared validation: choices and bounds from field metadata, then the class's own checks."""
+
+    #: The YAML section that holds this class's keys by default.
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        owner = type(self).section or type(self).__name__
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # keep the object hashable and truly frozen
+                object.__setattr__(self, f.name, tuple(value))
+            elif isinstance(value, str) and f.type in ("Path | None", "Path"):
+                object.__setattr__(self, f.name, Path(value))
+            _check_field(owner, f.name, value, f.metadata)
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that involve more than one field (overridden by subclasses)."""
+
+
+_T = TypeVar("_T", bound=_Options)
+
+
+def replace(options: _T, **changes: Any) -> _T:
+    """``dataclasses.replace`` with a one-sentence error for an unknown option name."""
+    names = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{type(options).__name__} has no option '{unknown[0]}'{hint}")
+    return dataclasses.replace(options, **changes)  # type: ignore[type-var]
+
+
+def option_fields(cls: type[_Options]) -> list[dataclasses.Field[Any]]:
+    """The fields of an options class (for the CLI, the YAML config and the parity test)."""
+    return list(dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CompressOptions(_Options):
+    """How ``compress`` plans and factorizes: method, budget, targets and calibration."""
+
+    section: ClassVar[str] = "compress"
+
+    method: Method = _opt(
+        "whiten",
+        "Factorization method; whiten, drone, asvd and fwsvd need calibration data.",
+        choices=METHODS,
+    )
+    ratio: float = _opt(
+        0.6, "Fraction of the targeted linear parameters kept (0 < ratio < 1).", gt=0.0, lt=1.0
+    )
+    energy: float | None = _opt(
+        None, "Keep this share of each weight's spectral energy instead of a ratio.", gt=0.0, le=1.0
+    )
+    rank_multiple: int = _opt(8, "Round every rank to this multiple.", ge=1)
+    allocation: Allocation = _opt(
+        "optimal", "How the ratio is spread over the weights.", choices=ALLOCATIONS
+    )
+    error_scale: ErrorScale = _opt(
+        "relative",
+        "Whether the allocation weighs each weight's error relative to its norm or absolute.",
+        choices=ERROR_SCALES,
+    )
+    min_fraction: float = _opt(
+        0.5,
+        "No factorized weight below this fraction of its break-even rank (lowered if needed).",
+        ge=0.0,
+        le=1.0,
+    )
+    include: str | None = _opt(None, "Regex on initializer or node names to target.")
+    exclude: str | None = _opt(None, "Regex on initializer or node names to skip.")
+    embeddings: float | None = _opt(
+        None, "Parameter ratio for the token embeddings (unset: left dense).", gt=0.0, lt=1.0
+    )
+    min_size: int = _opt(4096, "Smallest matrix (elements) worth factorizing.", ge=0)
+    joint_qkv: bool = _opt(
+        True, "Q/K/V share one down-projection so ONNX Runtime keeps its Attention fusion."
+    )
+    plan: Path | None = _opt(None, "Apply this (edited) plan JSON instead of planning.")
+    sparse_structure: SparseStructure = _opt(
+        "column", "losparse: structure of the sparse part.", choices=SPARSE_STRUCTURES
+    )
+    sparse_density: float = _opt(
+        0.05, "losparse: density of the sparse part (below ratio).", ge=0.0, lt=1.0
+    )
+    external_data: bool = _opt(
+        False, "Write the weights to OUT.onnx.data (always done above 2 GB).", yaml=None
+    )
+    calibration_samples: int = _opt(
+        256, "Calibration texts used for the statistics.", ge=1, yaml="data.calibration_samples"
+    )
+    max_length: int = _opt(128, "Tokens per calibration text.", ge=8, yaml="calibration.max_length")
+    batch_size: int = _opt(16, "Calibration batch size.", ge=1, yaml="calibration.batch_size")
+    text_column: str = _opt("text", "Text column of the data file.", yaml="data.text_column")
+    label_column: str | None = _opt(
+        "label",
+        "Label column of the data file (fwsvd's Fisher on a classifier).",
+        yaml="data.label_column",
+    )
+    fisher_task: FisherTask = _opt(
+        "auto",
+        "fwsvd: the loss whose gradients give the Fisher (auto: labels for a classifier, "
+        "next-token loss for a causal LM).",
+        choices=FISHER_TASKS,
+        yaml="calibration.fisher_task",
+    )
+
+    def _check(self) -> None:
+        if self.method == "losparse" and not self.sparse_density < self.ratio:
+            raise ConfigError(
+                f"compress option 'sparse_density' is {self.sparse_density!r}; "
+                f"it must be below ratio {self.ratio!r}."
+            )
+        for name in ("include", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"compress option '{name}' is not a valid regular expression ({exc})."
+                    ) from None
+
+    @property
+    def needs_statistics(self) -> str | None:
+        """The calibration statistic the method needs (None: data-free or a given plan)."""
+        return DATA_AWARE_METHODS.get(self.method) if self.plan is None else None
+
+
+@dataclass(frozen=True)
+class BuildOptions(_Options):
+    """How ``build`` turns an ONNX model into an engine folder (ONNX Runtime or TensorRT)."""
+
+    section: ClassVar[str] = "build"
+    #: Options that only one backend understands, with the value that means "not set".
+    _ORT_ONLY: ClassVar[dict[str, Any]] = {
+        "optimize": True,
+        "model_type": None,
+        "format": "onnx",
+        "providers": (),
+        "int8_weight_type": "uint8",
+        "fuse_factors": True,
+    }
+    _TRT_ONLY: ClassVar[dict[str, Any]] = {
+        "bf16": False,
+        "shapes": (),
+        "calibration": None,
+        "sparse": False,
+        "timing_cache": True,
+        "workspace_gib": None,
+    }
+
+    backend: Backend = _opt("ort", "Engine backend.", choices=BACKENDS)
+    optimize: bool = _opt(True, "ORT: graph and transformer fusions.")
+    int8: bool = _opt(False, "ORT: dynamic quantization; TensorRT: Q/DQ or a calibration file.")
+    fp16: bool = _opt(False, "Half precision (ORT or TensorRT).")
+    format: EngineFormat = _opt(
+        "onnx", "ORT: engine file format (ort: edge).", choices=ENGINE_FORMATS
+    )
+    providers: tuple[str, ...] = _opt(
+        factory=tuple,
+        help="ORT: execution providers in order, e.g. cuda,cpu (default cpu).",
+        yaml=None,
+    )
+    model_type: str | None = _opt(
+        None, "ORT: bert | gpt2 | llama | none (default: detect).", yaml=None
+    )
+    int8_weight_type: Int8WeightType = _opt(
+        "uint8",
+        "ORT int8: weight type (uint8 is safe on AVX2).",
+        choices=INT8_WEIGHT_TYPES,
+        yaml=None,
+    )
+    fuse_factors: bool = _opt(True, "ORT: keep Attention fusions for factorized Q/K/V.", yaml=None)
+    bf16: bool = _opt(False, "TensorRT: allow bfloat16 kernels.", yaml=None)
+    shapes: tuple[str, ...] = _opt(
+        factory=tuple,
+        help="TensorRT: optimization profiles name:min,opt,max, e.g. input_ids:1x16,8x128,32x512.",
+        yaml=None,
+    )
+    calibration: Path | None = _opt(
+        None, "TensorRT: .npz of input arrays for INT8 calibration.", yaml=None
+    )
+    sparse: bool = _opt(False, "TensorRT: use 2:4 sparse weights.", yaml=None)
+    timing_cache: bool = _opt(
+        True, "TensorRT: reuse a timing cache in the cache folder.", yaml=None
+    )
+    workspace_gib: float | None = _opt(
+        None, "TensorRT: workspace memory limit in GiB.", gt=0.0, yaml=None
+    )
+
+    def _check(self) -> None:
+        other, unset = (
+            ("tensorrt", self._TRT_ONLY) if self.backend == "ort" else ("ort", self._ORT_ONLY)
+        )
+        for name, default in unset.items():
+            if getattr(self, name) != default:
+                raise ConfigError(
+                    f"build option '{name}' applies to the {other} backend only, "
+                    f"not to {self.backend}."
+                )
+
+
+@dataclass(frozen=True)
+class BenchOptions(_Options):
+    """How ``benchmark`` measures latency, fidelity and a task, and which goals gate it."""
+
+    section: ClassVar[str] = "benchmark"
+
+    shapes: tuple[str, ...] = _opt(
+        factory=tuple,
+        help="BATCHxSEQUENCE grid points, e.g. 1x128 8x128; empty: batch 1 and 8 at sequence "
+        "128 where the model's axes are free.",
+    )
+    task: Task = _opt(
+        "auto",
+        "Task metric (auto: classification with a label column, perplexity without, none "
+        "without data).",
+        choices=TASKS,
+    )
+    warmup: int = _opt(5, "Warm-up rounds per shape.", ge=0)
+    iterations: int = _opt(30, "Alternating timed rounds per shape.", ge=3)
+    seed: int = _opt(0, "Seed of inputs, data sampling and bootstrap.", yaml=None)
+    confidence: float = _opt(
+        0.95, "Confidence level of the intervals.", ge=0.5, lt=1.0, yaml=None, cli=False
+    )
+    backend: BenchBackend = _opt(
+        "auto", "Runner backend (auto: from the engine folder).", choices=BENCH_BACKENDS, yaml=None
+    )
+    providers: tuple[str, ...] = _opt(
+        factory=tuple, help="ONNX Runtime execution providers in order (default cpu).", yaml=None
+    )
+    threads: int = _opt(0, "ONNX Runtime intra-op threads; 0: ORT's default.", ge=0, yaml=None)
+    graph_optimization_level: OptLevel = _opt(
+        "all", "ONNX Runtime graph optimization level.", choices=OPT_LEVELS, yaml=None
+    )
+    tokenizer: Path | None = _opt(
+        None, "Tokenizer folder (default: the model's folder).", yaml=None
+    )
+    text_column: str = _opt("text", "Text column of the data file.", yaml=None)
+    label_column: str | None = _opt("label", "Label column of the data file.", yaml=None)
+    labels: tuple[str, ...] | None = _opt(None, "Keep only rows with these labels.", yaml=None)
+    max_samples: int | None = _opt(
+        2000, "Rows sampled (seeded) from the data; unset: all.", ge=1, yaml=None
+    )
+    skip_rows: int = _opt(0, "Skip the data file's first rows.", ge=0, yaml=None)
+    max_length: int = _opt(128, "Tokens per text.", ge=1, yaml=None)
+    batch_size: int = _opt(32, "Texts per inference batch.", ge=1, yaml=None, cli=False)
+    folds: int = _opt(
+        5, "Classification: cross-fitting folds of the linear probe.", ge=2, yaml=None, cli=False
+    )
+    bootstrap_resamples: int = _opt(
+        2000, "Paired bootstrap resamples of the accuracy drop.", ge=100, yaml=None, cli=False
+    )
+    window: int = _opt(512, "Perplexity window in tokens.", ge=2, yaml=None)
+    stride: int | None = _opt(None, "Perplexity stride (default: the window).", ge=1, yaml=None)
+    max_windows: int | None = _opt(8, "Perplexity windows scored; unset: all.", ge=1, yaml=None)
+    goals_file: Path | None = _opt(None, "YAML file of goals.", yaml=None)
+    max_accuracy_drop: float | None = _opt(
+        None,
+        "Goal: largest accuracy drop in points (perplexity: percent).",
+        ge=0.0,
+        yaml="benchmark.goals.max_accuracy_drop",
+    )
+    min_speedup: float | None = _opt(
+        None, "Goal: smallest median speedup, e.g. 1.5.", gt=0.0, yaml="benchmark.goals.min_speedup"
+    )
+    max_fidelity_loss: float | None = _opt(
+        None,
+        "Goal: largest 1 - cosine on any output.",
+        ge=0.0,
+        le=2.0,
+        yaml="benchmark.goals.max_fidelity_loss",
+    )
+    baseline: Path | None = _opt(None, "Stored report.json to gate latency regressions against.")
+    max_regression: float | None = _opt(
+        None, "Allowed latency regression vs the baseline in percent (default 5).", ge=0.0
+    )
+    regression_basis: RegressionBasis = _opt(
+        "reference",
+        "reference: the candidate/reference ratio; absolute: milliseconds.",
+        choices=REGRESSION_BASES,
+        yaml=None,
+    )
+
+    def _check(self) -> None:
+        for shape in self.shapes:
+            if not _SHAPE.match(str(shape).lower()):
+                raise ConfigError(
+                    f"benchmark option 'shapes' has {shape!r}; write BATCHxSEQUENCE, e.g. 8x128."
+                )
+
+
+@dataclass(frozen=True)
+class RecoverOptions(_Options):
+    """How ``recover`` distils the factorized PyTorch model back towards the original."""
+
+    section: ClassVar[str] = "recover"
+
+    method: RecoverMethod = _opt(
+        "distill",
+        "Recovery method (YAML: unset skips recovery).",
+        choices=RECOVER_METHODS,
+        yaml_optional=True,
+    )
+    steps: int = _opt(300, "Training steps: the schedule's horizon (warm-up, phases, decay).", ge=1)
+    time_budget_s: float | None = _opt(
+        None, "A hard cap on training seconds; may stop before 'steps'.", gt=0.0
+    )
+    clock: Clock = _opt(
+        "wall", "What time_budget_s counts: elapsed or process CPU seconds.", choices=CLOCKS
+    )
+    lr: float = _opt(1e-4, "Peak learning rate (AdamW).", gt=0.0)
+    feature_fraction: float = _opt(
+        0.5, "Share of steps in feature distillation, then output distillation.", ge=0.0, le=1.0
+    )
+    temperature: float = _opt(2.0, "Temperature of the logit KL.", gt=0.0)
+    lm_weight: float = _opt(0.0, "Causal LM only: weight of the next-token loss.", ge=0.0)
+    batch_size: int = _opt(16, "Texts per step.", ge=1)
+    max_samples: int | None = _opt(None, "Use at most this many distillation texts.", ge=1)
+    seed: int = _opt(0, "Seed of data order and initialisation.")
+    max_length: int = _opt(128, "Tokens per text.", ge=8, yaml="calibration.max_length")
+    calibration_samples: int = _opt(
+        256,
+        "Texts for the statistics of a data-aware plan when none are given.",
+        ge=1,
+        yaml="data.calibration_samples",
+    )
+    text_column: str = _opt("text", "Text column of the data file.", yaml="data.text_column")
+    checkpoint_every: int = _opt(50, "Steps between checkpoints.", ge=1, yaml=None)
+    threads: int | None = _opt(
+        None, "PyTorch threads for training (1 is fastest on a busy CPU).", ge=1, yaml=None
+    )
