@@ -54,7 +54,7 @@ def environment_lines(load_before: str, load_after: str, *, cpu_note: str = "") 
 
     ``cpu_note`` is appended to the machine line (e.g. ``"; fp16 arithmetic on this CPU: no"``).
     """
-    from factorlm.benchmark.latency import environment_info
+    from factorlm.bench.latency import environment_info
 
     env = environment_info()
     return [
@@ -89,7 +89,7 @@ def alternate(
     rng: np.random.Generator,
 ) -> dict[K, np.ndarray]:
     """Per-round seconds of every runner, all alternated in random order each round."""
-    from factorlm.benchmark.latency import measure_alternating
+    from factorlm.bench.latency import measure_alternating
 
     keys = list(runners)
     times = measure_alternating(

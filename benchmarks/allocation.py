@@ -138,9 +138,9 @@ def evaluate(
     under ``"task"``.
     """
     from factorlm._common.text import TextTokenizer
-    from factorlm.benchmark.accuracy import FidelityAccumulator
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import classification_task, load_dataset
+    from factorlm.bench.accuracy import FidelityAccumulator
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import classification_task, load_dataset
 
     tok = TextTokenizer(tokenizer_dir)
     dataset = load_dataset(heldout, labels=["fresh", "rotten"])

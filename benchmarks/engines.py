@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from factorlm.assets import exported_minilm
-    from factorlm.benchmark.latency import latency_summary, speedup_interval
-    from factorlm.benchmark.runners import OrtRunner
+    from factorlm.bench.latency import latency_summary, speedup_interval
+    from factorlm.bench.runners import OrtRunner
     from factorlm.compression import compress
     from factorlm.exporters.fusions import lost_fusions
 

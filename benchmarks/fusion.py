@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from factorlm.assets import exported_minilm, reviews_path
-    from factorlm.benchmark.latency import latency_summary, speedup_interval
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import classification_task, load_dataset, load_tokenizer
+    from factorlm.bench.latency import latency_summary, speedup_interval
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import classification_task, load_dataset, load_tokenizer
     from factorlm.calibration import collect_statistics
     from factorlm.compression import compress
     from factorlm.exporters.fusions import lost_fusions

@@ -92,7 +92,7 @@ def uptime() -> str:
 
 
 def machine() -> dict[str, Any]:
-    from factorlm.benchmark.latency import environment_info
+    from factorlm.bench.latency import environment_info
 
     info = environment_info()
     info["git_commit"] = subprocess.run(
@@ -129,7 +129,7 @@ def compress_point(
 ) -> dict[str, Any]:
     """``compress`` one (method, ratio) point; the record of what it did."""
     from factorlm._common.files import copy_sidecars
-    from factorlm.benchmark.quality import kept_linear_ratio
+    from factorlm.bench.quality import kept_linear_ratio
     from factorlm.compression import compress
 
     if out_dir.exists():
@@ -194,7 +194,7 @@ def recover_point(
     take that plan (joint Q/K/V), the same budget is planned again with separate Q/K/V and the
     row says so.
     """
-    from factorlm.benchmark.quality import DATA_AWARE_METHODS
+    from factorlm.bench.quality import DATA_AWARE_METHODS
     from factorlm.errors import ConfigError
     from factorlm.recovery import recover
 
@@ -286,7 +286,7 @@ def _reviews() -> list[dict[str, Any]]:
 
 
 def _embed(runner: Any, tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
-    from factorlm.benchmark.tasks import embed_texts
+    from factorlm.bench.tasks import embed_texts
 
     vectors, _ = embed_texts([runner], tokenizer, texts, batch_size=32, max_length=MINILM_SEQ)
     return vectors[0]
@@ -310,8 +310,8 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
 
     from factorlm._common.text import TextTokenizer
     from factorlm.assets import exported_minilm, minilm_dir, reviews_path
-    from factorlm.benchmark.accuracy import paired_bootstrap_drop
-    from factorlm.benchmark.runners import OrtRunner
+    from factorlm.bench.accuracy import paired_bootstrap_drop
+    from factorlm.bench.runners import OrtRunner
     from factorlm.calibration import collect_fisher, collect_statistics
     from factorlm.exporters.ort import build_ort_engine
 
@@ -480,9 +480,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
 
 def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
     """All engines alternated in random order every round; speedups paired with the original."""
-    from factorlm.benchmark.latency import measure_alternating, speedup_interval
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import token_feeds
+    from factorlm.bench.latency import measure_alternating, speedup_interval
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import token_feeds
 
     names = list(engines)
     runners = [OrtRunner(engines[n], name=n, intra_op_threads=1) for n in names]
@@ -556,9 +556,9 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from factorlm.assets import smollm_dir
-    from factorlm.benchmark.latency import measure_alternating, speedup_interval
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import token_feeds, window_nll
+    from factorlm.bench.latency import measure_alternating, speedup_interval
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import token_feeds, window_nll
     from factorlm.calibration import collect_fisher, collect_statistics
 
     load_before = uptime()
@@ -706,7 +706,7 @@ def _fmt_speed(point: dict[str, Any]) -> str:
 
 
 def orderings(section: dict[str, Any], key: str, higher: bool) -> list[dict[str, Any]]:
-    from factorlm.benchmark.quality import method_ordering
+    from factorlm.bench.quality import method_ordering
 
     out = []
     budgets = sorted({p["budget"] for p in section["points"]}, reverse=True)
@@ -722,7 +722,7 @@ def orderings(section: dict[str, Any], key: str, higher: bool) -> list[dict[str,
 
 
 def markdown(results: dict[str, Any]) -> str:
-    from factorlm.benchmark.quality import best_under
+    from factorlm.bench.quality import best_under
 
     lines = ["# Quality vs speed of every factorization method", ""]
     lines += [

@@ -5,7 +5,7 @@
 Data (the shuffled reviews asset): rows [0, 256) calibrate the statistics of the data-aware
 plans; rows [0, distill_rows) are the unlabelled distillation texts; the held-out rows start at
 ``heldout_start`` (fresh/rotten only, ``heldout`` of them), disjoint from both. On the held-out
-rows the benchmark's probe (``factorlm.benchmark.tasks.classification_task``: logistic regression
+rows the benchmark's probe (``factorlm.bench.tasks.classification_task``: logistic regression
 trained on the *original's* embeddings of one half, every model evaluated on the other half)
 gives accuracy, and the mean cosine of mean-pooled embeddings against the original gives
 fidelity. Every model is run as ONNX by ONNX Runtime, the recovered one as exported.
@@ -244,8 +244,8 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     from factorlm._common.files import copy_sidecars
     from factorlm.assets import smollm_dir
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import window_nll
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import window_nll
     from factorlm.calibration import collect_statistics
     from factorlm.compression import compress
     from factorlm.recovery import recover

@@ -41,3 +41,39 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     BertForSequenceClassification(config).eval().save_pretrained(folder)
     return write_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with its LM head tied to the
+    input embedding (as in SmolLM2), saved in HF format with the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama-hf")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return write_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_past(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """``tiny_llama_dir`` exported with past (text-generation-with-past): the model.onnx path."""
+    from factorlm.exporters.hf import export
+
+    out = tmp_path_factory.mktemp("tiny-llama-past") / "onnx"
+    export(tiny_llama_dir, out, task="text-generation-with-past", progress=False)
+    return out / "model.onnx"

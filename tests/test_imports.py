@@ -30,11 +30,7 @@ LEAVES = frozenset({"errors", "_common", "options"})
 
 #: Known package edges that close a cycle, (importer, imported) -> owner and plan.
 #: Remove an entry when its owner breaks the edge; the lead empties this list at the end.
-ALLOWED_PACKAGE_EDGES: dict[tuple[str, str], str] = {
-    # D1: pipeline/run.py imports the verbs (recover, build) from factorlm/__init__.py, which
-    # imports pipeline; import them from their stage modules instead.
-    ("pipeline", "factorlm"): "D1",
-}
+ALLOWED_PACKAGE_EDGES: dict[tuple[str, str], str] = {}
 
 #: Known module edges that close a cycle inside one package, (importer, imported) -> owner.
 ALLOWED_MODULE_EDGES: dict[tuple[str, str], str] = {}

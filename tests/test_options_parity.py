@@ -141,7 +141,7 @@ def test_the_config_turns_back_into_the_options() -> None:
     assert (compress.method, compress.ratio, compress.max_length) == ("svd", 0.4, 64)
     recover = config.options(RecoverOptions)
     assert (recover.method, recover.steps, recover.max_length) == ("distill", 12, 64)
-    assert config.options(BuildOptions) == BuildOptions()
+    assert config.options(BuildOptions) == BuildOptions(max_length=64)  # shared calibration key
 
 
 def test_decided_defaults() -> None:
@@ -152,8 +152,8 @@ def test_decided_defaults() -> None:
 
 
 def test_enumerations_elsewhere_agree_with_options() -> None:
-    from factorlm.benchmark import quality
-    from factorlm.benchmark.tasks import TASKS as BENCH_TASKS
+    from factorlm.bench import quality
+    from factorlm.bench.tasks import TASKS as BENCH_TASKS
     from factorlm.calibration.fisher import FISHER_TASKS
     from factorlm.decompose.methods import METHODS as DECOMPOSE_METHODS
     from factorlm.decompose.rank import STRATEGIES
@@ -185,8 +185,10 @@ def test_data_aware_methods_are_defined_once() -> None:
     owners = sorted(
         str(p.relative_to(root)) for p in root.rglob("*.py") if pattern.search(p.read_text())
     )
-    # planning/schema.py keeps its own table until planning imports options (owner: A).
-    assert set(owners) <= {"options.py", "planning/schema.py"}, owners
+    assert owners == ["options.py"], owners
+    from factorlm.planning import DATA_AWARE
+
+    assert DATA_AWARE is factorlm.options.DATA_AWARE_METHODS
 
 
 # --- the CLI half: flags generated or written by hand must agree with the fields --------------

@@ -35,15 +35,15 @@ def _commands(block: str) -> list[str]:
 def test_readme_starts_with_what_it_is_then_the_two_setup_commands() -> None:
     assert README.startswith("# factorlm\n\nfactorlm compresses pretrained transformer")
     setup, tests = _blocks()[:2]
-    assert "pip install -c constraints-cpu.txt -e ." in setup and "factorlm run" in setup
-    assert "-e '.[dev]'" in tests and "pytest" in tests
+    assert "pip install -c constraints-cpu.txt -e '.[cpu]'" in setup and "factorlm run" in setup
+    assert "-e '.[cpu,dev]'" in tests and "pytest" in tests
 
 
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     test_command = _blocks()[1]
     for step in (
-        "pip install -c constraints-cpu.txt -e '.[dev]'",
+        "pip install -c constraints-cpu.txt -e '.[cpu,dev]'",
         "factorlm assets minilm reviews austen",
         "-m pytest -q",
     ):

@@ -1,7 +1,7 @@
 """The tiny word-level vocabulary and tokenizer the test models share.
 
 A plain module (not conftest.py) so test files can import it: ``from conftest import ...``
-resolves to whichever conftest.py pytest loaded last (tests/benchmark/ has its own).
+resolves to whichever conftest.py pytest loaded last (tests/bench/ has its own).
 """
 
 from __future__ import annotations

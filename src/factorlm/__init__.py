@@ -6,18 +6,13 @@ The Python API mirrors the CLI one to one, as plain typed functions: ``export``,
 the function body, so ``import factorlm`` stays cheap (no torch, no onnxruntime until a verb is
 used).
 
-``factorlm.benchmark`` is the function; the package of the same name stays importable
-(``from factorlm.benchmark import run_benchmark``). The import system binds a subpackage to its
-parent's attribute whenever it is imported, so this module's class keeps the function there
-(``_Package`` below); use ``from factorlm.benchmark import ...`` rather than
-``import factorlm.benchmark as ...`` to reach the package.
+``factorlm.benchmark`` is the function; its machinery is the package ``factorlm.bench`` (a
+different name, so importing the package never rebinds the function).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +23,11 @@ from factorlm.options import (
     BuildOptions,
     CompressOptions,
     RecoverOptions,
-    replace,
 )
 
 if TYPE_CHECKING:
-    from factorlm.benchmark.goals import Goal
-    from factorlm.benchmark.report import Report
+    from factorlm.bench.goals import Goal
+    from factorlm.bench.report import Report
     from factorlm.compression import CompressResult
     from factorlm.exporters.hf import ExportResult
     from factorlm.exporters.ort import EngineManifest
@@ -54,6 +48,7 @@ __all__ = [
     "build",
     "compress",
     "export",
+    "generate",
     "recover",
     "run",
 ]
@@ -123,6 +118,8 @@ def build(
     options: BuildOptions | None = None,
     *,
     reference: PathLike | None = None,
+    data: PathLike | Sequence[str] | None = None,
+    tokenizer: PathLike | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     **overrides: Any,
@@ -130,45 +127,21 @@ def build(
     """Build an engine folder (ONNX Runtime or TensorRT) with a manifest, like ``factorlm build``.
 
     ``reference`` (ORT): the original model, to warn about a fusion the engine lost against it.
+    ``data`` (ORT static int8): calibration texts, a file or a list; ``tokenizer``: its folder
+    (default: next to the model).
     """
-    opts = options or BuildOptions()
-    if overrides:
-        opts = replace(opts, **overrides)
-    if opts.backend == "tensorrt":
-        if reference is not None:
-            raise ConfigError("build option 'reference' applies to the ort backend only.")
-        from factorlm.exporters.tensorrt import build_trt_engine
+    from factorlm.exporters.engine import build_engine
 
-        return build_trt_engine(
-            model,
-            out_dir,
-            shapes=list(opts.shapes) or None,
-            fp16=opts.fp16,
-            bf16=opts.bf16,
-            int8=opts.int8,
-            calibration=opts.calibration,
-            sparse=opts.sparse,
-            timing_cache=None if opts.timing_cache else False,
-            workspace_gib=opts.workspace_gib,
-            overwrite=overwrite,
-            progress=progress,
-        )
-    from factorlm.exporters.ort import build_ort_engine
-
-    return build_ort_engine(
+    return build_engine(
         model,
         out_dir,
-        optimize=opts.optimize,
-        model_type=opts.model_type,
-        fp16=opts.fp16,
-        int8=opts.int8,
-        format=opts.format,
-        providers=list(opts.providers) or None,
-        int8_weight_type=opts.int8_weight_type,
-        fuse_factors=opts.fuse_factors,
+        options,
         reference=reference,
+        data=data,
+        tokenizer=tokenizer,
         overwrite=overwrite,
         progress=progress,
+        **overrides,
     )
 
 
@@ -185,7 +158,7 @@ def benchmark(
 ) -> Report:
     """Latency, fidelity, task metric and goals of candidates against a reference, like
     ``factorlm bench``; ``Report.write(folder)`` writes it, ``Report.passed`` gates CI."""
-    from factorlm.benchmark.run import run_benchmark
+    from factorlm.bench.run import run_benchmark
 
     return run_benchmark(
         Path(reference),
@@ -196,6 +169,37 @@ def benchmark(
         baseline=baseline if baseline is None or isinstance(baseline, Mapping) else Path(baseline),
         progress=progress,
         **overrides,
+    )
+
+
+def generate(
+    model: PathLike,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    *,
+    tokenizer: PathLike | None = None,
+    stop_at_eos: bool = True,
+    max_length: int = 1024,
+    providers: Sequence[str] | None = None,
+    threads: int = 0,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` by a decoder exported with its KV cache
+    (``text-generation-with-past``): an export folder, engine folder or .onnx/.ort file run with
+    ONNX Runtime. Returns one text per prompt, without the prompt; stops at the model's EOS token
+    unless ``stop_at_eos=False``. Prompts are cut to their first ``max_length`` tokens."""
+    from factorlm.bench.generation import generate_texts
+
+    if isinstance(prompts, str):
+        raise ConfigError("generate() takes a list of prompts; wrap a single prompt in a list.")
+    return generate_texts(
+        Path(model),
+        list(prompts),
+        max_new_tokens=max_new_tokens,
+        tokenizer=Path(tokenizer) if tokenizer is not None else None,
+        stop_at_eos=stop_at_eos,
+        max_length=max_length,
+        providers=providers,
+        threads=threads,
     )
 
 
@@ -217,19 +221,13 @@ def recover(
 ) -> RecoveryResult:
     """Distil the factorized PyTorch model towards the original and export it, like
     ``factorlm recover``; ``out_dir/model.onnx`` is ready for ``build``."""
-    import dataclasses
-
     from factorlm.recovery import recover as _recover
 
-    opts = options or RecoverOptions()
-    if overrides:
-        opts = replace(opts, **overrides)
-    values = dataclasses.asdict(opts)
-    values["calib_samples"] = values.pop("calibration_samples")
     return _recover(
         Path(model_dir),
         plan if not isinstance(plan, str | os.PathLike) else Path(plan),
         Path(out_dir),
+        options,
         data=data if isinstance(data, Sequence) and not isinstance(data, str) else Path(data),
         onnx_model=Path(onnx_model) if onnx_model is not None else None,
         stats=stats,
@@ -238,7 +236,7 @@ def recover(
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
         overwrite=overwrite,
         progress=progress,
-        **values,
+        **overrides,
     )
 
 
@@ -273,15 +271,3 @@ def run(
     if overrides:
         resolved = parse_config({**resolved.model_dump(mode="json"), **overrides})
     return run_pipeline(resolved, force=force)
-
-
-class _Package(types.ModuleType):
-    """Keeps the API verb ``benchmark`` when the import system binds the subpackage of that name."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "benchmark" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from factorlm._common.outputs import clean_stale, make_stage
 from factorlm._common.userfiles import check_onnx_model
 from factorlm.errors import ModelLoadError
 
@@ -156,7 +156,8 @@ def save_model(
     if external_data is None:
         external_data = model_data_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    clean_stale(folder, path.name)  # the stage of a killed earlier save
+    staging = make_stage(folder, path.name, "save")
     try:
         staged = staging / path.name
         if external_data:

@@ -39,9 +39,11 @@ __all__ = [
     "ENGINE_FORMATS",
     "ERROR_SCALES",
     "FISHER_TASKS",
+    "INT8_MODES",
     "INT8_WEIGHT_TYPES",
     "LOWRANK_METHODS",
     "METHODS",
+    "MODEL_TYPE_CHOICES",
     "OPT_LEVELS",
     "RECOVER_METHODS",
     "REGRESSION_BASES",
@@ -57,6 +59,7 @@ __all__ = [
     "EngineFormat",
     "ErrorScale",
     "FisherTask",
+    "Int8Mode",
     "Int8WeightType",
     "Method",
     "OptLevel",
@@ -102,7 +105,9 @@ EngineFormat = Literal["onnx", "ort"]
 ENGINE_FORMATS: tuple[str, ...] = get_args(EngineFormat)
 Int8WeightType = Literal["uint8", "int8"]
 INT8_WEIGHT_TYPES: tuple[str, ...] = get_args(Int8WeightType)
-Task = Literal["auto", "classification", "perplexity", "similarity", "none"]
+Int8Mode = Literal["dynamic", "static"]
+INT8_MODES: tuple[str, ...] = get_args(Int8Mode)
+Task = Literal["auto", "classification", "perplexity", "similarity", "generation", "none"]
 TASKS: tuple[str, ...] = get_args(Task)
 OptLevel = Literal["disable", "basic", "extended", "layout", "all"]
 OPT_LEVELS: tuple[str, ...] = get_args(OptLevel)
@@ -112,6 +117,9 @@ RecoverMethod = Literal["distill", "losparse", "dsee", "kron-kd", "safe"]
 RECOVER_METHODS: tuple[str, ...] = get_args(RecoverMethod)
 Clock = Literal["wall", "cpu"]
 CLOCKS: tuple[str, ...] = get_args(Clock)
+
+#: ``BuildOptions.model_type`` values (``auto`` = detect, like None).
+MODEL_TYPE_CHOICES: tuple[str, ...] = ("auto", "bert", "gpt2", "llama", "none")
 
 _SHAPE = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 
@@ -306,6 +314,10 @@ class BuildOptions(_Options):
         "format": "onnx",
         "providers": (),
         "int8_weight_type": "uint8",
+        "int8_mode": "dynamic",
+        "int4": False,
+        "int4_block_size": 32,
+        "int4_accuracy_level": 4,
         "fuse_factors": True,
     }
     _TRT_ONLY: ClassVar[dict[str, Any]] = {
@@ -319,7 +331,27 @@ class BuildOptions(_Options):
 
     backend: Backend = _opt("ort", "Engine backend.", choices=BACKENDS)
     optimize: bool = _opt(True, "ORT: graph and transformer fusions.")
-    int8: bool = _opt(False, "ORT: dynamic quantization; TensorRT: Q/DQ or a calibration file.")
+    int8: bool = _opt(
+        False, "ORT: int8 quantization (see int8_mode); TensorRT: Q/DQ or a calibration file."
+    )
+    int8_mode: Int8Mode = _opt(
+        "dynamic",
+        "ORT int8: dynamic (weights only, activations at run time) or static (QDQ, activations "
+        "calibrated on the data; the format NPUs and TensorRT consume).",
+        choices=INT8_MODES,
+    )
+    int4: bool = _opt(
+        False, "ORT: int4 weight-only quantization (MatMulNBits) of every constant MatMul weight."
+    )
+    int4_block_size: int = _opt(
+        32, "ORT int4: weights per quantization block along K (a power of 2).", ge=16, le=256
+    )
+    int4_accuracy_level: int = _opt(
+        4,
+        "ORT int4: MatMulNBits compute accuracy (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
+        ge=0,
+        le=4,
+    )
     fp16: bool = _opt(False, "Half precision (ORT or TensorRT).")
     format: EngineFormat = _opt(
         "onnx", "ORT: engine file format (ort: edge).", choices=ENGINE_FORMATS
@@ -355,8 +387,39 @@ class BuildOptions(_Options):
     workspace_gib: float | None = _opt(
         None, "TensorRT: workspace memory limit in GiB.", gt=0.0, yaml=None
     )
+    calibration_samples: int = _opt(
+        256,
+        "ORT static int8: calibration texts from the data.",
+        ge=1,
+        yaml="data.calibration_samples",
+    )
+    max_length: int = _opt(
+        128, "ORT static int8: tokens per calibration text.", ge=8, yaml="calibration.max_length"
+    )
+    text_column: str = _opt(
+        "text", "ORT static int8: text column of the data file.", yaml="data.text_column"
+    )
 
     def _check(self) -> None:
+        if self.int8_mode != "dynamic" and not self.int8:
+            raise ConfigError(
+                f"build option 'int8_mode' is {self.int8_mode!r} but int8 is off; "
+                "add --int8 (YAML: build.int8: true)."
+            )
+        if self.int4 and self.int8:
+            raise ConfigError("--int4 and --int8 cannot be combined; choose one quantization.")
+        if self.backend == "ort" and self.fp16 and self.int8:
+            raise ConfigError("--fp16 and --int8 cannot be combined; choose one precision.")
+        if self.int4_block_size & (self.int4_block_size - 1):
+            raise ConfigError(
+                f"build option 'int4_block_size' is {self.int4_block_size}; MatMulNBits needs "
+                "a power of 2 from 16 to 256."
+            )
+        if self.model_type not in (None, *MODEL_TYPE_CHOICES):
+            raise ConfigError(
+                f"Unknown model type {self.model_type!r}; choose one of "
+                f"{', '.join(MODEL_TYPE_CHOICES)}."
+            )
         other, unset = (
             ("tensorrt", self._TRT_ONLY) if self.backend == "ort" else ("ort", self._ORT_ONLY)
         )
@@ -422,6 +485,21 @@ class BenchOptions(_Options):
     window: int = _opt(512, "Perplexity window in tokens.", ge=2, yaml=None)
     stride: int | None = _opt(None, "Perplexity stride (default: the window).", ge=1, yaml=None)
     max_windows: int | None = _opt(8, "Perplexity windows scored; unset: all.", ge=1, yaml=None)
+    prefill_lengths: tuple[int, ...] = _opt(
+        factory=lambda: (128, 512),
+        help="Decoders with a KV cache: prompt lengths of the prefill latency points (batch 1).",
+    )
+    decode_past: tuple[int, ...] = _opt(
+        factory=lambda: (128, 512, 1024),
+        help="Decoders with a KV cache: past lengths of the one-token decode-step latency points.",
+    )
+    decode_batches: tuple[int, ...] = _opt(
+        factory=lambda: (1, 4), help="Decoders with a KV cache: batch sizes of the decode steps."
+    )
+    max_new_tokens: int = _opt(32, "Generation task: greedy tokens generated per prompt.", ge=1)
+    generation_prompts: int = _opt(
+        8, "Generation task: prompts taken from the first rows of the data file.", ge=1
+    )
     goals_file: Path | None = _opt(None, "YAML file of goals.", yaml=None)
     max_accuracy_drop: float | None = _opt(
         None,
@@ -456,6 +534,26 @@ class BenchOptions(_Options):
                 raise ConfigError(
                     f"benchmark option 'shapes' has {shape!r}; write BATCHxSEQUENCE, e.g. 8x128."
                 )
+        for name in ("prefill_lengths", "decode_past", "decode_batches"):
+            object.__setattr__(self, name, _positive_ints(name, getattr(self, name)))
+
+
+def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
+    """A tuple of positive ints from ints or digit strings (CLI flags give strings)."""
+    items = [values] if isinstance(values, int | str) else list(values or ())
+    out: list[int] = []
+    for item in items:
+        parts = item.split(",") if isinstance(item, str) else [item]
+        for part in parts:
+            text = str(part).strip()
+            if isinstance(part, bool) or not text.isdigit() or int(text) < 1:
+                raise ConfigError(
+                    f"benchmark option '{name}' has {part!r}; give positive whole numbers, "
+                    "e.g. 128,512."
+                )
+            if int(text) not in out:
+                out.append(int(text))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_staged_directory_renames_into_place_and_replaces_an_old_output(tmp_path
     assert (out / "a.txt").read_text() == "1"
     with staged_directory(out) as stage:
         (stage / "b.txt").write_text("2")
-    assert sorted(os.listdir(out)) == ["b.txt"]
+    assert sorted(os.listdir(out)) == [".factorlm-owned", "b.txt"]  # the own-marker, and b
     assert sorted(os.listdir(tmp_path)) == ["engine"]  # no stage, no moved-aside copy
 
 

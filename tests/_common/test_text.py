@@ -105,8 +105,8 @@ def _calibration_feeds(
 
 def _benchmark_feeds(model: Path) -> list[dict[str, np.ndarray]]:
     """Every feed the benchmark's classification/similarity tasks give the runner."""
-    from factorlm.benchmark.runners import OrtRunner
-    from factorlm.benchmark.tasks import embed_texts, load_tokenizer
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import embed_texts, load_tokenizer
 
     seen: list[dict[str, np.ndarray]] = []
 

@@ -68,18 +68,17 @@ def test_method_runs_from_the_cli_with_defaults(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from factorlm.assets import minilm_dir
-
     out = tmp_path / method
     argv = ["compress", str(minilm), "-o", str(out), "--method", method, "--data", str(reviews)]
     argv += ["--calibration-samples", str(CALIBRATION_ROWS)]
-    if method == "fwsvd":  # the export holds no PyTorch weights; the Fisher needs them
-        argv += ["--hf-model", str(minilm_dir())]
+    # fwsvd: the export holds no PyTorch weights; its factorlm-export.json names the folder that
+    # does, so no --hf-model is needed.
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 0, err
     assert "Traceback" not in err
-    for name in ("model.onnx", "model.plan.json", "config.json", "tokenizer.json", "vocab.txt"):
+    names = ("model.onnx", "model.plan.json", "config.json", "tokenizer.json", "vocab.txt")
+    for name in (*names, "factorlm-export.json"):  # the export record travels with the model
         assert (out / name).is_file(), name
     plan = json.loads((out / "model.plan.json").read_text())
     assert plan["weights"], "nothing was factorized"

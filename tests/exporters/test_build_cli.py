@@ -30,7 +30,7 @@ def test_ort_build_writes_engine_and_manifest(
     assert main(["build", str(model_path), "--backend", "ort", "-o", str(out), "--int8"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["int8"] and manifest["quantization"]["quantized"] == 2
-    assert "2/2 constant MatMul weights quantized" in capsys.readouterr().out
+    assert "int8-dynamic: 2/2 linear weights quantized" in capsys.readouterr().out
     assert main(["build", str(model_path), "-o", str(out), "--format", "ort", "--overwrite"]) == 0
     assert (out / "model.ort").is_file() and not (out / "model.onnx").exists()
 
@@ -84,3 +84,23 @@ def test_tensorrt_backend_without_tensorrt_exits_2(
     err = capsys.readouterr().err
     assert "TensorRT is not installed; install the extra with `pip install factorlm" in err
     assert not out.exists()
+
+
+def test_cli_int4_and_static_int8(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--int4`` and ``--int8 --int8-mode static --data`` reach the builder; ``--int8-mode
+    static`` alone, and static without ``--data``, are refused with exit 2 and one sentence."""
+    out = tmp_path / "int4"
+    args = ["build", str(model_path), "-o", str(out), "--int4", "--int4-block-size", "16"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "int4"
+    assert manifest["quantization"]["settings"]["block_size"] == 16
+    assert "int4: 2/2 linear weights quantized" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    assert main(["build", str(model_path), "-o", str(bad), "--int8-mode", "static"]) == 2
+    assert "but int8 is off; add --int8" in capsys.readouterr().err
+    assert main(["build", str(model_path), "-o", str(bad), "--int8", "--int8-mode", "static"]) == 2
+    assert "needs calibration texts: pass --data" in capsys.readouterr().err
+    assert not bad.exists()

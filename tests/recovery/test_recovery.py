@@ -412,10 +412,11 @@ def test_cut_short_warning_names_the_phase_only_when_it_never_started() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("temperature", 0.0, "temperature 0.0 must be positive"),
-        ("feature_fraction", -0.1, r"feature_fraction -0.1 must lie in \[0, 1\]"),
-        ("lm_weight", -1.0, "lm_weight -1.0 must not be negative"),
-        ("clock", "gpu", "clock 'gpu' is unknown"),
+        ("temperature", 0.0, r"'temperature' is 0.0; it must be > 0.0"),
+        ("feature_fraction", -0.1, r"'feature_fraction' is -0.1; it must be >= 0.0 and <= 1.0"),
+        ("lm_weight", -1.0, r"'lm_weight' is -1.0; it must be >= 0.0"),
+        ("clock", "gpu", "'clock' is 'gpu'; choose one of wall, cpu"),
+        ("calib_samples", 8, "RecoverOptions has no option 'calib_samples'"),
     ],
 )
 def test_recover_refuses_bad_settings_before_any_work(

@@ -26,6 +26,7 @@ from factorlm._common.outputs import check_parent, clean_stale, make_stage
 from factorlm.errors import ModelLoadError
 
 __all__ = [
+    "EXPORT_RECORD",
     "SIDECAR_FILES",
     "VERSIONED_PACKAGES",
     "cache_root",
@@ -58,7 +59,13 @@ SIDECAR_FILES: tuple[str, ...] = (
     "sentencepiece.bpe.model",
     "sentence_bert_config.json",
     "modules.json",
+    "factorlm-export.json",
 )
+
+#: Written by ``factorlm export`` beside model.onnx: the source Hugging Face folder (absolute),
+#: task and versions. A sidecar, so compressed models and engines built from the export carry it
+#: (fwsvd finds the PyTorch weights for its Fisher through it).
+EXPORT_RECORD = "factorlm-export.json"
 
 #: Distributions whose versions describe what an artifact was made with (absent ones skipped).
 VERSIONED_PACKAGES: tuple[str, ...] = (
@@ -164,7 +171,7 @@ def staged_directory(out_dir: str | os.PathLike[str], command: str = "factorlm")
     old: Path | None = None
     try:
         if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = make_stage(out.parent, out.name, "replaced")  # marked: a kill here is cleaned
             os.replace(out, old / out.name)
         os.replace(tmp, out)
     except BaseException:

@@ -44,6 +44,7 @@ __all__ = [
     "read_marker",
     "remove_owned",
     "sigterm_as_interrupt",
+    "sigterm_received",
     "staged_output",
 ]
 
@@ -52,6 +53,15 @@ logger = logging.getLogger(__name__)
 #: The own-marker file in every folder factorlm creates (JSON: tool, command, pid, host, time).
 MARKER = ".factorlm-owned"
 _TOOL = "factorlm"
+
+
+_RECEIVED = False
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM arrived during the last :func:`sigterm_as_interrupt` block (a library may
+    turn the interrupt into another exception, e.g. ImportError mid-import)."""
+    return _RECEIVED
 
 
 class Terminated(KeyboardInterrupt):
@@ -369,9 +379,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def _raise(signum: int, frame: FrameType | None) -> None:
+        global _RECEIVED
+        _RECEIVED = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
         raise Terminated
 
+    global _RECEIVED
+    _RECEIVED = False
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
         yield

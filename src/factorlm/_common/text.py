@@ -176,6 +176,22 @@ class TextTokenizer:
             return np.asarray(self._slow(text)["input_ids"], dtype=np.int64).reshape(-1)
         return np.asarray(self._fast.encode(text).ids, dtype=np.int64)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, special tokens skipped (the generation task and API)."""
+        values = [int(i) for i in ids]
+        if self._slow is not None:
+            return str(self._slow.decode(values, skip_special_tokens=True))
+        return str(self._fast.decode(values, skip_special_tokens=True))
+
+    def token_id(self, name: str) -> int | None:
+        """Id of a special token named in the tokenizer config (e.g. ``eos_token``), if any."""
+        if self._slow is not None:
+            value = getattr(self._slow, f"{name}_id", None)
+            return int(value) if isinstance(value, int) else None
+        token = self._special(name)
+        found = self._fast.token_to_id(token) if token is not None else None
+        return int(found) if found is not None else None
+
 
 def is_past_input(name: str) -> bool:
     """A KV-cache input (``past_key_values.*``, ``*cache*``), fed with past length 0."""

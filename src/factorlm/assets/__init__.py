@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from factorlm._common.files import EXPORT_RECORD
 from factorlm.assets.paths import (
     ASSET_NAMES,
     austen_dir,
@@ -46,6 +47,10 @@ def exported_minilm(root: Path | None = None) -> Path:
     target = base / "onnx" / "all-MiniLM-L6-v2"
     model = target / "model.onnx"
     if model.is_file():
+        if not (target / EXPORT_RECORD).is_file():  # exported by a factorlm without the record
+            from factorlm.exporters.hf import write_export_record
+
+            write_export_record(target, minilm_dir(root), task="feature-extraction")
         return model
     source = minilm_dir(root)
     with file_lock(base / ".locks" / "onnx-minilm.lock"):

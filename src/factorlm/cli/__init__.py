@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from factorlm._common.outputs import Terminated, sigterm_as_interrupt, sigterm_received
 from factorlm.cli import _output
 from factorlm.cli._crash import EXIT_INTERNAL, EXIT_OK, EXIT_USER, write_crash_log
 from factorlm.errors import FactorlmError
@@ -123,15 +124,24 @@ def _usage_error(exc: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit status (never a bare traceback)."""
+    """Run the CLI and return its exit status (never a bare traceback); 143 after SIGTERM."""
+    status = _main(argv)
+    return 143 if sigterm_received() else status
+
+
+def _main(argv: list[str] | None = None) -> int:
     _output.reset()
     _output.install_warning_filters()
     try:
-        status = app(args=argv, prog_name="factorlm", standalone_mode=False)
+        # SIGTERM (CI cancel, timeout) unwinds like Ctrl-C, so staging folders are removed.
+        with sigterm_as_interrupt():
+            status = app(args=argv, prog_name="factorlm", standalone_mode=False)
     except _ClickException as exc:  # usage errors: exit 2
         return _usage_error(exc)
-    except typer.Abort:
-        return 130
+    except typer.Abort as exc:
+        return 143 if isinstance(exc.__cause__, Terminated) else 130
+    except Terminated:
+        return 143
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _internal_error(exc: BaseException, argv: list[str] | None) -> int:
+    if sigterm_received():  # the interrupt surfaced as another exception (e.g. mid-import)
+        return 143
     try:
         where = str(write_crash_log(exc, argv))
     except Exception as log_exc:  # the log itself failed: still one line, never a traceback

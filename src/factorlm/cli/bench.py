@@ -2,7 +2,7 @@
 
 Exit status 0 when every goal passes, 1 when one fails (the report and the console say which and
 by how much), 2 on a usage error. The command is a thin layer over
-``factorlm.benchmark.run_benchmark``; it adds rich progress bars and a results table.
+``factorlm.bench.run_benchmark``; it adds rich progress bars and a results table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from factorlm.benchmark.report import Report
+from factorlm.bench.report import Report
 from factorlm.cli._flags import split_list, with_options
 from factorlm.cli._output import console, state
 from factorlm.errors import ConfigError
@@ -107,7 +107,7 @@ def bench_command(
     options: BenchOptions = BenchOptions(),
 ) -> None:
     """Measure latency and accuracy of candidates against a reference and judge the goals."""
-    from factorlm.benchmark.run import run_benchmark
+    from factorlm.bench.run import run_benchmark
 
     with Progress(
         TextColumn("{task.description}"),

@@ -1,7 +1,7 @@
 """``factorlm build``: an ONNX model to a deployable engine directory (ONNX Runtime or TensorRT).
 
-Why: the CLI is a thin layer over :func:`factorlm.exporters.ort.build_ort_engine` and
-:func:`factorlm.exporters.tensorrt.build_trt_engine`; it only checks that the options fit the
+Why: the CLI is a thin layer over :func:`factorlm.exporters.engine.build_engine` (ORT or
+TensorRT from one ``BuildOptions``); it only checks that the options fit the
 chosen backend, shows progress and prints what was built.
 """
 
@@ -53,57 +53,40 @@ def build_command(
         None, "--timing-cache-file", help="TensorRT: timing cache file (default: in the cache)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+    data: Path | None = typer.Option(
+        None, "--data", help="ORT static int8: calibration texts (JSONL, CSV, TXT or a folder)."
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="ORT static int8: tokenizer folder (default: the model's)."
+    ),
     options: BuildOptions = BuildOptions(),
 ) -> None:
     """Build an ONNX Runtime or TensorRT engine from MODEL into OUTPUT with a manifest."""
-    opts = options
+    from factorlm.exporters.engine import build_engine
+
     source = resolve_onnx(model)
-    if opts.backend == "ort" and timing_cache_file is not None:
+    if options.backend == "ort" and timing_cache_file is not None:
         raise ConfigError("--timing-cache-file applies to the tensorrt backend only, not to ort.")
-    if opts.backend == "tensorrt" and reference_model is not None:
+    if options.backend == "tensorrt" and reference_model is not None:
         raise ConfigError("--reference-model applies to the ort backend only, not to tensorrt.")
-    if timing_cache_file is not None and not opts.timing_cache:
+    if timing_cache_file is not None and not options.timing_cache:
         raise ConfigError("Give either --timing-cache-file or --no-timing-cache, not both.")
     with console(stderr=True).status("building") as status:
 
         def progress(step: str) -> None:
-            status.update(f"{opts.backend}: {step}")
+            status.update(f"{options.backend}: {step}")
 
-        if opts.backend == "ort":
-            from factorlm.exporters.ort import build_ort_engine
-
-            manifest = build_ort_engine(
-                source,
-                output,
-                optimize=opts.optimize,
-                model_type=opts.model_type,
-                fp16=opts.fp16,
-                int8=opts.int8,
-                int8_weight_type=opts.int8_weight_type,
-                format=opts.format,
-                providers=list(opts.providers) or None,
-                overwrite=overwrite,
-                progress=progress,
-                fuse_factors=opts.fuse_factors,
-                reference=reference_model,
-            )
-        else:
-            from factorlm.exporters.tensorrt import build_trt_engine
-
-            manifest = build_trt_engine(
-                source,
-                output,
-                shapes=list(opts.shapes) or None,
-                fp16=opts.fp16,
-                bf16=opts.bf16,
-                int8=opts.int8,
-                calibration=opts.calibration,
-                sparse=opts.sparse,
-                timing_cache=timing_cache_file if opts.timing_cache else False,
-                workspace_gib=opts.workspace_gib,
-                overwrite=overwrite,
-                progress=progress,
-            )
+        manifest = build_engine(
+            source,
+            output,
+            options,
+            reference=reference_model,
+            data=data,
+            tokenizer=tokenizer,
+            timing_cache_file=timing_cache_file,
+            overwrite=overwrite,
+            progress=progress,
+        )
     out = console()
     out.print(_summary(manifest))
     sizes = manifest.sizes
@@ -114,10 +97,16 @@ def build_command(
     if manifest.quantization:
         q = manifest.quantization
         line += (
-            f" int8: {q['quantized']}/{q['weights']} constant MatMul weights quantized "
-            f"({q['factor_quantized']}/{q['factor_weights']} factors)."
+            f" {q.get('method', 'int8')}: {q['quantized']}/{q['weights']} linear weights "
+            f"quantized ({q['factor_quantized']}/{q['factor_weights']} factors; "
+            f"{q.get('graph_quantized', '?')}/{q.get('graph_weights', '?')} weights in the graph)."
         )
     out.print(line, highlight=False)
+    skipped = (manifest.quantization or {}).get("skipped") or {}
+    for name, reason in list(skipped.items())[:5]:
+        out.print(f"  kept float: {name}: {reason}", highlight=False)
+    if len(skipped) > 5:
+        out.print(f"  ... and {len(skipped) - 5} more (manifest.json)", highlight=False)
     lost = manifest.extra.get("lost_fusions") if manifest.extra else None
     if lost:
         out.print(f"[yellow]warning:[/] fusions lost against the reference model: {lost}")

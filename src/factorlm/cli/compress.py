@@ -52,16 +52,36 @@ def _refuse_existing(onnx_path: Path, overwrite: bool) -> None:
         raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace it.")
 
 
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(next(folder.glob(p), None) for p in _WEIGHT_PATTERNS)
+
+
 def _torch_folder(hf_model: str | None, onnx_path: Path) -> Path:
-    """The Hugging Face folder whose PyTorch weights give fwsvd's Fisher."""
+    """The Hugging Face folder whose PyTorch weights give fwsvd's Fisher.
+
+    ``--hf-model`` if given, else MODEL's folder when it holds the weights, else the source
+    folder that ``factorlm export`` recorded beside MODEL (``factorlm-export.json``).
+    """
+    from factorlm.exporters.hf import export_source
+
     if hf_model is not None:
         return resolve_model(hf_model, "--hf-model")
     folder = onnx_path.parent
-    if any(next(folder.glob(p), None) for p in _WEIGHT_PATTERNS):
+    if _has_weights(folder):
         return folder
+    source = export_source(onnx_path)
+    if source is not None and _has_weights(source):
+        logger.info("fwsvd: PyTorch weights from %s (recorded by factorlm export).", source)
+        return source
+    found = (
+        f"its export record names {source}, which holds none"
+        if source is not None
+        else "it has no export record (factorlm-export.json)"
+    )
     raise ConfigError(
         f"method 'fwsvd' computes its Fisher from the PyTorch weights, which {folder} does not "
-        "hold: pass --hf-model with the Hugging Face model folder (or cached id) it was exported from."
+        f"hold and {found}: pass --hf-model with the Hugging Face model folder (or cached id) "
+        "it was exported from."
     )
 
 
@@ -124,28 +144,7 @@ def _statistics(
 def _run_compress(model: Path, out: Path, opts: CompressOptions, stats: Any, progress: Any) -> Any:
     from factorlm.compression import compress
 
-    return compress(
-        model,
-        out,
-        method=opts.method,
-        ratio=opts.ratio,
-        energy=opts.energy,
-        rank_multiple=opts.rank_multiple,
-        include=opts.include,
-        exclude=opts.exclude,
-        embeddings=opts.embeddings,
-        plan=opts.plan,
-        min_size=opts.min_size,
-        stats=stats,
-        external_data=True if opts.external_data else None,
-        sparse_structure=opts.sparse_structure,
-        sparse_density=opts.sparse_density,
-        joint_qkv=opts.joint_qkv,
-        allocation=opts.allocation,
-        error_scale=opts.error_scale,
-        min_fraction=opts.min_fraction,
-        progress=progress,
-    )
+    return compress(model, out, opts, stats=stats, progress=progress)
 
 
 def _copy_sidecars(model: Path, folder: Path, tokenizer: Path | None, overwrite: bool) -> list[str]:

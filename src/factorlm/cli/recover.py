@@ -58,18 +58,20 @@ def recover_command(
     """Recover accuracy by distillation; write OUT/model.onnx ready for factorlm build."""
     from factorlm.recovery import recover
 
-    opts = options
     if stats is not None and not stats.is_file():
         raise ConfigError(f"statistics file {stats} does not exist.")
     result = recover(
-        resolve_model(model_dir), plan, output, method=opts.method, data=data, steps=opts.steps,
-        time_budget_s=opts.time_budget_s, clock=opts.clock, seed=opts.seed, onnx_model=onnx_model,
-        stats=stats, calib_samples=opts.calibration_samples, max_samples=opts.max_samples,
-        text_column=opts.text_column, batch_size=opts.batch_size, max_length=opts.max_length,
-        lr=opts.lr, feature_fraction=opts.feature_fraction, temperature=opts.temperature,
-        lm_weight=opts.lm_weight, checkpoint_every=opts.checkpoint_every, threads=opts.threads,
-        resume=resume, overwrite=overwrite, progress=console(stderr=True).is_terminal,
-    )  # fmt: skip
+        resolve_model(model_dir),
+        plan,
+        output,
+        options,
+        data=data,
+        onnx_model=onnx_model,
+        stats=stats,
+        resume=resume,
+        overwrite=overwrite,
+        progress=console(stderr=True).is_terminal,
+    )
     table = Table(title="factorlm recover")
     table.add_column("")
     table.add_column("value", justify="right")

@@ -97,13 +97,16 @@ def run(
         None, help="YAML config; omitted: the embedded default (all-MiniLM-L6-v2 on reviews)."
     ),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override output_dir."),
+    force: bool = typer.Option(
+        False, "--force", help="Rerun every stage instead of reusing cached stage outputs."
+    ),
 ) -> None:
     """Export, calibrate, compress, build engines and benchmark them against the original."""
     run_config = load_config(config) if config is not None else RunConfig()
     if output_dir is not None:
         run_config = run_config.model_copy(update={"output_dir": output_dir})
     console = make_console()
-    result = run_pipeline(run_config, console=console)
+    result = run_pipeline(run_config, console=console, force=force)
     _summary(result, console)
     if not result.passed:
         Console(stderr=True).print("[bold red]A benchmark goal failed.[/]")

@@ -10,6 +10,7 @@ destination and is renamed into place only once it validates.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from factorlm._common.files import copy_sidecars, sidecar_paths, staged_directory
+from factorlm._common.files import (
+    EXPORT_RECORD,
+    copy_sidecars,
+    sidecar_paths,
+    staged_directory,
+    versions,
+    write_text_atomic,
+)
 from factorlm._common.outputs import check_output
 from factorlm._common.sessions import create_session
 from factorlm._common.text import text_feeds
@@ -32,8 +40,10 @@ __all__ = [
     "OutputCheck",
     "check_model_dir",
     "export",
+    "export_source",
     "load_torch_model",
     "validate",
+    "write_export_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,6 +236,8 @@ def export(
     Raises ``ModelLoadError`` for a folder that is not a model and when an output differs from
     PyTorch by more than ``rtol`` times that output's largest magnitude; ``ConfigError`` for an
     unsupported task/opset or an existing non-empty ``out_dir`` without ``overwrite``.
+    ``out_dir/factorlm-export.json`` records the source folder (absolute), task, opset and
+    versions (see :func:`export_source`).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if task not in TASKS:
@@ -282,6 +294,7 @@ def export(
                 f"tolerance {rtol:g})."
             )
         opset_used = _onnx_opset(onnx_path)
+        write_export_record(stage, model_dir, task=task, opset=opset_used)
     return ExportResult(
         model=out_dir / "model.onnx",
         task=task,
@@ -290,3 +303,35 @@ def export(
         rtol=rtol,
         seconds=time.perf_counter() - start,
     )
+
+
+def write_export_record(folder: Path, source: Path, *, task: str, opset: int | None = None) -> Path:
+    """Write ``folder/factorlm-export.json``: the source folder (absolute), task, opset, versions."""
+    if opset is None:
+        opset = _onnx_opset(folder / "model.onnx")
+    record = {
+        "format": 1,
+        "source": str(Path(source).resolve()),
+        "task": task,
+        "opset": opset,
+        "versions": versions(),
+    }
+    return write_text_atomic(folder / EXPORT_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def export_source(model: str | Path) -> Path | None:
+    """The Hugging Face folder an exported ``model`` (a .onnx file or its folder) came from.
+
+    Read from the ``factorlm-export.json`` record that ``export`` writes and every copy of the
+    sidecars carries; None when there is no record. The path may no longer exist.
+    """
+    model = Path(model)
+    folder = model if model.is_dir() else model.parent
+    path = folder / EXPORT_RECORD
+    if not path.is_file():
+        return None
+    record = read_json(path, what="export record")
+    source = record.get("source") if isinstance(record, dict) else None
+    if not isinstance(source, str) or not source:
+        raise ModelLoadError(f"The export record {path} names no source folder.")
+    return Path(source)

@@ -17,7 +17,15 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from factorlm._common.userfiles import read_yaml
 from factorlm.errors import ConfigError
@@ -31,6 +39,7 @@ from factorlm.options import (
     EngineFormat,
     ErrorScale,
     FisherTask,
+    Int8Mode,
     Method,
     RecoverMethod,
     RecoverOptions,
@@ -120,7 +129,12 @@ class DataConfig(_Section):
         description="Keep only rows with these labels (None keeps all).",
     )
     calibration_samples: int = _opt(CompressOptions, "calibration_samples")
-    eval_samples: int = Field(1200, ge=10, description="Held-out rows for the benchmark task.")
+    eval_samples: int = Field(
+        1200,
+        ge=10,
+        description="Held-out rows for the benchmark task (perplexity: the text's last rows, in "
+        "order; calibration its first rows; other tasks: a seeded shuffle).",
+    )
     seed: int = Field(0, description="Seed of the calibration/evaluation split.")
 
 
@@ -179,6 +193,10 @@ class BuildConfig(_Section):
     backend: Backend = _opt(BuildOptions, "backend")
     optimize: bool = _opt(BuildOptions, "optimize")
     int8: bool = _opt(BuildOptions, "int8")
+    int8_mode: Int8Mode = _opt(BuildOptions, "int8_mode")
+    int4: bool = _opt(BuildOptions, "int4")
+    int4_block_size: int = _opt(BuildOptions, "int4_block_size")
+    int4_accuracy_level: int = _opt(BuildOptions, "int4_accuracy_level")
     fp16: bool = _opt(BuildOptions, "fp16")
     format: EngineFormat = _opt(BuildOptions, "format")
 
@@ -205,6 +223,11 @@ class BenchmarkConfig(_Section):
     iterations: int = _opt(BenchOptions, "iterations")
     baseline: Path | None = _opt(BenchOptions, "baseline")
     max_regression: float | None = _opt(BenchOptions, "max_regression")
+    prefill_lengths: list[PositiveInt] = _opt(BenchOptions, "prefill_lengths")
+    decode_past: list[PositiveInt] = _opt(BenchOptions, "decode_past")
+    decode_batches: list[PositiveInt] = _opt(BenchOptions, "decode_batches")
+    max_new_tokens: int = _opt(BenchOptions, "max_new_tokens")
+    generation_prompts: int = _opt(BenchOptions, "generation_prompts")
     goals: GoalsConfig = GoalsConfig()
 
     @field_validator("shapes")

@@ -29,6 +29,7 @@ from factorlm.options import (
     BuildOptions,
     CompressOptions,
     RecoverOptions,
+    replace,
 )
 from factorlm.pipeline.artifacts import (
     ArtifactStore,
@@ -134,8 +135,16 @@ def _resolve_inputs(config: RunConfig, console: Console) -> tuple[Path, Path]:
 
 
 def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
-    """Seeded, disjoint calibration and evaluation files, so nothing is tuned on held-out rows."""
-    from factorlm.benchmark.tasks import task_needs_labels
+    """Disjoint calibration and evaluation files, so nothing is tuned on held-out rows.
+
+    Classification (and other row tasks): the rows are shuffled (seeded), calibration takes the
+    first ``calibration_samples``, evaluation the next ``eval_samples``. Perplexity scores running
+    text, so its rows (a .txt's non-empty lines) keep their order: calibration is the first
+    ``calibration_samples`` rows (the start of the text), evaluation the last ``eval_samples``
+    rows (the end of the text, also written as ``eval.txt``, the lines joined by newlines, which
+    the benchmark scores); distillation texts are every row before the evaluation slice.
+    """
+    from factorlm.bench.tasks import task_needs_labels
     from factorlm.data import iter_records, read_labelled, read_texts
 
     cfg = config.data
@@ -150,14 +159,24 @@ def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
         rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
     else:
         rows = [{"text": t} for t in read_texts(data, text_column=cfg.text_column)]
-    random.Random(cfg.seed).shuffle(rows)
+    task = config.benchmark.task
+    contiguous = task == "perplexity" or (task == "auto" and not label_column)
     need = cfg.calibration_samples + cfg.eval_samples
     if len(rows) < need:
         raise DataError(
             f"{data} has {len(rows)} usable rows; calibration_samples + eval_samples needs {need}."
         )
-    calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
-    train = calib + rows[need:]  # distillation texts: everything but the evaluation rows
+    if contiguous:
+        offset = len(rows) - cfg.eval_samples
+        calib, evaluation = rows[: cfg.calibration_samples], rows[offset:]
+        train = rows[:offset]  # distillation texts: everything before the evaluation slice
+        text = "".join(row["text"] + "\n" for row in evaluation)
+        (out / "eval.txt").write_text(text, encoding="utf-8")
+    else:
+        random.Random(cfg.seed).shuffle(rows)
+        offset = cfg.calibration_samples
+        calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
+        train = calib + rows[need:]  # distillation texts: everything but the evaluation rows
     for name, part in (
         ("calibration.jsonl", calib),
         ("eval.jsonl", evaluation),
@@ -168,8 +187,10 @@ def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
                 handle.write(json.dumps(row) + "\n")
     return {
         "source": str(data),
+        "split": "contiguous" if contiguous else "shuffled",
         "calibration_rows": len(calib),
         "eval_rows": len(evaluation),
+        "eval_offset": offset if contiguous else None,
         "train_rows": len(train),
     }
 
@@ -211,10 +232,17 @@ def _calibrate(
     method = config.compress.method
     calib = split / "calibration.jsonl"
     if method == "fwsvd":
-        if not model_dir.is_dir():
-            raise ConfigError(
-                "method 'fwsvd' needs the Hugging Face model folder, not an ONNX file."
-            )
+        if not model_dir.is_dir():  # an ONNX model: factorlm export recorded its source folder
+            from factorlm.exporters.hf import export_source
+
+            source = export_source(model_dir)
+            if source is None or not source.is_dir():
+                raise ConfigError(
+                    "method 'fwsvd' needs the PyTorch weights: give the Hugging Face model "
+                    f"folder as 'model', not {model_dir.name}, whose folder has no "
+                    "factorlm-export.json naming an existing source folder."
+                )
+            model_dir = source
         fisher = collect_fisher(
             model_dir,
             onnx_dir / "model.onnx",
@@ -281,8 +309,8 @@ def _recover(
     out: Path,
     checkpoints: Path,
 ) -> dict[str, Any]:
-    from factorlm import recover
     from factorlm._common.files import copy_sidecars
+    from factorlm.recovery import recover
 
     cfg = config.recover
     if not model_dir.is_dir():
@@ -321,18 +349,25 @@ def _recover(
     }
 
 
-def _build(config: RunConfig, onnx_dir: Path, compressed_dir: Path, out: Path) -> dict[str, Any]:
-    from factorlm import build
+def _build(
+    config: RunConfig, onnx_dir: Path, compressed_dir: Path, split: Path, out: Path
+) -> dict[str, Any]:
+    from factorlm.exporters.engine import build_engine
 
     options = config.options(BuildOptions)
+    static = options.backend == "ort" and options.int8 and options.int8_mode == "static"
+    data = split / "calibration.jsonl" if static else None  # the compression's calibration rows
+    if static:
+        options = replace(options, text_column="text")  # the split's column
     info: dict[str, Any] = {}
     for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
         reference = onnx_dir / "model.onnx" if name == "compressed" else None
-        manifest = build(
+        manifest = build_engine(
             source / "model.onnx",
             out / name,
             options,
             reference=reference if options.backend == "ort" else None,
+            data=data,
         )
         info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
     return info
@@ -349,14 +384,18 @@ def _bench_options(config: RunConfig) -> BenchOptions:
 
 
 def _benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
-    from factorlm.benchmark.run import run_benchmark
+    from factorlm.bench.run import run_benchmark
 
     options = _bench_options(config)
+    data = split / "eval.jsonl"
+    if (split / "eval.txt").is_file():  # perplexity: the contiguous end of the text
+        data = split / "eval.txt"
+        options = replace(options, label_column=None, labels=None)
     report = run_benchmark(
         build_dir / "reference",
         [("compressed", build_dir / "compressed")],
         options,
-        data=split / "eval.jsonl" if options.task != "none" else None,
+        data=data if options.task != "none" else None,
     )
     report.write(out)
     return {"passed": report.passed}
@@ -415,7 +454,14 @@ def _run_locked(
     )
     split = stage(
         "data",
-        hash_json({"data": hash_files([data]), "cfg": config.data.model_dump(mode="json"), "v": 2}),
+        hash_json(
+            {
+                "data": hash_files([data]),
+                "cfg": config.data.model_dump(mode="json"),
+                "task": config.benchmark.task,  # perplexity splits contiguously
+                "v": 3,
+            }
+        ),
         lambda out: _split_data(config, data, out),
     )
     stats_dir: Path | None = None
@@ -483,9 +529,10 @@ def _run_locked(
                 "export": exported.key,
                 "candidate": candidate.key,
                 "cfg": config.build.model_dump(mode="json"),
+                **({"data": split.key} if config.build.int8_mode == "static" else {}),
             }
         ),
-        lambda out: _build(config, exported.path, candidate.path, out),
+        lambda out: _build(config, exported.path, candidate.path, split.path, out),
     )
     bench_cfg = config.benchmark.model_dump(mode="json")
     baseline_key = hash_files([config.benchmark.baseline]) if config.benchmark.baseline else None

@@ -19,6 +19,7 @@ import numpy as np
 from factorlm._common.userfiles import check_fields, parse_json
 from factorlm.decompose import METHODS
 from factorlm.errors import PlanError
+from factorlm.options import DATA_AWARE_METHODS
 
 __all__ = [
     "ALL_METHODS",
@@ -39,13 +40,8 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "factorlm.plan/1"
 ALL_METHODS: tuple[str, ...] = (*METHODS, "kron", "losparse")
-#: Method -> the statistic it needs (CalibrationStats field).
-DATA_AWARE: dict[str, str] = {
-    "whiten": "gram",
-    "drone": "gram",
-    "asvd": "mean_abs",
-    "fwsvd": "fisher",
-}
+#: Method -> the statistic it needs (CalibrationStats field): the one definition in options.
+DATA_AWARE = DATA_AWARE_METHODS
 SPARSE_STRUCTURES = ("column", "unstructured", "2:4")
 
 

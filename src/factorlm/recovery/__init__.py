@@ -1,6 +1,6 @@
 """Recovery by training: apply a plan to the PyTorch model, distil it, export it factorized.
 
-``recover(model_dir, plan, out_dir, method=..., data=...)`` is the stage; ``apply_plan`` and the
+``recover(model_dir, plan, out_dir, RecoverOptions(...), data=...)`` is the stage; ``apply_plan`` and the
 modules in ``factorlm.recovery.modules`` are its parts (see their docstrings for the math).
 """
 

@@ -26,9 +26,10 @@ from factorlm._common.outputs import (
     publish,
 )
 from factorlm.errors import ConfigError, DataError
+from factorlm.options import RecoverOptions, replace
 from factorlm.planning import DATA_AWARE, Plan
 from factorlm.recovery.apply import apply_plan, load_plan
-from factorlm.recovery.train import CLOCKS, METHODS, TrainConfig, train
+from factorlm.recovery.train import TrainConfig, train
 
 __all__ = ["RecoveryResult", "checkpoint_dir_for", "recover"]
 
@@ -83,43 +84,28 @@ def recover(
     model_dir: str | Path,
     plan: Plan | str | Path,
     out_dir: str | Path,
+    options: RecoverOptions | None = None,
     *,
-    method: str = "distill",
     data: str | Path | Sequence[str],
-    steps: int = 500,
-    time_budget_s: float | None = None,
-    clock: str = "wall",
-    seed: int = 0,
     onnx_model: str | Path | None = None,
     stats: Any = None,
-    calib_samples: int = 256,
-    max_samples: int | None = None,
-    text_column: str = "text",
-    batch_size: int = 16,
-    max_length: int = 128,
-    lr: float = 1e-4,
-    feature_fraction: float = 0.5,
-    temperature: float = 2.0,
-    lm_weight: float = 0.0,
-    checkpoint_every: int = 50,
-    threads: int | None = None,
     task: str | None = None,
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    **overrides: Any,
 ) -> RecoveryResult:
     """Recover the accuracy a plan costs by distillation; write ``out_dir/model.onnx``.
 
-    ``plan`` is a Plan or plan JSON keyed by initializer names of ``onnx_model`` (the export the
-    plan was made for; exported afresh from ``model_dir`` when None). ``stats`` (CalibrationStats
-    or an .npz path) feeds data-aware plans; without it they are computed on the first
-    ``calib_samples`` texts of ``data``, which ``factorlm compress --calib DATA`` also uses.
-    ``data`` (a file or a list of texts) must hold calibration texts only, never held-out rows.
-    ``time_budget_s`` caps the training steps' time on ``clock`` ("wall", or "cpu": process CPU
-    seconds, which a loaded machine does not stretch); ``temperature`` scales the logit KL and
-    ``lm_weight`` adds a causal LM's next-token cross-entropy on ``data`` to it.
+    ``options`` (default ``RecoverOptions()``, validated once there; keyword ``overrides``
+    replace single fields, e.g. ``steps=50``) say how to train. ``plan`` is a Plan or plan JSON
+    keyed by initializer names of ``onnx_model`` (the export the plan was made for; exported
+    afresh from ``model_dir`` when None). ``stats`` (CalibrationStats or an .npz path) feeds
+    data-aware plans; without it they are computed on the first ``calibration_samples`` texts of
+    ``data``, which ``factorlm compress --data DATA`` also uses. ``data`` (a file or a list of
+    texts) must hold calibration texts only, never held-out rows.
     """
     import torch
 
@@ -130,24 +116,11 @@ def recover(
 
     began = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if method not in METHODS:
-        raise ConfigError(
-            f"recovery method {method!r} is unknown; use one of {', '.join(METHODS)}."
-        )
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise ConfigError(f"time budget {time_budget_s!r} s must be positive.")
-    if clock not in CLOCKS:
-        raise ConfigError(f"clock {clock!r} is unknown; use one of {', '.join(CLOCKS)}.")
-    if not temperature > 0:
-        raise ConfigError(f"temperature {temperature!r} must be positive.")
-    if not lm_weight >= 0:
-        raise ConfigError(f"lm_weight {lm_weight!r} must not be negative.")
-    if not 0 <= feature_fraction <= 1:
-        raise ConfigError(f"feature_fraction {feature_fraction!r} must lie in [0, 1].")
-    if max_samples is not None and max_samples < 1:
-        raise ConfigError(f"max_samples must be at least 1, not {max_samples}.")
-    if calib_samples < 1:
-        raise ConfigError(f"calib_samples must be at least 1, not {calib_samples}.")
+    opts = options or RecoverOptions()
+    if overrides:
+        opts = replace(opts, **overrides)
+    method, steps, seed = opts.method, opts.steps, opts.seed
+    max_samples, calib_samples = opts.max_samples, opts.calibration_samples
     config = check_model_dir(model_dir)
     chosen = load_plan(plan)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out_dir)
@@ -162,7 +135,7 @@ def recover(
     check_output(out_dir, inputs=inputs, overwrite=overwrite, kind="folder")
     check_output(ckpt, inputs=inputs, overwrite=True, kind="folder", what="checkpoint folder")
     if isinstance(data, str | Path):
-        texts = read_texts(Path(data), text_column=text_column, max_samples=max_samples)
+        texts = read_texts(Path(data), text_column=opts.text_column, max_samples=max_samples)
     else:
         texts = [t for t in data if isinstance(t, str) and t.strip()][:max_samples]
         if not texts:
@@ -176,7 +149,7 @@ def recover(
             "method 'safe' needs a plan that factorizes the token embedding (--embeddings RATIO)."
         )
     task = task or _task_for(config)
-    if lm_weight > 0 and not task.startswith("text-generation"):
+    if opts.lm_weight > 0 and not task.startswith("text-generation"):
         raise ConfigError(f"lm_weight needs a causal LM; task {task!r} has no next-token loss.")
     seconds: dict[str, float] = {}
 
@@ -209,10 +182,11 @@ def recover(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         cfg = TrainConfig(
-            method=method, steps=steps, time_budget_s=time_budget_s, batch_size=batch_size,
-            max_length=max_length, lr=lr, seed=seed, feature_fraction=feature_fraction,
-            checkpoint_every=checkpoint_every, threads=threads, clock=clock,
-            temperature=temperature, lm_weight=lm_weight,
+            method=method, steps=steps, time_budget_s=opts.time_budget_s,
+            batch_size=opts.batch_size, max_length=opts.max_length, lr=opts.lr, seed=seed,
+            feature_fraction=opts.feature_fraction, checkpoint_every=opts.checkpoint_every,
+            threads=opts.threads, clock=opts.clock, temperature=opts.temperature,
+            lm_weight=opts.lm_weight,
         )  # fmt: skip
         result = train(
             student, teacher, tokenizer, texts, cfg, ckpt,

@@ -102,12 +102,12 @@ def test_bad_requests_fail_in_one_sentence_and_write_nothing(
     text.write_text("not a model")
     cases: list[tuple[dict[str, object], type[Exception], str]] = [
         ({"model": text}, ModelLoadError, "is not an ONNX model"),
-        ({"format": "tflite"}, ConfigError, "Unknown engine format 'tflite'"),
+        ({"format": "tflite"}, ConfigError, "'format' is 'tflite'; choose one of onnx, ort"),
         ({"fp16": True, "int8": True}, ConfigError, "cannot be combined"),
         ({"model_type": "t5"}, ConfigError, "Unknown model type 't5'"),
         ({"providers": "nonsense"}, BackendUnavailableError, "'nonsense' is not available"),
-        ({"out_dir": mlp_path.parent}, ConfigError, "contains the source model"),
-        ({"out_dir": mlp_path}, ConfigError, "is not a directory"),
+        ({"out_dir": mlp_path.parent}, ConfigError, "contains the input"),
+        ({"out_dir": mlp_path}, ConfigError, "is the input"),
     ]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         cases.append(({"providers": "cuda"}, BackendUnavailableError, r"factorlm\[gpu\]"))
@@ -127,8 +127,14 @@ def test_existing_output_is_replaced_only_with_overwrite(mlp_path: Path, tmp_pat
     with pytest.raises(ConfigError, match="--overwrite"):
         build_ort_engine(mlp_path, out)
     assert (out / "old.txt").read_text() == "keep me"
-    build_ort_engine(mlp_path, out, overwrite=True)
-    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]
+    with pytest.raises(ConfigError, match="not created by factorlm"):  # not ours to delete
+        build_ort_engine(mlp_path, out, overwrite=True)
+    assert (out / "old.txt").read_text() == "keep me"
+    ours = tmp_path / "ours"
+    build_ort_engine(mlp_path, ours)
+    (ours / "old.txt").write_text("stale")
+    build_ort_engine(mlp_path, ours, overwrite=True)
+    assert sorted(os.listdir(ours)) == [".factorlm-owned", "manifest.json", "model.onnx"]
     assert leftovers(tmp_path) == []
 
 

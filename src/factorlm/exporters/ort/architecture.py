@@ -22,8 +22,13 @@ __all__ = ["MODEL_TYPES", "detect_model_type", "infer_attention_dims", "read_con
 
 logger = logging.getLogger(__name__)
 
-#: Architectures the transformer optimizer knows, mapped to its ``model_type``.
-MODEL_TYPES: dict[str, str] = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2"}
+#: Architectures the transformer optimizer knows, mapped to its ``model_type``. Llama-family
+#: decoders use ``qwen3`` (ORT >= 1.22: the GPT-2 model class with rotary fusion): on optimum's
+#: Llama export with past, ORT 1.32 then fuses SimplifiedLayerNormalization,
+#: SkipSimplifiedLayerNormalization and RotaryEmbedding (two per layer); ``gpt2`` misses the
+#: rotary fusion. Neither fuses MultiHeadAttention/GroupQueryAttention on that export (GQA comes
+#: from onnxruntime-genai's model builder, not from ``optimize_model``).
+MODEL_TYPES: dict[str, str] = {"bert": "bert", "gpt2": "gpt2", "llama": "qwen3"}
 
 #: Hugging Face ``config.json`` model types per architecture family.
 _HF_FAMILIES: dict[str, str] = {

@@ -1,11 +1,13 @@
-"""Build an ONNX Runtime engine directory: optimize, optionally fp16 or int8, as .onnx or .ort.
+"""Build an ONNX Runtime engine directory: optimize, optionally fp16, int8 or int4, .onnx or .ort.
 
 An engine directory holds the engine file, the tokenizer/config files found next to the source
 model (so a benchmark can tokenize text for it) and ``manifest.json``. Everything is written to
 a staged folder that is renamed into place at the end, so a failure never leaves a half-written
 engine behind. The build is a short sequence of steps over one :class:`_Build` record: check the
-options, optimize (transformer fusions or generic graph optimization, then fp16), quantize,
-count fusions, convert to ORT format, check that the engine loads, write the manifest.
+options (and read the calibration texts of static int8), optimize (transformer fusions or
+generic graph optimization, then fp16), quantize (dynamic int8, static QDQ int8 or int4
+weight-only), count fusions, convert to ORT format, check that the engine loads, write the
+manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from factorlm._common.files import copy_sidecars, sidecar_paths, staged_directory, versions
@@ -40,8 +43,14 @@ from factorlm.exporters.ort.optimize import (
     to_fp16,
     to_ort_format,
 )
-from factorlm.exporters.ort.quantize import QuantizationReport, quantize_int8
+from factorlm.exporters.ort.quantize import (
+    QuantizationReport,
+    quantize_int4,
+    quantize_int8,
+    quantize_static_int8,
+)
 from factorlm.exporters.shapes import load_onnx
+from factorlm.options import BuildOptions, replace
 
 __all__ = ["build_ort_engine"]
 
@@ -73,18 +82,77 @@ class _Build:
         return any(p in self.providers for p in _GPU_PROVIDERS)
 
 
-def _check_options(
-    format: str, fp16: bool, int8: bool, weight_type: str, model_type: str | None
-) -> None:
-    if format not in ("onnx", "ort"):
-        raise ConfigError(f"Unknown engine format {format!r}; choose 'onnx' or 'ort'.")
-    if fp16 and int8:
-        raise ConfigError("--fp16 and --int8 cannot be combined; choose one precision.")
-    if weight_type not in ("int8", "uint8"):
-        raise ConfigError(f"Unknown int8 weight type {weight_type!r}; choose 'uint8' or 'int8'.")
-    if model_type is not None and model_type not in (*MODEL_TYPES, "none", "auto"):
-        choices = ", ".join((*MODEL_TYPES, "none"))
-        raise ConfigError(f"Unknown model type {model_type!r}; choose one of {choices}.")
+def _resolve_options(options: BuildOptions | None, overrides: dict[str, Any]) -> BuildOptions:
+    """``options`` with keyword overrides applied (``providers`` may be one comma string)."""
+    opts = options or BuildOptions()
+    if isinstance(overrides.get("providers"), str):
+        overrides["providers"] = tuple(
+            p.strip() for p in overrides["providers"].split(",") if p.strip()
+        )
+    if overrides.get("providers") is None and "providers" in overrides:
+        overrides["providers"] = ()
+    if overrides:
+        opts = replace(opts, **overrides)
+    if opts.backend != "ort":
+        raise ConfigError(f"build_ort_engine builds the ort backend, not {opts.backend!r}.")
+    return opts
+
+
+@dataclass(frozen=True)
+class _InputMeta:
+    """Name, dtype and shape of a graph input, as ``_common.text.text_feeds`` reads them."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[_InputMeta]:
+    inits = {i.name for i in model.graph.initializer}
+    metas = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        ]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        metas.append(_InputMeta(value.name, dtype, tuple(dims)))
+    return metas
+
+
+def _calibration_feeds(
+    source: Path,
+    header: onnx.ModelProto,
+    opts: BuildOptions,
+    data: str | os.PathLike[str] | Sequence[str] | None,
+    tokenizer: str | os.PathLike[str] | None,
+) -> list[dict[str, np.ndarray]]:
+    """Static int8: ORT feeds of the calibration texts, read before any work is done."""
+    from factorlm._common.text import TextTokenizer, batch_feeds, find_tokenizer
+    from factorlm.calibration.capture import load_texts
+
+    if data is None:
+        raise ConfigError(
+            "--int8-mode static needs calibration texts: pass --data FILE (the pipeline uses "
+            "its calibration split)."
+        )
+    source_texts = Path(data) if isinstance(data, str | os.PathLike) else list(data)
+    texts = load_texts(source_texts, opts.text_column, opts.calibration_samples)
+    folder = find_tokenizer(source, explicit=Path(tokenizer) if tokenizer is not None else None)
+    batches = batch_feeds(
+        _graph_inputs(header),
+        TextTokenizer(folder),
+        texts,
+        batch_size=8,
+        max_length=opts.max_length,
+        model_name=str(source),
+    )
+    feeds = [feed for _, _, feed in batches]
+    logger.info("Static int8: %d calibration texts in %d batches", len(texts), len(feeds))
+    return feeds
 
 
 def _transformer_step(
@@ -139,14 +207,37 @@ def _generic_step(b: _Build, work: Path, *, optimize: bool, fp16: bool) -> None:
 
 
 def _quantize_step(
-    b: _Build, work: Path, *, weight_type: str, per_channel: bool, reduce_range: bool
+    b: _Build,
+    work: Path,
+    opts: BuildOptions,
+    feeds: list[dict[str, np.ndarray]] | None,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
 ) -> None:
-    """Dynamic int8 quantization replacing ``work`` (its external data keeps its recorded name)."""
-    b.say("int8 dynamic quantization")
-    quantized = work.with_name("model.int8.onnx")
-    b.quant = quantize_int8(
-        work, quantized, weight_type=weight_type, per_channel=per_channel, reduce_range=reduce_range
-    )
+    """int8 (dynamic or static) or int4 quantization replacing ``work`` (same file name)."""
+    quantized = work.with_name("model.quant.onnx")
+    if opts.int4:
+        b.say("int4 weight-only quantization")
+        b.quant = quantize_int4(
+            work,
+            quantized,
+            block_size=opts.int4_block_size,
+            accuracy_level=opts.int4_accuracy_level,
+        )
+    elif opts.int8_mode == "static":
+        b.say("int8 static (QDQ) quantization")
+        assert feeds is not None
+        b.quant = quantize_static_int8(work, quantized, feeds)
+    else:
+        b.say("int8 dynamic quantization")
+        b.quant = quantize_int8(
+            work,
+            quantized,
+            weight_type=opts.int8_weight_type,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+        )
     for extra in list(work.parent.iterdir()):
         if extra.name.startswith(work.name):
             extra.unlink()
@@ -178,6 +269,22 @@ def _ort_format_step(b: _Build, work: Path, *, optimize: bool) -> str:
         if extra.name != target.name:
             extra.unlink()
     return target.name
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _describe_data(data: str | os.PathLike[str] | Sequence[str] | None) -> str | None:
+    if data is None:
+        return None
+    if isinstance(data, str | os.PathLike):
+        return str(data)
+    return f"<{len(data)} texts>"
 
 
 def _engine_bytes(directory: Path) -> int:
@@ -215,46 +322,62 @@ def _load_check(b: _Build, path: Path) -> Any:
 def build_ort_engine(
     model: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    options: BuildOptions | None = None,
     *,
-    optimize: bool = True,
-    model_type: str | None = None,
-    fp16: bool = False,
-    int8: bool = False,
-    format: str = "onnx",
-    providers: Sequence[str] | str | None = None,
-    int8_weight_type: str = "uint8",
-    int8_per_channel: bool = True,
-    int8_reduce_range: bool = False,
-    fuse_factors: bool = True,
+    data: str | os.PathLike[str] | Sequence[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
     reference: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    int8_per_channel: bool = True,
+    int8_reduce_range: bool = False,
+    **overrides: Any,
 ) -> EngineManifest:
     """Build an ONNX Runtime engine directory from ``model`` and return its manifest.
 
-    ``model_type`` is ``bert``, ``gpt2``, ``llama``, ``none`` (plain graph optimization) or None
-    (detect from config.json next to the model, else from the graph). ``format="ort"`` writes an
-    ORT-format model for mobile and edge runtimes. A non-empty ``out_dir`` is replaced only with
-    ``overwrite``. ``progress`` receives a short label per step.
+    ``options`` (default ``BuildOptions()``, backend ort) are validated once; keyword
+    ``overrides`` replace single fields, e.g. ``build_ort_engine(m, out, int8=True)``.
+    ``options.model_type`` is ``bert``, ``gpt2``, ``llama``, ``none`` (plain graph optimization)
+    or None/``auto`` (detect from config.json next to the model, else from the graph).
+    ``format="ort"`` writes an ORT-format model for mobile and edge runtimes. A non-empty
+    ``out_dir`` is replaced only with ``overwrite``. ``progress`` receives a short label per step.
+
+    Quantization (``manifest.quantization`` reports coverage: which of the graph's weights are
+    quantized, factor matrices counted apart, and why each float one was skipped):
+
+    * ``int8`` (``int8_mode="dynamic"``): int8 weights, activations quantized at run time;
+    * ``int8`` with ``int8_mode="static"``: QDQ with activations calibrated on ``data`` (a text
+      file, or a list of texts; tokenized with the tokenizer next to the model or ``tokenizer``).
+      Build with ``optimize=False`` for TensorRT or an NPU: the optimized graph holds ORT
+      contrib ops (SkipLayerNormalization, Attention, ...);
+    * ``int4``: weight-only int4 (MatMulNBits, ``int4_block_size``, ``int4_accuracy_level``).
+      MatMulNBits pads K to whole blocks; for a factor pair ``(x @ L) @ R`` the K of ``R`` is
+      the rank, so compress with ``rank_multiple`` equal to the block size (32) to waste nothing.
 
     ``fuse_factors`` lets the transformer optimizer see through factorlm's factor pairs, so a
     compressed model keeps the Attention (with a joint Q/K/V factorization) and
     EmbedLayerNormalization fusions (``fusions.collapse_factor_pairs``). ``reference`` (the
     original model) is optimized the same way; its fusion counts are recorded and every fusion
-    the engine lacks is logged as a warning and listed in ``extra["lost_fusions"]``.
+    the engine lacks is logged as a warning and listed in ``extra["lost_fusions"]``. Llama-family
+    decoders are optimized as ORT's ``qwen3`` type (RMSNorm and RotaryEmbedding fusions).
     """
+    opts = _resolve_options(options, dict(overrides))
     source = Path(model)
     ref = Path(reference) if reference is not None else None
-    _check_options(format, fp16, int8, int8_weight_type, model_type)
     header = load_onnx(source)
-    chosen = resolve_providers(providers)
+    chosen = resolve_providers(list(opts.providers) or None)
     check_output_dir(source, Path(out_dir), overwrite=overwrite)
     sidecar_paths(source)  # a sidecar symlink leaving the folder is refused before any work
+    feeds = None
+    if opts.int8 and opts.int8_mode == "static":
+        feeds = _calibration_feeds(source, header, opts, data, tokenizer)
+    elif data is not None:
+        logger.info("Calibration data is used by static int8 only; ignoring it")
     config = read_config(source)
-    if model_type in (None, "auto"):
+    if opts.model_type in (None, "auto"):
         resolved_type = detect_model_type(header, config)
     else:
-        resolved_type = None if model_type == "none" else model_type
+        resolved_type = None if opts.model_type == "none" else opts.model_type
     b = _Build(source, header, config, resolved_type, chosen, progress or (lambda _msg: None))
     b.say("hashing source")
     src_info = source_info(source, header)
@@ -264,18 +387,20 @@ def build_ort_engine(
         work = tmp / "model.onnx"
         engine = work.name
         try:
-            if optimize and b.model_type is not None:
-                _transformer_step(b, work, fp16=fp16, fuse_factors=fuse_factors, reference=ref)
+            if opts.optimize and b.model_type is not None:
+                _transformer_step(
+                    b, work, fp16=opts.fp16, fuse_factors=opts.fuse_factors, reference=ref
+                )
             else:
-                _generic_step(b, work, optimize=optimize, fp16=fp16)
-            if int8:
+                _generic_step(b, work, optimize=opts.optimize, fp16=opts.fp16)
+            if opts.int8 or opts.int4:
                 _quantize_step(
-                    b, work, weight_type=int8_weight_type,
+                    b, work, opts, feeds,
                     per_channel=int8_per_channel, reduce_range=int8_reduce_range,
                 )  # fmt: skip
             _fusion_step(b, work, ref)
-            if format == "ort":
-                engine = _ort_format_step(b, work, optimize=optimize)
+            if opts.format == "ort":
+                engine = _ort_format_step(b, work, optimize=opts.optimize)
         except ModelLoadError as exc:
             raise FactorlmError(
                 f"ONNX Runtime could not build an engine from {source} ({exc})"
@@ -293,17 +418,19 @@ def build_ort_engine(
             engine=engine,
             source=src_info,
             options={
-                "optimize": optimize,
+                **{
+                    k: _jsonable(v)
+                    for k, v in asdict(opts).items()
+                    if k not in BuildOptions._TRT_ONLY
+                },
                 "optimizer": b.optimizer,
-                "model_type": model_type,
                 "num_heads": b.heads,
                 "hidden_size": b.hidden,
-                "fp16": fp16,
-                "fp16_op_block_list": list(FP16_OP_BLOCK_LIST) if fp16 else [],
-                "int8": int8,
-                "format": format,
-                "fuse_factors": fuse_factors,
+                "fp16_op_block_list": list(FP16_OP_BLOCK_LIST) if opts.fp16 else [],
+                "int8_per_channel": int8_per_channel,
+                "int8_reduce_range": int8_reduce_range,
                 "reference": str(reference) if reference is not None else None,
+                "data": _describe_data(data),
             },
             versions=versions(),
             providers=chosen,

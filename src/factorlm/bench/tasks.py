@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from factorlm._common.text import TextTokenizer, batch_feeds, find_tokenizer, text_feeds
-from factorlm.benchmark.accuracy import (
+from factorlm.bench.accuracy import (
     DEFAULT_FOLDS,
     DEFAULT_RESAMPLES,
     FidelityAccumulator,
@@ -45,7 +45,7 @@ from factorlm.benchmark.accuracy import (
     mean_pool,
     paired_bootstrap_drop,
 )
-from factorlm.benchmark.runners import BaseRunner, TensorMeta
+from factorlm.bench.runners import BaseRunner, TensorMeta
 from factorlm.data import TEXT_SUFFIXES, iter_records, read_corpus
 from factorlm.errors import ConfigError, DataError
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from factorlm.benchmark.quality import best_under, kept_linear_ratio, method_ordering
+from factorlm.bench.quality import best_under, kept_linear_ratio, method_ordering
 
 
 def test_kept_ratio_counts_weights_left_dense() -> None:

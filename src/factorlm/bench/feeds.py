@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from factorlm._common.text import is_past_input
-from factorlm.benchmark.runners import TensorMeta
+from factorlm.bench.runners import TensorMeta
 from factorlm.errors import ConfigError
 
 __all__ = [

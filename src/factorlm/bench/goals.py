@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from factorlm.benchmark.latency import regression_interval
+from factorlm.bench.latency import regression_interval
 from factorlm.errors import ConfigError
 
 __all__ = [
@@ -165,7 +165,7 @@ def evaluate_goals(
     regression_basis: str = "reference",
     rng: np.random.Generator | None = None,
 ) -> list[GoalResult]:
-    """Judge every goal for every candidate of a report dict (see ``factorlm.benchmark.report``)."""
+    """Judge every goal for every candidate of a report dict (see ``factorlm.bench.report``)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     results: list[GoalResult] = []
     for cand in report["candidates"]:

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from bench_models import VOCAB, bigram_lm, encoder_weights
 
-from factorlm.benchmark.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
-from factorlm.benchmark.runners import OrtRunner, Runner, TrtRunner, load_runner, resolve_model
+from factorlm.bench.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
+from factorlm.bench.runners import OrtRunner, Runner, TrtRunner, load_runner, resolve_model
 from factorlm.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from factorlm.benchmark.accuracy import FidelityAccumulator, fidelity, log_softmax, mean_pool
+from factorlm.bench.accuracy import FidelityAccumulator, fidelity, log_softmax, mean_pool
 
 
 def test_cosine_errors_and_argmax_by_hand() -> None:

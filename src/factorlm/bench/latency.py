@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from factorlm.benchmark.runners import BaseRunner
+from factorlm.bench.runners import BaseRunner
 
 __all__ = [
     "Interval",

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factorlm.benchmark import goals_from_options, load_goals, run_benchmark
-from factorlm.benchmark.latency import bootstrap_median, regression_interval, speedup_interval
+from factorlm.bench import goals_from_options, load_goals, run_benchmark
+from factorlm.bench.latency import bootstrap_median, regression_interval, speedup_interval
 from factorlm.errors import ConfigError
 
 FAST = {"shapes": ["2x32"], "warmup": 3, "iterations": 25}

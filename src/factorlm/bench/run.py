@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from factorlm.benchmark.accuracy import FidelityAccumulator
-from factorlm.benchmark.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
-from factorlm.benchmark.goals import (
+from factorlm.bench.accuracy import FidelityAccumulator
+from factorlm.bench.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
+from factorlm.bench.goals import (
     Goal,
     GoalResult,
     evaluate_goals,
@@ -28,15 +28,15 @@ from factorlm.benchmark.goals import (
     load_goals,
     parse_percent,
 )
-from factorlm.benchmark.latency import (
+from factorlm.bench.latency import (
     environment_info,
     latency_summary,
     measure_alternating,
     speedup_interval,
 )
-from factorlm.benchmark.report import SCHEMA, SCHEMA_VERSION, Report, load_report
-from factorlm.benchmark.runners import BaseRunner, TensorMeta, load_runner
-from factorlm.benchmark.tasks import (
+from factorlm.bench.report import SCHEMA, SCHEMA_VERSION, Report, load_report
+from factorlm.bench.runners import BaseRunner, TensorMeta, load_runner
+from factorlm.bench.tasks import (
     Dataset,
     check_dataset,
     classification_task,
@@ -288,7 +288,7 @@ class FidelityStage:
 
 
 class ReportStage:
-    """The report data (schema ``factorlm.benchmark.report``) from every earlier stage."""
+    """The report data (schema ``factorlm.bench.report``) from every earlier stage."""
 
     name: ClassVar[str] = "report"
 

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.slow
 def test_minilm_two_budgets_one_report(tmp_path: Path) -> None:
     from factorlm.assets import exported_minilm, reviews_path
-    from factorlm.benchmark import run_benchmark
+    from factorlm.bench import run_benchmark
     from factorlm.compression import compress
 
     reference = exported_minilm()

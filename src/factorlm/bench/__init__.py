@@ -1,7 +1,7 @@
 """The benchmark stage: latency and accuracy of candidates against the original, as a CI gate.
 
 ``run_benchmark(reference, candidates, options)`` returns a ``Report``; ``Report.write(folder)`` writes
-report.json (schema in ``factorlm.benchmark.report``), report.md, report.html and junit.xml, and
+report.json (schema in ``factorlm.bench.report``), report.md, report.html and junit.xml, and
 ``Report.passed`` decides the exit status. Runners (``OrtRunner``, ``TrtRunner``) share one
 protocol and can be used on their own.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from factorlm.benchmark.goals import Goal, GoalResult, goals_from_options, load_goals
-from factorlm.benchmark.report import SCHEMA_VERSION, Report, load_report
-from factorlm.benchmark.run import run_benchmark
-from factorlm.benchmark.runners import OrtRunner, Runner, TensorMeta, TrtRunner, load_runner
+from factorlm.bench.goals import Goal, GoalResult, goals_from_options, load_goals
+from factorlm.bench.report import SCHEMA_VERSION, Report, load_report
+from factorlm.bench.run import run_benchmark
+from factorlm.bench.runners import OrtRunner, Runner, TensorMeta, TrtRunner, load_runner
 
 __all__ = [
     "SCHEMA_VERSION",

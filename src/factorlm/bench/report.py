@@ -47,7 +47,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from factorlm._common.files import write_text_atomic
-from factorlm.benchmark.goals import GoalResult
+from factorlm.bench.goals import GoalResult
 from factorlm.errors import ConfigError
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Report", "load_report"]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from bench_models import WORDS, bigram_lm, bigram_weights, save_tokenizer
 
-from factorlm.benchmark import run_benchmark
-from factorlm.benchmark.accuracy import log_softmax
-from factorlm.benchmark.runners import OrtRunner
-from factorlm.benchmark.tasks import check_dataset, load_dataset, task_needs_labels, window_nll
+from factorlm.bench import run_benchmark
+from factorlm.bench.accuracy import log_softmax
+from factorlm.bench.runners import OrtRunner
+from factorlm.bench.tasks import check_dataset, load_dataset, task_needs_labels, window_nll
 from factorlm.errors import DataError
 
 
@@ -69,7 +69,7 @@ def test_classification_probe_and_similarity(models: dict[str, Path], reviews: P
     assert task["drop_interval"]["ref#2"] == [0.0, 0.0] and task["agreement"]["ref#2"] == 1.0
     low, high = task["drop_interval"]["noisy"]
     assert low <= task["drop"]["noisy"] <= high and 0.0 <= task["agreement"]["noisy"] <= 1.0
-    from factorlm.benchmark.report import render_html, render_markdown
+    from factorlm.bench.report import render_html, render_markdown
 
     markdown = render_markdown(report)
     assert "95 % interval" in markdown and "agreement" in markdown

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from factorlm.benchmark.accuracy import (
+from factorlm.bench.accuracy import (
     agreement_rate,
     cross_fitted_predictions,
     paired_bootstrap_drop,
