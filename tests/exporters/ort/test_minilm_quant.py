@@ -75,7 +75,7 @@ def test_int4_and_static_int8_minilm(
     enc = tokenizer(held_out, padding=True, truncation=True, max_length=128, return_tensors="np")
     feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
     fp32 = build_ort_engine(source, tmp_path / "fp32")
-    reference = _pooled(fp32.engine_path, feeds)
+    reference = _pooled(Path(fp32.directory), feeds)
     builds = {
         "int4": BuildOptions(int4=True),
         "static": BuildOptions(int8=True, int8_mode="static", calibration_samples=128),
@@ -84,7 +84,7 @@ def test_int4_and_static_int8_minilm(
         manifest = build_ort_engine(source, tmp_path / name, opts, data=calibration)
         q = manifest.quantization
         assert q is not None
-        cos = _cosine(_pooled(manifest.engine_path, feeds), reference)
+        cos = _cosine(_pooled(Path(manifest.directory), feeds), reference)
         print(
             f"MiniLM {which} {name}: pooled cosine {cos:.4f}; {q['quantized']}/{q['weights']} "
             f"linear weights ({q['factor_quantized']}/{q['factor_weights']} factors), "
