@@ -25,9 +25,8 @@ import onnx_ir as ir
 
 from factorlm._common.files import write_text_atomic
 from factorlm._common.outputs import check_output, external_data_files
-from factorlm._common.userfiles import read_text
 from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
-from factorlm.errors import ConfigError, ModelLoadError, PlanError
+from factorlm.errors import ConfigError, ModelLoadError
 from factorlm.io import load_model, save_model
 from factorlm.options import CompressOptions, replace
 from factorlm.passes import (
@@ -42,7 +41,15 @@ from factorlm.passes import (
     joint_statistics,
     member_names,
 )
-from factorlm.planning import DATA_AWARE, Plan, StatsLike, WeightPlan, make_plan, validate_plan
+from factorlm.planning import (
+    DATA_AWARE,
+    Plan,
+    StatsLike,
+    WeightPlan,
+    load_plan,
+    make_plan,
+    validate_plan,
+)
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -92,16 +99,6 @@ def _model_params(model: ir.Model) -> int:
         if value.const_value is not None:
             total += int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
     return total
-
-
-def _load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
-    if isinstance(plan, Plan):
-        return plan
-    path = Path(plan)
-    if not path.is_file():
-        raise PlanError(f"plan file {path} does not exist.")
-    text = read_text(path, what="plan file", error=PlanError)
-    return Plan.from_json(text, source=f"plan file {path}")
 
 
 def _collect(
@@ -209,7 +206,7 @@ def compress(
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     model = load_model(source)
-    loaded = _load_plan(plan) if plan is not None else None
+    loaded = load_plan(plan) if plan is not None else None
     # A plan written with joint candidates ("<q>+<k>+<v>") needs the joint analysis to validate.
     # Kronecker and low-rank + sparse factors have no joint form: their members plan separately.
     if loaded is not None:

@@ -235,6 +235,29 @@ def test_generation_agreement_against_another_model(
     assert task["details"]["exact_match_rate"]["other"] < 1.0
 
 
+def test_cli_flags_reach_the_decode_grid(
+    tmp_path: Path,
+    tiny_decoder: dict[str, Path],
+    prompts_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from factorlm.cli import main
+
+    onnx = str(tiny_decoder["onnx"])
+    args = ["bench", "-r", onnx, "-c", f"copy={onnx}", "-o", str(tmp_path / "o"), "--no-html",
+            "--prefill-lengths", "8", "--decode-past", "8,16", "--decode-batches", "2",
+            "--iterations", "3", "--warmup", "0", "--data", str(prompts_file),
+            "--task", "generation", "--max-new-tokens", "3", "--generation-prompts", "2"]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [e["shape"] for e in data["latency"]] == [
+        "prefill 1x8", "decode 2x1 past 8", "decode 2x1 past 16",
+    ]  # fmt: skip
+    assert data["task"]["details"]["prompts"] == 2
+    assert main([*args[:-6], "--decode-past", "0"]) == 2
+    assert "--decode-past has '0'" in capsys.readouterr().err
+
+
 def test_generation_needs_a_decoder_with_past(tmp_path: Path, prompts_file: Path) -> None:
     from bench_models import encoder, save_tokenizer
 

@@ -135,19 +135,24 @@ def test_lines_and_csv(tmp_path: Path) -> None:
 
 
 def test_checkpoint_rng_state_is_plain_and_planted_pickle_refused(tmp_path: Path) -> None:
-    from factorlm.recovery.train import _load_checkpoint, _rng_state, _save, _set_rng_state
+    from factorlm.recovery.checkpoint import (
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
 
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = _rng_state()
+    state = rng_state()
     payload = {
         "config": {}, "student": {}, "optimizer": {}, "method_state": {}, "step": 0,
         "seconds": 0.0, "losses": [], "rng": state,
     }  # fmt: skip
-    _save(tmp_path / "checkpoint.pt", payload)
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
     first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    _set_rng_state(_load_checkpoint(tmp_path / "checkpoint.pt")["rng"], tmp_path)
+    set_rng_state(load_checkpoint(tmp_path / "checkpoint.pt")["rng"], tmp_path)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
 
     marker = tmp_path / "PWNED"
@@ -158,5 +163,5 @@ def test_checkpoint_rng_state_is_plain_and_planted_pickle_refused(tmp_path: Path
 
     torch.save({**payload, "student": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ModelLoadError, match="could run code"):
-        _load_checkpoint(tmp_path / "evil.pt")
+        load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()

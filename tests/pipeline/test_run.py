@@ -164,13 +164,13 @@ def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
 def test_interrupted_stage_leaves_nothing_and_the_next_run_resumes(
     job: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from factorlm.pipeline import load_config
+    from factorlm.pipeline import load_config, stages
     from factorlm.pipeline import run as run_module
 
     config = yaml.safe_load((job / "job.yaml").read_text())
     config["output_dir"] = "out-interrupted"
     (job / "job4.yaml").write_text(yaml.safe_dump(config))
-    real_build = run_module._build
+    real_build = stages.build_engines
 
     def interrupted(*args: object) -> None:
         out = args[-1]
@@ -178,7 +178,7 @@ def test_interrupted_stage_leaves_nothing_and_the_next_run_resumes(
         (out / "half-written.onnx").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "_build", interrupted)
+    monkeypatch.setattr(stages, "build_engines", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_module.run_pipeline(load_config(job / "job4.yaml"))
     out = job / "out-interrupted"
@@ -187,7 +187,7 @@ def test_interrupted_stage_leaves_nothing_and_the_next_run_resumes(
     manifest = json.loads((out / "manifest.json").read_text())
     assert "build" not in manifest["stages"] and "compress" in manifest["stages"]
 
-    monkeypatch.setattr(run_module, "_build", real_build)
+    monkeypatch.setattr(stages, "build_engines", real_build)
     assert cli.main(["run", str(job / "job4.yaml")]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert "build" in manifest["stages"]

@@ -13,7 +13,7 @@ import pytest
 
 from factorlm.options import BenchOptions
 from factorlm.pipeline.config import RunConfig, parse_config
-from factorlm.pipeline.run import _benchmark, _split_data
+from factorlm.pipeline.stages import benchmark, split_data
 
 
 def _config(task: str, **data: object) -> RunConfig:
@@ -36,7 +36,7 @@ def test_perplexity_split_is_contiguous_start_and_end(tmp_path: Path, task: str)
     text.write_text("\n\n".join(lines) + "\n", encoding="utf-8")  # blank lines are skipped
     out = tmp_path / "split"
     out.mkdir()
-    info = _split_data(_config(task), text, out)
+    info = split_data(_config(task), text, out)
     calib = [r["text"] for r in _rows(out / "calibration.jsonl")]
     evaluation = [r["text"] for r in _rows(out / "eval.jsonl")]
     train = [r["text"] for r in _rows(out / "train.jsonl")]
@@ -53,7 +53,7 @@ def test_classification_split_stays_shuffled(tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "split"
     out.mkdir()
-    info = _split_data(_config("classification"), data, out)
+    info = split_data(_config("classification"), data, out)
     evaluation = _rows(out / "eval.jsonl")
     calib = _rows(out / "calibration.jsonl")
     assert info["split"] == "shuffled" and not (out / "eval.txt").exists()
@@ -82,7 +82,7 @@ def test_benchmark_scores_the_contiguous_text(
 
     monkeypatch.setattr(factorlm.bench.run, "run_benchmark", fake)
     with pytest.raises(Stop):
-        _benchmark(_config("auto", label_column="label"), tmp_path, split, tmp_path)
+        benchmark(_config("auto", label_column="label"), tmp_path, split, tmp_path)
     assert seen["data"] == split / "eval.txt"
     options = seen["options"]
     assert isinstance(options, BenchOptions) and options.label_column is None

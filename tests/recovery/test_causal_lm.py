@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,45 +14,14 @@ import torch
 
 from factorlm.compression import compress
 from factorlm.errors import ConfigError
-from factorlm.exporters.hf import export, load_torch_model
+from factorlm.exporters.hf import load_torch_model
 from factorlm.passes.analysis import FACTOR_METADATA_KEY
 from factorlm.recovery import TrainConfig, apply_plan, recover, train
+from factorlm.recovery.losses import next_token_loss
 from factorlm.recovery.modules import FactorizedLinear
-from factorlm.recovery.train import _next_token_loss
-from tiny_vocab import SPECIALS, TEXTS, WORDS, write_tokenizer
+from tiny_vocab import TEXTS
 
 TASK = "text-generation-with-past"
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Llama whose LM head is tied to its input embedding (as in SmolLM2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return write_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def llama_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("llama-onnx") / "onnx"
-    export(tiny_llama_dir, out, task=TASK, progress=False)
-    return out / "model.onnx"
 
 
 def _plan(tmp: Path, onnx_model: Path) -> Path:
@@ -66,11 +35,11 @@ def _plan(tmp: Path, onnx_model: Path) -> Path:
 
 
 def test_tied_lm_recovers_and_exports(
-    tmp_path: Path, tiny_llama_dir: Path, llama_onnx: Path
+    tmp_path: Path, tiny_llama_dir: Path, tiny_llama_past: Path
 ) -> None:
-    plan = _plan(tmp_path, llama_onnx)
+    plan = _plan(tmp_path, tiny_llama_past)
     model = load_torch_model(tiny_llama_dir, TASK, False)
-    applied = apply_plan(model, plan, llama_onnx)
+    applied = apply_plan(model, plan, tiny_llama_past)
     # A linear-only plan leaves the tied embedding / LM head pair alone.
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert not any(path.endswith(("embed_tokens", "lm_head")) for path in applied.modules.values())
@@ -79,7 +48,7 @@ def test_tied_lm_recovers_and_exports(
     )
     out = recover(
         tiny_llama_dir, plan, tmp_path / "out", method="distill", data=TEXTS * 4, steps=6,
-        batch_size=2, max_length=8, lr=1e-3, onnx_model=llama_onnx, progress=False,
+        batch_size=2, max_length=8, lr=1e-3, onnx_model=tiny_llama_past, progress=False,
         clock="cpu", time_budget_s=600, lm_weight=0.5, temperature=1.0,
     )  # fmt: skip
     assert out.steps_done == 6 and out.stopped == "steps" and out.task == TASK
@@ -101,49 +70,41 @@ def test_lm_weight_adds_the_next_token_loss() -> None:
     ids = torch.randint(0, 7, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
-    got = _next_token_loss(logits, ids, mask)
+    got = next_token_loss(logits, ids, mask)
     rows = [(0, t) for t in range(4)] + [(1, t) for t in range(2)]
     want = np.mean([-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]].item() for b, t in rows])
     assert abs(float(got) - want) < 1e-5
 
 
-class FakeCpuClock:
-    """``time.process_time`` that advances ``tick`` seconds per call (so a step costs ``tick``)."""
-
-    def __init__(self, tick: float) -> None:
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
-def _student(tiny_llama_dir: Path, llama_onnx: Path, plan: Path) -> tuple[Any, Any, Any]:
+def _student(tiny_llama_dir: Path, tiny_llama_past: Path, plan: Path) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
     teacher = load_torch_model(tiny_llama_dir, TASK, False)
     student = load_torch_model(tiny_llama_dir, TASK, False)
-    apply_plan(student, plan, llama_onnx)
+    apply_plan(student, plan, tiny_llama_past)
     return student, teacher, AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
 def test_cpu_budget_counts_process_time_and_resumes(
-    tmp_path: Path, tiny_llama_dir: Path, llama_onnx: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+    tiny_llama_past: Path,
+    fake_cpu_clock: Callable[[float], None],
 ) -> None:
-    plan = _plan(tmp_path, llama_onnx)
+    plan = _plan(tmp_path, tiny_llama_past)
     texts = TEXTS * 4
     base: dict[str, Any] = dict(steps=12, batch_size=2, max_length=8, lr=1e-3, checkpoint_every=100)
     # Each step costs 10 fake CPU seconds.
-    monkeypatch.setattr(time, "process_time", FakeCpuClock(10.0))
+    fake_cpu_clock(10.0)
     cpu = TrainConfig(**base, time_budget_s=35.0, clock="cpu")
-    student, teacher, tok = _student(tiny_llama_dir, llama_onnx, plan)
+    student, teacher, tok = _student(tiny_llama_dir, tiny_llama_past, plan)
     run = train(student, teacher, tok, texts, cpu, tmp_path / "ck", progress=False)
     # Stops before a step that would cross the budget: 3 steps (30 s), not a 4th (40 s).
     assert (run.stopped, run.steps_done, run.cpu_seconds) == ("time", 3, 30.0)
     assert run.seconds < 35.0  # the wall clock saw far less than the budget
     # Resume with a larger budget: the CPU seconds spent so far count.
     more = TrainConfig(**base, time_budget_s=55.0, clock="cpu")
-    student2, teacher2, _ = _student(tiny_llama_dir, llama_onnx, plan)
+    student2, teacher2, _ = _student(tiny_llama_dir, tiny_llama_past, plan)
     again = train(
         student2, teacher2, tok, texts, more, tmp_path / "ck", resume=True, progress=False
     )  # fmt: skip
@@ -151,7 +112,7 @@ def test_cpu_budget_counts_process_time_and_resumes(
     assert (again.stopped, again.steps_done, again.cpu_seconds) == ("time", 5, 50.0)
     # A wall-clock budget ignores the CPU clock: 12 steps are 120 fake CPU seconds.
     wall = TrainConfig(**base, time_budget_s=100.0, clock="wall")
-    student3, teacher3, _ = _student(tiny_llama_dir, llama_onnx, plan)
+    student3, teacher3, _ = _student(tiny_llama_dir, tiny_llama_past, plan)
     straight = train(student3, teacher3, tok, texts, wall, tmp_path / "ck3", progress=False)
     assert straight.stopped == "steps" and straight.steps_done == 12, straight
     with pytest.raises(ConfigError, match="clock 'gpu' is unknown"):

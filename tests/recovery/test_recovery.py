@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -358,26 +358,15 @@ def test_cli_refusals(
     assert not (tmp_path / "out").exists()
 
 
-class FakeCpuClock:
-    """``time.process_time`` that advances ``tick`` seconds per call (so a step costs ``tick``)."""
-
-    def __init__(self, tick: float) -> None:
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
 def test_budget_before_the_horizon_is_a_warning_in_the_log_and_the_record(
     tmp_path: Path,
     tiny_bert_dir: Path,
     onnx_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fake_cpu_clock: Callable[[float], None],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     result = _compressed(tmp_path, onnx_dir, "svd")
-    monkeypatch.setattr(time, "process_time", FakeCpuClock(10.0))  # a step costs 10 CPU s
+    fake_cpu_clock(10.0)  # a step costs 10 CPU s
     with caplog.at_level(logging.WARNING, logger="factorlm.recovery.train"):
         out = recover(
             tiny_bert_dir, result.plan_path, tmp_path / "out", data=TEXTS, steps=8,
@@ -399,14 +388,14 @@ def test_budget_before_the_horizon_is_a_warning_in_the_log_and_the_record(
 
 
 def test_cut_short_warning_names_the_phase_only_when_it_never_started() -> None:
-    from factorlm.recovery.train import _cut_short
+    from factorlm.recovery.schedule import cut_short_warning
 
     cfg = TrainConfig(steps=10, time_budget_s=60.0, clock="wall", feature_fraction=0.5)
-    assert "output-distillation phase (after step 5) never started" in _cut_short(cfg, 5)
-    late = _cut_short(cfg, 6)
+    assert "output-distillation phase (after step 5) never started" in cut_short_warning(cfg, 5)
+    late = cut_short_warning(cfg, 6)
     assert "phase" not in late and "6/10 steps" in late and "60 wall s" in late
-    assert "phase" not in _cut_short(dataclasses.replace(cfg, feature_fraction=0.0), 2)
-    assert "phase" not in _cut_short(dataclasses.replace(cfg, feature_fraction=1.0), 2)
+    assert "phase" not in cut_short_warning(dataclasses.replace(cfg, feature_fraction=0.0), 2)
+    assert "phase" not in cut_short_warning(dataclasses.replace(cfg, feature_fraction=1.0), 2)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,13 @@ latency            [{shape, batch, seq,
                                             std_ms, throughput_per_s}},
                      speedup: {candidate name: {estimate, ci_low, ci_high, confidence}}}]
                    samples_ms[i] of every model come from the same alternation round i
+                   decoders exported with past: shape is "prefill 1x128" or
+                   "decode 4x1 past 512"; the entry adds phase ("prefill" | "decode"), past
+                   (cache length), tokens (batch x new tokens per inference) and every result
+                   adds ms_per_token (p50_ms / tokens) and tokens_per_s (tokens / p50)
+engines            {model name: {size_bytes (engine file + external data), files,
+                    memory: {resident_bytes, peak_bytes, probe (grid point of the probe
+                    inference), method}}} (see factorlm.bench.footprint)
 fidelity           {candidate name: {inputs: "data" | "random",
                                      outputs: {output: {rows, cosine_mean, cosine_min,
                                        max_abs_error, rel_l2_error, argmax_agreement,
@@ -23,7 +30,10 @@ fidelity           {candidate name: {inputs: "data" | "random",
 task               null or {task, metric, higher_is_better, drop_unit ("points" | "percent"),
                             reference, candidates: {name: value}, drop: {name: value}, details,
                             classification only: drop_interval: {name: [low, high]} (paired
-                            bootstrap over rows, details.confidence), agreement: {name: rate}}
+                            bootstrap over rows, details.confidence), agreement: {name: rate};
+                            generation: value = token agreement percent, details
+                            {first_divergence_mean, exact_match_rate, tokens_per_s, ...},
+                            samples: [{prompt, reference, candidates: {name: text}}]}
 goals              [{type, value, candidate, passed, measured, margin, detail}]
 passed             true when every goal passed (true when there are no goals)
 ```
@@ -164,22 +174,44 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
     ref = d["reference"]["name"]
     tables = []
     rows = []
+    per_token = any("tokens" in entry for entry in d["latency"])
     for entry in d["latency"]:
         for name, res in entry["results"].items():
             sp = entry["speedup"].get(name)
             speed = (
                 f"{sp['estimate']:.3f}x [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp else "1 (reference)"
             )
+            if per_token:  # a decoder: per-token figures instead of p99 and sequences/s
+                rows.append([
+                    entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}",
+                    _fmt(res.get("ms_per_token")), _rate(res.get("tokens_per_s")), speed,
+                ])
+                continue
             rows.append([
                 entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}",
                 f"{res['p99_ms']:.3f}", f"{res['throughput_per_s']:.1f}", speed,
             ])
     conf = d["settings"].get("confidence", 0.95)
+    middle = ["ms/token", "tokens/s"] if per_token else ["p99 ms", "seq/s"]
     tables.append((
         "Latency",
-        ["shape", "model", "p50 ms", "p90 ms", "p99 ms", "seq/s", f"speedup [{conf:.0%} CI]"],
+        ["shape", "model", "p50 ms", "p90 ms", *middle, f"speedup [{conf:.0%} CI]"],
         rows,
     ))
+    engines = d.get("engines") or {}
+    if engines:
+        rows = []
+        for name, info in engines.items():
+            memory = info.get("memory") or {}
+            rows.append([
+                name, _mb(info.get("size_bytes")), _mb(memory.get("resident_bytes")),
+                _mb(memory.get("peak_bytes")), str(memory.get("probe") or "–"),
+            ])
+        tables.append((
+            "Engine size and session memory",
+            ["model", "on disk MB", "resident MB", "peak MB", "probe inference"],
+            rows,
+        ))
     rows = []
     for name, block in d["fidelity"].items():
         for output, m in block["outputs"].items():
@@ -212,6 +244,17 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
                 low, high = intervals.get(row[0], (None, None))
                 span = "–" if low is None else f"[{low:+.3f}, {high:+.3f}]{unit}"
                 row += [span, _fmt(agreement.get(row[0]), 4)]
+        if task["task"] == "generation":
+            details = task["details"]
+            header += ["first divergence (mean token)", "all tokens agree", "tokens/s"]
+            for row in rows:
+                first = details["first_divergence_mean"].get(row[0])
+                exact = details["exact_match_rate"].get(row[0])
+                row += [
+                    _fmt(first, 4),
+                    "–" if exact is None else f"{exact:.0%}",
+                    _rate(details["tokens_per_s"].get(row[0])),
+                ]
         tables.append((f"Task: {task['task']} ({task['metric']})", header, rows))
     if report.goals:
         rows = [
@@ -220,6 +263,35 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
         ]
         tables.append(("Goals", ["candidate", "goal", "result", "measured", "detail"], rows))
     return tables
+
+
+def _mb(value: Any) -> str:
+    return "–" if value is None else f"{value / 1e6:.1f}"
+
+
+def _rate(value: Any) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _samples(report: Report, width: int | None) -> tuple[list[str], list[list[str]]]:
+    """Generation samples: prompt, the reference's continuation, each candidate's (cut to width)."""
+    task = report.data.get("task") or {}
+    samples = task.get("samples") or []
+    if not samples:
+        return [], []
+    ref = report.data["reference"]["name"]
+    names = list(samples[0]["candidates"])
+
+    def cut(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text if width is None or len(text) <= width else text[: width - 1] + "…"
+
+    header = ["prompt", f"{ref} (reference)", *names]
+    rows = [
+        [cut(s["prompt"]), cut(s["reference"]), *(cut(s["candidates"].get(n, "")) for n in names)]
+        for s in samples
+    ]
+    return header, rows
 
 
 def _summary_line(report: Report) -> str:
@@ -269,6 +341,10 @@ def render_markdown(report: Report) -> str:
     ]
     for title, header, rows in _tables(report):
         lines += [f"## {title}", "", _markdown_table(header, rows), ""]
+    header, rows = _samples(report, 60)
+    if rows:
+        escaped = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        lines += ["## Generation samples", "", _markdown_table(header, escaped), ""]
     return "\n".join(lines)
 
 
@@ -376,6 +452,17 @@ def render_html(report: Report) -> str:
         parts.append("</tr>")
         for row in rows:
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    header, rows = _samples(report, None)
+    if rows:  # side by side: what the reference and each candidate wrote after the same prompt
+        parts.append("<h2>Generation samples</h2><table class='samples'><tr>")
+        parts += [f"<th>{html.escape(h)}</th>" for h in header]
+        parts.append("</tr>")
+        for row in rows:
+            parts.append(
+                "<tr>" + "".join(f"<td style='white-space:pre-wrap;vertical-align:top;"
+                                 f"max-width:360px'>{html.escape(c)}</td>" for c in row) + "</tr>"
+            )
         parts.append("</table>")
     for title, png in _plots(report):
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "

@@ -19,7 +19,17 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from factorlm.bench.accuracy import FidelityAccumulator
+from factorlm.bench.decode import (
+    DecodePoint,
+    DecoderLayout,
+    decode_grid,
+    decoder_layout,
+    max_positions_of,
+    point_feeds,
+)
 from factorlm.bench.feeds import Shape, default_shapes, make_feeds, parse_shapes, vocab_size_of
+from factorlm.bench.footprint import MemoryProbe, engine_size
+from factorlm.bench.generation import generation_task, require_decoder
 from factorlm.bench.goals import (
     Goal,
     GoalResult,
@@ -142,6 +152,9 @@ class BenchContext:
     boot_rng: np.random.Generator
     order_rng: np.random.Generator
     progress: Progress | None = None
+    decoder: DecoderLayout | None = None  # the KV-cache layout of a decoder exported with past
+    points: list[DecodePoint] = field(default_factory=list)  # its prefill/decode latency grid
+    engines: dict[str, Any] = field(default_factory=dict)  # size on disk and session memory
     latency: list[dict[str, Any]] = field(default_factory=list)
     random_fidelity: list[FidelityAccumulator] = field(default_factory=list)
     data_fidelity: list[FidelityAccumulator] = field(default_factory=list)
@@ -168,54 +181,82 @@ class BenchStage(Protocol):
 
 
 class LatencyStage:
-    """Alternating timed rounds per shape, plus fidelity on the same random inputs."""
+    """Alternating timed rounds per grid point, plus fidelity on the same random inputs.
+
+    A decoder exported with past gets its prefill and decode-step points first (``ctx.points``,
+    also reported per token); the ``BATCHxSEQUENCE`` grid follows (for such a decoder only when
+    ``shapes`` was given).
+    """
 
     name: ClassVar[str] = "latency"
 
     def run(self, ctx: BenchContext) -> None:
-        opts = ctx.options
         ctx.random_fidelity = [FidelityAccumulator() for _ in ctx.candidates]
+        if ctx.decoder is not None:
+            for point in ctx.points:
+                feeds = point_feeds(
+                    ctx.reference.inputs, ctx.decoder, point, rng=ctx.feed_rng, vocab_size=ctx.vocab
+                )
+                extra = {"phase": point.phase, "batch": point.batch, "seq": point.seq,
+                         "past": point.past, "tokens": point.tokens}  # fmt: skip
+                self._measure(ctx, point.label, feeds, None, extra)
         for shape in ctx.grid:
             feeds = make_feeds(ctx.reference.inputs, shape, rng=ctx.feed_rng, vocab_size=ctx.vocab)
-            outputs = [r.infer(feeds) for r in ctx.runners]
-            mask = feeds.get("attention_mask")
-            for acc, out in zip(ctx.random_fidelity, outputs[1:], strict=True):
-                acc.add(outputs[0], out, mask)
+            extra = {"batch": shape.batch, "seq": shape.seq}
+            self._measure(ctx, shape.label, feeds, feeds.get("attention_mask"), extra)
 
-            def tick(i: int, label: str = shape.label) -> None:
-                if ctx.progress is not None:
-                    ctx.progress(f"latency {label}", i + 1, opts.iterations)
+    @staticmethod
+    def _measure(
+        ctx: BenchContext,
+        label: str,
+        feeds: dict[str, np.ndarray],
+        mask: np.ndarray | None,
+        extra: dict[str, Any],
+    ) -> None:
+        opts = ctx.options
+        outputs = [r.infer(feeds) for r in ctx.runners]
+        for acc, out in zip(ctx.random_fidelity, outputs[1:], strict=True):
+            acc.add(outputs[0], out, mask)
+        del outputs
 
-            times = measure_alternating(
-                ctx.runners,
-                feeds,
-                warmup=opts.warmup,
-                iterations=opts.iterations,
-                rng=ctx.order_rng,
-                on_iteration=tick,
-            )
-            entry: dict[str, Any] = {
-                "shape": shape.label,
-                "batch": shape.batch,
-                "seq": shape.seq,
-                "results": {
-                    r.name: latency_summary(times[:, k], shape.batch)
-                    for k, r in enumerate(ctx.runners)
-                },
-                "speedup": {
-                    r.name: speedup_interval(
-                        times[:, 0], times[:, k], rng=ctx.boot_rng, confidence=opts.confidence
-                    ).to_dict()
-                    for k, r in enumerate(ctx.runners)
-                    if k > 0
-                },
-            }
-            ctx.latency.append(entry)
-            logger.info(
-                "%s: %s",
-                shape.label,
-                ", ".join(f"{n} p50 {v['p50_ms']:.3f} ms" for n, v in entry["results"].items()),
-            )
+        def tick(i: int) -> None:
+            if ctx.progress is not None:
+                ctx.progress(f"latency {label}", i + 1, opts.iterations)
+
+        times = measure_alternating(
+            ctx.runners,
+            feeds,
+            warmup=opts.warmup,
+            iterations=opts.iterations,
+            rng=ctx.order_rng,
+            on_iteration=tick,
+        )
+        results = {
+            r.name: latency_summary(times[:, k], extra["batch"]) for k, r in enumerate(ctx.runners)
+        }
+        tokens = extra.get("tokens")
+        if tokens:  # decoders: per prompt token (prefill) or generated token (decode), from p50
+            for res in results.values():
+                res["ms_per_token"] = res["p50_ms"] / tokens
+                res["tokens_per_s"] = tokens * 1e3 / res["p50_ms"] if res["p50_ms"] > 0 else None
+        entry: dict[str, Any] = {
+            "shape": label,
+            **extra,
+            "results": results,
+            "speedup": {
+                r.name: speedup_interval(
+                    times[:, 0], times[:, k], rng=ctx.boot_rng, confidence=opts.confidence
+                ).to_dict()
+                for k, r in enumerate(ctx.runners)
+                if k > 0
+            },
+        }
+        ctx.latency.append(entry)
+        logger.info(
+            "%s: %s",
+            label,
+            ", ".join(f"{n} p50 {v['p50_ms']:.3f} ms" for n, v in results.items()),
+        )
 
 
 class TaskStage:
@@ -243,6 +284,15 @@ class TaskStage:
                 batch_size=opts.batch_size,
                 max_length=opts.max_length,
                 fidelity=ctx.data_fidelity,
+                progress=ctx.progress,
+            )
+        elif ctx.task == "generation":
+            result = generation_task(
+                ctx.runners,
+                tok,
+                ctx.dataset.texts[: opts.generation_prompts],
+                max_new_tokens=opts.max_new_tokens,
+                max_length=opts.max_length,
                 progress=ctx.progress,
             )
         elif ctx.task == "similarity":
@@ -315,9 +365,17 @@ class ReportStage:
                 "regression_basis": opts.regression_basis,
                 "baseline": str(opts.baseline) if opts.baseline is not None else None,
                 "vocab_size": ctx.vocab,
+                "prefill_lengths": list(opts.prefill_lengths) if ctx.decoder else None,
+                "decode_past": list(opts.decode_past) if ctx.decoder else None,
+                "decode_batches": list(opts.decode_batches) if ctx.decoder else None,
+                "max_new_tokens": opts.max_new_tokens if ctx.task == "generation" else None,
+                "generation_prompts": (
+                    opts.generation_prompts if ctx.task == "generation" else None
+                ),
             },
             "reference": described[0],
             "candidates": described[1:],
+            "engines": ctx.engines,
             "latency": ctx.latency,
             "fidelity": ctx.fidelity,
             "task": ctx.task_result,
@@ -426,7 +484,7 @@ def _prepare(
             text_column=opts.text_column,
             label_column=opts.label_column,
             labels=opts.labels,
-            limit=opts.max_samples if task != "perplexity" else None,
+            limit=opts.max_samples if task not in ("perplexity", "generation") else None,
             seed=opts.seed,
             skip_rows=opts.skip_rows,
         )
@@ -502,17 +560,61 @@ def run_benchmark(
         baseline,
         progress,
     )
+    first = Path(parse_model_arg(reference)[1])
     with ExitStack() as stack:
         for runner in ctx.runners:
+            probe = MemoryProbe.start()
             stack.enter_context(runner)
-        for cand in ctx.candidates:
-            _check_match(ctx.reference, cand)
-        ctx.grid = ctx.grid or default_shapes(ctx.reference.inputs)
-        first = Path(parse_model_arg(reference)[1])
-        ctx.vocab = vocab_size_of(ctx.reference.path) or vocab_size_of(first / "model.onnx")
+            if runner is ctx.reference:
+                _plan_grid(ctx, first)
+            else:
+                _check_match(ctx.reference, runner)
+            ctx.engines[runner.name] = {**engine_size(runner.path), "memory": _probe(ctx, runner, probe)}
         for stage in STAGES:
             stage.run(ctx)
     return Report(ctx.data, ctx.results)
+
+
+def _plan_grid(ctx: BenchContext, first: Path) -> None:
+    """The latency grid from the open reference: decode points for a decoder with past."""
+    ref = ctx.reference
+    ctx.vocab = vocab_size_of(ref.path) or vocab_size_of(first / "model.onnx")
+    ctx.decoder = decoder_layout(ref.inputs, ref.outputs)
+    if ctx.task == "generation":
+        require_decoder(ref)
+    if ctx.decoder is None:
+        ctx.grid = ctx.grid or default_shapes(ref.inputs)
+        return
+    opts = ctx.options
+    ctx.points = decode_grid(
+        opts.prefill_lengths,
+        opts.decode_past,
+        opts.decode_batches,
+        max_positions=max_positions_of(ref.folder or ref.path.parent),
+    )
+    if not ctx.points and not ctx.grid:
+        raise ConfigError(
+            "No latency point left: give prefill lengths, or decode past lengths and batches."
+        )
+
+
+def _probe(ctx: BenchContext, runner: BaseRunner, probe: MemoryProbe) -> dict[str, Any]:
+    """One inference at the largest grid point, closing the memory probe of ``runner``."""
+    label, feeds = None, None
+    if ctx.decoder is not None and ctx.points:
+        point = max(ctx.points, key=lambda p: (p.batch * (p.past + p.seq), p.batch))
+        label = point.label
+        feeds = point_feeds(
+            runner.inputs, ctx.decoder, point, rng=np.random.default_rng(0), vocab_size=ctx.vocab
+        )
+    elif ctx.grid:
+        shape = max(ctx.grid, key=lambda s: (s.batch * s.seq, s.batch))
+        label = shape.label
+        feeds = make_feeds(runner.inputs, shape, rng=np.random.default_rng(0), vocab_size=ctx.vocab)
+    outputs = runner.infer(feeds) if feeds is not None else {}
+    memory = probe.finish([feeds or {}, outputs])
+    memory["probe"] = label
+    return memory
 
 
 def _describe(runner: BaseRunner) -> dict[str, Any]:

@@ -66,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classification", "perplexity", "similarity")
+TASKS = ("classification", "perplexity", "similarity", "generation")
 #: Tasks scored against labels; every other task (perplexity, generation) reads only text.
 LABELLED_TASKS = frozenset({"classification"})
 

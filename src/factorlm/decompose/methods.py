@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import scipy.linalg
@@ -47,6 +47,7 @@ from factorlm.decompose.svd import LowRank, SvdMethod, sketch_dtype
 __all__ = [
     "METHODS",
     "Method",
+    "MethodInputs",
     "PreparedWeight",
     "decompose",
     "prepare",
@@ -60,20 +61,25 @@ Method = Literal["svd", "whiten", "drone", "asvd", "fwsvd"]
 METHODS: tuple[str, ...] = ("svd", "whiten", "drone", "asvd", "fwsvd")
 
 
-def _statistic(
-    shape: tuple[int, ...],
-    method: str,
-    gram: np.ndarray | None,
-    mean_abs: np.ndarray | None,
-    fisher: np.ndarray | None,
-    alpha: float,
-) -> np.ndarray | None:
+@dataclass(frozen=True, eq=False)
+class MethodInputs:
+    """What a method reads besides the weight, held by reference (no copy): the gram for
+    whiten/drone, mean |x| (and ``alpha``) for asvd, Fisher row sums for fwsvd."""
+
+    gram: np.ndarray | None = None
+    mean_abs: np.ndarray | None = None
+    fisher: np.ndarray | None = None
+    alpha: float = 0.5
+
+
+def _statistic(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
     """The checked float64 statistic ``method`` reads (None for svd); raises when it is missing.
 
     The gram for whiten and drone, mean |x| per input feature for asvd (``alpha`` checked too),
     Fisher row sums per output feature for fwsvd.
     """
     m, n = shape
+    gram, mean_abs, fisher, alpha = inputs.gram, inputs.mean_abs, inputs.fisher, inputs.alpha
     if method == "svd":
         return None
     if method in ("whiten", "drone"):
@@ -94,20 +100,13 @@ def _statistic(
     raise DecompositionError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}.")
 
 
-def _transform(
-    weight: np.ndarray,
-    method: str,
-    gram: np.ndarray | None,
-    mean_abs: np.ndarray | None,
-    fisher: np.ndarray | None,
-    alpha: float,
-) -> Transform:
+def _transform(weight: np.ndarray, method: str, inputs: MethodInputs) -> Transform:
     w64 = weight.astype(np.float64)
-    stats = _statistic(weight.shape, method, gram, mean_abs, fisher, alpha)
+    stats = _statistic(weight.shape, method, inputs)
     if stats is None:
         return Transform(w64)
     if method == "asvd":
-        return asvd_transform(w64, stats, float(alpha))
+        return asvd_transform(w64, stats, float(inputs.alpha))
     if method == "fwsvd":
         return fisher_transform(w64, stats)
     return whiten_transform(w64, stats)
@@ -128,7 +127,7 @@ def decompose(
     """Rank-``rank`` factors of ``W`` by ``method`` (svd, whiten, drone, asvd, fwsvd)."""
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    transform = _transform(weight, method, gram, mean_abs, fisher, alpha)
+    transform = _transform(weight, method, MethodInputs(gram, mean_abs, fisher, alpha))
     return lowrank_from_transform(transform, r, weight.dtype, rng=rng, method=svd_method)
 
 
@@ -143,7 +142,7 @@ def spectrum(
 ) -> np.ndarray:
     """Descending singular values of the matrix ``method`` truncates (float64, min(m, n) long)."""
     weight = check_weight(W)
-    transform = _transform(weight, method, gram, mean_abs, fisher, alpha)
+    transform = _transform(weight, method, MethodInputs(gram, mean_abs, fisher, alpha))
     try:
         return scipy.linalg.svdvals(transform.matrix, check_finite=False)
     except np.linalg.LinAlgError:
@@ -157,15 +156,10 @@ _DAMPING = 1e-10  # first step of data_aware's adaptive damping rule
 
 
 def _tall_gram(
-    weight: np.ndarray,
-    method: str,
-    gram: np.ndarray | None,
-    mean_abs: np.ndarray | None,
-    fisher: np.ndarray | None,
-    alpha: float,
+    weight: np.ndarray, method: str, inputs: MethodInputs
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(K, b)`` with ``K = Bᵀ Wᵀ AᵀA W B`` (out × out) and ``b`` the diagonal of B (or None)."""
-    stats = _statistic(weight.shape, method, gram, mean_abs, fisher, alpha)
+    stats = _statistic(weight.shape, method, inputs)
     y, b = _output_scaled(weight, stats if method == "fwsvd" else None)
     if stats is not None and method in ("whiten", "drone"):
         mean_diag = float(np.mean(np.diag(stats)))
@@ -174,7 +168,7 @@ def _tall_gram(
         k = y.T @ (stats @ y) + (_DAMPING * mean_diag) * (y.T @ y)
         return 0.5 * (k + k.T), b
     if stats is not None and method == "asvd":
-        a = floored_scale(stats, alpha)
+        a = floored_scale(stats, inputs.alpha)
         if a is not None:
             scaled = a[:, None] * y
             return scaled.T @ scaled, b
@@ -218,7 +212,7 @@ class PreparedWeight:
     singular_values: np.ndarray
     side: Literal["left", "right"]
     vectors: np.ndarray
-    stats: dict[str, Any] = field(repr=False)
+    stats: MethodInputs = field(repr=False)
 
     @property
     def kept(self) -> int:
@@ -241,17 +235,17 @@ class PreparedWeight:
             vectors = self.vectors[:, :r].astype(np.float64)
             s = self.singular_values[:r]
         else:  # not cached: one eigendecomposition of the same Gram, now with vectors
-            s, vectors = _eigh_descending(_small_gram(weight, self.method, **self.stats))
+            s, vectors = _eigh_descending(_small_gram(weight, self.method, self.stats))
             s, vectors = s[:r], vectors[:, :r]
         if self.side == "left":
-            transform = _transform(weight, self.method, **self.stats)
+            transform = _transform(weight, self.method, self.stats)
             raw = vectors.T @ transform.matrix  # (r, out) = diag(s) V_rᵀ
             norms = np.linalg.norm(raw, axis=1)
             t = np.where(norms > 0, np.sqrt(norms), 1.0)
             left = transform.undo_left(vectors * t[None, :])
             right = transform.undo_right(raw / t[:, None])
         else:
-            fisher = self.stats["fisher"] if self.method == "fwsvd" else None
+            fisher = self.stats.fisher if self.method == "fwsvd" else None
             y, b = _output_scaled(
                 weight, None if fisher is None else np.asarray(fisher, dtype=np.float64)
             )
@@ -281,8 +275,8 @@ def prepare(
     weight = check_weight(W)
     small = min(weight.shape)
     kept = small if keep is None else max(0, min(int(keep), small))
-    stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
-    k = _small_gram(weight, method, **stats)
+    stats = MethodInputs(gram, mean_abs, fisher, alpha)
+    k = _small_gram(weight, method, stats)
     if kept == 0:  # spectrum only: eigenvalues without vectors, ~4x cheaper than eigh
         values = scipy.linalg.eigvalsh(k, check_finite=False)
         s = np.sqrt(np.maximum(values[::-1], 0.0))
@@ -312,13 +306,13 @@ def prepared_lowrank(
     """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    stats: dict[str, Any] = {"gram": gram, "mean_abs": mean_abs, "fisher": fisher, "alpha": alpha}
-    s, vectors = _eigh_descending(_small_gram(weight, method, **stats))
+    stats = MethodInputs(gram, mean_abs, fisher, alpha)
+    s, vectors = _eigh_descending(_small_gram(weight, method, stats))
     return _prepared(weight, method, s, vectors[:, :r], stats).lowrank(weight, r)
 
 
 def _prepared(
-    weight: np.ndarray, method: str, s: np.ndarray, vectors: np.ndarray, stats: dict[str, Any]
+    weight: np.ndarray, method: str, s: np.ndarray, vectors: np.ndarray, stats: MethodInputs
 ) -> PreparedWeight:
     """A ``PreparedWeight`` of ``weight``: vectors on the left when ``in <= out``, else right."""
     m, n = weight.shape
@@ -326,17 +320,10 @@ def _prepared(
     return PreparedWeight(str(method), (m, n), s, side, vectors, stats)
 
 
-def _small_gram(
-    weight: np.ndarray,
-    method: str,
-    gram: np.ndarray | None,
-    mean_abs: np.ndarray | None,
-    fisher: np.ndarray | None,
-    alpha: float,
-) -> np.ndarray:
+def _small_gram(weight: np.ndarray, method: str, inputs: MethodInputs) -> np.ndarray:
     """``Z Zᵀ`` (in ≤ out) or ``ZᵀZ`` computed without A (in > out), float64, symmetric."""
     if weight.shape[0] <= weight.shape[1]:
-        z = _transform(weight, method, gram, mean_abs, fisher, alpha).matrix
+        z = _transform(weight, method, inputs).matrix
         return z @ z.T
-    k, _ = _tall_gram(weight, method, gram, mean_abs, fisher, alpha)
+    k, _ = _tall_gram(weight, method, inputs)
     return k

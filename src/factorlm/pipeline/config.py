@@ -15,7 +15,7 @@ import difflib
 import json
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -110,6 +110,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Checked(_Section):
+    """A section whose values must also pass the cross-field checks of its option class."""
+
+    checked_by: ClassVar[type[Any]]
+
+    @model_validator(mode="after")
+    def _check_options(self) -> _Checked:
+        _validate(self.checked_by, self.model_dump())
+        return self
+
+
 class ExportConfig(_Section):
     """How the Hugging Face model becomes ONNX (skipped when ``model`` is already an ONNX file)."""
 
@@ -146,8 +157,10 @@ class CalibrationConfig(_Section):
     fisher_task: FisherTask = _opt(CompressOptions, "fisher_task")
 
 
-class CompressConfig(_Section):
+class CompressConfig(_Checked):
     """The plan and its rewrite; same names, defaults and ranges as ``factorlm compress``."""
+
+    checked_by = CompressOptions
 
     method: Method = _opt(CompressOptions, "method")
     ratio: float = _opt(CompressOptions, "ratio")
@@ -164,11 +177,6 @@ class CompressConfig(_Section):
     plan: Path | None = _opt(CompressOptions, "plan")
     sparse_structure: SparseStructure = _opt(CompressOptions, "sparse_structure")
     sparse_density: float = _opt(CompressOptions, "sparse_density")
-
-    @model_validator(mode="after")
-    def _check_options(self) -> CompressConfig:
-        _validate(CompressOptions, self.model_dump())
-        return self
 
 
 class RecoverConfig(_Section):
@@ -187,8 +195,10 @@ class RecoverConfig(_Section):
     seed: int = _opt(RecoverOptions, "seed")
 
 
-class BuildConfig(_Section):
+class BuildConfig(_Checked):
     """Engines to build for both the original and the compressed model."""
+
+    checked_by = BuildOptions
 
     backend: Backend = _opt(BuildOptions, "backend")
     optimize: bool = _opt(BuildOptions, "optimize")
@@ -199,11 +209,6 @@ class BuildConfig(_Section):
     int4_accuracy_level: int = _opt(BuildOptions, "int4_accuracy_level")
     fp16: bool = _opt(BuildOptions, "fp16")
     format: EngineFormat = _opt(BuildOptions, "format")
-
-    @model_validator(mode="after")
-    def _check_options(self) -> BuildConfig:
-        _validate(BuildOptions, self.model_dump())
-        return self
 
 
 class GoalsConfig(_Section):

@@ -1,18 +1,18 @@
 """``factorlm run``: export → data split → calibrate → compress → build → benchmark.
 
-Each stage is a plain function over the previous stages' folders. ``ArtifactStore`` keys every
-stage by its settings, its inputs' keys and the versions of factorlm and of the libraries the
-stage uses (``STAGE_LIBRARIES``), so a second run with the same config reuses every folder and
-finishes in seconds, while a config change or a library upgrade reruns only the stages it
-affects; ``force=True`` reruns them all. A lock on the output folder (``lock_output_dir``) makes
-a second concurrent run on the same folder refuse instead of deleting the first run's files.
+Each stage is a plain function over the previous stages' folders (``pipeline.stages``).
+``ArtifactStore`` keys every stage by its settings, its inputs' keys and the versions of
+factorlm and of the libraries the stage uses (``STAGE_LIBRARIES``), so a second run with the
+same config reuses every folder and finishes in seconds, while a config change or a library
+upgrade reruns only the stages it affects; ``force=True`` reruns them all. A lock on the output
+folder (``lock_output_dir``) makes a second concurrent run on the same folder refuse instead of
+deleting the first run's files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -22,15 +22,8 @@ from typing import Any
 
 from rich.console import Console
 
-from factorlm.errors import ConfigError, DataError
-from factorlm.options import (
-    DATA_AWARE_METHODS,
-    BenchOptions,
-    BuildOptions,
-    CompressOptions,
-    RecoverOptions,
-    replace,
-)
+from factorlm.options import DATA_AWARE_METHODS
+from factorlm.pipeline import stages
 from factorlm.pipeline.artifacts import (
     ArtifactStore,
     StageResult,
@@ -114,293 +107,6 @@ class RunResult:
         return next(s for s in self.stages if s.name == name)
 
 
-def _resolve_inputs(config: RunConfig, console: Console) -> tuple[Path, Path]:
-    """The model and the labelled data, fetching the embedded defaults when none are given."""
-    from factorlm import assets
-    from factorlm.assets.prepare import prepare
-
-    wanted = [
-        n for n, given in (("minilm", config.model), ("reviews", config.data.path)) if not given
-    ]
-    if wanted:
-        console.print(f"[dim]Preparing default assets: {', '.join(wanted)}[/]")
-        prepare(wanted, progress=console.is_terminal)
-    model = config.model if config.model is not None else assets.minilm_dir()
-    data = config.data.path if config.data.path is not None else assets.reviews_path()
-    if not model.exists():
-        raise ConfigError(f"Model {model} does not exist.")
-    if not data.exists():
-        raise DataError(f"Data file {data} does not exist.")
-    return model, data
-
-
-def _split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
-    """Disjoint calibration and evaluation files, so nothing is tuned on held-out rows.
-
-    Classification (and other row tasks): the rows are shuffled (seeded), calibration takes the
-    first ``calibration_samples``, evaluation the next ``eval_samples``. Perplexity scores running
-    text, so its rows (a .txt's non-empty lines) keep their order: calibration is the first
-    ``calibration_samples`` rows (the start of the text), evaluation the last ``eval_samples``
-    rows (the end of the text, also written as ``eval.txt``, the lines joined by newlines, which
-    the benchmark scores); distillation texts are every row before the evaluation slice.
-    """
-    from factorlm.bench.tasks import task_needs_labels
-    from factorlm.data import iter_records, read_labelled, read_texts
-
-    cfg = config.data
-    rows: list[dict[str, str]]
-    label_column = cfg.label_column
-    if label_column and not task_needs_labels(config.benchmark.task):  # labels optional
-        label_column = label_column if label_column in next(iter_records(data), {}) else None
-    if label_column:
-        texts, labels = read_labelled(
-            data, text_column=cfg.text_column, label_column=label_column, labels=cfg.labels
-        )
-        rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
-    else:
-        rows = [{"text": t} for t in read_texts(data, text_column=cfg.text_column)]
-    task = config.benchmark.task
-    contiguous = task == "perplexity" or (task == "auto" and not label_column)
-    need = cfg.calibration_samples + cfg.eval_samples
-    if len(rows) < need:
-        raise DataError(
-            f"{data} has {len(rows)} usable rows; calibration_samples + eval_samples needs {need}."
-        )
-    if contiguous:
-        offset = len(rows) - cfg.eval_samples
-        calib, evaluation = rows[: cfg.calibration_samples], rows[offset:]
-        train = rows[:offset]  # distillation texts: everything before the evaluation slice
-        text = "".join(row["text"] + "\n" for row in evaluation)
-        (out / "eval.txt").write_text(text, encoding="utf-8")
-    else:
-        random.Random(cfg.seed).shuffle(rows)
-        offset = cfg.calibration_samples
-        calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
-        train = calib + rows[need:]  # distillation texts: everything but the evaluation rows
-    for name, part in (
-        ("calibration.jsonl", calib),
-        ("eval.jsonl", evaluation),
-        ("train.jsonl", train),
-    ):
-        with (out / name).open("w", encoding="utf-8") as handle:
-            for row in part:
-                handle.write(json.dumps(row) + "\n")
-    return {
-        "source": str(data),
-        "split": "contiguous" if contiguous else "shuffled",
-        "calibration_rows": len(calib),
-        "eval_rows": len(evaluation),
-        "eval_offset": offset if contiguous else None,
-        "train_rows": len(train),
-    }
-
-
-def _export(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
-    from factorlm.exporters.hf import export
-
-    if model.is_file():  # already ONNX: adopt it with its sidecar files
-        from factorlm._common.files import copy_sidecars
-
-        shutil.copy2(model, out / "model.onnx")
-        copy_sidecars(model, out)  # the checked copy: no symlink out of the model's folder
-        return {"source": str(model), "exported": False}
-    target = out / "export"
-    result = export(
-        model,
-        target,
-        task=config.export.task,
-        opset=config.export.opset,
-        trust_remote_code=config.export.trust_remote_code,
-    )
-    for item in target.iterdir():
-        shutil.move(str(item), out / item.name)
-    target.rmdir()
-    return {
-        "source": str(model),
-        "exported": True,
-        "opset": result.opset,
-        "max_abs_diff": result.max_abs_diff,
-        "max_relative_diff": result.max_relative,
-    }
-
-
-def _calibrate(
-    config: RunConfig, model_dir: Path, onnx_dir: Path, split: Path, out: Path
-) -> dict[str, Any]:
-    from factorlm.calibration import CalibrationStats, collect_fisher, collect_statistics
-
-    method = config.compress.method
-    calib = split / "calibration.jsonl"
-    if method == "fwsvd":
-        if not model_dir.is_dir():  # an ONNX model: factorlm export recorded its source folder
-            from factorlm.exporters.hf import export_source
-
-            source = export_source(model_dir)
-            if source is None or not source.is_dir():
-                raise ConfigError(
-                    "method 'fwsvd' needs the PyTorch weights: give the Hugging Face model "
-                    f"folder as 'model', not {model_dir.name}, whose folder has no "
-                    "factorlm-export.json naming an existing source folder."
-                )
-            model_dir = source
-        fisher = collect_fisher(
-            model_dir,
-            onnx_dir / "model.onnx",
-            calib,
-            task=config.calibration.fisher_task,
-            text_column="text",
-            label_column="label",
-            labels=config.data.labels,
-            max_samples=config.data.calibration_samples,
-            max_length=config.calibration.max_length,
-        )
-        stats = CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
-    else:
-        stats = collect_statistics(
-            onnx_dir / "model.onnx",
-            calib,
-            text_column="text",
-            max_samples=config.data.calibration_samples,
-            max_length=config.calibration.max_length,
-            batch_size=config.calibration.batch_size,
-        )
-    stats.save(out / "stats.npz")
-    return {
-        "method": method,
-        "weights": len(stats.gram) or len(stats.fisher),
-        "tokens": stats.tokens,
-    }
-
-
-def _compress(
-    config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path
-) -> dict[str, Any]:
-    from factorlm._common.files import copy_sidecars
-    from factorlm.calibration import CalibrationStats
-    from factorlm.compression import compress
-
-    cfg = config.compress
-    stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
-    result = compress(
-        onnx_dir / "model.onnx", out / "model.onnx", config.options(CompressOptions), stats=stats
-    )
-    copy_sidecars(onnx_dir / "model.onnx", out)
-    return {
-        "method": cfg.method,
-        "ratio": cfg.ratio,
-        "factorized": result.factorized,
-        "skipped": result.skipped,
-        "params_before": result.params_before,
-        "params_after": result.params_after,
-        "flops_before": result.flops_before,
-        "flops_after": result.flops_after,
-        "model_params_before": result.model_params_before,
-        "model_params_after": result.model_params_after,
-    }
-
-
-def _recover(
-    config: RunConfig,
-    model_dir: Path,
-    onnx_dir: Path,
-    compressed_dir: Path,
-    stats_dir: Path | None,
-    split: Path,
-    out: Path,
-    checkpoints: Path,
-) -> dict[str, Any]:
-    from factorlm._common.files import copy_sidecars
-    from factorlm.recovery import recover
-
-    cfg = config.recover
-    if not model_dir.is_dir():
-        raise ConfigError(
-            "recover needs the Hugging Face model folder as 'model', not an ONNX file."
-        )
-    target = out / "recovered"
-    result = recover(
-        model_dir,
-        compressed_dir / "model.plan.json",
-        target,
-        config.options(RecoverOptions, method=cfg.method or "distill"),
-        data=split / "train.jsonl",
-        onnx_model=onnx_dir / "model.onnx",
-        stats=stats_dir / "stats.npz" if stats_dir is not None else None,
-        checkpoint_dir=checkpoints,
-        task=config.export.task,
-        resume=(checkpoints / "checkpoint.pt").is_file(),
-    )
-    for item in target.iterdir():
-        shutil.move(str(item), out / item.name)
-    target.rmdir()
-    if not (out / "tokenizer.json").exists():
-        copy_sidecars(onnx_dir / "model.onnx", out)
-    shutil.copy2(compressed_dir / "model.plan.json", out / "model.plan.json")
-    return {
-        "method": result.method,
-        "steps_done": result.steps_done,
-        "steps": result.steps,
-        "train_seconds": round(result.train_seconds, 1),
-        "stopped": result.stopped,
-        "warning": result.warning,
-        "resumed_from": result.resumed_from,
-        "final_loss": result.final_loss,
-        "replaced": result.replaced,
-    }
-
-
-def _build(
-    config: RunConfig, onnx_dir: Path, compressed_dir: Path, split: Path, out: Path
-) -> dict[str, Any]:
-    from factorlm.exporters.engine import build_engine
-
-    options = config.options(BuildOptions)
-    static = options.backend == "ort" and options.int8 and options.int8_mode == "static"
-    data = split / "calibration.jsonl" if static else None  # the compression's calibration rows
-    if static:
-        options = replace(options, text_column="text")  # the split's column
-    info: dict[str, Any] = {}
-    for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
-        reference = onnx_dir / "model.onnx" if name == "compressed" else None
-        manifest = build_engine(
-            source / "model.onnx",
-            out / name,
-            options,
-            reference=reference if options.backend == "ort" else None,
-            data=data,
-        )
-        info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
-    return info
-
-
-def _bench_options(config: RunConfig) -> BenchOptions:
-    """The benchmark's options: the YAML keys plus the split's columns (``text``, ``label``)."""
-    return config.options(
-        BenchOptions,
-        label_column="label" if config.data.label_column else None,
-        labels=tuple(config.data.labels) if config.data.labels is not None else None,
-        max_samples=None,
-    )
-
-
-def _benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
-    from factorlm.bench.run import run_benchmark
-
-    options = _bench_options(config)
-    data = split / "eval.jsonl"
-    if (split / "eval.txt").is_file():  # perplexity: the contiguous end of the text
-        data = split / "eval.txt"
-        options = replace(options, label_column=None, labels=None)
-    report = run_benchmark(
-        build_dir / "reference",
-        [("compressed", build_dir / "compressed")],
-        options,
-        data=data if options.task != "none" else None,
-    )
-    report.write(out)
-    return {"passed": report.passed}
-
-
 def run_pipeline(
     config: RunConfig,
     *,
@@ -425,7 +131,7 @@ def _run_locked(
     on_stage: Callable[[StageResult], None] | None,
     force: bool,
 ) -> RunResult:
-    model, data = _resolve_inputs(config, console)
+    model, data = stages.resolve_inputs(config, console)
     installed = installed_versions()
     store = ArtifactStore(Path(config.output_dir))
     store.update_header({"config": json.loads(config.model_dump_json()), "versions": installed})
@@ -450,7 +156,7 @@ def _run_locked(
     exported = stage(
         "export",
         hash_json({"model": model_key, "export": config.export.model_dump(mode="json")}),
-        lambda out: _export(config, model, out),
+        lambda out: stages.export_model(config, model, out),
     )
     split = stage(
         "data",
@@ -462,7 +168,7 @@ def _run_locked(
                 "v": 3,
             }
         ),
-        lambda out: _split_data(config, data, out),
+        lambda out: stages.split_data(config, data, out),
     )
     stats_dir: Path | None = None
     method = config.compress.method
@@ -477,7 +183,7 @@ def _run_locked(
                     "cfg": config.calibration.model_dump(mode="json"),
                 }
             ),
-            lambda out: _calibrate(config, model, exported.path, split.path, out),
+            lambda out: stages.calibrate(config, model, exported.path, split.path, out),
         )
         stats_dir = calibrated.path
     plan_key = hash_files([config.compress.plan]) if config.compress.plan else None
@@ -491,7 +197,7 @@ def _run_locked(
                 "plan": plan_key,
             }
         ),
-        lambda out: _compress(config, exported.path, stats_dir, out),
+        lambda out: stages.compress_model(config, exported.path, stats_dir, out),
     )
     candidate = compressed
     if config.recover.method is not None:
@@ -511,7 +217,7 @@ def _run_locked(
         candidate = stage(
             "recover",
             recover_key,
-            lambda out: _recover(
+            lambda out: stages.recover_model(
                 config,
                 model,
                 exported.path,
@@ -532,7 +238,7 @@ def _run_locked(
                 **({"data": split.key} if config.build.int8_mode == "static" else {}),
             }
         ),
-        lambda out: _build(config, exported.path, candidate.path, split.path, out),
+        lambda out: stages.build_engines(config, exported.path, candidate.path, split.path, out),
     )
     bench_cfg = config.benchmark.model_dump(mode="json")
     baseline_key = hash_files([config.benchmark.baseline]) if config.benchmark.baseline else None
@@ -541,7 +247,7 @@ def _run_locked(
         hash_json(
             {"build": built.key, "data": split.key, "cfg": bench_cfg, "baseline": baseline_key}
         ),
-        lambda out: _benchmark(config, built.path, split.path, out),
+        lambda out: stages.benchmark(config, built.path, split.path, out),
     )
     result.report = json.loads((bench.path / "report.json").read_text(encoding="utf-8"))
     return result

@@ -26,6 +26,7 @@ from factorlm.planning.schema import (
     Plan,
     StatsLike,
     WeightPlan,
+    load_plan,
 )
 from factorlm.planning.validation import validate_plan
 
@@ -42,6 +43,7 @@ __all__ = [
     "WeightPlan",
     "dense_cost",
     "fill_costs",
+    "load_plan",
     "make_plan",
     "supports_kronecker",
     "supports_lowrank_sparse",

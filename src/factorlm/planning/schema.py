@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from factorlm._common.userfiles import check_fields, parse_json
+from factorlm._common.userfiles import check_fields, parse_json, read_text
 from factorlm.decompose import METHODS
 from factorlm.errors import PlanError
 from factorlm.options import DATA_AWARE_METHODS
@@ -33,6 +35,7 @@ __all__ = [
     "StatsLike",
     "UseLike",
     "WeightPlan",
+    "load_plan",
     "new_entry",
 ]
 
@@ -210,6 +213,17 @@ class Plan:
             skipped={str(k): str(v) for k, v in skipped.items()},
             dense={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in dense_raw.items()},
         )
+
+
+def load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:
+    """A Plan object, or one read from a JSON file (PlanError naming the file otherwise)."""
+    if isinstance(plan, Plan):
+        return plan
+    path = Path(plan)
+    if not path.is_file():
+        raise PlanError(f"plan file {path} does not exist.")
+    text = read_text(path, what="plan file", error=PlanError)
+    return Plan.from_json(text, source=f"plan file {path}")
 
 
 def new_entry(cand: CandidateLike, method: str, **fields: Any) -> WeightPlan:

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from factorlm._common.userfiles import read_text
 from factorlm.compression import factorize_entry
 from factorlm.errors import PlanError
 from factorlm.passes.analysis import Candidate
 from factorlm.passes.joint import JOINT_SEPARATOR, joint_statistics
-from factorlm.planning import Plan, StatsLike, WeightPlan, validate_plan
+from factorlm.planning import Plan, StatsLike, WeightPlan, load_plan, validate_plan
 from factorlm.recovery.modules import (
     FactorizedEmbedding,
     FactorizedLinear,
@@ -50,17 +49,6 @@ class AppliedPlan:
 
     plan: Plan
     modules: dict[str, str]
-
-
-def load_plan(plan: Plan | str | Path) -> Plan:
-    """A Plan object, or one read from a JSON file (PlanError naming the file otherwise)."""
-    if isinstance(plan, Plan):
-        return plan
-    path = Path(plan)
-    if not path.is_file():
-        raise PlanError(f"plan file {path} does not exist.")
-    text = read_text(path, what="plan file", error=PlanError)
-    return Plan.from_json(text, source=f"plan file {path}")
 
 
 def _digest(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:

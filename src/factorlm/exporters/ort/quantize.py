@@ -396,7 +396,11 @@ def quantize_int4(
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
     save_model(quantizer.model.model, target)
-    settings = {"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": True}
+    settings = {
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "symmetric": True,
+    }
     report = _report("int4", before, target, folded, settings)
     return report
 

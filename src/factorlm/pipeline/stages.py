@@ -1,0 +1,325 @@
+"""The stages of ``factorlm run``: one plain function each, over the previous stages' folders.
+
+``run.run_pipeline`` decides which stages run and keys their folders; each function here only
+reads its inputs and writes into the fresh folder ``out`` it is given, and returns the small
+record the run manifest keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from factorlm.errors import ConfigError, DataError
+from factorlm.options import BenchOptions, BuildOptions, CompressOptions, RecoverOptions, replace
+from factorlm.pipeline.config import RunConfig
+
+__all__ = [
+    "bench_options",
+    "benchmark",
+    "build_engines",
+    "calibrate",
+    "compress_model",
+    "export_model",
+    "recover_model",
+    "resolve_inputs",
+    "split_data",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_inputs(config: RunConfig, console: Console) -> tuple[Path, Path]:
+    """The model and the labelled data, fetching the embedded defaults when none are given."""
+    from factorlm import assets
+    from factorlm.assets.prepare import prepare
+
+    wanted = [
+        n for n, given in (("minilm", config.model), ("reviews", config.data.path)) if not given
+    ]
+    if wanted:
+        console.print(f"[dim]Preparing default assets: {', '.join(wanted)}[/]")
+        prepare(wanted, progress=console.is_terminal)
+    model = config.model if config.model is not None else assets.minilm_dir()
+    data = config.data.path if config.data.path is not None else assets.reviews_path()
+    if not model.exists():
+        raise ConfigError(f"Model {model} does not exist.")
+    if not data.exists():
+        raise DataError(f"Data file {data} does not exist.")
+    return model, data
+
+
+def split_data(config: RunConfig, data: Path, out: Path) -> dict[str, Any]:
+    """Disjoint calibration and evaluation files, so nothing is tuned on held-out rows.
+
+    Classification (and other row tasks): the rows are shuffled (seeded), calibration takes the
+    first ``calibration_samples``, evaluation the next ``eval_samples``. Perplexity scores running
+    text, so its rows (a .txt's non-empty lines) keep their order: calibration is the first
+    ``calibration_samples`` rows (the start of the text), evaluation the last ``eval_samples``
+    rows (the end of the text, also written as ``eval.txt``, the lines joined by newlines, which
+    the benchmark scores); distillation texts are every row before the evaluation slice.
+    """
+    from factorlm.bench.tasks import task_needs_labels
+    from factorlm.data import iter_records, read_labelled, read_texts
+
+    cfg = config.data
+    rows: list[dict[str, str]]
+    label_column = cfg.label_column
+    if label_column and not task_needs_labels(config.benchmark.task):  # labels optional
+        label_column = label_column if label_column in next(iter_records(data), {}) else None
+    if label_column:
+        texts, labels = read_labelled(
+            data, text_column=cfg.text_column, label_column=label_column, labels=cfg.labels
+        )
+        rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)]
+    else:
+        rows = [{"text": t} for t in read_texts(data, text_column=cfg.text_column)]
+    task = config.benchmark.task
+    contiguous = task == "perplexity" or (task == "auto" and not label_column)
+    need = cfg.calibration_samples + cfg.eval_samples
+    if len(rows) < need:
+        raise DataError(
+            f"{data} has {len(rows)} usable rows; calibration_samples + eval_samples needs {need}."
+        )
+    if contiguous:
+        offset = len(rows) - cfg.eval_samples
+        calib, evaluation = rows[: cfg.calibration_samples], rows[offset:]
+        train = rows[:offset]  # distillation texts: everything before the evaluation slice
+        text = "".join(row["text"] + "\n" for row in evaluation)
+        (out / "eval.txt").write_text(text, encoding="utf-8")
+    else:
+        random.Random(cfg.seed).shuffle(rows)
+        offset = cfg.calibration_samples
+        calib, evaluation = rows[: cfg.calibration_samples], rows[cfg.calibration_samples : need]
+        train = calib + rows[need:]  # distillation texts: everything but the evaluation rows
+    for name, part in (
+        ("calibration.jsonl", calib),
+        ("eval.jsonl", evaluation),
+        ("train.jsonl", train),
+    ):
+        with (out / name).open("w", encoding="utf-8") as handle:
+            for row in part:
+                handle.write(json.dumps(row) + "\n")
+    return {
+        "source": str(data),
+        "split": "contiguous" if contiguous else "shuffled",
+        "calibration_rows": len(calib),
+        "eval_rows": len(evaluation),
+        "eval_offset": offset if contiguous else None,
+        "train_rows": len(train),
+    }
+
+
+def export_model(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
+    from factorlm.exporters.hf import export
+
+    if model.is_file():  # already ONNX: adopt it with its sidecar files
+        from factorlm._common.files import copy_sidecars
+
+        shutil.copy2(model, out / "model.onnx")
+        copy_sidecars(model, out)  # the checked copy: no symlink out of the model's folder
+        return {"source": str(model), "exported": False}
+    target = out / "export"
+    result = export(
+        model,
+        target,
+        task=config.export.task,
+        opset=config.export.opset,
+        trust_remote_code=config.export.trust_remote_code,
+    )
+    _move_up(target, out)
+    return {
+        "source": str(model),
+        "exported": True,
+        "opset": result.opset,
+        "max_abs_diff": result.max_abs_diff,
+        "max_relative_diff": result.max_relative,
+    }
+
+
+def calibrate(
+    config: RunConfig, model_dir: Path, onnx_dir: Path, split: Path, out: Path
+) -> dict[str, Any]:
+    from factorlm.calibration import CalibrationStats, collect_fisher, collect_statistics
+
+    method = config.compress.method
+    calib = split / "calibration.jsonl"
+    if method == "fwsvd":
+        if not model_dir.is_dir():  # an ONNX model: factorlm export recorded its source folder
+            from factorlm.exporters.hf import export_source
+
+            source = export_source(model_dir)
+            if source is None or not source.is_dir():
+                raise ConfigError(
+                    "method 'fwsvd' needs the PyTorch weights: give the Hugging Face model "
+                    f"folder as 'model', not {model_dir.name}, whose folder has no "
+                    "factorlm-export.json naming an existing source folder."
+                )
+            model_dir = source
+        fisher = collect_fisher(
+            model_dir,
+            onnx_dir / "model.onnx",
+            calib,
+            task=config.calibration.fisher_task,
+            text_column="text",
+            label_column="label",
+            labels=config.data.labels,
+            max_samples=config.data.calibration_samples,
+            max_length=config.calibration.max_length,
+        )
+        stats = CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
+    else:
+        stats = collect_statistics(
+            onnx_dir / "model.onnx",
+            calib,
+            text_column="text",
+            max_samples=config.data.calibration_samples,
+            max_length=config.calibration.max_length,
+            batch_size=config.calibration.batch_size,
+        )
+    stats.save(out / "stats.npz")
+    return {
+        "method": method,
+        "weights": len(stats.gram) or len(stats.fisher),
+        "tokens": stats.tokens,
+    }
+
+
+def compress_model(
+    config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path
+) -> dict[str, Any]:
+    from factorlm._common.files import copy_sidecars
+    from factorlm.calibration import CalibrationStats
+    from factorlm.compression import compress
+
+    cfg = config.compress
+    stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
+    result = compress(
+        onnx_dir / "model.onnx", out / "model.onnx", config.options(CompressOptions), stats=stats
+    )
+    copy_sidecars(onnx_dir / "model.onnx", out)
+    return {
+        "method": cfg.method,
+        "ratio": cfg.ratio,
+        "factorized": result.factorized,
+        "skipped": result.skipped,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "flops_before": result.flops_before,
+        "flops_after": result.flops_after,
+        "model_params_before": result.model_params_before,
+        "model_params_after": result.model_params_after,
+    }
+
+
+def recover_model(
+    config: RunConfig,
+    model_dir: Path,
+    onnx_dir: Path,
+    compressed_dir: Path,
+    stats_dir: Path | None,
+    split: Path,
+    out: Path,
+    checkpoints: Path,
+) -> dict[str, Any]:
+    from factorlm._common.files import copy_sidecars
+    from factorlm.recovery import recover
+
+    cfg = config.recover
+    if not model_dir.is_dir():
+        raise ConfigError(
+            "recover needs the Hugging Face model folder as 'model', not an ONNX file."
+        )
+    target = out / "recovered"
+    result = recover(
+        model_dir,
+        compressed_dir / "model.plan.json",
+        target,
+        config.options(RecoverOptions, method=cfg.method or "distill"),
+        data=split / "train.jsonl",
+        onnx_model=onnx_dir / "model.onnx",
+        stats=stats_dir / "stats.npz" if stats_dir is not None else None,
+        checkpoint_dir=checkpoints,
+        task=config.export.task,
+        resume=(checkpoints / "checkpoint.pt").is_file(),
+    )
+    _move_up(target, out)
+    if not (out / "tokenizer.json").exists():
+        copy_sidecars(onnx_dir / "model.onnx", out)
+    shutil.copy2(compressed_dir / "model.plan.json", out / "model.plan.json")
+    return {
+        "method": result.method,
+        "steps_done": result.steps_done,
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 1),
+        "stopped": result.stopped,
+        "warning": result.warning,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.final_loss,
+        "replaced": result.replaced,
+    }
+
+
+def build_engines(
+    config: RunConfig, onnx_dir: Path, compressed_dir: Path, split: Path, out: Path
+) -> dict[str, Any]:
+    from factorlm.exporters.engine import build_engine
+
+    options = config.options(BuildOptions)
+    static = options.backend == "ort" and options.int8 and options.int8_mode == "static"
+    data = split / "calibration.jsonl" if static else None  # the compression's calibration rows
+    if static:
+        options = replace(options, text_column="text")  # the split's column
+    info: dict[str, Any] = {}
+    for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
+        reference = onnx_dir / "model.onnx" if name == "compressed" else None
+        manifest = build_engine(
+            source / "model.onnx",
+            out / name,
+            options,
+            reference=reference if options.backend == "ort" else None,
+            data=data,
+        )
+        info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
+    return info
+
+
+def bench_options(config: RunConfig) -> BenchOptions:
+    """The benchmark's options: the YAML keys plus the split's columns (``text``, ``label``)."""
+    return config.options(
+        BenchOptions,
+        label_column="label" if config.data.label_column else None,
+        labels=tuple(config.data.labels) if config.data.labels is not None else None,
+        max_samples=None,
+    )
+
+
+def benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
+    from factorlm.bench.run import run_benchmark
+
+    options = bench_options(config)
+    data = split / "eval.jsonl"
+    if (split / "eval.txt").is_file():  # perplexity: the contiguous end of the text
+        data = split / "eval.txt"
+        options = replace(options, label_column=None, labels=None)
+    report = run_benchmark(
+        build_dir / "reference",
+        [("compressed", build_dir / "compressed")],
+        options,
+        data=data if options.task != "none" else None,
+    )
+    report.write(out)
+    return {"passed": report.passed}
+
+
+def _move_up(target: Path, out: Path) -> None:
+    """Move what a library wrote into ``out/<sub>`` up into the stage folder ``out``."""
+    for item in target.iterdir():
+        shutil.move(str(item), out / item.name)
+    target.rmdir()

@@ -1,0 +1,375 @@
+"""Run a sweep's trials on Ray: a local Ray by default, or an existing cluster by address.
+
+Each trial is one Ray task (``trial.run_trial``) holding ``cpus_per_trial`` CPUs; the driver
+only schedules, shows a live table and writes the results. Trials that share stages with an
+earlier trial wait for it and start from its stage folders (``plan_seeds``). A trial whose
+``trials/<id>/trial.json`` says done is not run again, so an interrupted sweep resumes where it
+stopped (failed trials are retried). Trial folders must be on storage every node sees (one
+machine, or a shared filesystem on a cluster), like the model and data paths in the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from factorlm.errors import BackendUnavailableError, ConfigError
+from factorlm.options import DATA_AWARE_METHODS
+from factorlm.pipeline.artifacts import hash_json
+from factorlm.sweeps.config import SweepConfig
+from factorlm.sweeps.grid import Trial, expand
+from factorlm.sweeps.report import write_results
+from factorlm.sweeps.select import Selection, TrialResult, select
+from factorlm.sweeps.trial import read_result, run_trial, write_result
+
+__all__ = ["RAY_HINT", "SweepResult", "import_ray", "plan_seeds", "run_sweep"]
+
+logger = logging.getLogger(__name__)
+
+RAY_HINT = "factorlm sweep runs its trials on Ray, which is not installed; run `pip install 'factorlm[ray]'`."
+_LOCK_NAME = ".factorlm-sweep.lock"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or one sentence naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise BackendUnavailableError(RAY_HINT) from None
+    return ray
+
+
+@dataclass
+class SweepResult:
+    """Every trial's result, the selection, and the files written."""
+
+    output_dir: Path
+    trials: list[TrialResult]
+    selection: Selection
+    paths: dict[str, Path] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # ids run by this call (the rest were resumed)
+
+    @property
+    def best(self) -> TrialResult | None:
+        return self.selection.best
+
+    def trial(self, ident: str) -> TrialResult:
+        return next(r for r in self.trials if r.id == ident)
+
+
+def _calibration_kind(trial: Trial) -> str | None:
+    compress = trial.config.compress
+    if compress.plan is not None:
+        return None
+    if compress.method == "fwsvd":
+        return "fisher"
+    return "stats" if compress.method in DATA_AWARE_METHODS else None
+
+
+def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
+    """For each trial, the earlier trial whose export/data/calibration stages it reuses.
+
+    Trials with the same model, export, data and task share export and data; those that also
+    calibrate alike share the statistics. The first trial of each such group runs first (a
+    warm-up that populates the shared stages); the others start from its folder.
+    """
+    first_inputs: dict[str, str] = {}
+    first_stats: dict[str, str] = {}
+    seeds: dict[str, str | None] = {}
+    for t in trials:
+        cfg = t.config
+        inputs = hash_json(
+            {
+                "model": str(cfg.model),
+                "export": cfg.export.model_dump(mode="json"),
+                "data": cfg.data.model_dump(mode="json"),
+                "task": cfg.benchmark.task,
+            }
+        )
+        stats = hash_json(
+            {
+                "inputs": inputs,
+                "kind": _calibration_kind(t),
+                "calibration": cfg.calibration.model_dump(mode="json"),
+            }
+        )
+        leader = first_inputs.setdefault(inputs, t.id)
+        stats_leader = first_stats.setdefault(stats, t.id)
+        if stats_leader != t.id:
+            seeds[t.id] = stats_leader
+        elif leader != t.id:
+            seeds[t.id] = leader
+        else:
+            seeds[t.id] = None
+    return seeds
+
+
+@contextlib.contextmanager
+def _sweep_lock(root: Path) -> Iterator[None]:
+    """One sweep per output folder at a time (a second one would rerun the same trials)."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with (root / _LOCK_NAME).open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"Sweep folder {root} is in use by another factorlm sweep; wait for it to "
+                "finish or choose another output_dir."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _ray_session(ray: Any, address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Join ``address`` or start a local Ray for the sweep; shut down only what we started."""
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+    }
+    if address is None:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"Cannot reach the Ray cluster at {address}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _node_label(ray: Any) -> str:
+    import socket
+
+    try:
+        node = str(ray.get_runtime_context().get_node_id())[:8]
+    except Exception:  # outside a Ray task
+        node = "local"
+    return f"{socket.gethostname()}:{node}"
+
+
+def _remote_trial(
+    trial_id: str,
+    params: Mapping[str, Any],
+    config: Mapping[str, Any],
+    seed_from: str | None,
+) -> dict[str, Any]:
+    """The Ray task body (module level, so workers import it by name)."""
+    import ray
+
+    return run_trial(trial_id, params, config, seed_from=seed_from, node=_node_label(ray))
+
+
+def _capacity(ray: Any, cpus_per_trial: int) -> int:
+    """How many trials fit at once; refuses a per-trial CPU count no node has."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = [int(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
+    if not any(c >= cpus_per_trial for c in per_node):
+        raise ConfigError(
+            f"ray.cpus_per_trial is {cpus_per_trial}, but no Ray node has that many CPUs "
+            f"(nodes: {per_node or 'none'})."
+        )
+    return max(1, sum(c // cpus_per_trial for c in per_node))
+
+
+class _Progress:
+    """The live table: one row per trial, plus done / running / failed counts."""
+
+    def __init__(self, trials: list[Trial]) -> None:
+        self.trials = trials
+        self.state: dict[str, str] = {t.id: "pending" for t in trials}
+        self.results: dict[str, TrialResult] = {}
+        self.started = time.perf_counter()
+
+    def counts(self) -> dict[str, int]:
+        values = list(self.state.values())
+        return {s: values.count(s) for s in ("done", "running", "failed", "pending", "resumed")}
+
+    def render(self) -> Group:
+        table = Table(title="factorlm sweep", title_justify="left")
+        axes = list(self.trials[0].params) if self.trials else []
+        for column in ("trial", *axes, "status", "quality", "speedup", "node"):
+            table.add_column(column, justify="right" if column in ("quality", "speedup") else "left")
+        style = {"done": "green", "resumed": "green", "failed": "red", "running": "yellow"}
+        for t in self.trials:
+            state = self.state[t.id]
+            r = self.results.get(t.id)
+            status = Text(state, style=style.get(state, "dim"))
+            if r is not None and r.error:
+                status.append(f" {r.error[:60]}", style="dim")
+            table.add_row(
+                t.id,
+                *(str(t.params[a]) for a in axes),
+                status,
+                f"{r.quality:.4f}" if r and r.quality is not None else "",
+                f"{r.speedup:.2f}x" if r and r.speedup is not None else "",
+                (r.node or "") if r else "",
+            )
+        c = self.counts()
+        line = (
+            f"{c['done'] + c['resumed']} done ({c['resumed']} resumed), {c['running']} running, "
+            f"{c['failed']} failed, {c['pending']} pending - "
+            f"{time.perf_counter() - self.started:.0f} s"
+        )
+        return Group(table, Text(line))
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    console: Console | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    num_cpus: int | None = None,
+    on_trial: Callable[[TrialResult], None] | None = None,
+) -> SweepResult:
+    """Run every unfinished trial of ``config`` on Ray, then select and write the results.
+
+    ``address``/``max_concurrent``/``num_cpus`` override the sweep file's ``ray`` section.
+    """
+    ray = import_ray()
+    console = console or Console(stderr=True)
+    settings = config.ray
+    address = address if address is not None else settings.address
+    max_concurrent = max_concurrent or settings.max_concurrent
+    trials = expand(config)
+    root = config.output_dir
+    start = time.perf_counter()
+    with _sweep_lock(root):
+        progress = _Progress(trials)
+        todo: list[Trial] = []
+        for t in trials:
+            stored = read_result(t.output_dir)
+            if stored is not None and stored.ok and stored.id == t.id:
+                progress.state[t.id] = "resumed"
+                progress.results[t.id] = stored
+            else:
+                todo.append(t)
+        seeds = plan_seeds(trials)
+        ran: list[str] = []
+        nodes = 0
+        if todo:
+            with _ray_session(ray, address, num_cpus or settings.num_cpus):
+                nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+                limit = _capacity(ray, settings.cpus_per_trial)
+                limit = min(limit, max_concurrent) if max_concurrent else limit
+                ran = _schedule(
+                    ray, todo, seeds, progress, limit, settings.cpus_per_trial, console, on_trial
+                )
+        results = [progress.results[t.id] for t in trials]
+        selection = select(results, config.select)
+        counts = progress.counts()
+        header = {
+            "source": config.source,
+            "output_dir": str(root),
+            "axes": config.axes,
+            "select": config.select.model_dump(mode="json"),
+            "ray": {"address": address, "cpus_per_trial": settings.cpus_per_trial},
+            "nodes": nodes,
+            "wall_seconds": round(time.perf_counter() - start, 2),
+            "counts": {
+                "total": len(trials),
+                "done": counts["done"] + counts["resumed"],
+                "resumed": counts["resumed"],
+                "failed": counts["failed"],
+            },
+        }
+        paths = write_results(root, header, trials, results, selection)
+    return SweepResult(root, results, selection, paths, ran)
+
+
+def _schedule(
+    ray: Any,
+    todo: list[Trial],
+    seeds: dict[str, str | None],
+    progress: _Progress,
+    limit: int,
+    cpus_per_trial: int,
+    console: Console,
+    on_trial: Callable[[TrialResult], None] | None,
+) -> list[str]:
+    """Submit trials as their seed trial finishes and slots free up; collect their results."""
+    by_id = {t.id: t for t in progress.trials}
+    task = ray.remote(_remote_trial).options(
+        num_cpus=cpus_per_trial, max_retries=0, retry_exceptions=False
+    )
+    waiting = list(todo)
+    in_flight: dict[Any, Trial] = {}
+    ran: list[str] = []
+
+    def finished(ident: str | None) -> bool:
+        return ident is None or progress.state[ident] in ("done", "failed", "resumed")
+
+    try:
+        with Live(progress.render(), console=console, refresh_per_second=2) as live:
+            while waiting or in_flight:
+                for t in list(waiting):
+                    if len(in_flight) >= limit:
+                        break
+                    seed = seeds.get(t.id)
+                    if not finished(seed):
+                        continue
+                    waiting.remove(t)
+                    source = str(by_id[seed].output_dir) if seed else None
+                    config = json.loads(t.config.model_dump_json())
+                    in_flight[task.remote(t.id, t.params, config, source)] = t
+                    progress.state[t.id] = "running"
+                    ran.append(t.id)
+                if not in_flight:  # pragma: no cover - a seed that never finishes
+                    raise RuntimeError("sweep scheduler stalled: no trial can start")
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    t = in_flight.pop(ref)
+                    result = _collect(ray, ref, t)
+                    progress.results[t.id] = result
+                    progress.state[t.id] = "done" if result.ok else "failed"
+                    if on_trial is not None:
+                        on_trial(result)
+                live.update(progress.render())
+    except BaseException:
+        for ref in in_flight:  # interrupted: stop the running trials (they rerun on resume)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    return ran
+
+
+def _collect(ray: Any, ref: Any, trial: Trial) -> TrialResult:
+    """The task's result; a crashed worker becomes a failed trial with a one-line error."""
+    try:
+        return TrialResult.from_dict(ray.get(ref))
+    except Exception as exc:
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        result = TrialResult(
+            id=trial.id,
+            params=dict(trial.params),
+            status="failed",
+            error=error,
+            output_dir=str(trial.output_dir),
+        )
+        write_result(trial.output_dir, result)
+        return result

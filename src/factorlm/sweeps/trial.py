@@ -1,0 +1,292 @@
+"""One trial, as it runs on a Ray worker: seed shared stages, run the pipeline, record the result.
+
+Shared stages. Every trial is a ``factorlm run`` into its own folder (``trials/<id>/``), so the
+pipeline's output-folder lock and stage cache work unchanged and no two processes ever write the
+same folder. Before a trial starts, the stages it shares with an earlier trial (export, data split,
+calibration statistics) are copied in from that trial's folder as hard links together with their
+manifest entries; the pipeline then finds them under the same stage key and reuses them, or, when
+the key differs, replaces them (removing links, never the source files). The source trial has
+finished before its followers start (``run.plan_seeds``), so nothing is read while being written.
+
+Fair latency. A trial holds a node-wide shared lock while it exports, compresses and builds, and
+trades it for the exclusive lock before its benchmark stage, so the paired reference/candidate
+timing runs with the node's CPUs to itself (other trials on the node wait at their next
+benchmark or before they start; a waiting benchmark blocks new trials from starting). The lock
+files live in the node's temporary folder, keyed by host name, so simulated nodes on one machine
+share one lock, as they share its CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+
+from factorlm._common.files import write_text_atomic
+from factorlm._common.outputs import make_stage, remove_owned
+from factorlm.pipeline.config import parse_config
+from factorlm.pipeline.run import RunResult, run_pipeline
+from factorlm.sweeps.select import TrialResult
+
+__all__ = [
+    "RESULT_FILE",
+    "SHARED_STAGES",
+    "NodeBenchLock",
+    "read_result",
+    "result_from_run",
+    "run_trial",
+    "seed_stages",
+    "write_result",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A trial's result, written last: its presence (status done) marks the trial finished.
+RESULT_FILE = "trial.json"
+#: Stages whose outputs do not depend on the compression settings, reused across trials.
+SHARED_STAGES = ("export", "data", "calibrate")
+_MANIFEST = "manifest.json"  # the pipeline's run manifest (pipeline.artifacts)
+_LOG_FILE = "trial.log"
+_ERROR_FILE = "error.log"
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_result(trial_dir: Path) -> TrialResult | None:
+    """The stored result of a trial folder (None: it never finished)."""
+    data = _read_json(trial_dir / RESULT_FILE)
+    if data is None or not isinstance(data.get("id"), str):
+        return None
+    return TrialResult.from_dict(data)
+
+
+def write_result(trial_dir: Path, result: TrialResult) -> None:
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(trial_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link a file (same filesystem, no bytes copied), else copy it."""
+    if os.path.lexists(dst):
+        os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def seed_stages(source: Path, target: Path, names: tuple[str, ...] = SHARED_STAGES) -> list[str]:
+    """Copy (hard-link) the finished stages ``names`` of run folder ``source`` into ``target``,
+    with their manifest entries, unless ``target`` already has them. Returns the seeded names."""
+    src_manifest = _read_json(source / _MANIFEST)
+    if src_manifest is None or not isinstance(src_manifest.get("stages"), dict):
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    manifest = _read_json(target / _MANIFEST) or {}
+    stages = manifest.get("stages")
+    if not isinstance(stages, dict):
+        stages = {}
+    seeded: list[str] = []
+    for name in names:
+        entry = src_manifest["stages"].get(name)
+        folder = source / name
+        if not entry or not folder.is_dir() or (name in stages and (target / name).is_dir()):
+            continue
+        stage = make_stage(target, f"seed-{name}", "sweep")
+        try:
+            shutil.copytree(folder, stage, dirs_exist_ok=True, copy_function=_link_or_copy)
+            remove_owned(target / name, what="stage folder")
+            os.replace(stage, target / name)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        stages[name] = entry
+        seeded.append(name)
+    if seeded:
+        manifest["stages"] = stages
+        write_text_atomic(target / _MANIFEST, json.dumps(manifest, indent=2, default=str))
+    return seeded
+
+
+class NodeBenchLock:
+    """A writer-preferring reader/writer lock shared by the trials of one host (``fcntl``).
+
+    Compute stages hold it shared; the benchmark holds it exclusively. Without ``fcntl``
+    (Windows) it does nothing.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        base = folder or Path(tempfile.gettempdir()) / "factorlm-bench-locks"
+        base.mkdir(parents=True, exist_ok=True)
+        host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())
+        self._paths = (base / f"{host}.turnstile", base / f"{host}.rw")
+        self._turnstile: IO[str] | None = None
+        self._rw: IO[str] | None = None
+        self.mode: str | None = None
+
+    def _flock(self, handle: IO[str], op: int) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        fcntl.flock(handle.fileno(), op)
+
+    def _open(self) -> None:
+        if self._rw is None:
+            self._turnstile = self._paths[0].open("a+", encoding="utf-8")
+            self._rw = self._paths[1].open("a+", encoding="utf-8")
+
+    def acquire(self, exclusive: bool) -> float:
+        """Take the lock (shared or exclusive); returns the seconds spent waiting."""
+        import fcntl
+
+        self._open()
+        assert self._turnstile is not None and self._rw is not None
+        start = time.perf_counter()
+        self._flock(self._turnstile, fcntl.LOCK_EX)  # a waiting benchmark stops new readers
+        try:
+            self._flock(self._rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            self._flock(self._turnstile, fcntl.LOCK_UN)
+        self.mode = "exclusive" if exclusive else "shared"
+        return time.perf_counter() - start
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._rw is not None and self.mode is not None:
+            self._flock(self._rw, fcntl.LOCK_UN)
+        self.mode = None
+
+    def close(self) -> None:
+        self.release()
+        for handle in (self._rw, self._turnstile):
+            if handle is not None:
+                handle.close()
+        self._rw = self._turnstile = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[NodeBenchLock]:
+        """Shared for the block; ``to_exclusive()`` inside it switches before the benchmark."""
+        self.acquire(exclusive=False)
+        try:
+            yield self
+        finally:
+            self.close()
+
+    def to_exclusive(self) -> float:
+        self.release()  # flock upgrades are not atomic: release, then queue as a writer
+        return self.acquire(exclusive=True)
+
+
+def result_from_run(
+    trial_id: str, params: Mapping[str, Any], run: RunResult, seconds: float, node: str | None
+) -> TrialResult:
+    """The trial's figures from the pipeline's benchmark report."""
+    report = run.report or {}
+    task = report.get("task") or {}
+    speedups: dict[str, float] = {}
+    for entry in report.get("latency") or []:
+        estimate = (entry.get("speedup") or {}).get("compressed", {}).get("estimate")
+        if isinstance(estimate, int | float):
+            speedups[str(entry.get("shape"))] = float(estimate)
+    quality = (task.get("candidates") or {}).get("compressed")
+    drop = (task.get("drop") or {}).get("compressed")
+    return TrialResult(
+        id=trial_id,
+        params=dict(params),
+        status="done",
+        metric=task.get("metric"),
+        higher_is_better=task.get("higher_is_better"),
+        quality=float(quality) if isinstance(quality, int | float) else None,
+        reference_quality=task.get("reference"),
+        drop=float(drop) if isinstance(drop, int | float) else None,
+        drop_unit=task.get("drop_unit"),
+        speedup=min(speedups.values()) if speedups else None,
+        speedups=speedups,
+        passed=bool(report.get("passed", True)),
+        seconds=round(seconds, 2),
+        node=node,
+        output_dir=str(run.output_dir),
+        reused_stages=[s.name for s in run.stages if s.skipped],
+    )
+
+
+def run_trial(
+    trial_id: str,
+    params: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    seed_from: str | None = None,
+    node: str | None = None,
+    lock_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run one trial and return its ``TrialResult`` as a dict (also written to ``trial.json``).
+
+    ``config`` is the trial's run config as JSON (absolute paths); ``seed_from`` a finished
+    trial folder whose shared stages to reuse. Any error is recorded as a failed result; only an
+    interrupt propagates (the trial then has no result file and reruns on resume).
+    """
+    run_config = parse_config(dict(config), source=f"trial {trial_id}")
+    trial_dir = Path(run_config.output_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / RESULT_FILE).unlink(missing_ok=True)
+    (trial_dir / _ERROR_FILE).unlink(missing_ok=True)
+    node = node or socket.gethostname()
+    start = time.perf_counter()
+    lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
+    with (trial_dir / _LOG_FILE).open("a", encoding="utf-8") as log:
+        console = Console(file=log, width=120, force_terminal=False, highlight=False)
+        try:
+            if seed_from is not None:
+                seeded = seed_stages(Path(seed_from), trial_dir)
+                if seeded:
+                    console.print(f"Reusing {', '.join(seeded)} from {seed_from}")
+            with lock.held():
+
+                def on_stage(stage: Any) -> None:
+                    if stage.name == "build":  # the benchmark comes next: take the node
+                        waited = lock.to_exclusive()
+                        console.print(f"Benchmark lock taken after {waited:.1f} s")
+
+                run = run_pipeline(run_config, console=console, on_stage=on_stage)
+            result = result_from_run(
+                trial_id, params, run, time.perf_counter() - start, node
+            )
+        except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
+            (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+            console.print(f"Trial failed: {_one_line(exc)}")
+            result = TrialResult(
+                id=trial_id,
+                params=dict(params),
+                status="failed",
+                error=_one_line(exc),
+                seconds=round(time.perf_counter() - start, 2),
+                node=node,
+                output_dir=str(trial_dir),
+            )
+    write_result(trial_dir, result)
+    return result.to_dict()
