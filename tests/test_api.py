@@ -81,7 +81,7 @@ def test_unknown_backend_and_bad_config_are_config_errors(tmp_path: Path) -> Non
         factorlm.run({"compres": {}})
 
 
-VERBS = ("export", "compress", "build", "benchmark", "recover", "run")
+VERBS = ("export", "compress", "build", "benchmark", "recover", "run", "sweep")
 
 
 @pytest.mark.parametrize("verb", VERBS)

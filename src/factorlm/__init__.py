@@ -7,7 +7,8 @@ the function body, so ``import factorlm`` stays cheap (no torch, no onnxruntime 
 used).
 
 ``factorlm.benchmark`` is the function; its machinery is the package ``factorlm.bench`` (a
-different name, so importing the package never rebinds the function).
+different name, so importing the package never rebinds the function); likewise ``factorlm.sweep``
+and the package ``factorlm.sweeps``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from factorlm.pipeline.run import RunResult
     from factorlm.planning import Plan, StatsLike
     from factorlm.recovery.api import RecoveryResult
+    from factorlm.sweeps import SweepResult
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,7 @@ __all__ = [
     "generate",
     "recover",
     "run",
+    "sweep",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -271,3 +274,35 @@ def run(
     if overrides:
         resolved = parse_config({**resolved.model_dump(mode="json"), **overrides})
     return run_pipeline(resolved, force=force)
+
+
+def sweep(
+    config: Mapping[str, Any] | PathLike,
+    *,
+    output_dir: PathLike | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    num_cpus: int | None = None,
+) -> SweepResult:
+    """Run a sweep like ``factorlm sweep``: every combination of ``axes`` over the ``base`` run
+    config as a trial on Ray, then the best trial by the ``select`` rule.
+
+    ``config`` is a sweep YAML path or mapping (relative paths in a mapping resolve against the
+    current folder). ``address`` joins an existing Ray cluster (default: a local Ray started for
+    the sweep with ``num_cpus`` CPUs); trials already finished in ``output_dir`` are not rerun.
+    Needs the ``ray`` extra (``pip install 'factorlm[ray]'``).
+    """
+    from factorlm.sweeps.config import load_sweep, parse_sweep
+    from factorlm.sweeps.run import import_ray, run_sweep
+
+    import_ray()  # the missing extra is one sentence before any file is read
+    out = Path(output_dir) if output_dir is not None else None
+    if isinstance(config, str | os.PathLike):
+        resolved = load_sweep(Path(config), output_dir=out)
+    elif isinstance(config, Mapping):
+        resolved = parse_sweep(dict(config), output_dir=out)
+    else:
+        raise ConfigError(
+            f"config must be a sweep file path or a mapping, not {type(config).__name__}."
+        )
+    return run_sweep(resolved, address=address, max_concurrent=max_concurrent, num_cpus=num_cpus)

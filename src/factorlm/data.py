@@ -40,6 +40,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "TEXT_SUFFIXES",
     "iter_records",
+    "load_texts",
     "read_corpus",
     "read_labelled",
     "read_texts",
@@ -227,3 +228,15 @@ def texts_digest(texts: Sequence[str]) -> str:
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
     return digest.hexdigest()
+
+
+def load_texts(data: Path | Sequence[str], text_column: str, max_samples: int) -> list[str]:
+    """Calibration texts from a data file/folder or an in-memory list (first ``max_samples``)."""
+    if max_samples < 1:
+        raise DataError(f"max_samples must be at least 1, not {max_samples}.")
+    if isinstance(data, str | Path):
+        return read_texts(Path(data), text_column=text_column, max_samples=max_samples)
+    texts = [t for t in list(data)[:max_samples] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError("The calibration text list holds no non-empty texts.")
+    return texts

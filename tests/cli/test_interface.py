@@ -21,7 +21,7 @@ from factorlm import cli
 from factorlm.cli import _output
 from models import mlp
 
-VERBS = ("assets", "export", "compress", "recover", "build", "bench", "run")
+VERBS = ("assets", "export", "compress", "recover", "build", "bench", "run", "sweep")
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@
   the reference's pairwise cosines over the texts are the ground truth (100 by definition) and the
   candidate scores 100 x their Spearman correlation with its own. Drop in points.
 
+- ``generation`` (decoders exported with past; ``factorlm.bench.generation``): greedy
+  continuations of the first rows, token agreement with the reference in percent, drop in points.
+
 Data come from ``factorlm.data`` (JSONL, JSON, CSV, TXT, folders; a TXT file is one row per
 non-empty line, and perplexity reads its exact text); tokens and feeds from
 ``factorlm._common.text``, the path calibration uses too.

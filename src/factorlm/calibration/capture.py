@@ -29,9 +29,10 @@ from factorlm._common.sessions import create_session
 from factorlm._common.text import TOKENIZER_FILES, TextTokenizer, batch_feeds, find_tokenizer
 from factorlm.calibration.stats import CalibrationStats
 from factorlm.calibration.targets import Target, find_targets
+from factorlm.data import load_texts
 from factorlm.errors import ConfigError, DataError, ModelLoadError
 
-__all__ = ["collect_statistics", "file_digest", "load_texts"]
+__all__ = ["collect_statistics", "file_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ def file_digest(path: Path) -> str:
         if extra.is_file():
             digest.update(sha256_file(extra).encode())
     return digest.hexdigest()
-
-
-def load_texts(data: Path | Sequence[str], text_column: str, max_samples: int) -> list[str]:
-    """Calibration texts from a data file/folder or an in-memory list (first ``max_samples``)."""
-    from factorlm.data import read_texts
-
-    if max_samples < 1:
-        raise DataError(f"max_samples must be at least 1, not {max_samples}.")
-    if isinstance(data, str | Path):
-        return read_texts(Path(data), text_column=text_column, max_samples=max_samples)
-    texts = [t for t in list(data)[:max_samples] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise DataError("The calibration text list holds no non-empty texts.")
-    return texts
 
 
 def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path) -> Any:

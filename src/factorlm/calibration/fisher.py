@@ -162,8 +162,8 @@ def collect_fisher(
 
     from factorlm._common.files import cache_root
     from factorlm._common.text import load_hf_tokenizer as load_tokenizer
-    from factorlm.calibration.capture import file_digest, load_texts
-    from factorlm.data import read_labelled, texts_digest
+    from factorlm.calibration.capture import file_digest
+    from factorlm.data import load_texts, read_labelled, texts_digest
     from factorlm.exporters.hf import check_model_dir
 
     hf_model_dir, onnx_model = Path(hf_model_dir), Path(onnx_model)

@@ -41,7 +41,7 @@ _INSTALL_HINTS = {
     "with an NVIDIA GPU.",
 }
 
-VERBS = ("assets", "export", "compress", "recover", "build", "bench", "run")
+VERBS = ("assets", "export", "compress", "recover", "build", "bench", "run", "sweep")
 
 app = _output.FactorlmTyper(
     name="factorlm",

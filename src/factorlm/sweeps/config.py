@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from factorlm._common.userfiles import read_yaml
 from factorlm.errors import ConfigError
 from factorlm.pipeline.config import RunConfig, load_config, parse_config
+from factorlm.sweeps.grid import Trial, expand
 
 __all__ = [
     "MAXIMIZE",
@@ -129,6 +130,12 @@ class SweepConfig(BaseModel):
     root: Path
     source: str = "sweep"
 
+    def trials(self) -> list[Trial]:
+        """Every trial of the grid, validated (see ``grid.expand``)."""
+        return expand(
+            self.base, self.axes, output_dir=self.output_dir, root=self.root, source=self.source
+        )
+
 
 def axis_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
     """Every settable dotted key of the run config (leaf options, not sections)."""
@@ -170,7 +177,9 @@ def _check_axes(axes: Mapping[str, list[Any]], source: str) -> None:
     valid = axis_keys()
     sections = {key.rsplit(".", 1)[0] for key in valid if "." in key}
     if not axes:
-        raise ConfigError(f"{source}: 'axes' is empty; give at least one key with a list of values.")
+        raise ConfigError(
+            f"{source}: 'axes' is empty; give at least one key with a list of values."
+        )
     for key, values in axes.items():
         if key in RESERVED_AXES:
             raise ConfigError(
@@ -206,7 +215,8 @@ def parse_sweep(
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], source)) from None
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(_describe(errors[0], source)) from None
     _check_axes(spec.axes, source)
     if isinstance(spec.base, Path):
         path = spec.base if spec.base.is_absolute() else root / spec.base
@@ -223,9 +233,7 @@ def parse_sweep(
         root=root,
         source=source,
     )
-    from factorlm.sweeps.grid import expand
-
-    expand(config)  # validate every trial's config up front
+    config.trials()  # validate every trial's config up front
     return config
 
 

@@ -17,15 +17,12 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from factorlm.errors import ConfigError
 from factorlm.pipeline.config import RunConfig, parse_config
-
-if TYPE_CHECKING:
-    from factorlm.sweeps.config import SweepConfig
 
 __all__ = ["TRIALS_DIR", "Trial", "expand", "resolve_paths", "trial_id"]
 
@@ -78,9 +75,8 @@ def resolve_paths(config: RunConfig, root: Path) -> RunConfig:
                 resolved = walk(value)
                 if resolved is not value:
                     update[name] = resolved
-            elif _is_path(field.annotation) and isinstance(value, Path):
-                if not value.is_absolute():
-                    update[name] = root / value
+            elif _is_path(field.annotation) and isinstance(value, Path) and not value.is_absolute():
+                update[name] = root / value
         return model.model_copy(update=update) if update else model
 
     result = walk(config)
@@ -99,32 +95,40 @@ def _label(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
-def expand(config: SweepConfig) -> list[Trial]:
-    """Every trial of the sweep, in grid order (the last axis varies fastest).
+def expand(
+    base_config: RunConfig,
+    axes: Mapping[str, list[Any]],
+    *,
+    output_dir: Path,
+    root: Path,
+    source: str = "sweep",
+) -> list[Trial]:
+    """Every trial of the grid ``axes`` over ``base_config``, in grid order (the last axis varies
+    fastest), each in ``output_dir/trials/<id>``; relative paths resolve against ``root``.
 
     Each trial's config is validated like a run config; an invalid combination raises
     ConfigError naming its axis values.
     """
-    base = config.base.model_dump(mode="json")
-    keys = list(config.axes)
+    base = base_config.model_dump(mode="json")
+    keys = list(axes)
     trials: list[Trial] = []
     seen: dict[str, dict[str, Any]] = {}
-    for values in itertools.product(*(config.axes[k] for k in keys)):
+    for values in itertools.product(*(axes[k] for k in keys)):
         params = dict(zip(keys, values, strict=True))
         data = copy.deepcopy(base)
         for key, value in params.items():
             _set(data, key, value)
         data.pop("output_dir", None)
-        run = parse_config(data, source=f"{config.source} (trial {_label(params)})")
-        run = resolve_paths(run, config.root)
+        run = parse_config(data, source=f"{source} (trial {_label(params)})")
+        run = resolve_paths(run, root)
         ident = trial_id(run)
         if ident in seen:
             raise ConfigError(
-                f"{config.source}: trials {_label(seen[ident])} and {_label(params)} are the "
+                f"{source}: trials {_label(seen[ident])} and {_label(params)} are the "
                 "same run config; remove the duplicate axis value."
             )
         seen[ident] = params
-        run = run.model_copy(update={"output_dir": config.output_dir / TRIALS_DIR / ident})
+        run = run.model_copy(update={"output_dir": output_dir / TRIALS_DIR / ident})
         trials.append(Trial(ident, params, run))
-    logger.debug("Sweep %s: %d trials", config.source, len(trials))
+    logger.debug("Sweep %s: %d trials", source, len(trials))
     return trials

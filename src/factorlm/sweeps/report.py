@@ -78,6 +78,13 @@ def _markdown(
     return "\n".join(lines)
 
 
+def _xy(results: Sequence[TrialResult]) -> tuple[list[float], list[float]]:
+    pairs = [(r.speedup, r.quality) for r in results]
+    return [s for s, q in pairs if s is not None and q is not None], [
+        q for s, q in pairs if s is not None and q is not None
+    ]
+
+
 def _plot(results: Sequence[TrialResult], sel: Selection) -> bytes | None:
     """Quality vs speedup, the Pareto front joined and the best trial starred (PNG)."""
     points = [r for r in results if r.ok and r.speedup is not None and r.quality is not None]
@@ -89,28 +96,17 @@ def _plot(results: Sequence[TrialResult], sel: Selection) -> bytes | None:
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.scatter(
-        [r.speedup for r in points],
-        [r.quality for r in points],
-        color="#9aa5b1",
-        label="trial",
-        zorder=2,
-    )
+    xs, ys = _xy(points)
+    ax.scatter(xs, ys, color="#9aa5b1", label="trial", zorder=2)
     front = sorted(sel.front, key=lambda r: r.speedup or 0.0)
-    if front:
-        ax.plot(
-            [r.speedup for r in front],
-            [r.quality for r in front],
-            "o-",
-            color="#1f77b4",
-            label="Pareto front",
-            zorder=3,
-        )
-        for r in front:
-            ax.annotate(r.id[:6], (r.speedup or 0.0, r.quality or 0.0), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
-    if sel.best is not None and sel.best.speedup is not None:
-        ax.scatter([sel.best.speedup], [sel.best.quality], marker="*", s=220, color="#d62728",
+    fx, fy = _xy(front)
+    if fx:
+        ax.plot(fx, fy, "o-", color="#1f77b4", label="Pareto front", zorder=3)
+        for r, x, y in zip(front, fx, fy, strict=False):
+            ax.annotate(r.id[:6], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    bx, by = _xy([sel.best] if sel.best is not None else [])
+    if bx and sel.best is not None:
+        ax.scatter(bx, by, marker="*", s=220, color="#d62728",
                    label=f"best ({sel.best.id[:6]})", zorder=4)  # fmt: skip
     metric = points[0].metric or "quality"
     lower = points[0].higher_is_better is False

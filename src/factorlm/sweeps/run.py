@@ -29,7 +29,7 @@ from factorlm.errors import BackendUnavailableError, ConfigError
 from factorlm.options import DATA_AWARE_METHODS
 from factorlm.pipeline.artifacts import hash_json
 from factorlm.sweeps.config import SweepConfig
-from factorlm.sweeps.grid import Trial, expand
+from factorlm.sweeps.grid import Trial
 from factorlm.sweeps.report import write_results
 from factorlm.sweeps.select import Selection, TrialResult, select
 from factorlm.sweeps.trial import read_result, run_trial, write_result
@@ -213,7 +213,9 @@ class _Progress:
         table = Table(title="factorlm sweep", title_justify="left")
         axes = list(self.trials[0].params) if self.trials else []
         for column in ("trial", *axes, "status", "quality", "speedup", "node"):
-            table.add_column(column, justify="right" if column in ("quality", "speedup") else "left")
+            table.add_column(
+                column, justify="right" if column in ("quality", "speedup") else "left"
+            )
         style = {"done": "green", "resumed": "green", "failed": "red", "running": "yellow"}
         for t in self.trials:
             state = self.state[t.id]
@@ -256,7 +258,7 @@ def run_sweep(
     settings = config.ray
     address = address if address is not None else settings.address
     max_concurrent = max_concurrent or settings.max_concurrent
-    trials = expand(config)
+    trials = config.trials()
     root = config.output_dir
     start = time.perf_counter()
     with _sweep_lock(root):

@@ -273,9 +273,7 @@ def run_trial(
                         console.print(f"Benchmark lock taken after {waited:.1f} s")
 
                 run = run_pipeline(run_config, console=console, on_stage=on_stage)
-            result = result_from_run(
-                trial_id, params, run, time.perf_counter() - start, node
-            )
+            result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
         except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
             (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
             console.print(f"Trial failed: {_one_line(exc)}")

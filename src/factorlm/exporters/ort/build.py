@@ -132,7 +132,7 @@ def _calibration_feeds(
 ) -> list[dict[str, np.ndarray]]:
     """Static int8: ORT feeds of the calibration texts, read before any work is done."""
     from factorlm._common.text import TextTokenizer, batch_feeds, find_tokenizer
-    from factorlm.calibration.capture import load_texts
+    from factorlm.data import load_texts
 
     if data is None:
         raise ConfigError(
