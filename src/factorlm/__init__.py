@@ -283,13 +283,15 @@ def sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     num_cpus: int | None = None,
+    retry_failed: bool = False,
 ) -> SweepResult:
     """Run a sweep like ``factorlm sweep``: every combination of ``axes`` over the ``base`` run
     config as a trial on Ray, then the best trial by the ``select`` rule.
 
     ``config`` is a sweep YAML path or mapping (relative paths in a mapping resolve against the
     current folder). ``address`` joins an existing Ray cluster (default: a local Ray started for
-    the sweep with ``num_cpus`` CPUs); trials already finished in ``output_dir`` are not rerun.
+    the sweep with ``num_cpus`` CPUs); trials already finished in ``output_dir`` are not rerun
+    (failed ones are with ``retry_failed``).
     Needs the ``ray`` extra (``pip install 'factorlm[ray]'``).
     """
     from factorlm.sweeps.config import load_sweep, parse_sweep
@@ -305,4 +307,10 @@ def sweep(
         raise ConfigError(
             f"config must be a sweep file path or a mapping, not {type(config).__name__}."
         )
-    return run_sweep(resolved, address=address, max_concurrent=max_concurrent, num_cpus=num_cpus)
+    return run_sweep(
+        resolved,
+        address=address,
+        max_concurrent=max_concurrent,
+        num_cpus=num_cpus,
+        retry_failed=retry_failed,
+    )

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from factorlm._common.files import write_text_atomic
-from factorlm._common.outputs import check_output, external_data_files
+from factorlm._common.outputs import check_output, external_data_files, make_stage
 from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
 from factorlm.errors import ConfigError, ModelLoadError
 from factorlm.io import load_model, save_model
@@ -50,12 +51,14 @@ from factorlm.planning import (
     make_plan,
     validate_plan,
 )
+from factorlm.streaming import FactorSpill, WeightSource, stream_model, weight_ref
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
     "CompressResult",
     "compress",
     "factorize_entry",
+    "factorize_weight",
     "plan_path_for",
 ]
 
@@ -165,6 +168,118 @@ def factorize_entry(
     )
 
 
+def factorize_weight(
+    name: str,
+    entry: WeightPlan,
+    matrix: np.ndarray,
+    stats: StatsLike | None,
+    ready: PreparedWeight | None = None,
+) -> Any:
+    """One weight's factors: from the planner's prepared spectrum when it matches, else
+    ``factorize_entry``. The local loop and the Ray tasks both call this, so they agree bitwise."""
+    if ready is not None and ready.method == entry.method and entry.rank is not None:
+        return ready.lowrank(matrix, entry.rank)
+    return factorize_entry(name, entry, matrix, stats)
+
+
+def factorize_source(
+    name: str,
+    entry: WeightPlan,
+    source: WeightSource,
+    stats: StatsLike | None,
+    ready: PreparedWeight | None,
+) -> Any:
+    """``factorize_weight`` on a weight read from its address (what a Ray task runs)."""
+    return factorize_weight(name, entry, source.matrix(), stats, ready)
+
+
+@dataclass
+class _OneWeightStats:
+    """The statistics of one weight only: what a Ray task is sent instead of the model's."""
+
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
+    fisher: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _one_weight(stats: StatsLike | None, name: str) -> StatsLike | None:
+    if stats is None:
+        return None
+    tables = {k: getattr(stats, k, None) or {} for k in ("gram", "mean_abs", "fisher")}
+    return _OneWeightStats(**{k: {name: t[name]} if name in t else {} for k, t in tables.items()})
+
+
+def _source(model: ir.Model, cand: Any) -> WeightSource:
+    """Where a Ray task reads ``cand``'s matrix: external data by offset, else the array."""
+    parts = []
+    for member in cand.members or (cand.name,):
+        tensor = model.graph.initializers[member].const_value
+        assert tensor is not None  # analysis only keeps constant initializers
+        ref = weight_ref(tensor)
+        parts.append(ref if ref is not None else tensor.numpy())
+    return WeightSource(tuple(parts), transposed=bool(cand.transposed))
+
+
+def _factors(
+    model: ir.Model,
+    chosen: Plan,
+    analysis: Any,
+    stats: StatsLike | None,
+    prepared: dict[str, PreparedWeight],
+    ray_address: str | None,
+) -> Iterator[Any]:
+    """Every planned weight's factors, in plan order: computed here, or as Ray tasks."""
+    if ray_address is None:
+        for name, entry in chosen.weights.items():
+            cand = analysis.candidate(name)
+            assert cand is not None  # make_plan / validate_plan only keep candidates
+            yield factorize_weight(name, entry, cand.matrix(), stats, prepared.pop(name, None))
+        return
+    from factorlm.distributed import ordered_map, ray_session
+
+    with ray_session(ray_address):
+        jobs = (
+            (
+                name,
+                entry,
+                _source(model, analysis.candidate(name)),
+                _one_weight(stats, name),
+                prepared.pop(name, None),
+            )
+            for name, entry in chosen.weights.items()
+        )
+        yield from ordered_map(factorize_source, jobs)
+
+
+_PASSES: dict[str, Callable[[dict[str, Any]], ir.passes.PassBase]] = {
+    "linear": LowRankLinearPass,
+    "embedding": LowRankEmbeddingPass,
+    "joint": JointLinearPass,
+    "kron": KroneckerPass,
+    "losparse": LowRankSparsePass,
+}
+
+
+def _rewrite_one(
+    model: ir.Model,
+    name: str,
+    group: str,
+    factors: Any,
+    replaced: list[str],
+    spill: FactorSpill | None,
+) -> None:
+    """Rewrite one weight's uses, drop the original and (with a spill) move its factors to disk.
+
+    One weight at a time keeps at most one weight's factors in memory; the graph equals the one
+    the passes build in a single run (each rewrite only inserts before the weight's own nodes).
+    """
+    before = set(model.graph.initializers)
+    _PASSES[group]({name: factors})(model)
+    RemoveReplacedWeightsPass(replaced)(model)
+    if spill is not None:
+        spill.spill(model, [n for n in model.graph.initializers if n not in before])
+
+
 def compress(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -206,6 +321,10 @@ def compress(
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     model = load_model(source)
+    # An input with external data is read weight by weight from its file and the output keeps
+    # its weights in external data too, so memory stays near one weight (streaming.py).
+    if stream_model(model):
+        external_data = True
     loaded = load_plan(plan) if plan is not None else None
     # A plan written with joint candidates ("<q>+<k>+<v>") needs the joint analysis to validate.
     # Kronecker and low-rank + sparse factors have no joint form: their members plan separately.
@@ -226,6 +345,13 @@ def compress(
     if loaded is not None:
         chosen = validate_plan(loaded, analysis)
     else:
+        latency, target_ms = None, None
+        if opts.latency_target:  # measured on the engine, cached per machine (issue 17)
+            from factorlm.costmodel import latency_target
+
+            latency, target_ms = latency_target(
+                source, analysis.candidates, opts, progress=progress
+            )
         chosen = make_plan(
             analysis,
             method=method,
@@ -242,59 +368,48 @@ def compress(
             error_scale=opts.error_scale,
             min_fraction=opts.min_fraction,
             prepared=prepared,
+            latency=latency,
+            target_ms=target_ms,
         )
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
     model_params_before = _model_params(model)
 
-    groups: dict[str, dict[str, Any]] = {
-        "linear": {},
-        "embedding": {},
-        "kron": {},
-        "losparse": {},
-        "joint": {},
-    }
     total = len(chosen.weights)
     start = time.perf_counter()
-    for done, (name, entry) in enumerate(chosen.weights.items()):
-        cand = analysis.candidate(name)
-        assert cand is not None  # make_plan / validate_plan only keep candidates
+    rewrite = 0.0
+    stage = make_stage(target.parent, target.name, "compress") if external_data else None
+    spill = FactorSpill(stage) if stage is not None else None
+    try:
+        results = _factors(model, chosen, analysis, stats, prepared, opts.ray_address)
+        for done, ((name, entry), factors) in enumerate(
+            zip(chosen.weights.items(), results, strict=True)
+        ):
+            if progress is not None:
+                progress(name, done, total)
+            cand = analysis.candidate(name)
+            assert cand is not None
+            if entry.method in ("kron", "losparse"):
+                group = entry.method
+            else:
+                group = "joint" if cand.members else cand.kind
+            tick = time.perf_counter()
+            _rewrite_one(model, name, group, factors, member_names([name], analysis), spill)
+            rewrite += time.perf_counter() - tick
+            del factors
         if progress is not None:
-            progress(name, done, total)
-        ready = prepared.pop(name, None)
-        if ready is not None and ready.method == entry.method and entry.rank is not None:
-            factors = ready.lowrank(cand.matrix(), entry.rank)
-        else:
-            factors = factorize_entry(name, entry, cand.matrix(), stats)
-        del ready
-        if entry.method in ("kron", "losparse"):
-            groups[entry.method][name] = factors
-        elif cand.members:
-            groups["joint"][name] = factors
-        else:
-            groups[cand.kind][name] = factors
-    if progress is not None:
-        progress("", total, total)
-    seconds["decompose"] = time.perf_counter() - start
+            progress("", total, total)
+        seconds["decompose"] = time.perf_counter() - start - rewrite
+        seconds["rewrite"] = rewrite
+        model_params_after = _model_params(model)
 
-    start = time.perf_counter()
-    passes = ir.passes.PassManager(
-        [
-            LowRankLinearPass(groups["linear"]),
-            JointLinearPass(groups["joint"]),
-            LowRankEmbeddingPass(groups["embedding"]),
-            KroneckerPass(groups["kron"]),
-            LowRankSparsePass(groups["losparse"]),
-            RemoveReplacedWeightsPass(member_names(chosen.weights, analysis)),
-        ],
-        steps=1,
-    )
-    passes(model)
-    del groups
-    seconds["rewrite"] = time.perf_counter() - start
-    model_params_after = _model_params(model)
-
-    start = time.perf_counter()
-    written = save_model(model, target, external_data=external_data)
+        start = time.perf_counter()
+        written = save_model(model, target, external_data=external_data)
+    finally:
+        if spill is not None:
+            spill.close()
+            logger.info("Spilled %.1f MB of factors while rewriting", spill.bytes_written / 1e6)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     plan_file = plan_path_for(target)
     write_text_atomic(plan_file, chosen.to_json())
     seconds["save"] = time.perf_counter() - start

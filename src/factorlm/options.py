@@ -41,6 +41,7 @@ __all__ = [
     "FISHER_TASKS",
     "INT8_MODES",
     "INT8_WEIGHT_TYPES",
+    "LATENCY_PRECISIONS",
     "LOWRANK_METHODS",
     "METHODS",
     "MODEL_TYPE_CHOICES",
@@ -61,6 +62,7 @@ __all__ = [
     "FisherTask",
     "Int8Mode",
     "Int8WeightType",
+    "LatencyPrecision",
     "Method",
     "OptLevel",
     "RecoverMethod",
@@ -117,6 +119,8 @@ RecoverMethod = Literal["distill", "losparse", "dsee", "kron-kd", "safe"]
 RECOVER_METHODS: tuple[str, ...] = get_args(RecoverMethod)
 Clock = Literal["wall", "cpu"]
 CLOCKS: tuple[str, ...] = get_args(Clock)
+LatencyPrecision = Literal["fp32", "int8"]
+LATENCY_PRECISIONS: tuple[str, ...] = get_args(LatencyPrecision)
 
 #: ``BuildOptions.model_type`` values (``auto`` = detect, like None).
 MODEL_TYPE_CHOICES: tuple[str, ...] = ("auto", "bert", "gpt2", "llama", "none")
@@ -279,8 +283,66 @@ class CompressOptions(_Options):
         choices=FISHER_TASKS,
         yaml="calibration.fisher_task",
     )
+    ray_address: str | None = _opt(
+        None,
+        "Run the per-weight factorizations as Ray tasks: 'auto' joins RAY_ADDRESS or starts a "
+        "local Ray, 'local' starts one, else a cluster address (pip install 'factorlm[ray]').",
+        flag_value="auto",
+    )
+    target_speedup: float | None = _opt(
+        None,
+        "Plan ranks for this whole-model speedup predicted from latency measured on the engine "
+        "(> 1; replaces ratio).",
+        gt=1.0,
+    )
+    target_latency_ms: float | None = _opt(
+        None,
+        "Plan ranks for this predicted whole-model latency in ms (replaces ratio).",
+        gt=0.0,
+    )
+    latency_shape: str = _opt(
+        "1x128",
+        "Latency target: BATCHxSEQUENCE the model is timed at (Bx1: a decode step, empty KV cache).",
+    )
+    latency_precision: LatencyPrecision = _opt(
+        "fp32",
+        "Latency target: engine precision timed (int8: dynamic, as build --int8).",
+        choices=LATENCY_PRECISIONS,
+    )
+    latency_threads: int = _opt(
+        0, "Latency target: ONNX Runtime intra-op threads; 0: ORT's default.", ge=0
+    )
+    latency_optimize: bool = _opt(
+        True, "Latency target: time the optimized engine (graph and transformer fusions)."
+    )
+    latency_budget_s: float = _opt(
+        120.0,
+        "Latency target: at most this many seconds measuring (cached results are free).",
+        gt=0.0,
+    )
 
     def _check(self) -> None:
+        if self.target_speedup is not None and self.target_latency_ms is not None:
+            raise ConfigError(
+                "compress options 'target_speedup' and 'target_latency_ms' are alternatives; "
+                "set only one."
+            )
+        if not _SHAPE.match(self.latency_shape.lower()):
+            raise ConfigError(
+                f"compress option 'latency_shape' is {self.latency_shape!r}; use BATCHxSEQUENCE, e.g. 1x128."
+            )
+        if self.latency_target:
+            if self.method in ("kron", "losparse"):
+                raise ConfigError(
+                    f"method {self.method!r} is not latency-planned: only the low-rank methods "
+                    "have measured latency curves; use a ratio with it, or another method."
+                )
+            for name in ("energy", "embeddings", "plan"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"compress option '{name}' cannot be combined with a latency target "
+                        "(the target chooses the ranks)."
+                    )
         if self.method == "losparse" and not self.sparse_density < self.ratio:
             raise ConfigError(
                 f"compress option 'sparse_density' is {self.sparse_density!r}; "
@@ -295,6 +357,11 @@ class CompressOptions(_Options):
                     raise ConfigError(
                         f"compress option '{name}' is not a valid regular expression ({exc})."
                     ) from None
+
+    @property
+    def latency_target(self) -> bool:
+        """Whether ranks are planned for a latency (then ``ratio`` is ignored)."""
+        return self.target_speedup is not None or self.target_latency_ms is not None
 
     @property
     def needs_statistics(self) -> str | None:

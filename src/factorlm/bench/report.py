@@ -34,6 +34,8 @@ task               null or {task, metric, higher_is_better, drop_unit ("points" 
                             generation: value = token agreement percent, details
                             {first_divergence_mean, exact_match_rate, tokens_per_s, ...},
                             samples: [{prompt, reference, candidates: {name: text}}]}
+prediction         optional (latency-targeted plans): {candidate name: {shape, predicted_speedup,
+                    measured_speedup, ci_low, ci_high, error_pct, predicted_ms, model_ms}}
 goals              [{type, value, candidate, passed, measured, margin, detail}]
 passed             true when every goal passed (true when there are no goals)
 ```
@@ -198,6 +200,17 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
         ["shape", "model", "p50 ms", "p90 ms", *middle, f"speedup [{conf:.0%} CI]"],
         rows,
     ))
+    predicted = d.get("prediction") or {}
+    if predicted:  # a latency-targeted plan's prediction against this measurement
+        tables.append((
+            "Predicted vs measured speedup",
+            ["candidate", "shape", "predicted", "measured", "measured / predicted - 1"],
+            [
+                [name, p["shape"], f"{p['predicted_speedup']:.3f}x", _fmt(p.get("measured_speedup")),
+                 f"{p['error_pct']:+.1f} %" if p.get("error_pct") is not None else "-"]
+                for name, p in predicted.items()
+            ],
+        ))
     engines = d.get("engines") or {}
     if engines:
         rows = []

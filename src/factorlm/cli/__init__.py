@@ -19,6 +19,7 @@ from rich.markup import escape
 from factorlm._common.outputs import Terminated, sigterm_as_interrupt, sigterm_received
 from factorlm.cli import _output
 from factorlm.cli._crash import EXIT_INTERNAL, EXIT_OK, EXIT_USER, write_crash_log
+from factorlm.cli._flags import fill_optional_values
 from factorlm.errors import FactorlmError
 
 __all__ = ["VERBS", "app", "main", "version_lines"]
@@ -135,7 +136,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM (CI cancel, timeout) unwinds like Ctrl-C, so staging folders are removed.
         with sigterm_as_interrupt():
-            status = app(args=argv, prog_name="factorlm", standalone_mode=False)
+            args = fill_optional_values(sys.argv[1:] if argv is None else argv)
+            status = app(args=args, prog_name="factorlm", standalone_mode=False)
     except _ClickException as exc:  # usage errors: exit 2
         return _usage_error(exc)
     except typer.Abort as exc:

@@ -22,9 +22,29 @@ import typer
 from factorlm.errors import ConfigError
 from factorlm.options import option_fields
 
-__all__ = ["flag_name", "split_list", "with_options"]
+__all__ = ["OPTIONAL_VALUES", "fill_optional_values", "flag_name", "split_list", "with_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+#: Flags whose value may be left out (``--ray`` or ``--ray ADDRESS``) -> the value it then takes.
+OPTIONAL_VALUES: dict[str, str] = {}
+
+
+def fill_optional_values(argv: Sequence[str]) -> list[str]:
+    """Give a bare optional-value flag its implied value (typer has no optional values).
+
+    ``--ray`` at the end or before another option becomes ``--ray auto``; ``--ray ADDR`` and
+    ``--ray=ADDR`` are left as they are.
+    """
+    args = list(argv)
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        implied = OPTIONAL_VALUES.get(arg)
+        if implied is not None and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(implied)
+    return out
 
 
 def flag_name(field_name: str) -> str:
@@ -107,6 +127,10 @@ def _flag(
             def convert(value: Any) -> Any:
                 return None if value == 0 else value
 
+    if "flag_value" in meta:  # ``--ray`` alone means its flag value, ``--ray ADDR`` the address
+        text += f" Given without a value: {meta['flag_value']!r}."
+        for decl in decls:
+            OPTIONAL_VALUES[decl] = str(meta["flag_value"])
     option = typer.Option(default, *decls, help=text, show_default=True)
     parameter = inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation

@@ -179,10 +179,20 @@ def _table(result: Any) -> Table:
     row("params (targeted weights)", result.params_before, result.params_after)
     row("FLOPs/token (targeted weights)", result.flops_before, result.flops_after)
     row("params (whole model)", result.model_params_before, result.model_params_after)
+    latency = result.plan.latency  # a latency-targeted plan: measured dense vs predicted
+    if latency is not None:
+        before, after = latency["model_ms"], latency["predicted_ms"]
+        table.add_row(
+            "latency ms (predicted)", f"{before:.3f}", f"{after:.3f}", f"{after / before:.3f}"
+        )
     return table
 
 
-@with_options(CompressOptions, hidden_aliases={"calibration_samples": ("--calib-samples", int)})
+@with_options(
+    CompressOptions,
+    hidden_aliases={"calibration_samples": ("--calib-samples", int)},
+    short={"ray_address": ("--ray",)},
+)
 def compress_command(
     model: str = typer.Argument(
         ..., help="Input ONNX model, a folder holding model.onnx, or a cached Hugging Face id."

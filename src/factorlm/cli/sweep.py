@@ -42,7 +42,7 @@ def _summary(result: SweepResult, console: Console) -> None:
 
 def sweep(
     sweep_file: Path = typer.Argument(
-        ..., help="Sweep YAML: base (run config), axes (key: [values]), select (rule)."
+        ..., help="Sweep YAML: base (a run config), axes (run-config key: list of values), select."
     ),
     output_dir: Path | None = typer.Option(
         None, "--output-dir", "-o", help="Folder of the trials and results (overrides output_dir)."
@@ -55,12 +55,21 @@ def sweep(
     max_concurrent: int | None = typer.Option(
         None, "--max-concurrent", min=1, help="Trials in flight at once (default: cluster CPUs)."
     ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Rerun trials that failed in an earlier run of this sweep."
+    ),
 ) -> None:
     """Run a grid of pipeline configs as trials on Ray and pick the best engine."""
     import_ray()  # one sentence naming the extra before anything else
     config = load_sweep(sweep_file, output_dir=output_dir)
     console = make_console(stderr=True)
-    result = run_sweep(config, console=console, address=address, max_concurrent=max_concurrent)
+    result = run_sweep(
+        config,
+        console=console,
+        address=address,
+        max_concurrent=max_concurrent,
+        retry_failed=retry_failed,
+    )
     _summary(result, make_console())
     if result.best is None:
         Console(stderr=True).print(f"[bold red]{result.selection.reason}[/]")

@@ -249,18 +249,23 @@ def group_siblings(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 def _joint_candidate(members: Sequence[Candidate]) -> Candidate:
     name = JOINT_SEPARATOR.join(m.name for m in members)
-    matrix = np.concatenate([m.stored() for m in members], axis=1)
+    rows = members[0].stored_shape[0]
+    cols = sum(m.stored_shape[1] for m in members)
+    dtype = members[0].value.const_value.dtype  # type: ignore[union-attr]
+
+    def concatenated() -> ir.TensorProtocol:
+        return ir.tensor(np.concatenate([m.stored() for m in members], axis=1), name=name)
+
+    # Lazy and uncached: the joint matrix exists only while a caller holds it (bounded memory).
+    tensor = ir.LazyTensor(concatenated, dtype, ir.Shape((rows, cols)), name=name)
     value = ir.Value(
-        name=name,
-        shape=ir.Shape(matrix.shape),
-        type=ir.TensorType(members[0].value.const_value.dtype),  # type: ignore[union-attr]
-        const_value=ir.tensor(matrix, name=name),
+        name=name, shape=ir.Shape((rows, cols)), type=ir.TensorType(dtype), const_value=tensor
     )
     return Candidate(
         name=name,
         value=value,
         kind="linear",
-        stored_shape=(int(matrix.shape[0]), int(matrix.shape[1])),
+        stored_shape=(int(rows), int(cols)),
         transposed=False,
         uses=tuple(u for m in members for u in m.uses),
         members=tuple(m.name for m in members),

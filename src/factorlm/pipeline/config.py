@@ -40,6 +40,7 @@ from factorlm.options import (
     ErrorScale,
     FisherTask,
     Int8Mode,
+    LatencyPrecision,
     Method,
     RecoverMethod,
     RecoverOptions,
@@ -59,6 +60,7 @@ __all__ = [
     "GoalsConfig",
     "RecoverConfig",
     "RunConfig",
+    "describe_validation_error",
     "json_schema",
     "json_schema_text",
     "load_config",
@@ -177,6 +179,14 @@ class CompressConfig(_Checked):
     plan: Path | None = _opt(CompressOptions, "plan")
     sparse_structure: SparseStructure = _opt(CompressOptions, "sparse_structure")
     sparse_density: float = _opt(CompressOptions, "sparse_density")
+    ray_address: str | None = _opt(CompressOptions, "ray_address")
+    target_speedup: float | None = _opt(CompressOptions, "target_speedup")
+    target_latency_ms: float | None = _opt(CompressOptions, "target_latency_ms")
+    latency_shape: str = _opt(CompressOptions, "latency_shape")
+    latency_precision: LatencyPrecision = _opt(CompressOptions, "latency_precision")
+    latency_threads: int = _opt(CompressOptions, "latency_threads")
+    latency_optimize: bool = _opt(CompressOptions, "latency_optimize")
+    latency_budget_s: float = _opt(CompressOptions, "latency_budget_s")
 
 
 class RecoverConfig(_Section):
@@ -302,9 +312,9 @@ def json_schema_text() -> str:
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
 
 
-def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+def _section_fields(loc: tuple[Any, ...], root: type[BaseModel] = RunConfig) -> list[str]:
     """The valid keys at the place in the config where an unknown key was found."""
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
@@ -314,12 +324,14 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: Any, source: str) -> str:
+def describe_validation_error(error: Any, source: str, root: type[BaseModel] = RunConfig) -> str:
+    """One sentence for a pydantic error of model ``root``: the dotted key, and for an unknown key
+    the closest valid one (also used for sweep files, whose ``root`` is their own model)."""
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         key = str(loc[-1])
-        close = difflib.get_close_matches(key, _section_fields(loc), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(key, _section_fields(loc, root), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"{source}: unknown key '{where}'{hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -337,7 +349,7 @@ def parse_config(data: dict[str, Any] | None, source: str = "config") -> RunConf
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], source)) from None
+        raise ConfigError(describe_validation_error(exc.errors()[0], source)) from None
 
 
 def load_config(path: Path) -> RunConfig:

@@ -32,6 +32,7 @@ from factorlm.pipeline.artifacts import (
     lock_output_dir,
 )
 from factorlm.pipeline.config import RunConfig
+from factorlm.pipeline.memory import StagePeak
 
 __all__ = ["STAGE_LIBRARIES", "RunResult", "installed_versions", "run_pipeline", "stage_versions"]
 
@@ -142,11 +143,23 @@ def _run_locked(
         start = time.perf_counter()
         # A library upgrade must not reuse engines or reports made with the old one.
         key = hash_json({"settings": key, "versions": stage_versions(name, installed)})
-        done = store.run(name, key, build, force=force)
+
+        def measured(out: Path) -> dict[str, Any]:
+            # The stage's own peak RSS goes into the manifest; what it loaded is released after.
+            with StagePeak() as peak:
+                info = build(out)
+            return {**(info or {}), "memory": peak.record()}
+
+        done = store.run(name, key, measured, force=force)
         if done.skipped:
             console.print(f"[green]✓[/] {name}: unchanged, reused {done.path}")
         else:
-            console.print(f"[green]✓[/] {name}: done in {time.perf_counter() - start:.1f} s")
+            memory = done.info.get("memory", {})
+            peak = memory.get("peak_rss_mib")
+            console.print(
+                f"[green]✓[/] {name}: done in {time.perf_counter() - start:.1f} s"
+                + (f", peak RSS {peak:.0f} MiB" if peak is not None else "")
+            )
         result.stages.append(done)
         if on_stage is not None:
             on_stage(done)
@@ -193,7 +206,8 @@ def _run_locked(
             {
                 "export": exported.key,
                 "stats": stats_dir and result.stage("calibrate").key,
-                "cfg": config.compress.model_dump(mode="json"),
+                # Ray or not, the output is bit-identical: the address is not part of the key.
+                "cfg": config.compress.model_dump(mode="json", exclude={"ray_address"}),
                 "plan": plan_key,
             }
         ),

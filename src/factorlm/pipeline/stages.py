@@ -27,6 +27,7 @@ __all__ = [
     "calibrate",
     "compress_model",
     "export_model",
+    "predicted_speedup",
     "recover_model",
     "resolve_inputs",
     "split_data",
@@ -314,8 +315,51 @@ def benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dic
         options,
         data=data if options.task != "none" else None,
     )
+    prediction = predicted_speedup(report.data, "compressed", build_dir / "compressed")
+    if prediction is not None:
+        report.data["prediction"] = {"compressed": prediction}
     report.write(out)
     return {"passed": report.passed}
+
+
+def predicted_speedup(
+    report: dict[str, Any], candidate: str, engine_dir: Path
+) -> dict[str, Any] | None:
+    """The plan's predicted speedup (latency-targeted plans) next to the measured one.
+
+    The plan is found beside the ONNX model the engine was built from (its manifest's source);
+    the measured speedup is the benchmark's at the plan's ``latency_shape`` (None when that
+    shape was not benchmarked). None when the plan has no prediction.
+    """
+    from factorlm.compression import plan_path_for
+    from factorlm.planning import load_plan
+
+    try:
+        manifest = json.loads((engine_dir / "manifest.json").read_text(encoding="utf-8"))
+        plan_file = plan_path_for(Path(manifest["source"]["path"]))
+        latency = load_plan(plan_file).latency if plan_file.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not latency:
+        return None
+    config = latency.get("config") or {}
+    shape = f"{config.get('batch', 1)}x{config.get('seq', 128)}"
+    measured = next(
+        (e["speedup"].get(candidate) for e in report.get("latency", []) if e["shape"] == shape),
+        None,
+    )
+    predicted = float(latency["predicted_speedup"])
+    estimate = float(measured["estimate"]) if measured else None
+    return {
+        "shape": shape,
+        "predicted_speedup": predicted,
+        "measured_speedup": estimate,
+        "ci_low": measured["ci_low"] if measured else None,
+        "ci_high": measured["ci_high"] if measured else None,
+        "error_pct": 100.0 * (estimate / predicted - 1.0) if estimate is not None else None,
+        "predicted_ms": latency["predicted_ms"],
+        "model_ms": latency["model_ms"],
+    }
 
 
 def _move_up(target: Path, out: Path) -> None:

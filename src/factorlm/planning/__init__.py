@@ -14,6 +14,14 @@ import logging
 
 from factorlm.planning.costs import dense_cost, fill_costs
 from factorlm.planning.kronecker import KRON_SHAPES, supports_kronecker
+from factorlm.planning.latency import (
+    LatencyAllocation,
+    LatencyCurve,
+    LatencyModel,
+    allocate_latency,
+    measured_ranks,
+    shape_key,
+)
 from factorlm.planning.lowrank import supports_lowrank_sparse
 from factorlm.planning.planner import make_plan
 from factorlm.planning.schema import (
@@ -38,13 +46,19 @@ __all__ = [
     "SPARSE_STRUCTURES",
     "AnalysisLike",
     "CandidateLike",
+    "LatencyAllocation",
+    "LatencyCurve",
+    "LatencyModel",
     "Plan",
     "StatsLike",
     "WeightPlan",
+    "allocate_latency",
     "dense_cost",
     "fill_costs",
     "load_plan",
     "make_plan",
+    "measured_ranks",
+    "shape_key",
     "supports_kronecker",
     "supports_lowrank_sparse",
     "validate_plan",

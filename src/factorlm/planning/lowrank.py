@@ -25,6 +25,7 @@ from factorlm.decompose import (
 from factorlm.decompose.rank import DEFAULT_MIN_FRACTION
 from factorlm.errors import ConfigError, PlanError
 from factorlm.planning.costs import dense_cost, fill_costs, relative_error
+from factorlm.planning.latency import LatencyModel, allocate_latency
 from factorlm.planning.schema import DATA_AWARE, CandidateLike, Plan, StatsLike, new_entry
 
 __all__ = ["plan_embedding", "plan_low_rank", "statistics_for", "supports_lowrank_sparse"]
@@ -93,10 +94,13 @@ def plan_low_rank(
     density: float,
     options: tuple[str, str, float] = ("optimal", "relative", DEFAULT_MIN_FRACTION),
     prepared: dict[str, PreparedWeight] | None = None,
+    latency: tuple[LatencyModel, float] | None = None,
 ) -> None:
     """Ranks for ``linear`` by energy or by the global allocation; the rest stays dense.
 
     ``options`` is ``(allocation, error_scale, min_fraction)`` for ``allocate_ranks``.
+    ``latency`` = ``(model, target_ms)`` replaces the parameter budget by a latency target
+    (``planning.latency.allocate_latency``) and records the predictions in the plan.
     """
     core_method = "svd" if method == "losparse" else method
     targets: list[CandidateLike] = []
@@ -131,6 +135,25 @@ def plan_low_rank(
             m, n = cand.shape
             r = round_rank(rank_for_energy(spectra[cand.name], energy), multiple)
             ranks[cand.name] = r if r <= break_even_rank(m, n) else None
+    elif latency is not None:
+        found_ms = allocate_latency(
+            [WeightSpectrum(c.name, c.shape, spectra[c.name]) for c in targets],
+            latency[0],
+            target_ms=latency[1],
+            calls={c.name: _linear_calls(c) for c in targets},
+            multiple=multiple,
+            error=options[1],
+            min_fraction=options[2],
+        )
+        ranks = found_ms.ranks
+        plan.latency = {
+            "target_ms": found_ms.target_ms,
+            "model_ms": found_ms.model_ms,
+            "predicted_ms": found_ms.predicted_ms,
+            "predicted_speedup": found_ms.predicted_speedup,
+            "dense_weights": {k: v for k, v in found_ms.dense_ms.items() if ranks[k] is None},
+            "config": dict(latency[0].config),
+        }
     else:
         # losparse spends part of each weight's budget on the sparse part.
         lr_ratio = ratio - density if method == "losparse" else ratio
@@ -156,6 +179,11 @@ def plan_low_rank(
                 plan.skipped[cand.name] = (
                     f"would not reduce cost: break-even rank {limit} is below the rank multiple {multiple}"
                 )
+            elif latency is not None:
+                plan.skipped[cand.name] = (
+                    "left dense by the latency plan (no measured rank is faster than dense, or "
+                    "cutting it costs the most error)"
+                )
             elif energy is not None:
                 plan.skipped[cand.name] = (
                     f"would not reduce cost: energy {energy} needs a rank above break-even {limit}"
@@ -174,6 +202,17 @@ def plan_low_rank(
             expected_error=relative_error(spectra[cand.name], chosen),
         )
         fill_costs(cand, entry)
+        if latency is not None:
+            curve = latency[0].curve(cand.shape)
+            if curve is not None:
+                calls = _linear_calls(cand)
+                entry.dense_ms = calls * curve.dense_ms
+                entry.predicted_ms = calls * curve.at(chosen)
         plan.weights[cand.name] = entry
         if prepared is not None and cand.name in cache:
             prepared[cand.name] = cache.pop(cand.name)
+
+
+def _linear_calls(cand: CandidateLike) -> int:
+    """Products a weight runs per inference (a joint Q/K/V weight: one, like ``fill_costs``)."""
+    return 1 if cand.members else max(1, sum(1 for u in cand.uses if u.form != "gather"))

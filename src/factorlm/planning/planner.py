@@ -16,6 +16,7 @@ from factorlm.decompose import PreparedWeight
 from factorlm.decompose.rank import DEFAULT_MIN_FRACTION, STRATEGIES
 from factorlm.errors import ConfigError
 from factorlm.planning.kronecker import plan_kronecker
+from factorlm.planning.latency import LatencyModel
 from factorlm.planning.lowrank import plan_embedding, plan_low_rank, statistics_for
 from factorlm.planning.schema import (
     ALL_METHODS,
@@ -64,6 +65,8 @@ def make_plan(
     error_scale: str = "relative",
     min_fraction: float = DEFAULT_MIN_FRACTION,
     prepared: dict[str, PreparedWeight] | None = None,
+    latency: LatencyModel | None = None,
+    target_ms: float | None = None,
 ) -> Plan:
     """Choose a factorization for every analysed weight under one budget.
 
@@ -85,6 +88,11 @@ def make_plan(
     fraction of dense, are at least twice its parameters' fraction, so kron plans cost about as
     many FLOPs as dense at ratios above 0.5 and fewer below. ``allocation`` "lagrangian" is
     honoured there; every other strategy uses the exact knapsack.
+
+    ``latency`` (a measured ``planning.LatencyModel``) with ``target_ms`` plans for a predicted
+    whole-model latency instead of ``ratio`` (which is then ignored): low-rank methods only,
+    embeddings left dense; the plan records the prediction (``Plan.latency``, per-weight
+    ``dense_ms``/``predicted_ms``).
     """
     if method not in ALL_METHODS:
         raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
@@ -111,6 +119,19 @@ def make_plan(
             )
         if not 0.0 <= sparse_density < ratio:
             raise ConfigError(f"sparse density {sparse_density!r} must be in [0, ratio {ratio}).")
+    if (latency is None) != (target_ms is None):
+        raise ConfigError("a latency target needs both the latency model and target_ms.")
+    if latency is not None:
+        if method in ("kron", "losparse"):
+            raise ConfigError(
+                f"method {method!r} is not latency-planned (only the low-rank methods have measured "
+                "curves); use a parameter ratio, or svd/whiten/drone/asvd/fwsvd with a target."
+            )
+        if energy is not None or embeddings is not None:
+            raise ConfigError(
+                "a latency target plans the linear weights' ranks itself: leave energy and "
+                "embeddings unset."
+            )
     if method in DATA_AWARE and stats is None:
         statistics_for(None, method, "")
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
@@ -142,6 +163,8 @@ def make_plan(
         },
         skipped={s.name: s.reason for s in analysis.skipped},
     )
+    if target_ms is not None:
+        plan.budget["target_ms"] = target_ms
     linear: list[CandidateLike] = []
     for cand in analysis.candidates:
         if inc is not None and not _matches(inc, cand.name, cand.node_names):
@@ -167,6 +190,7 @@ def make_plan(
             sparse_density,
             (allocation, error_scale, min_fraction),
             prepared,
+            (latency, float(target_ms)) if latency is not None and target_ms is not None else None,
         )
     logger.info("Planned %d weights, %d left dense", len(plan.weights), len(plan.skipped))
     return plan

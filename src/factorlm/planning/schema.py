@@ -132,6 +132,10 @@ class WeightPlan:
     flops_before: int = 0
     flops_after: int = 0
     expected_error: float | None = None  # relative (data-aware when stats exist) Frobenius error
+    # Latency-targeted plans only (``planning.latency``): measured ms of the dense weight and
+    # predicted ms of its factored form, on the cost model's engine configuration.
+    dense_ms: float | None = None
+    predicted_ms: float | None = None
 
 
 @dataclass
@@ -148,6 +152,9 @@ class Plan:
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     dense: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Latency-targeted plans only: the prediction (model_ms, predicted_ms, predicted_speedup,
+    #: target_ms, dense_weights {name: ms}, config); None for parameter-budget plans.
+    latency: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, int]:
         """Parameters and FLOPs per token of the targeted weights (factorized + kept dense)."""
@@ -167,10 +174,12 @@ class Plan:
             "method": self.method,
             "budget": self.budget,
             "totals": self.totals(),
-            "weights": {name: asdict(w) for name, w in self.weights.items()},
+            "weights": {name: _entry_json(w) for name, w in self.weights.items()},
             "skipped": self.skipped,
             "dense": self.dense,
         }
+        if self.latency is not None:
+            data["latency"] = self.latency
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
@@ -206,13 +215,26 @@ class Plan:
             for v in dense_raw.values()
         ):
             raise PlanError(f"{source}: 'dense' must map weight names to {{'params', 'flops'}}.")
+        latency = data.get("latency")
+        if latency is not None and not isinstance(latency, dict):
+            raise PlanError(f"{source}: 'latency' must be an object.")
         return cls(
             method=str(data.get("method", "svd")),
             budget=dict(data.get("budget") or {}),
             weights=weights,
             skipped={str(k): str(v) for k, v in skipped.items()},
             dense={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in dense_raw.items()},
+            latency=latency,
         )
+
+
+def _entry_json(entry: WeightPlan) -> dict[str, Any]:
+    """An entry as JSON; the latency fields only when set, so other plans read as before."""
+    data = asdict(entry)
+    for key in ("dense_ms", "predicted_ms"):
+        if data[key] is None:
+            del data[key]
+    return data
 
 
 def load_plan(plan: Plan | str | os.PathLike[str]) -> Plan:

@@ -29,7 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from factorlm._common.userfiles import read_yaml
 from factorlm.errors import ConfigError
-from factorlm.pipeline.config import RunConfig, load_config, parse_config
+from factorlm.pipeline.config import (
+    RunConfig,
+    describe_validation_error,
+    load_config,
+    parse_config,
+)
 from factorlm.sweeps.grid import Trial, expand
 
 __all__ = [
@@ -149,30 +154,6 @@ def axis_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]
     return keys
 
 
-def _section_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = SweepSpec
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    return list(model.model_fields)
-
-
-def _describe(error: Any, source: str) -> str:
-    loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else "."
-        return f"{source}: unknown key '{where}'{hint}"
-    if error["type"] == "missing":
-        return f"{source}: '{where}' is missing; a sweep needs axes (run-config key: [values])."
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{source}: '{where}' is invalid: {message}."
-
-
 def _check_axes(axes: Mapping[str, list[Any]], source: str) -> None:
     valid = axis_keys()
     sections = {key.rsplit(".", 1)[0] for key in valid if "." in key}
@@ -215,8 +196,12 @@ def parse_sweep(
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise ConfigError(_describe(errors[0], source)) from None
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        if errors[0]["type"] == "missing" and tuple(errors[0]["loc"]) == ("axes",):
+            raise ConfigError(
+                f"{source}: 'axes' is missing; a sweep needs axes (run-config key: [values])."
+            ) from None
+        raise ConfigError(describe_validation_error(errors[0], source, SweepSpec)) from None
     _check_axes(spec.axes, source)
     if isinstance(spec.base, Path):
         path = spec.base if spec.base.is_absolute() else root / spec.base

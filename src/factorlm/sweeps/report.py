@@ -49,8 +49,8 @@ def _markdown(
         "",
         f"- sweep: `{header['source']}`",
         f"- trials: {header['counts']['total']} ({header['counts']['done']} done, "
-        f"{header['counts']['failed']} failed), wall time {header['wall_seconds']:.1f} s "
-        f"on {header['nodes']} node(s)",
+        f"{header['counts']['failed']} failed, {header['counts']['resumed']} from an earlier "
+        f"run); this run: {header['wall_seconds']:.1f} s on {header['nodes']} Ray node(s)",
         f"- rule: {sel.reason}",
         "",
     ]

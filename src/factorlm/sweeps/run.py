@@ -4,7 +4,7 @@ Each trial is one Ray task (``trial.run_trial``) holding ``cpus_per_trial`` CPUs
 only schedules, shows a live table and writes the results. Trials that share stages with an
 earlier trial wait for it and start from its stage folders (``plan_seeds``). A trial whose
 ``trials/<id>/trial.json`` says done is not run again, so an interrupted sweep resumes where it
-stopped (failed trials are retried). Trial folders must be on storage every node sees (one
+stopped: trials with a result file are skipped (failed ones too, unless ``retry_failed``). Trial folders must be on storage every node sees (one
 machine, or a shared filesystem on a cluster), like the model and data paths in the config.
 """
 
@@ -98,13 +98,9 @@ def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
                 "task": cfg.benchmark.task,
             }
         )
-        stats = hash_json(
-            {
-                "inputs": inputs,
-                "kind": _calibration_kind(t),
-                "calibration": cfg.calibration.model_dump(mode="json"),
-            }
-        )
+        kind = _calibration_kind(t)
+        calibration = cfg.calibration.model_dump(mode="json") if kind else None
+        stats = hash_json({"inputs": inputs, "kind": kind, "calibration": calibration})
         leader = first_inputs.setdefault(inputs, t.id)
         stats_leader = first_stats.setdefault(stats, t.id)
         if stats_leader != t.id:
@@ -139,6 +135,23 @@ def _sweep_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Refuse an address nothing listens on at once (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" or a name Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check the "
+            "address (`ray status` on the head node prints it) or omit --address for a local Ray."
+        ) from None
+
+
 @contextlib.contextmanager
 def _ray_session(ray: Any, address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Join ``address`` or start a local Ray for the sweep; shut down only what we started."""
@@ -147,11 +160,13 @@ def _ray_session(ray: Any, address: str | None, num_cpus: int | None) -> Iterato
         return
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.ERROR,  # Ray's start-up notices say nothing to act on
         "log_to_driver": False,
     }
     if address is None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    else:
+        _probe(address)
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
@@ -160,6 +175,27 @@ def _ray_session(ray: Any, address: str | None, num_cpus: int | None) -> Iterato
         yield
     finally:
         ray.shutdown()
+
+
+def _with_default_inputs(config: SweepConfig, console: Console) -> SweepConfig:
+    """Check every trial's model and data up front (a missing file is a user error, not a grid
+    of failed trials), fetching the embedded defaults once here instead of in every trial."""
+    from factorlm.pipeline.stages import resolve_inputs
+
+    if any(t.config.model is None or t.config.data.path is None for t in config.trials()):
+        base = config.base
+        model, data = resolve_inputs(base, console)
+        base = base.model_copy(
+            update={"model": model, "data": base.data.model_copy(update={"path": data})}
+        )
+        config = config.model_copy(update={"base": base})
+    checked: set[tuple[str, str]] = set()
+    for t in config.trials():
+        pair = (str(t.config.model), str(t.config.data.path))
+        if pair not in checked:
+            checked.add(pair)
+            resolve_inputs(t.config, console)  # both given: only checks they exist
+    return config
 
 
 def _node_label(ray: Any) -> str:
@@ -212,17 +248,25 @@ class _Progress:
     def render(self) -> Group:
         table = Table(title="factorlm sweep", title_justify="left")
         axes = list(self.trials[0].params) if self.trials else []
-        for column in ("trial", *axes, "status", "quality", "speedup", "node"):
+        leaves = [a.rsplit(".", 1)[-1] for a in axes]
+        headers = leaves if len(set(leaves)) == len(leaves) else axes
+        table.add_column("trial", no_wrap=True, min_width=10)
+        for header in headers:
+            width = min(len(header), 10)
             table.add_column(
-                column, justify="right" if column in ("quality", "speedup") else "left"
+                header, no_wrap=True, overflow="ellipsis", min_width=width, max_width=14
             )
+        table.add_column("status", no_wrap=True, overflow="ellipsis", min_width=6, max_width=24)
+        for column in ("quality", "speedup"):
+            table.add_column(column, justify="right", no_wrap=True, min_width=7)
+        table.add_column("node", no_wrap=True, overflow="ellipsis", max_width=12)
         style = {"done": "green", "resumed": "green", "failed": "red", "running": "yellow"}
         for t in self.trials:
             state = self.state[t.id]
             r = self.results.get(t.id)
             status = Text(state, style=style.get(state, "dim"))
             if r is not None and r.error:
-                status.append(f" {r.error[:60]}", style="dim")
+                status.append(f" {r.error}", style="dim")
             table.add_row(
                 t.id,
                 *(str(t.params[a]) for a in axes),
@@ -247,17 +291,20 @@ def run_sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     num_cpus: int | None = None,
+    retry_failed: bool = False,
     on_trial: Callable[[TrialResult], None] | None = None,
 ) -> SweepResult:
     """Run every unfinished trial of ``config`` on Ray, then select and write the results.
 
     ``address``/``max_concurrent``/``num_cpus`` override the sweep file's ``ray`` section.
+    Trials with a stored result are not rerun (``retry_failed`` reruns the failed ones).
     """
     ray = import_ray()
     console = console or Console(stderr=True)
     settings = config.ray
     address = address if address is not None else settings.address
     max_concurrent = max_concurrent or settings.max_concurrent
+    config = _with_default_inputs(config, console)
     trials = config.trials()
     root = config.output_dir
     start = time.perf_counter()
@@ -266,8 +313,8 @@ def run_sweep(
         todo: list[Trial] = []
         for t in trials:
             stored = read_result(t.output_dir)
-            if stored is not None and stored.ok and stored.id == t.id:
-                progress.state[t.id] = "resumed"
+            if stored is not None and stored.id == t.id and (stored.ok or not retry_failed):
+                progress.state[t.id] = "resumed" if stored.ok else "failed"
                 progress.results[t.id] = stored
             else:
                 todo.append(t)
@@ -352,6 +399,8 @@ def _schedule(
                     if on_trial is not None:
                         on_trial(result)
                 live.update(progress.render())
+        if not console.is_terminal:
+            console.print()  # the final table ends without a newline when not a terminal
     except BaseException:
         for ref in in_flight:  # interrupted: stop the running trials (they rerun on resume)
             with contextlib.suppress(Exception):

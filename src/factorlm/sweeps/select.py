@@ -158,7 +158,12 @@ def select(results: Sequence[TrialResult], rule: SelectRule) -> Selection:
         metric = rule.maximize or rule.minimize
         assert metric is not None
         sign = 1.0 if rule.maximize else -1.0
-        scored = [(sign * v, r) for r in feasible if (v := metric_value(r, metric)) is not None]
+
+        def value(r: TrialResult) -> float | None:
+            # "quality" is better quality: perplexity counts downwards
+            return _goodness(r) if metric == "quality" else metric_value(r, metric)
+
+        scored = [(sign * v, r) for r in feasible if (v := value(r)) is not None]
     if not scored:
         reason = (
             f"no trial meets the rule ({rule_text}): {done} of {len(results)} trials finished, "

@@ -140,7 +140,8 @@ class NodeBenchLock:
 
     def __init__(self, folder: Path | None = None) -> None:
         base = folder or Path(tempfile.gettempdir()) / "factorlm-bench-locks"
-        base.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            base.mkdir(mode=0o777, parents=True, exist_ok=True)
         host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())
         self._paths = (base / f"{host}.turnstile", base / f"{host}.rw")
         self._turnstile: IO[str] | None = None
@@ -154,16 +155,22 @@ class NodeBenchLock:
             return
         fcntl.flock(handle.fileno(), op)
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
         if self._rw is None:
-            self._turnstile = self._paths[0].open("a+", encoding="utf-8")
-            self._rw = self._paths[1].open("a+", encoding="utf-8")
+            try:
+                self._turnstile = self._paths[0].open("a+", encoding="utf-8")
+                self._rw = self._paths[1].open("a+", encoding="utf-8")
+            except OSError as exc:  # e.g. another user's lock files: time without the lock
+                logger.warning("No benchmark lock (%s); latency may be disturbed", exc)
+                return False
+        return True
 
     def acquire(self, exclusive: bool) -> float:
         """Take the lock (shared or exclusive); returns the seconds spent waiting."""
         import fcntl
 
-        self._open()
+        if not self._open():
+            return 0.0
         assert self._turnstile is not None and self._rw is not None
         start = time.perf_counter()
         self._flock(self._turnstile, fcntl.LOCK_EX)  # a waiting benchmark stops new readers

@@ -1,0 +1,92 @@
+"""Grid expansion: the product of the axes in order, stable ids, and which trials seed which."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from factorlm.sweeps import parse_sweep, plan_seeds
+
+BASE = {"model": "/m", "data": {"path": "/d.jsonl"}}
+
+
+def test_grid_is_the_product_in_axis_order(tmp_path: Path) -> None:
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "output_dir": "out",
+            "axes": {"compress.method": ["svd", "whiten"], "compress.ratio": [0.5, 0.6, 0.7]},
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    assert [tuple(t.params.values()) for t in trials] == [
+        (m, r) for m in ("svd", "whiten") for r in (0.5, 0.6, 0.7)
+    ]
+    for t in trials:
+        assert t.config.compress.method == t.params["compress.method"]
+        assert t.config.compress.ratio == t.params["compress.ratio"]
+        assert t.output_dir == tmp_path / "out" / "trials" / t.id
+        assert len(t.id) == 10 and all(c in "0123456789abcdef" for c in t.id)
+    assert len({t.id for t in trials}) == 6
+
+
+def test_ids_are_stable_and_follow_the_whole_config(tmp_path: Path) -> None:
+    def ids(axes: dict[str, list[object]], base: dict[str, object] = BASE) -> dict[str, str]:
+        config = parse_sweep({"base": base, "axes": axes}, root=tmp_path)
+        return {repr(sorted(t.params.items())): t.id for t in config.trials()}
+
+    one = ids({"compress.method": ["svd", "whiten"], "compress.ratio": [0.5]})
+    again = ids({"compress.ratio": [0.5], "compress.method": ["whiten", "svd"]})
+    assert one == again  # axis and value order do not change a trial's id
+    other_out = parse_sweep(
+        {"base": BASE, "axes": {"compress.ratio": [0.5]}, "output_dir": "elsewhere"},
+        root=tmp_path,
+    ).trials()[0]
+    assert other_out.id == ids({"compress.ratio": [0.5]})["[('compress.ratio', 0.5)]"]
+    changed = ids({"compress.method": ["svd", "whiten"], "compress.ratio": [0.5]},
+                  {**BASE, "calibration": {"max_length": 64}})  # fmt: skip
+    assert not set(changed.values()) & set(one.values())  # another base: other trials
+
+
+def test_values_equal_to_the_base_are_one_trial_each(tmp_path: Path) -> None:
+    config = parse_sweep(
+        {"base": BASE, "axes": {"build.int8": [False, True], "compress.joint_qkv": [True]}},
+        root=tmp_path,
+    )
+    assert len(config.trials()) == 2
+
+
+def test_seeds_share_inputs_and_statistics(tmp_path: Path) -> None:
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "axes": {
+                "compress.method": ["svd", "whiten", "fwsvd"],
+                "compress.ratio": [0.5, 0.7],
+                "calibration.max_length": [32, 64],
+            },
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    seeds = plan_seeds(trials)
+    by = {(t.params["compress.method"], t.params["compress.ratio"],
+           t.params["calibration.max_length"]): t.id for t in trials}  # fmt: skip
+    leader = by[("svd", 0.5, 32)]
+    assert seeds[leader] is None
+    # svd does not calibrate: max_length does not split it; it reuses the first trial's stages
+    assert seeds[by[("svd", 0.7, 64)]] == leader
+    # the first whiten trial of each max_length starts from the leader, the others from it
+    first_whiten = by[("whiten", 0.5, 32)]
+    assert seeds[first_whiten] == leader
+    assert seeds[by[("whiten", 0.7, 32)]] == first_whiten
+    assert seeds[by[("whiten", 0.7, 64)]] == by[("whiten", 0.5, 64)]
+    assert seeds[by[("fwsvd", 0.7, 32)]] == by[("fwsvd", 0.5, 32)]  # Fisher differs from Grams
+    # no cycles: following seeds always ends at the leader
+    for t in trials:
+        ident: str | None = t.id
+        for _ in range(len(trials)):
+            if ident is None:
+                break
+            ident = seeds[ident]
+        assert ident is None

@@ -1,0 +1,87 @@
+"""Trial plumbing without Ray: stage seeding by hard links, the node benchmark lock, results."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from factorlm._common.outputs import is_owned, mark_owned
+from factorlm.sweeps.select import TrialResult
+from factorlm.sweeps.trial import NodeBenchLock, read_result, seed_stages, write_result
+
+
+def _run_folder(root: Path, stages: dict[str, str]) -> Path:
+    root.mkdir(parents=True)
+    manifest = {"config": {}, "stages": {}}
+    for name, key in stages.items():
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "file.bin").write_bytes(name.encode() * 10)
+        mark_owned(root / name, "run")
+        manifest["stages"][name] = {"key": key, "seconds": 1.0, "info": {"n": 1}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_seed_links_shared_stages_with_their_manifest_entries(tmp_path: Path) -> None:
+    source = _run_folder(
+        tmp_path / "a", {"export": "k1", "data": "k2", "calibrate": "k3", "compress": "k4"}
+    )
+    target = tmp_path / "b"
+    assert seed_stages(source, target) == ["export", "data", "calibrate"]
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["export", "data", "calibrate"]  # never compress
+    assert manifest["stages"]["data"]["key"] == "k2"
+    linked = target / "export" / "sub" / "file.bin"
+    assert linked.read_bytes() == b"export" * 10
+    assert linked.stat().st_ino == (source / "export" / "sub" / "file.bin").stat().st_ino
+    assert is_owned(target / "export") and not (target / "compress").exists()
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging left
+    # already seeded (or run): left alone; the source is never modified
+    assert seed_stages(source, target) == []
+    # a source without a manifest (a trial that failed before any stage) seeds nothing
+    assert seed_stages(tmp_path / "nothing", tmp_path / "c") == []
+
+
+def test_node_lock_gives_the_benchmark_the_node(tmp_path: Path) -> None:
+    events: list[str] = []
+    compute = NodeBenchLock(tmp_path)
+    compute.acquire(exclusive=False)
+
+    def benchmark() -> None:
+        lock = NodeBenchLock(tmp_path)
+        with lock.held():
+            events.append("bench-waiting")
+            lock.to_exclusive()
+            events.append("bench-running")
+            time.sleep(0.2)
+            events.append("bench-done")
+
+    thread = threading.Thread(target=benchmark)
+    thread.start()
+    time.sleep(0.3)
+    assert events == ["bench-waiting"]  # another trial computes: the benchmark waits
+    compute.release()
+    time.sleep(0.05)
+
+    def newcomer() -> None:  # a trial starting while the benchmark holds the node
+        lock = NodeBenchLock(tmp_path)
+        with lock.held():
+            events.append("new-trial-started")
+
+    late = threading.Thread(target=newcomer)
+    late.start()
+    thread.join(5)
+    late.join(5)
+    compute.close()
+    assert events == ["bench-waiting", "bench-running", "bench-done", "new-trial-started"]
+
+
+def test_result_round_trip(tmp_path: Path) -> None:
+    result = TrialResult(id="abc", params={"compress.ratio": 0.5}, status="done", speedup=1.5)
+    write_result(tmp_path / "t", result)
+    assert read_result(tmp_path / "t") == result
+    assert read_result(tmp_path / "missing") is None
+    (tmp_path / "t" / "trial.json").write_text("{half")
+    assert read_result(tmp_path / "t") is None
