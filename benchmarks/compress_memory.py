@@ -13,7 +13,8 @@ also saved with its weights embedded in the protobuf. Then, each in a fresh subp
    as before this change for every model).
 
 Each child reports its resident memory after importing factorlm (the fixed overhead) and its
-peak; the table gives the peak, the peak above the overhead, and both as multiples of the model
+peak (``VmHWM``: a spawned child's ``ru_maxrss`` includes the parent's resident memory at the
+fork, which here holds the embedded model just written); the table gives the peak, the peak above the overhead, and both as multiples of the model
 and of its largest single weight, for each model depth in ``--layers`` (the streamed peak should
 not grow with the depth). Outputs of both runs are compared weight by weight.
 
@@ -121,20 +122,23 @@ def write_model(folder: Path, *, layers: int, hidden: int, ffn: int, seed: int =
 
 _CHILD = """
 import json, resource, sys, time
-def rss_mb():
+def status_mb(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
 import numpy, scipy.linalg, onnx, onnx_ir
 from factorlm.compression import compress
 from factorlm.options import CompressOptions
-base = rss_mb()
+base = status_mb("VmRSS")
 opts = CompressOptions(**json.loads(sys.argv[3]))
 start = time.perf_counter()
 result = compress(sys.argv[1], sys.argv[2], opts)
 wall = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"base_mb": base, "peak_mb": peak, "wall_s": wall, "seconds": result.seconds,
+# VmHWM, not ru_maxrss: after fork + exec, ru_maxrss still counts the parent's resident memory
+# at the fork (Linux keeps the old mm's high-water mark), VmHWM is this program's own.
+peak = status_mb("VmHWM")
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"base_mb": base, "peak_mb": peak, "maxrss_mb": maxrss, "wall_s": wall, "seconds": result.seconds,
                   "factorized": result.factorized, "files": [str(p) for p in result.output_paths]}))
 """
 
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: Llama-shaped blocks (hidden {args.hidden}, ffn {args.ffn}), 7 fp32 weights per "
         f"block; largest weight {largest_mb:.1f} MiB, largest joint candidate (gate+up) "
         f"{joint_mb:.1f} MiB; method {args.method}, ratio {args.ratio}, min_size 0. Each run in "
-        "a fresh subprocess; peak = its ru_maxrss, imports = VmRSS after importing factorlm.",
+        "a fresh subprocess; peak = its VmHWM (ru_maxrss of a spawned child also counts the "
+        "parent's memory at the fork), imports = VmRSS after importing factorlm.",
         "",
         "| layers (model) | run | peak RSS | after imports | peak - imports | peak / model | "
         "(peak - imports) / largest weight | wall | stages (s) | same output |",

@@ -8,6 +8,12 @@ weights, ``planning.make_plan`` (or a user's plan through ``planning.validate_pl
 ranks, ``factorlm.decompose`` computes every number, the passes only rewire the graph, and
 ``io.save_model`` writes atomically after the full ONNX check. Nothing is written until every
 user input has been validated, so a mistake leaves no output file behind.
+
+Memory stays near one weight: an input with external data is read weight by weight from its file
+(``streaming.StreamedTensor``), each weight is rewritten as soon as its factors exist and its
+factors go to a spill file (``streaming.FactorSpill``), and the output keeps its weights in
+external data, copied file to file on save. With ``options.ray_address`` the factorizations run
+as Ray tasks that read their weight by offset (``distributed``); the output is bit-identical.
 """
 
 from __future__ import annotations

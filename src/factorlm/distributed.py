@@ -58,7 +58,12 @@ def ray_session(address: str) -> Iterator[Any]:
         else:
             target = address
         try:
-            ray.init(address=target, log_to_driver=False, include_dashboard=False)
+            ray.init(
+                address=target,
+                log_to_driver=False,
+                include_dashboard=False,
+                logging_level=logging.WARNING,  # no banner in the CLI's output
+            )
         except (ConnectionError, ValueError) as exc:
             raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
         started = True

@@ -263,7 +263,10 @@ class CompressOptions(_Options):
         0.05, "losparse: density of the sparse part (below ratio).", ge=0.0, lt=1.0
     )
     external_data: bool = _opt(
-        False, "Write the weights to OUT.onnx.data (always done above 2 GB).", yaml=None
+        False,
+        "Write the weights to OUT.onnx.data (always done above 2 GB or when the input keeps "
+        "its weights in external data).",
+        yaml=None,
     )
     calibration_samples: int = _opt(
         256, "Calibration texts used for the statistics.", ge=1, yaml="data.calibration_samples"

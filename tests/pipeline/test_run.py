@@ -63,6 +63,10 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
     report = json.loads((out / "benchmark" / "report.json").read_text())
     assert report["passed"] is True
     assert manifest["stages"]["compress"]["info"]["factorized"] > 0
+    for name, entry in manifest["stages"].items():  # each stage's own peak RSS (issue 18)
+        memory = entry["info"]["memory"]
+        assert 0 < memory["start_rss_mib"] <= memory["peak_rss_mib"], name
+        assert memory["peak_rss_mib"] <= memory["process_peak_rss_mib"] + 1, name
 
     calib = (out / "data" / "calibration.jsonl").read_text().splitlines()
     held_out = (out / "data" / "eval.jsonl").read_text().splitlines()

@@ -7,7 +7,10 @@
   memory during session creation and the probe, above the resident memory before it;
   ``resident_bytes`` is what stays resident after the probe. The probe's numpy feeds and returned
   outputs (held by Python, not by the session) are subtracted; what remains is the session's
-  weights, its allocator arenas and the probe's intermediate tensors. Where the high-water mark
+  weights, its allocator arenas and the probe's intermediate tensors. Freed heap pages are handed
+back to the OS first (glibc ``malloc_trim``), so sessions opened one after another in the same
+process are measured alike; the figures are still process deltas (a library loaded by the first
+session is counted once, in the first). Where the high-water mark
   cannot be reset (not Linux, no permission) ``peak_bytes`` is null. Host memory only: a
   TensorRT engine's GPU memory is not counted.
 """
@@ -61,6 +64,17 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so a session opened after another one does
+    not fill pages the earlier one freed without raising the resident size."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     try:
         _CLEAR_REFS.write_text("5", encoding="ascii")
@@ -83,6 +97,7 @@ class MemoryProbe:
     @classmethod
     def start(cls) -> MemoryProbe:
         gc.collect()
+        _trim_heap()
         before = _status_kib("VmRSS")
         return cls(before, _reset_peak() if before is not None else False)
 

@@ -27,6 +27,8 @@ fidelity           {candidate name: {inputs: "data" | "random",
                                        max_abs_error, rel_l2_error, argmax_agreement,
                                        kl_divergence, pooled_cosine_mean?, pooled_cosine_min?}},
                                      random: {...same outputs block on random feeds...}}}
+                   (decoders: random feeds of the prefill points only; a random cache is no
+                   input a model meets)
 task               null or {task, metric, higher_is_better, drop_unit ("points" | "percent"),
                             reference, candidates: {name: value}, drop: {name: value}, details,
                             classification only: drop_interval: {name: [low, high]} (paired

@@ -50,7 +50,11 @@ def rss_mib() -> float | None:
 
 
 def _maxrss_mib() -> float:
-    """``ru_maxrss`` in MiB (KiB on Linux, bytes on macOS)."""
+    """This program's high-water mark in MiB: ``VmHWM`` where there is ``/proc`` (after fork +
+    exec, ``ru_maxrss`` still counts the parent's memory at the fork), else ``ru_maxrss``."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value / 2**20 if sys.platform == "darwin" else value / 1024
 
