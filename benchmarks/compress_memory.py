@@ -205,6 +205,20 @@ def _measure(work: Path, layers: int, args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def _cpu() -> str:
+    """CPU model, core count, platform and the libraries that do the work."""
+    import onnx_ir
+    import scipy
+
+    from factorlm.bench.latency import environment_info
+
+    env = environment_info()
+    return (
+        f"{env['cpu']}, {env['cpu_count']} cores, {env['platform']}; numpy "
+        f"{np.__version__}, scipy {scipy.__version__}, onnx-ir {onnx_ir.__version__}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[5, 10])
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "# compress peak memory: streamed vs in memory",
         "",
         f"Command: `{command.strip()}`  ",
+        f"CPU: {_cpu()}  ",
         f"Machine (before): {load_before}  ",
         f"Machine (after): {machine()}  ",
         f"Model: Llama-shaped blocks (hidden {args.hidden}, ffn {args.ffn}), 7 fp32 weights per "
