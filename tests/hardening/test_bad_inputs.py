@@ -491,6 +491,7 @@ CASES: list[Case] = [
     ),
     C("run-not-utf8", "run {w}/c.yaml", write("c.yaml", b"model: \xff\n")),
     C("run-billion-laughs", "run {w}/c.yaml", write("c.yaml", LAUGHS)),
+    C("run-recursive-alias", "run {w}/c.yaml", write("c.yaml", "model: &m [*m]\n")),
     C("run-deep", "run {w}/c.yaml", write("c.yaml", _deep(5000))),
     C("run-unknown-key", "run {w}/c.yaml", write("c.yaml", "modle: x\n")),
     C(

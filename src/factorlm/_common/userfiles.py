@@ -48,6 +48,8 @@ MAX_LINE_BYTES = 64 * 2**20
 MAX_DATA_DOCUMENT_BYTES = 1024 * 2**20
 #: Deeper JSON/YAML than this is hostile, not a plan or a record.
 MAX_DEPTH = 64
+#: Values a YAML document may expand to through aliases (a config has a few hundred).
+MAX_YAML_VALUES = 1_000_000
 #: CSV fields may hold a long document (the stdlib's default limit is 128 KiB).
 CSV_FIELD_LIMIT = 16 * 2**20
 
@@ -97,25 +99,64 @@ def read_text(
     return _decode(raw, path, what, error)
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of lists/dicts, without recursion (so a hostile value cannot blow the stack)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _containers(value: Any) -> list[Any] | None:
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, list | tuple):
+        return list(value)
+    return None
+
+
+def _shape(value: Any) -> tuple[int, int]:
+    """Nesting depth and expanded node count of lists/dicts, each shared node measured once.
+
+    Iterative (a hostile value cannot blow the stack) and memoized by identity, so YAML aliases
+    that share one node many times (billion laughs) cost their distinct nodes, not their expansion;
+    a node that contains itself (a recursive YAML alias) raises ``RecursionError``.
+    """
+    if _containers(value) is None:
+        return 0, 1
+    memo: dict[int, tuple[int, int]] = {}
+    entered: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list | tuple):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item)
-    return deepest
+        item, finished = stack.pop()
+        children = _containers(item)
+        if children is None:
+            continue
+        key = id(item)
+        if finished:
+            depth, nodes = 1, 1
+            for child in children:
+                child_depth, child_nodes = memo.get(id(child), (0, 1))
+                depth = max(depth, child_depth + 1)
+                nodes += child_nodes
+            memo[key] = (depth, nodes)
+            continue
+        if key in memo:
+            continue
+        if key in entered:  # entered but not finished: an ancestor of itself
+            raise RecursionError("a list or mapping contains itself")
+        entered.add(key)
+        stack.append((item, True))
+        stack.extend((child, False) for child in children if id(child) not in memo)
+    return memo[id(value)]
 
 
-def _check_depth(value: Any, source: str, error: ErrorType, max_depth: int) -> Any:
-    if _depth(value) > max_depth:
+def _check_depth(
+    value: Any, source: str, error: ErrorType, max_depth: int, max_nodes: int | None = None
+) -> Any:
+    try:
+        depth, nodes = _shape(value)
+    except RecursionError:
+        raise error(f"{source} holds a list or mapping that contains itself; refusing it.") from None
+    if depth > max_depth:
         raise error(
             f"{source} nests lists/objects deeper than {max_depth} levels; refusing it."
+        ) from None
+    if max_nodes is not None and nodes > max_nodes:
+        raise error(
+            f"{source} expands to more than {max_nodes:,} values through YAML aliases; refusing it."
         ) from None
     return value
 
@@ -174,7 +215,7 @@ def read_yaml(
         raise error(
             f"{source} nests lists/mappings deeper than {max_depth} levels; refusing it."
         ) from None
-    return _check_depth(value, source, error, max_depth)
+    return _check_depth(value, source, error, max_depth, MAX_YAML_VALUES)
 
 
 def _open_binary(path: Path, what: str, error: ErrorType) -> BinaryIO:
