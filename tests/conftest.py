@@ -5,10 +5,13 @@ Both are built in code (no download) so export, calibration and Fisher tests run
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hf_models import save_llama
 from tiny_vocab import SPECIALS, WORDS, write_tokenizer
 
 __all__ = ["SPECIALS", "WORDS", "write_tokenizer"]
@@ -47,25 +50,9 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama (hidden 64, 4 heads, 2 KV heads) with its LM head tied to the
     input embedding (as in SmolLM2), saved in HF format with the tiny tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
+    folder = save_llama(
+        tmp_path_factory.mktemp("tiny-llama-hf"), vocab_size=len(SPECIALS) + len(WORDS)
     )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
     return write_tokenizer(folder)
 
 
@@ -77,3 +64,23 @@ def tiny_llama_past(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pa
     out = tmp_path_factory.mktemp("tiny-llama-past") / "onnx"
     export(tiny_llama_dir, out, task="text-generation-with-past", progress=False)
     return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """Ray's multi-node test cluster: a head and one more node, one CPU and 80 MiB of object store
+    each (skipped without Ray); shut down, with any driver connected to it, after the module."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    store = 80 * 1024 * 1024
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
+    )
+    nodes.add_node(num_cpus=1, object_store_memory=store)
+    nodes.wait_for_nodes()
+    yield nodes
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes.shutdown()

@@ -7,6 +7,8 @@ explicit seed; shapes are small enough that a test runs in milliseconds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -21,6 +23,8 @@ __all__ = [
     "quantized_model",
     "random_weight",
     "run_ort",
+    "sequence_model",
+    "write_model",
 ]
 
 OPSET = 17
@@ -50,6 +54,26 @@ def _finish(graph: onnx.GraphProto, *, opset: int = OPSET) -> onnx.ModelProto:
     return model
 
 
+def sequence_model(
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    *,
+    name: str,
+    d_in: int,
+    d_out: int,
+    output: str = "y",
+) -> onnx.ModelProto:
+    """A checked model of ``nodes`` from ``x[batch, seq, d_in]`` to ``output[batch, seq, d_out]``."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d_in])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", "seq", d_out])],
+        inits,
+    )
+    return _finish(graph)
+
+
 def mlp(
     d_in: int = 32, hidden: int = 64, d_out: int = 24, *, seed: int = 0, decay: float = 0.0
 ) -> onnx.ModelProto:
@@ -58,7 +82,7 @@ def mlp(
     w2 = random_weight(hidden, d_out, seed + 1, decay=decay)
     b1 = np.linspace(-0.1, 0.1, hidden, dtype=np.float32)
     b2 = np.linspace(0.1, -0.1, d_out, dtype=np.float32)
-    graph = helper.make_graph(
+    return sequence_model(
         [
             helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"], name="fc1/MatMul"),
             helper.make_node("Add", ["h0", "fc1.bias"], ["h1"], name="fc1/Add"),
@@ -66,17 +90,16 @@ def mlp(
             helper.make_node("MatMul", ["h2", "fc2.weight"], ["h3"], name="fc2/MatMul"),
             helper.make_node("Add", ["h3", "fc2.bias"], ["y"], name="fc2/Add"),
         ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_out])],
         [
             numpy_helper.from_array(w1, "fc1.weight"),
             numpy_helper.from_array(b1, "fc1.bias"),
             numpy_helper.from_array(w2, "fc2.weight"),
             numpy_helper.from_array(b2, "fc2.bias"),
         ],
+        name="mlp",
+        d_in=d_in,
+        d_out=d_out,
     )
-    return _finish(graph)
 
 
 def gemm_model(
@@ -242,3 +265,10 @@ def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[
     source = model if isinstance(model, str) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return [np.asarray(o) for o in session.run(None, feeds)]
+
+
+def write_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Save ``model`` at ``path``, creating its folder (a model file in a folder of its own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path

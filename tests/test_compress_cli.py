@@ -20,7 +20,8 @@ from onnx import external_data_helper, numpy_helper
 from factorlm.cli import main
 from factorlm.compression import compress
 from factorlm.planning import Plan
-from models import embedding_lm, mlp, run_ort
+from hf_models import export_bert
+from models import embedding_lm, mlp, run_ort, write_model
 
 
 def _digest(path: Path) -> str:
@@ -29,10 +30,7 @@ def _digest(path: Path) -> str:
 
 @pytest.fixture
 def mlp_path(tmp_path: Path) -> Path:
-    path = tmp_path / "in" / "mlp.onnx"
-    path.parent.mkdir()
-    onnx.save_model(mlp(64, 192, 48, decay=0.05), str(path))
-    return path
+    return write_model(mlp(64, 192, 48, decay=0.05), tmp_path / "in" / "mlp.onnx")
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -239,23 +237,14 @@ def test_bad_input_one_line_exit_2_nothing_written(
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT exported by optimum (seconds, no download)."""
-    torch = pytest.importorskip("torch")
-    from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
+    pytest.importorskip("torch")
+    return export_bert(
+        tmp_path_factory.mktemp("bert"),
         vocab_size=256,
         hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         intermediate_size=256,
-        max_position_embeddings=64,
+        opset=17,
     )
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    out = tmp_path_factory.mktemp("bert")
-    onnx_export_from_model(model, out, task="feature-extraction", opset=17, do_validation=False)
-    return out / "model.onnx"
 
 
 def _fusions(path: Path) -> dict[str, int]:

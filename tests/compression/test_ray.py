@@ -8,8 +8,8 @@ the extra to install.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,8 +20,6 @@ from factorlm.calibration import CalibrationStats
 from factorlm.compression import compress
 from factorlm.errors import ConfigError
 from factorlm.options import CompressOptions
-
-_STORE = 80 * 1024 * 1024
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -55,26 +53,9 @@ def test_ray_flag_takes_an_optional_address() -> None:
         assert ctx.params["ray_address"] == expected, argv
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": _STORE, "include_dashboard": False},
-    )
-    nodes.add_node(num_cpus=1, object_store_memory=_STORE)
-    nodes.wait_for_nodes()
-    yield nodes
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes.shutdown()
-
-
 @pytest.mark.parametrize("method", ["whiten", "kron"])
 def test_ray_compress_is_bit_identical_to_local(
-    cluster: object,
+    ray_cluster: Any,
     tmp_path: Path,
     block_models: tuple[Path, Path],
     block_stats: CalibrationStats,
@@ -85,7 +66,7 @@ def test_ray_compress_is_bit_identical_to_local(
     opts = CompressOptions(method=method, ratio=0.6, min_size=0, rank_multiple=4, embeddings=0.5)
     stats = block_stats if method == "whiten" else None
     local = compress(external, tmp_path / "local" / "model.onnx", opts, stats=stats)
-    address = cluster.address  # type: ignore[attr-defined]
+    address = ray_cluster.address
     remote = compress(
         external,
         tmp_path / "ray" / "model.onnx",

@@ -23,17 +23,14 @@ from factorlm.costmodel.graphs import copies_for, dense_graph, factored_graph
 from factorlm.errors import ConfigError
 from factorlm.options import CompressOptions
 from factorlm.planning import LatencyCurve, LatencyModel, measured_ranks, shape_key
-from models import mlp, run_ort
+from models import mlp, run_ort, write_model
 
 _CONFIG = EngineConfig(batch=1, seq=8, threads=1)
 
 
 @pytest.fixture
 def mlp_path(tmp_path: Path) -> Path:
-    path = tmp_path / "in" / "mlp.onnx"
-    path.parent.mkdir()
-    onnx.save_model(mlp(128, 256, 128, decay=0.05), str(path))
-    return path
+    return write_model(mlp(128, 256, 128, decay=0.05), tmp_path / "in" / "mlp.onnx")
 
 
 def test_graphs_compute_the_dense_and_factored_products() -> None:

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from factorlm._common.sessions import create_session
 from factorlm.exporters.ort import EngineManifest
-from models import _finish, random_weight
+from models import random_weight, sequence_model
 
 VOCAB = 96
 SEQ = 16
@@ -66,14 +66,7 @@ def factorized_mlp(
             nodes.append(helper.make_node("Relu", [prev], ["h"], name="act"))
             prev = "h"
     nodes[-1].output[0] = "y"
-    graph = helper.make_graph(
-        nodes,
-        "factorized_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_out])],
-        inits,
-    )
-    return _finish(graph)
+    return sequence_model(nodes, inits, name="factorized_mlp", d_in=d_in, d_out=d_out)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

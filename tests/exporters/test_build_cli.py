@@ -6,21 +6,17 @@ import importlib.util
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 
 from factorlm.cli import main
-from models import mlp
+from models import mlp, write_model
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture
 def model_path(tmp_path: Path) -> Path:
-    path = tmp_path / "src" / "model.onnx"
-    path.parent.mkdir()
-    onnx.save(mlp(), path)
-    return path
+    return write_model(mlp(), tmp_path / "src" / "model.onnx")
 
 
 def test_ort_build_writes_engine_and_manifest(

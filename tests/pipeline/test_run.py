@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -11,38 +10,15 @@ import yaml
 
 from factorlm import cli
 from factorlm.pipeline.artifacts import LOCK_NAME
-
-WORDS = ["the", "film", "is", "a", "good", "bad", "movie", "plot", "great", "awful"]
+from tiny_vocab import review_job, write_reviews
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("job")
-    rng = random.Random(0)
-    with (folder / "reviews.jsonl").open("w") as handle:
-        for i in range(120):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            handle.write(
-                json.dumps({"text": f"{words} {i}", "label": ["neg", "pos"][i % 2]}) + "\n"
-            )
-    config = {
-        "model": str(tiny_bert_dir),
-        "output_dir": "out",
-        "data": {
-            "path": "reviews.jsonl",
-            "labels": ["neg", "pos"],
-            "calibration_samples": 40,
-            "eval_samples": 60,
-        },
-        "calibration": {"max_length": 16, "batch_size": 8},
-        "compress": {"method": "whiten", "ratio": 0.7, "rank_multiple": 2, "min_size": 64},
-        "benchmark": {
-            "shapes": ["1x16"],
-            "warmup": 1,
-            "iterations": 5,
-            "goals": {"min_speedup": 0.01},
-        },
-    }
+    write_reviews(folder / "reviews.jsonl")
+    config = {**review_job(tiny_bert_dir), "output_dir": "out"}
+    config["benchmark"]["goals"] = {"min_speedup": 0.01}
     (folder / "job.yaml").write_text(yaml.safe_dump(config))
     return folder
 

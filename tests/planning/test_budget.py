@@ -124,9 +124,9 @@ def test_compress_factors_equal_exact_decompose(tmp_path: Path, method: str) -> 
 
 def _qkv_model(d: int = 48, ffn: int = 96) -> onnx.ModelProto:
     """x -> Q, K, V (d x d, biased) -> Add -> O (d x d) -> FFN up (d x ffn) -> down (ffn x d)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    from models import _finish, random_weight
+    from models import random_weight, sequence_model
 
     nodes, inits = [], []
     for i, n in enumerate(("q", "k", "v")):
@@ -147,14 +147,7 @@ def _qkv_model(d: int = 48, ffn: int = 96) -> onnx.ModelProto:
         )
         nodes.append(helper.make_node("MatMul", [source, f"{n}.weight"], [n], name=f"{n}/MatMul"))
         source = n
-    graph = helper.make_graph(
-        nodes,
-        "qkv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d])],
-        [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["batch", "seq", d])],
-        inits,
-    )
-    return _finish(graph)
+    return sequence_model(nodes, inits, name="qkv", d_in=d, d_out=d, output="down")
 
 
 def _graph_flops(model: onnx.ModelProto) -> int:

@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from factorlm.compression import compress
 from factorlm.decompose import kronecker, kronecker_cost, propose_kronecker_shapes
 from factorlm.errors import ConfigError
 from factorlm.passes import analyze
 from factorlm.planning import Plan, make_plan, validate_plan
-from models import _finish, random_weight, run_ort
+from models import random_weight, run_ort, sequence_model
 
 D, FFN = 96, 384  # all-MiniLM-L6-v2's layer at a quarter of its width
 
@@ -35,14 +35,7 @@ def _layer() -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [source, f"{n}.w"], [n], name=f"{n}/MatMul"))
         if n == "up":
             nodes.append(helper.make_node("Relu", ["up"], ["h"], name="act"))
-    graph = helper.make_graph(
-        nodes,
-        "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", D])],
-        [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["batch", "seq", D])],
-        inits,
-    )
-    return _finish(graph)
+    return sequence_model(nodes, inits, name="layer", d_in=D, d_out=D, output="down")
 
 
 def _reference(model: onnx.ModelProto, plan: Plan, x: np.ndarray) -> np.ndarray:

@@ -205,3 +205,33 @@ def test_a_weight_without_a_curve_stays_dense() -> None:
     found = allocate_latency([*spectra, tiny], model, target_ms=9.0, min_fraction=0.0)
     assert found.ranks["tiny"] is None and "tiny" not in found.weight_ms
     assert found.predicted_ms <= 9.0 + 1e-9
+
+
+def test_rank_floor_is_lowered_only_as_far_as_the_target_needs() -> None:
+    import math
+
+    from factorlm.decompose import round_rank
+
+    spectra, model = _synthetic()
+
+    def floor_rank(spec: WeightSpectrum, fraction: float) -> int:
+        return round_rank(max(1, math.ceil(fraction * break_even_rank(*spec.shape))), 8)
+
+    def fastest(fraction: float) -> float:
+        rest = model.model_ms - sum(c.dense_ms for c in model.curves.values())
+        total = rest
+        for spec in spectra:
+            curve = model.curve(spec.shape)
+            assert curve is not None
+            total += min(curve.dense_ms, curve.at(floor_rank(spec, fraction)))
+        return total
+
+    loose = allocate_latency(spectra, model, target_ms=fastest(0.5) + 0.05, min_fraction=0.5)
+    tight = allocate_latency(spectra, model, target_ms=fastest(0.25), min_fraction=0.5)
+    for found, fraction in ((loose, 0.5), (tight, 0.25)):
+        for spec in spectra:
+            rank = found.ranks[spec.name]
+            assert rank is None or rank >= floor_rank(spec, fraction), (fraction, spec.name)
+    assert min(r for r in tight.ranks.values() if r is not None) < min(
+        floor_rank(s, 0.5) for s in spectra
+    )  # the floor did move

@@ -9,8 +9,6 @@ deleted a rerun runs only that trial.
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,47 +21,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 import factorlm  # noqa: E402
 from factorlm import cli  # noqa: E402
 from factorlm.pipeline.config import load_config  # noqa: E402
-
-WORDS = ["the", "film", "is", "a", "good", "bad", "movie", "plot", "great", "awful"]
-_STORE = 80 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": _STORE, "include_dashboard": False},
-    )
-    nodes.add_node(num_cpus=1, object_store_memory=_STORE)
-    nodes.wait_for_nodes()
-    yield nodes
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes.shutdown()
+from tiny_vocab import review_job, write_reviews  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sweep_file(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("sweep")
-    rng = random.Random(0)
-    with (folder / "reviews.jsonl").open("w") as handle:
-        for i in range(120):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            handle.write(
-                json.dumps({"text": f"{words} {i}", "label": ["neg", "pos"][i % 2]}) + "\n"
-            )
-    base = {  # the run config of tests/pipeline/test_run.py
-        "model": str(tiny_bert_dir),
-        "data": {
-            "path": "reviews.jsonl",
-            "labels": ["neg", "pos"],
-            "calibration_samples": 40,
-            "eval_samples": 60,
-        },
-        "calibration": {"max_length": 16, "batch_size": 8},
-        "compress": {"method": "whiten", "ratio": 0.7, "rank_multiple": 2, "min_size": 64},
-        "benchmark": {"shapes": ["1x16"], "warmup": 1, "iterations": 5},
-    }
+    write_reviews(folder / "reviews.jsonl")
+    base = review_job(tiny_bert_dir)  # the run config of tests/pipeline/test_run.py
     sweep = {
         "base": base,
         "output_dir": "out",
@@ -76,10 +41,10 @@ def sweep_file(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) ->
 
 @pytest.mark.timeout(300)  # a wedged Ray must not hang CI (takes ~30 s on 2 busy cores)
 def test_sweep_on_two_nodes_then_resume(
-    cluster: Cluster, sweep_file: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: Cluster, sweep_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = sweep_file.parent / "out"
-    assert cli.main(["sweep", str(sweep_file), "--address", cluster.address, "-q"]) == 0
+    assert cli.main(["sweep", str(sweep_file), "--address", ray_cluster.address, "-q"]) == 0
     capsys.readouterr()
     data = json.loads((out / "sweep.json").read_text())
     trials = data["trials"]
@@ -121,7 +86,7 @@ def test_sweep_on_two_nodes_then_resume(
     # Interrupted sweep: one trial lost its result; a rerun runs only that trial.
     stamps = {t["id"]: (out / "trials" / t["id"] / "trial.json").stat().st_mtime_ns for t in trials}
     (out / "trials" / follower["id"] / "trial.json").unlink()
-    result = factorlm.sweep(sweep_file, address=cluster.address)
+    result = factorlm.sweep(sweep_file, address=ray_cluster.address)
     assert result.ran == [follower["id"]]
     assert result.trial(follower["id"]).ok
     for ident, stamp in stamps.items():
@@ -143,7 +108,7 @@ def test_sweep_on_two_nodes_then_resume(
 
 @pytest.mark.timeout(300)
 def test_interrupted_sweep_cancels_running_trials_and_resumes(
-    cluster: Cluster, sweep_file: Path
+    ray_cluster: Cluster, sweep_file: Path
 ) -> None:
     from factorlm.sweeps import load_sweep, run_sweep
 
@@ -161,7 +126,7 @@ def test_interrupted_sweep_cancels_running_trials_and_resumes(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(config, address=cluster.address, on_trial=stop_after_two)
+        run_sweep(config, address=ray_cluster.address, on_trial=stop_after_two)
     out = sweep_file.parent / "out-interrupted"
     assert not (out / "sweep.json").exists()
     ids = [t.id for t in config.trials()]
@@ -169,7 +134,7 @@ def test_interrupted_sweep_cancels_running_trials_and_resumes(
     # the cancelled trial left no result (unless it finished in the same instant)
     assert set(finished) <= stored and len(stored) in (2, 3)
 
-    result = run_sweep(config, address=cluster.address)
+    result = run_sweep(config, address=ray_cluster.address)
     assert result.ran == [i for i in ids if i not in stored]
     assert all(r.ok for r in result.trials)
     assert json.loads((out / "sweep.json").read_text())["counts"]["resumed"] == len(stored)

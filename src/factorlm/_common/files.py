@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from factorlm._common.outputs import check_parent, clean_stale, make_stage
-from factorlm.errors import ModelLoadError
+from factorlm.errors import ConfigError, ModelLoadError
 
 __all__ = [
     "EXPORT_RECORD",
@@ -31,6 +31,7 @@ __all__ = [
     "VERSIONED_PACKAGES",
     "cache_root",
     "copy_sidecars",
+    "exclusive_lock",
     "sha256_bytes",
     "sha256_file",
     "sidecar_paths",
@@ -245,6 +246,37 @@ def copy_sidecars(
         shutil.copy2(candidate, out)  # follows the (checked) link: the copy is a plain file
         copied.append(candidate.name)
     return copied
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created; it records this process id) for
+    the block; raise ``ConfigError(busy)`` at once, without waiting, when another process holds it.
+
+    The file stays (removing it would race with a waiting process); the operating system releases
+    the lock when the process ends, even on SIGKILL. Without ``fcntl`` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        logger.warning(
+            "No file locking on this platform; do not share %s between runs", path.parent
+        )
+        yield path
+        return
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(busy) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield path
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def cache_root(root: str | os.PathLike[str] | None = None) -> Path:

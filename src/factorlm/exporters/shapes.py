@@ -80,6 +80,11 @@ class ModelInput:
         return str(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
 
     @property
+    def shape(self) -> tuple[Dim, ...]:
+        """``dims`` under the name ``_common.text.text_feeds`` reads (as on an ORT input)."""
+        return self.dims
+
+    @property
     def is_dynamic(self) -> bool:
         """True when at least one axis is not a fixed positive size."""
         return any(not isinstance(d, int) for d in self.dims)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factorlm._common.files import exclusive_lock
 from factorlm._common.outputs import (
     MARKER,
     check_parent,
@@ -88,29 +89,12 @@ def lock_output_dir(root: Path) -> Iterator[Path]:
     """
     check_run_folder(root)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_NAME
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        logger.warning("No file locking on this platform; do not share %s between runs", root)
+    busy = (
+        f"Output folder {root} is in use by another factorlm run; wait for it to "
+        "finish or choose another output_dir."
+    )
+    with exclusive_lock(root / LOCK_NAME, busy) as path:
         yield path
-        return
-    with path.open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"Output folder {root} is in use by another factorlm run; wait for it to "
-                "finish or choose another output_dir."
-            ) from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield path
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def hash_json(value: Any) -> str:

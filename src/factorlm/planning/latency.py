@@ -208,22 +208,39 @@ def allocate_latency(
     dense_ms = {s.name: calls.get(s.name, 1) * curves[s.name].dense_ms for s in spectra}
     rest = model.model_ms - sum(dense_ms.values())
     budget = target_ms - rest
-    for floor in (min_fraction, 0.0) if min_fraction > 0 else (0.0,):
-        options = {
+
+    def options_at(floor: float) -> dict[str, tuple[list[int | None], list[float], list[float]]]:
+        return {
             s.name: _options(s, curves[s.name], calls.get(s.name, 1), multiple, floor, error)
             for s in spectra
         }
-        fastest = rest + sum(costs[0] for _, costs, _ in options.values())
-        if fastest <= target_ms:
-            break
-    else:
-        raise ConfigError(
-            f"target latency {target_ms:.3f} ms is out of reach: the fastest plan is predicted "
-            f"at {fastest:.3f} ms ({model.model_ms / fastest:.2f}x of the dense "
-            f"{model.model_ms:.3f} ms); lower the target speedup."
+
+    def fastest(options: Mapping[str, tuple[Any, list[float], Any]]) -> float:
+        return rest + sum(costs[0] for _, costs, _ in options.values())
+
+    floor = float(min_fraction)
+    options = options_at(floor)
+    if fastest(options) > target_ms:
+        lowest = fastest(options_at(0.0))
+        if lowest > target_ms:
+            raise ConfigError(
+                f"target latency {target_ms:.3f} ms is out of reach: the fastest plan is predicted "
+                f"at {lowest:.3f} ms ({model.model_ms / lowest:.2f}x of the dense "
+                f"{model.model_ms:.3f} ms); lower the target speedup."
+            )
+        # The floor is a preference (as in allocate_ranks): the highest one that meets the target.
+        low, high = 0.0, floor
+        for _ in range(20):
+            mid = 0.5 * (low + high)
+            if fastest(options_at(mid)) <= target_ms:
+                low = mid
+            else:
+                high = mid
+        floor = low
+        options = options_at(floor)
+        logger.info(
+            "min_fraction %.3g lowered to %.3g to meet %.3f ms", min_fraction, floor, target_ms
         )
-    if floor < min_fraction:
-        logger.info("min_fraction %.3g dropped to 0 to meet %.3f ms", min_fraction, target_ms)
     choice: dict[str, int] = {}
     total_dense = sum(dense_ms.values())
     if spectra and total_dense > 0:

@@ -25,6 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from factorlm._common.files import exclusive_lock
 from factorlm.errors import BackendUnavailableError, ConfigError
 from factorlm.options import DATA_AWARE_METHODS
 from factorlm.pipeline.artifacts import hash_json
@@ -116,23 +117,12 @@ def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
 def _sweep_lock(root: Path) -> Iterator[None]:
     """One sweep per output folder at a time (a second one would rerun the same trials)."""
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    busy = (
+        f"Sweep folder {root} is in use by another factorlm sweep; wait for it to "
+        "finish or choose another output_dir."
+    )
+    with exclusive_lock(root / _LOCK_NAME, busy):
         yield
-        return
-    with (root / _LOCK_NAME).open("a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"Sweep folder {root} is in use by another factorlm sweep; wait for it to "
-                "finish or choose another output_dir."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _probe(address: str, timeout: float = 10.0) -> None:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import pytest
 
-from models import mlp
+from models import mlp, write_model
 
 
 @pytest.fixture
 def mlp_path(tmp_path: Path) -> Path:
-    path = tmp_path / "src" / "mlp.onnx"
-    path.parent.mkdir()
-    onnx.save(mlp(), path)
-    return path
+    return write_model(mlp(), tmp_path / "src" / "mlp.onnx")

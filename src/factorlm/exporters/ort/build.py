@@ -49,7 +49,7 @@ from factorlm.exporters.ort.quantize import (
     quantize_int8,
     quantize_static_int8,
 )
-from factorlm.exporters.shapes import load_onnx
+from factorlm.exporters.shapes import load_onnx, model_inputs
 from factorlm.options import BuildOptions, replace
 
 __all__ = ["build_ort_engine"]
@@ -98,31 +98,6 @@ def _resolve_options(options: BuildOptions | None, overrides: dict[str, Any]) ->
     return opts
 
 
-@dataclass(frozen=True)
-class _InputMeta:
-    """Name, dtype and shape of a graph input, as ``_common.text.text_feeds`` reads them."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[_InputMeta]:
-    inits = {i.name for i in model.graph.initializer}
-    metas = []
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        tensor = value.type.tensor_type
-        dims: list[int | str | None] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor.shape.dim
-        ]
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-        metas.append(_InputMeta(value.name, dtype, tuple(dims)))
-    return metas
-
-
 def _calibration_feeds(
     source: Path,
     header: onnx.ModelProto,
@@ -143,7 +118,7 @@ def _calibration_feeds(
     texts = load_texts(source_texts, opts.text_column, opts.calibration_samples)
     folder = find_tokenizer(source, explicit=Path(tokenizer) if tokenizer is not None else None)
     batches = batch_feeds(
-        _graph_inputs(header),
+        model_inputs(header),
         TextTokenizer(folder),
         texts,
         batch_size=8,
