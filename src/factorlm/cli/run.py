@@ -75,12 +75,20 @@ def _summary(result: RunResult, console: Console) -> None:
         accuracy.add_column("model")
         accuracy.add_column("value", justify="right")
         accuracy.add_column("drop", justify="right")
-        accuracy.add_row("reference", f"{task.get('reference', float('nan')):.4f}", "")
+        accuracy.add_column("95 % interval", justify="right")
+        accuracy.add_column("agreement", justify="right")
+        accuracy.add_row("reference", f"{task.get('reference', float('nan')):.4f}", "", "", "")
         for name, value in task.get("candidates", {}).items():
             drop = task.get("drop", {}).get(name)
             unit = task.get("drop_unit", "")
+            span = task.get("drop_interval", {}).get(name)
+            agree = task.get("agreement", {}).get(name)
             accuracy.add_row(
-                name, f"{value:.4f}", f"{drop:.2f} {unit}" if drop is not None else "-"
+                name,
+                f"{value:.4f}",
+                f"{drop:.2f} {unit}" if drop is not None else "-",
+                f"[{span[0]:+.2f}, {span[1]:+.2f}]" if span else "-",
+                f"{agree:.3f}" if agree is not None else "-",
             )
         console.print(accuracy)
 
