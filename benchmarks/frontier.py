@@ -284,9 +284,9 @@ class MinilmQuality:
     """The quality table's probe: trained once on the fp32 original engine's embeddings."""
 
     def __init__(self, source: Path, split: dict[str, Any]) -> None:
-        from factorlm.bench.tasks import load_tokenizer
+        from factorlm._common.text import TextTokenizer, find_tokenizer
 
-        self.tokenizer = load_tokenizer([source.parent])
+        self.tokenizer = TextTokenizer(find_tokenizer(source.parent))
         # sorted by length so batches carry little padding; labels follow
         train = sorted(split["train"], key=lambda item: len(item[1]["text"]))
         evaluation = sorted(split["eval"], key=lambda item: len(item[1]["text"]))

@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
+    from factorlm._common.text import TextTokenizer, find_tokenizer
     from factorlm.assets import exported_minilm, reviews_path
     from factorlm.bench.latency import latency_summary, speedup_interval
     from factorlm.bench.runners import OrtRunner
-    from factorlm.bench.tasks import classification_task, load_dataset, load_tokenizer
+    from factorlm.bench.tasks import classification_task, load_dataset
     from factorlm.calibration import collect_statistics
     from factorlm.compression import compress
     from factorlm.exporters.fusions import lost_fusions
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_rows=CALIBRATION_ROWS,
             limit=args.eval_rows,
         )
-        tokenizer = load_tokenizer([original.parent])
+        tokenizer = TextTokenizer(find_tokenizer(original.parent))
         start = time.perf_counter()
         probe = classification_task([reference_fp32, *runners.values()], tokenizer, dataset)
         probe_s = time.perf_counter() - start

@@ -131,9 +131,9 @@ def measure(engines: dict[str, Path], shape: tuple[int, int], threads: int, iter
     """All engines alternated in random order each round; speedups paired with the original."""
     from transformers import AutoTokenizer
 
+    from factorlm._common.text import text_feeds
     from factorlm.bench.latency import measure_alternating, speedup_interval
     from factorlm.bench.runners import OrtRunner
-    from factorlm.bench.tasks import token_feeds
 
     names = list(engines)
     runners = [OrtRunner(engines[n], name=n, intra_op_threads=threads) for n in names]
@@ -146,8 +146,9 @@ def measure(engines: dict[str, Path], shape: tuple[int, int], threads: int, iter
         enc = tokenizer(
             texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np"
         )
-        feeds = token_feeds(
-            runners[0].inputs, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
+        feeds = text_feeds(
+            runners[0].inputs,
+            {"input_ids": np.asarray(enc["input_ids"]), "attention_mask": np.asarray(enc["attention_mask"])},
         )
         times = measure_alternating(
             runners, feeds, warmup=3, iterations=iterations, rng=np.random.default_rng(0)

@@ -480,9 +480,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
 
 def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
     """All engines alternated in random order every round; speedups paired with the original."""
+    from factorlm._common.text import text_feeds
     from factorlm.bench.latency import measure_alternating, speedup_interval
     from factorlm.bench.runners import OrtRunner
-    from factorlm.bench.tasks import token_feeds
 
     names = list(engines)
     runners = [OrtRunner(engines[n], name=n, intra_op_threads=1) for n in names]
@@ -490,7 +490,7 @@ def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: ar
         r.__enter__()
     try:
         enc = tokenizer([text], padding="max_length", truncation=True, max_length=MINILM_SEQ, return_tensors="np")
-        feeds = token_feeds(runners[0].inputs, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]))
+        feeds = text_feeds(runners[0].inputs, {"input_ids": np.asarray(enc["input_ids"]), "attention_mask": np.asarray(enc["attention_mask"])})
         say(f"latency: {len(runners)} engines, {args.iterations} alternating rounds")
         times = measure_alternating(runners, feeds, warmup=3, iterations=args.iterations, rng=np.random.default_rng(0))
     finally:
@@ -555,10 +555,11 @@ def smollm_distill_texts(tokenizer: Any, tokens: int) -> tuple[list[str], str]:
 def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from factorlm._common.text import text_feeds
     from factorlm.assets import smollm_dir
     from factorlm.bench.latency import measure_alternating, speedup_interval
     from factorlm.bench.runners import OrtRunner
-    from factorlm.bench.tasks import token_feeds, window_nll
+    from factorlm.bench.tasks import window_nll
     from factorlm.calibration import collect_fisher, collect_statistics
 
     load_before = uptime()
@@ -598,7 +599,7 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         ref = OrtRunner(source, name="original", intra_op_threads=1)
         cand = OrtRunner(path, name="candidate", intra_op_threads=1)
         with ref, cand:
-            feeds = token_feeds(ref.inputs, lat_ids, np.ones_like(lat_ids))
+            feeds = text_feeds(ref.inputs, {"input_ids": lat_ids, "attention_mask": np.ones_like(lat_ids)})
             times = measure_alternating([ref, cand], feeds, warmup=2, iterations=args.smollm_iterations, rng=np.random.default_rng(0))
         iv = speedup_interval(times[:, 0], times[:, 1], rng=np.random.default_rng(1))
         return {

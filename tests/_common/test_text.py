@@ -105,8 +105,9 @@ def _calibration_feeds(
 
 def _benchmark_feeds(model: Path) -> list[dict[str, np.ndarray]]:
     """Every feed the benchmark's classification/similarity tasks give the runner."""
+    from factorlm._common.text import TextTokenizer, find_tokenizer
     from factorlm.bench.runners import OrtRunner
-    from factorlm.bench.tasks import embed_texts, load_tokenizer
+    from factorlm.bench.tasks import embed_texts
 
     seen: list[dict[str, np.ndarray]] = []
 
@@ -115,7 +116,7 @@ def _benchmark_feeds(model: Path) -> list[dict[str, np.ndarray]]:
             seen.append({k: v.copy() for k, v in feeds.items()})
             return super().infer(feeds)
 
-    tokenizer = load_tokenizer([None, model.parent])
+    tokenizer = TextTokenizer(find_tokenizer(None, model.parent))
     with Recording(model, name="ref") as runner:
         embed_texts([runner], tokenizer, TEXTS, batch_size=BATCH, max_length=MAX_LENGTH)
     return seen

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from factorlm._common.text import TextTokenizer, find_tokenizer
 from factorlm.bench.accuracy import FidelityAccumulator
 from factorlm.bench.context import BenchContext, BenchStage
 from factorlm.bench.decode import point_feeds
@@ -29,7 +30,6 @@ from factorlm.bench.report import SCHEMA, SCHEMA_VERSION
 from factorlm.bench.runners import BaseRunner
 from factorlm.bench.tasks import (
     classification_task,
-    load_tokenizer,
     perplexity_task,
     similarity_task,
 )
@@ -140,7 +140,7 @@ class TaskStage:
         if ctx.dataset is None or ctx.task is None:
             return
         folders: list[Path | None] = [r.folder or r.path.parent for r in ctx.runners]
-        tok = load_tokenizer(folders, opts.tokenizer)
+        tok = TextTokenizer(find_tokenizer(*folders, explicit=opts.tokenizer))
         result: dict[str, Any]
         if ctx.task == "classification":
             result = classification_task(

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from factorlm._common.text import TextTokenizer, batch_feeds, find_tokenizer, text_feeds
+from factorlm._common.text import TextTokenizer, batch_feeds, text_feeds
 from factorlm.bench.accuracy import (
     DEFAULT_FOLDS,
     DEFAULT_RESAMPLES,
@@ -59,11 +59,9 @@ __all__ = [
     "classification_task",
     "embed_texts",
     "load_dataset",
-    "load_tokenizer",
     "perplexity_task",
     "similarity_task",
     "task_needs_labels",
-    "token_feeds",
     "window_nll",
 ]
 
@@ -174,16 +172,6 @@ def check_dataset(dataset: Dataset, task: str) -> None:
             raise DataError(f"Data file {dataset.path} has fewer than 10 labelled rows.")
     if task == "similarity" and len(dataset.texts) < 3:
         raise DataError(f"Data file {dataset.path} has fewer than 3 texts for the similarity task.")
-
-
-def load_tokenizer(folders: Sequence[Path | None], explicit: Path | None = None) -> TextTokenizer:
-    """The tokenizer from ``explicit`` or the first model folder that holds one."""
-    return TextTokenizer(find_tokenizer(*folders, explicit=explicit))
-
-
-def token_feeds(inputs: Sequence[TensorMeta], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for real tokens (``factorlm._common.text.text_feeds``; KV cache empty)."""
-    return text_feeds(inputs, {"input_ids": ids, "attention_mask": mask})
 
 
 def _embedding_output(outputs: Sequence[TensorMeta]) -> tuple[str, str]:
@@ -374,7 +362,7 @@ def window_nll(
     for begin in starts:
         end = min(begin + window, ids.size)
         chunk = ids[begin:end][None, :]
-        feeds = token_feeds(runner.inputs, chunk, np.ones_like(chunk))
+        feeds = text_feeds(runner.inputs, {"input_ids": chunk, "attention_mask": np.ones_like(chunk)})
         logits = runner.infer(feeds)[name][0]
         logp = log_softmax(logits[:-1])
         targets = chunk[0, 1:]
