@@ -206,7 +206,7 @@ def read_corpus(path: Path, *, text_column: str = "text", skip_rows: int = 0) ->
         raise DataError(f"skip_rows must not be negative, not {skip_rows}.")
     if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         if skip_rows == 0:
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path, what="data file", limit=MAX_DATA_DOCUMENT_BYTES, error=DataError)
             if not text.strip():
                 raise DataError(f"{path} holds no non-empty texts.")
             return text

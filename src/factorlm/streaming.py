@@ -30,7 +30,6 @@ __all__ = [
     "WeightRef",
     "WeightSource",
     "stream_model",
-    "uses_external_data",
     "weight_ref",
 ]
 
@@ -93,12 +92,7 @@ class StreamedTensor(ir.ExternalTensor):
 
     def ref(self) -> WeightRef:
         """The address of this tensor's bytes."""
-        nbytes = int(self.length if self.length is not None else self.nbytes)
-        shape = tuple(int(d) for d in self.shape.numpy())
-        return WeightRef(
-            os.path.abspath(self.path), int(self.offset or 0), nbytes,
-            _numpy_dtype(self.dtype).str, shape,
-        )  # fmt: skip
+        return _address(self)
 
     def numpy(self) -> np.ndarray:
         self._check_validity()
@@ -112,17 +106,19 @@ class StreamedTensor(ir.ExternalTensor):
         return self.numpy().tobytes()
 
 
+def _address(tensor: ir.ExternalTensor) -> WeightRef:
+    """File, offset, length, dtype and shape of an external tensor's bytes."""
+    return WeightRef(
+        os.path.abspath(tensor.path),
+        int(tensor.offset or 0),
+        int(tensor.length if tensor.length is not None else tensor.nbytes),
+        _numpy_dtype(tensor.dtype).str,
+        tuple(int(d) for d in tensor.shape.numpy()),
+    )
+
+
 def _streamable(tensor: object) -> bool:
     return type(tensor) is ir.ExternalTensor and tensor.dtype.bitwidth not in _PACKED_BITS
-
-
-def uses_external_data(model: ir.Model) -> bool:
-    """Whether any initializer of the model keeps its bytes in an external data file."""
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor)
-        for graph in model.graphs()
-        for value in graph.initializers.values()
-    )
 
 
 def stream_model(model: ir.Model) -> int:
@@ -156,13 +152,7 @@ def weight_ref(tensor: object) -> WeightRef | None:
         return tensor.ref()
     if _streamable(tensor):
         assert isinstance(tensor, ir.ExternalTensor)
-        return WeightRef(
-            os.path.abspath(tensor.path),
-            int(tensor.offset or 0),
-            int(tensor.length if tensor.length is not None else tensor.nbytes),
-            _numpy_dtype(tensor.dtype).str,
-            tuple(int(d) for d in tensor.shape.numpy()),
-        )
+        return _address(tensor)
     return None
 
 

@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factorlm._common.files import exclusive_lock
+from factorlm._common.files import exclusive_lock, sha256_bytes, write_text_atomic
 from factorlm._common.outputs import (
     MARKER,
     check_parent,
@@ -99,8 +98,7 @@ def lock_output_dir(root: Path) -> Iterator[Path]:
 
 def hash_json(value: Any) -> str:
     """A stable hash of JSON-able settings (paths become strings, keys sorted)."""
-    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_bytes(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")))
 
 
 def hash_files(paths: Iterable[Path]) -> str:
@@ -146,10 +144,7 @@ class ArtifactStore:
         return data if isinstance(data.get("stages"), dict) else {"stages": {}}
 
     def _write_manifest(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX, suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self._manifest, handle, indent=2, default=str)
-        os.replace(tmp, self.root / MANIFEST)
+        write_text_atomic(self.root / MANIFEST, json.dumps(self._manifest, indent=2, default=str))
 
     def update_header(self, values: Mapping[str, Any]) -> None:
         """Record run-level facts (versions, config) next to the stage entries."""

@@ -65,14 +65,13 @@ class _KronSplit:
     tail: np.ndarray  # tail[t] = Σ s[t:]²
 
 
-def _kron_splits(cand: CandidateLike) -> list[_KronSplit]:
+def _kron_splits(cand: CandidateLike, matrix: np.ndarray) -> list[_KronSplit]:
     """The ``KRON_SHAPES`` splits with the fewest FLOPs per parameter that beat dense at all.
 
     For every split FLOPs are at least the parameters (``decompose.kronecker``), so these are
     the shapes that store the most for what they compute.
     """
     m, n = cand.shape
-    matrix = cand.matrix()
     found: list[_KronSplit] = []
     for a_shape, b_shape in propose_kronecker_shapes(m, n, limit=KRON_SHAPES, by="flops"):
         per_params, per_flops = kronecker_cost(a_shape, b_shape, 1)
@@ -138,8 +137,9 @@ def plan_kronecker(
         if reason is not None:
             plan.skipped[cand.name] = reason
             continue
-        splits[cand.name] = _kron_splits(cand)
-        total = float(np.sum(cand.matrix().astype(np.float64) ** 2))
+        matrix = cand.matrix()  # read once: streamed weights come from disk on every call
+        splits[cand.name] = _kron_splits(cand, matrix)
+        total = float(np.sum(matrix.astype(np.float64) ** 2))
         energy[cand.name] = total
         scales[cand.name] = 1.0 / total if error_scale == "relative" and total > 0 else 1.0
     targets = [c for c in linear if c.name in splits]
