@@ -18,6 +18,7 @@ as Ray tasks that read their weight by offset (``distributed``); the output is b
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -164,6 +165,7 @@ def factorize_entry(
                 f"statistics ({key}): pass --calib DATA or --stats STATS.npz."
             )
         extra[key] = table[name]
+    output = getattr(stats, "output_fisher", None) or {}
     return prepared_lowrank(
         matrix,
         entry.method,
@@ -171,6 +173,7 @@ def factorize_entry(
         gram=extra["gram"],
         mean_abs=extra["mean_abs"],
         fisher=extra["fisher"],
+        output_weight=output.get(name) if entry.method in ("whiten", "drone") else None,
     )
 
 
@@ -206,12 +209,14 @@ class _OneWeightStats:
     gram: dict[str, np.ndarray] = field(default_factory=dict)
     mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
+    output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _one_weight(stats: StatsLike | None, name: str) -> StatsLike | None:
     if stats is None:
         return None
-    tables = {k: getattr(stats, k, None) or {} for k in ("gram", "mean_abs", "fisher")}
+    kinds = ("gram", "mean_abs", "fisher", "output_fisher")
+    tables = {k: getattr(stats, k, None) or {} for k in kinds}
     return _OneWeightStats(**{k: {name: t[name]} if name in t else {} for k, t in tables.items()})
 
 
@@ -255,6 +260,67 @@ def _factors(
             for name, entry in chosen.weights.items()
         )
         yield from ordered_map(factorize_source, jobs)
+
+
+def _sequential_factors(
+    model: ir.Model,
+    source: Path,
+    chosen: Plan,
+    analysis: Any,
+    stats: StatsLike | None,
+    prepared: dict[str, PreparedWeight],
+    opts: CompressOptions,
+    data: str | os.PathLike[str] | None,
+    tokenizer: str | os.PathLike[str] | None,
+) -> Iterator[tuple[str, Any]]:
+    """``(name, factors)`` with the whitened linear weights refit block by block (``sequential``).
+
+    Everything else in the plan (embeddings, other methods) is factorized first, as usual.
+    """
+    import onnx
+
+    from factorlm._common.text import TextTokenizer, find_tokenizer
+    from factorlm.calibration import find_targets
+    from factorlm.data import load_texts
+    from factorlm.sequential import activations_for, block_order, refit_sequentially
+
+    assert data is not None and stats is not None  # checked with the options
+    refit = [
+        name
+        for name, entry in chosen.weights.items()
+        if entry.method in ("whiten", "drone") and entry.rank is not None
+        and analysis.candidate(name).kind == "linear"
+    ]  # fmt: skip
+    for name, entry in chosen.weights.items():
+        if name not in refit:
+            cand = analysis.candidate(name)
+            yield (
+                name,
+                factorize_weight(name, entry, cand.matrix(), stats, prepared.pop(name, None)),
+            )
+    prepared.clear()
+    original = onnx.load(str(source))
+    members = {c.name: c.members for c in analysis.candidates if c.members}
+    activation, position = activations_for(refit, members, find_targets(original))
+    groups = block_order(refit, activation, position, opts.sequential_blocks)
+    output_fisher = getattr(stats, "output_fisher", None) or {}
+    yield from refit_sequentially(
+        model,
+        original,
+        groups,
+        {n: int(chosen.weights[n].rank or 0) for n in refit},
+        lambda n: analysis.candidate(n).matrix(),
+        activation,
+        gram_of=lambda n: stats.gram[n],
+        output_weight_of=lambda n: output_fisher.get(n) if opts.loss_aware else None,
+        texts=load_texts(Path(data), opts.text_column, opts.calibration_samples),
+        tokenizer=TextTokenizer(
+            find_tokenizer(source, explicit=Path(tokenizer) if tokenizer is not None else None)
+        ),
+        max_length=opts.max_length,
+        batch_size=opts.batch_size,
+        ridge=opts.sequential_ridge,
+    )
 
 
 _PASSES: dict[str, Callable[[dict[str, Any]], ir.passes.PassBase]] = {
@@ -320,8 +386,21 @@ def compress(
     inputs.append(None if plan is None or isinstance(plan, Plan) else Path(plan))
     companions = [plan_path_for(target), target.with_name(target.name + ".data")]
     check_output(target, inputs=inputs, overwrite=True, kind="file", companions=companions)
+    if opts.sequential and data is None:
+        raise ConfigError(
+            "compress option 'sequential' needs the calibration texts (data / --data): it runs "
+            "the partially compressed model on them."
+        )
     if stats is None and data is not None and plan is None:
         stats = _collect(source, Path(data), tokenizer, opts)
+    if opts.loss_aware and not getattr(stats, "output_fisher", None):
+        raise ConfigError(
+            "compress option 'loss_aware' needs the output Fisher: pass stats= with output_fisher "
+            "from factorlm.calibration.collect_output_fisher (the CLI and factorlm run collect it)."
+        )
+    if not opts.loss_aware and getattr(stats, "output_fisher", None):
+        stats = copy.copy(stats)  # the output Fisher weights the factors only when asked
+        stats.output_fisher = {}  # type: ignore[union-attr]
     method, min_size, joint_qkv = opts.method, opts.min_size, opts.joint_qkv
     external_data = True if opts.external_data else None
     clock = time.perf_counter()
@@ -386,10 +465,18 @@ def compress(
     stage = make_stage(target.parent, target.name, "compress") if external_data else None
     spill = FactorSpill(stage) if stage is not None else None
     try:
-        results = _factors(model, chosen, analysis, stats, prepared, opts.ray_address)
-        for done, ((name, entry), factors) in enumerate(
-            zip(chosen.weights.items(), results, strict=True)
-        ):
+        if opts.sequential:
+            results: Iterator[tuple[str, Any]] = _sequential_factors(
+                model, source, chosen, analysis, stats, prepared, opts, data, tokenizer
+            )
+        else:
+            results = zip(
+                chosen.weights,
+                _factors(model, chosen, analysis, stats, prepared, opts.ray_address),
+                strict=True,
+            )
+        for done, (name, factors) in enumerate(results):
+            entry = chosen.weights[name]
             if progress is not None:
                 progress(name, done, total)
             cand = analysis.candidate(name)

@@ -286,6 +286,31 @@ class CompressOptions(_Options):
         choices=FISHER_TASKS,
         yaml="calibration.fisher_task",
     )
+    sequential: bool = _opt(
+        False,
+        "Refit the whitened weights block by block to the inputs of the partially compressed "
+        "model while matching the original outputs (error-correcting calibration; whiten/drone).",
+        yaml="calibration.sequential",
+    )
+    sequential_blocks: int = _opt(
+        4,
+        "Sequential: groups of layers refit in turn (each runs both models over the data).",
+        ge=1,
+        yaml="calibration.sequential_blocks",
+    )
+    sequential_ridge: float = _opt(
+        0.0,
+        "Sequential: ridge of the corrected target, relative to the mean input energy.",
+        ge=0.0,
+        le=1.0,
+        yaml="calibration.sequential_ridge",
+    )
+    loss_aware: bool = _opt(
+        False,
+        "Weight each output feature by the loss's output Fisher (next-token loss for a causal "
+        "LM, needs its PyTorch weights beside the ONNX) and allocate ranks by estimated loss.",
+        yaml="calibration.loss_aware",
+    )
     ray_address: str | None = _opt(
         None,
         "Run the per-weight factorizations as Ray tasks: 'auto' joins RAY_ADDRESS or starts a "
@@ -305,7 +330,14 @@ class CompressOptions(_Options):
     )
     latency_shape: str = _opt(
         "1x128",
-        "Latency target: BATCHxSEQUENCE the model is timed at (Bx1: a decode step, empty KV cache).",
+        "Latency target: BATCHxSEQUENCE the model is timed at (Bx1 with latency_past: one decode "
+        "step).",
+    )
+    latency_past: int = _opt(
+        0,
+        "Latency target, decoders with a KV cache: time one decode step against this many "
+        "cached positions (needs latency_shape BATCHx1; 0: a prefill of the shape).",
+        ge=0,
     )
     latency_precision: LatencyPrecision = _opt(
         "fp32",
@@ -335,10 +367,10 @@ class CompressOptions(_Options):
                 f"compress option 'latency_shape' is {self.latency_shape!r}; use BATCHxSEQUENCE, e.g. 1x128."
             )
         if self.latency_target:
-            if self.method in ("kron", "losparse"):
+            if self.latency_past and not self.latency_shape.lower().endswith("x1"):
                 raise ConfigError(
-                    f"method {self.method!r} is not latency-planned: only the low-rank methods "
-                    "have measured latency curves; use a ratio with it, or another method."
+                    f"compress option 'latency_past' times a decode step: set latency_shape to "
+                    f"BATCHx1, not {self.latency_shape!r}."
                 )
             for name in ("energy", "embeddings", "plan"):
                 if getattr(self, name) is not None:
@@ -350,6 +382,17 @@ class CompressOptions(_Options):
             raise ConfigError(
                 f"compress option 'sparse_density' is {self.sparse_density!r}; "
                 f"it must be below ratio {self.ratio!r}."
+            )
+        if (self.sequential or self.loss_aware) and self.method not in ("whiten", "drone"):
+            flag = "sequential" if self.sequential else "loss_aware"
+            raise ConfigError(
+                f"compress option '{flag}' refines the whitened factorization; use method whiten "
+                f"or drone, not {self.method!r}."
+            )
+        if self.sequential and self.ray_address is not None:
+            raise ConfigError(
+                "compress options 'sequential' and 'ray_address' cannot be combined: each block "
+                "needs the previous one's factors."
             )
         for name in ("include", "exclude"):
             pattern = getattr(self, name)

@@ -240,6 +240,7 @@ def test_cli_flags_reach_the_decode_grid(
     tiny_decoder: dict[str, Path],
     prompts_file: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from factorlm.cli import main
 
@@ -248,12 +249,24 @@ def test_cli_flags_reach_the_decode_grid(
             "--prefill-lengths", "8", "--decode-past", "8,16", "--decode-batches", "2",
             "--iterations", "3", "--warmup", "0", "--data", str(prompts_file),
             "--task", "generation", "--max-new-tokens", "3", "--generation-prompts", "2"]  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line in the captured summary
+    capsys.readouterr()
     assert main(args) == 0
     data = json.loads((tmp_path / "o" / "report.json").read_text())
     assert [e["shape"] for e in data["latency"]] == [
         "prefill 1x8", "decode 2x1 past 8", "decode 2x1 past 16",
     ]  # fmt: skip
     assert data["task"]["details"]["prompts"] == 2
+    # The console summary reads a decoder per token: ms/token and tokens/s of every row.
+    out = capsys.readouterr().out
+    assert "ms/token" in out and "tokens/s" in out
+    for entry in data["latency"]:
+        for name, res in entry["results"].items():
+            row = next(line for line in out.splitlines() if entry["shape"] in line and name in line)
+            assert f"{res['ms_per_token']:.3f}" in row and f"{res['tokens_per_s']:.1f}" in row
+    rates = data["task"]["details"]["tokens_per_s"]
+    assert f"copy {rates['copy']:.1f}" in out and "generation tokens/s (end to end)" in out
+    assert "first differing token (mean position): copy 3.00" in out
     assert main([*args[:-6], "--decode-past", "0"]) == 2
     assert "--decode-past has '0'" in capsys.readouterr().err
 

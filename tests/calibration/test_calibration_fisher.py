@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from factorlm.calibration import collect_fisher
 from factorlm.calibration.fisher import map_to_onnx
@@ -23,48 +22,15 @@ DATA = [
 ]
 
 
-def _onnx_of(model_dir: Path, out: Path) -> dict[str, str]:
-    """An ONNX graph holding the model's linear weights the way exporters store them.
-
-    Most as transposed ``onnx::MatMul_*`` copies (matched by value), one under its PyTorch name
-    in a Gemm with transB=1 (matched by name). Returns ONNX name -> PyTorch name.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    linear = {
-        f"{name}.weight": module.weight.detach().numpy()
-        for name, module in model.named_modules()
-        if module.__class__.__name__ == "Linear"
-    }
-    nodes, inits, inputs, outputs, expected = [], [], [], [], {}
-    for i, (name, w) in enumerate(sorted(linear.items())):
-        x, y = f"x{i}", f"y{i}"
-        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, w.shape[1]]))
-        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, w.shape[0]]))
-        if i == 0:
-            inits.append(numpy_helper.from_array(w, name))
-            nodes.append(helper.make_node("Gemm", [x, name], [y], transB=1))
-            expected[name] = name
-        else:
-            init = f"onnx::MatMul_{100 + i}"
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), init))
-            nodes.append(helper.make_node("MatMul", [x, init], [y]))
-            expected[init] = name
-    graph = helper.make_graph(nodes, "weights", inputs, outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(proto, str(out))
-    return expected
-
-
-def test_fisher_matches_per_sample_gradients(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_fisher_matches_per_sample_gradients(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in DATA))
-    onnx_path = tmp_path / "model.onnx"
-    names = _onnx_of(tiny_bert_dir, onnx_path)
+    onnx_path, names = tiny_bert_onnx
 
     fisher = collect_fisher(
         tiny_bert_dir, onnx_path, data, cache_dir=tmp_path / "cache", progress=False
@@ -97,20 +63,23 @@ def test_fisher_matches_per_sample_gradients(tiny_bert_dir: Path, tmp_path: Path
         np.testing.assert_array_equal(again[n], fisher[n])
 
 
-def test_mapping_by_value_and_name(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    names = _onnx_of(tiny_bert_dir, tmp_path / "m.onnx")
+def test_mapping_by_value_and_name(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]]
+) -> None:
+    onnx_path, names = tiny_bert_onnx
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     params = {n: p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
-    mapping = map_to_onnx(onnx.load(str(tmp_path / "m.onnx")), params)
+    mapping = map_to_onnx(onnx.load(str(onnx_path)), params)
     assert {k: v[0] for k, v in mapping.items()} == names
     assert all(transposed for k, (_, transposed) in mapping.items() if k.startswith("onnx::"))
 
 
-def test_fisher_bad_labels(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    onnx_path = tmp_path / "model.onnx"
-    _onnx_of(tiny_bert_dir, onnx_path)
+def test_fisher_bad_labels(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    onnx_path, _ = tiny_bert_onnx
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"text": "good film", "label": "pos"}) + "\n")
     with pytest.raises(DataError, match="only one label"):

@@ -46,7 +46,8 @@ def test_compress_passes_one_compress_options(
     assert cli.main([*argv, "--ratio", "0.4", "--no-joint-qkv", "--rank-multiple", "4"]) == 2
     opts = seen["args"][2]
     assert opts == CompressOptions(method="svd", ratio=0.4, joint_qkv=False, rank_multiple=4)
-    assert set(seen["kwargs"]) == {"stats", "progress"}
+    assert set(seen["kwargs"]) == {"stats", "progress", "data", "tokenizer"}
+    assert seen["kwargs"]["data"] is None  # the texts go along only for the sequential refit
 
 
 def test_build_passes_one_build_options(

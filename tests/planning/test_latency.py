@@ -186,9 +186,8 @@ def test_parameter_plans_read_and_write_as_before() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"method": "kron"}, "not latency-planned"),
-        ({"method": "losparse"}, "not latency-planned"),
         ({"energy": 0.9}, "leave energy and embeddings unset"),
+        ({"method": "kron", "embeddings": 0.5}, "leave energy and embeddings unset"),
     ],
 )
 def test_make_plan_refuses_what_is_not_latency_planned(

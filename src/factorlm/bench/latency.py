@@ -17,6 +17,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,24 +67,35 @@ def measure_alternating(
     iterations: int = 30,
     rng: np.random.Generator | None = None,
     on_iteration: Callable[[int], None] | None = None,
+    deadline: float | None = None,
+    min_iterations: int = 3,
 ) -> np.ndarray:
-    """Seconds per inference, shape ``(iterations, len(runners))``, each round in random order."""
+    """Seconds per inference, shape ``(rounds, len(runners))``, each round in random order.
+
+    ``rounds`` is ``iterations``, or fewer with a ``deadline`` (a ``time.perf_counter()`` value):
+    rounds stop once it has passed and ``min_iterations`` rounds are done (the cost model's
+    time budget, ``factorlm.costmodel``).
+    """
     rng = rng if rng is not None else np.random.default_rng(0)
-    if iterations < 3:
+    if min(iterations, min_iterations) < 3:
         raise ValueError("at least 3 iterations are needed for percentiles and a bootstrap")
     count = len(runners)
     for _ in range(warmup):
         for runner in runners:
             runner.infer(feeds)
     times = np.empty((iterations, count), dtype=np.float64)
-    for i in range(iterations):
+    done = 0
+    while done < iterations:
+        if deadline is not None and done >= min_iterations and time.perf_counter() >= deadline:
+            break
         for j in rng.permutation(count):
             runners[j].infer(feeds)
             elapsed = runners[j].last_inference_time
-            times[i, j] = float(elapsed) if elapsed is not None else np.nan
+            times[done, j] = float(elapsed) if elapsed is not None else np.nan
         if on_iteration is not None:
-            on_iteration(i)
-    return times
+            on_iteration(done)
+        done += 1
+    return times[:done]
 
 
 def latency_summary(seconds: np.ndarray, batch: int) -> dict[str, Any]:

@@ -10,10 +10,17 @@ from __future__ import annotations
 import logging
 
 from factorlm.calibration.capture import collect_statistics
-from factorlm.calibration.fisher import collect_fisher
+from factorlm.calibration.fisher import collect_fisher, collect_output_fisher
 from factorlm.calibration.stats import CalibrationStats
 from factorlm.calibration.targets import Target, find_targets
 
-__all__ = ["CalibrationStats", "Target", "collect_fisher", "collect_statistics", "find_targets"]
+__all__ = [
+    "CalibrationStats",
+    "Target",
+    "collect_fisher",
+    "collect_output_fisher",
+    "collect_statistics",
+    "find_targets",
+]
 
 logger = logging.getLogger(__name__)

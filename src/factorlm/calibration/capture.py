@@ -87,7 +87,7 @@ def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path
     return create_session(path, graph_optimization_level="basic", what=str(model_path))
 
 
-def _rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
+def activation_rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
     """Rows of ``X`` (one per real token) from an activation tensor, padding removed."""
     if transpose and value.ndim == 2:
         value = value.T
@@ -195,7 +195,7 @@ def collect_statistics(
                 tokens += int(mask.sum())
                 for group in groups:
                     activation, transpose = group
-                    x = _rows(values[activation], mask, transpose).astype(np.float64)
+                    x = activation_rows(values[activation], mask, transpose).astype(np.float64)
                     if group not in gram:
                         gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
                         abs_sum[group] = np.zeros(x.shape[1])

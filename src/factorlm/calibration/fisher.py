@@ -1,9 +1,17 @@
-"""Fisher information per output feature (for FWSVD), from the PyTorch model of the same folder.
+"""Loss sensitivities per output feature (FWSVD and loss-aware weighting), from PyTorch.
 
-Why PyTorch: ONNX Runtime has no gradients. The empirical Fisher of a weight ``W`` is
-``Σ_samples (∂L/∂W)²``; FWSVD needs its row sums per output feature, ``I_j = Σ_i F_ij``.
-Each sample's loss is back-propagated on its own (``batch_size=1`` by default, the exact
-empirical Fisher; larger batches square the mean gradient of a batch instead).
+Why PyTorch: ONNX Runtime has no gradients. Two statistics, both from the PyTorch model of the
+same folder and keyed by the ONNX initializer they describe:
+
+- :func:`collect_fisher` (FWSVD): the empirical Fisher of a weight ``W`` is
+  ``Σ_samples (∂L/∂W)²``; FWSVD needs its row sums per output feature, ``I_j = Σ_i F_ij``.
+  Each sample's loss is back-propagated on its own (``batch_size=1`` by default, the exact
+  empirical Fisher; larger batches square the mean gradient of a batch instead).
+- :func:`collect_output_fisher` (loss-aware weighting): the second moment of the gradient with
+  respect to the layer's *output*, ``g_j = Σ_tokens (∂L/∂y_tj)²`` for ``y = x Wᵀ + b``. With the
+  input Gram it gives a diagonal K-FAC estimate of the loss increase of replacing ``W`` by ``M``,
+  ``‖X (W − M)ᵀ diag(√g)‖²/2``. Output gradients are per token, so one backward pass per batch is
+  exact, and no weight gradient is ever allocated (cheaper than :func:`collect_fisher`).
 
 Losses:
 - ``lm``: next-token cross-entropy (causal LMs), padding ignored.
@@ -22,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +42,19 @@ from factorlm.calibration.stats import load_arrays, save_arrays
 from factorlm.calibration.targets import find_targets
 from factorlm.errors import ConfigError, DataError, ModelLoadError
 
-__all__ = ["FISHER_TASKS", "collect_fisher", "map_to_onnx"]
+__all__ = [
+    "FISHER_TASKS",
+    "collect_fisher",
+    "collect_output_fisher",
+    "map_to_onnx",
+    "output_fisher",
+]
 
 logger = logging.getLogger(__name__)
 
 FISHER_TASKS = ("auto", "classification", "lm")
 _VERSION = 1
+_OUTPUT_VERSION = 1
 
 
 def _resolve_task(config: dict[str, Any], task: str) -> str:
@@ -52,8 +68,8 @@ def _resolve_task(config: dict[str, Any], task: str) -> str:
     )
 
 
-def _linear_weights(model: Any) -> dict[str, tuple[Any, int]]:
-    """Parameter name -> (parameter, axis of output features) for every linear layer."""
+def _linear_modules(model: Any) -> dict[str, tuple[Any, int]]:
+    """Weight name -> (module, axis of output features in its weight) for every linear layer."""
     import torch
 
     out: dict[str, tuple[Any, int]] = {}
@@ -63,10 +79,15 @@ def _linear_weights(model: Any) -> dict[str, tuple[Any, int]]:
             continue
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, torch.nn.Linear):
-            out[f"{prefix}weight"] = (weight, 0)  # (out, in)
+            out[f"{prefix}weight"] = (module, 0)  # (out, in)
         elif type(module).__name__ == "Conv1D":  # GPT-2 style: (in, out)
-            out[f"{prefix}weight"] = (weight, 1)
+            out[f"{prefix}weight"] = (module, 1)
     return out
+
+
+def _linear_weights(model: Any) -> dict[str, tuple[Any, int]]:
+    """Parameter name -> (parameter, axis of output features) for every linear layer."""
+    return {name: (m.weight, axis) for name, (m, axis) in _linear_modules(model).items()}
 
 
 def map_to_onnx(
@@ -136,6 +157,188 @@ def _fit_probe(model: Any, encoded: list[dict[str, Any]], labels: np.ndarray) ->
     return probe
 
 
+class _Job:
+    """Everything both collectors share: the resolved task, the data, and the model with its loss.
+
+    Why one class: the two statistics differ only in what is read from each backward pass, so
+    data reading, cache keys, model loading, batching and the loss are written once here.
+    """
+
+    def __init__(
+        self,
+        hf_model_dir: Path,
+        onnx_model: Path,
+        data: Path | Sequence[str],
+        *,
+        task: str,
+        text_column: str,
+        label_column: str,
+        labels: Sequence[str] | None,
+        max_samples: int,
+        max_length: int,
+        batch_size: int,
+    ) -> None:
+        from factorlm.data import load_texts, read_labelled
+        from factorlm.exporters.hf import check_model_dir
+
+        self.hf_model_dir, self.onnx_model = Path(hf_model_dir), Path(onnx_model)
+        self.config = check_model_dir(self.hf_model_dir)
+        self.task = _resolve_task(self.config, task)
+        if not self.onnx_model.is_file():
+            raise ModelLoadError(f"The ONNX model {self.onnx_model} does not exist.")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {batch_size}.")
+        self.data, self.max_length, self.batch_size = data, max_length, batch_size
+        self.sample_labels: list[str] | None = None
+        if self.task == "classification":
+            if not isinstance(data, str | Path):
+                raise DataError(
+                    "Fisher for classification needs a labelled data file, not a text list."
+                )
+            self.texts, self.sample_labels = read_labelled(
+                Path(data),
+                text_column=text_column,
+                label_column=label_column,
+                max_samples=max_samples,
+                labels=labels,
+            )
+            if len(set(self.sample_labels)) < 2:
+                raise DataError(
+                    f"{data} has only one label in {label_column!r}; Fisher needs two or more."
+                )
+        else:
+            self.texts = load_texts(data, text_column, max_samples)
+        self.model: Any = None
+        self.batches: list[dict[str, Any]] = []
+        self.targets: np.ndarray | None = None
+        self.probe: Any = None
+
+    def cache_file(self, prefix: str, version: int, cache_dir: Path | None) -> Path:
+        """Where the statistic is cached: keyed by weights, ONNX file, data and settings."""
+        from factorlm._common.files import cache_root, sha256_file
+        from factorlm.calibration.capture import file_digest
+        from factorlm.data import texts_digest
+
+        folder = self.hf_model_dir
+        weights_digest = hashlib.sha256()
+        for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            weights_digest.update(sha256_file(file).encode())
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "version": version,
+                    "hf": weights_digest.hexdigest(),
+                    "onnx": file_digest(self.onnx_model),
+                    "texts": texts_digest(self.texts),
+                    "labels": texts_digest(self.sample_labels or []),
+                    "task": self.task,
+                    "max_length": self.max_length,
+                    "batch_size": self.batch_size,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:32]
+        cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
+        return cache / f"{prefix}-{key}.npz"
+
+    def load(self) -> None:
+        """Load the model (eval, float32), tokenize the batches and set up the labels or probe."""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from factorlm._common.text import load_hf_tokenizer
+
+        tok = load_hf_tokenizer(self.hf_model_dir)
+        # Right padding: real tokens keep positions 0..n-1, and a causal model's real tokens
+        # never see the padding after them.
+        tok.padding_side = "right"
+        archs = self.config.get("architectures") or []
+        has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+        folder = self.hf_model_dir
+        if self.task == "lm":
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        elif has_head:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        else:
+            model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        self.model = model.eval()
+        for start in range(0, len(self.texts), self.batch_size):
+            enc = tok(
+                self.texts[start : start + self.batch_size],
+                padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+            )  # fmt: skip
+            self.batches.append(
+                {
+                    k: v
+                    for k, v in enc.items()
+                    if k in ("input_ids", "attention_mask", "token_type_ids")
+                }
+            )
+        if self.sample_labels is None:
+            return
+        if has_head:
+            label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+            if not all(lab in label2id for lab in self.sample_labels):
+                unknown = next(lab for lab in self.sample_labels if lab not in label2id)
+                raise DataError(
+                    f"Label {unknown!r} of {self.data} is not one of the model's labels "
+                    f"{sorted(label2id)}."
+                )
+            self.targets = np.array([label2id[lab] for lab in self.sample_labels])
+        else:
+            classes = sorted(set(self.sample_labels))
+            self.targets = np.array([classes.index(lab) for lab in self.sample_labels])
+            self.probe = _fit_probe(model, self.batches, self.targets)
+
+    def loss(self, index: int, batch: Mapping[str, Any], reduction: str) -> Any:
+        """The task loss of batch ``index``: ``"mean"`` over samples/tokens or their ``"sum"``."""
+        import torch
+
+        model = self.model
+        if self.task == "lm":
+            ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            if reduction == "mean":
+                return model(**batch, labels=ids).loss
+            logits = model(**batch).logits[:, :-1]
+            return torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+        assert self.targets is not None
+        n = batch["input_ids"].shape[0]
+        start = index * self.batch_size
+        y = torch.from_numpy(self.targets[start : start + n])
+        if self.probe is not None:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            logits = self.probe((hidden * mask).sum(1) / mask.sum(1))
+        else:
+            logits = model(**batch).logits
+        return torch.nn.functional.cross_entropy(logits, y, reduction=reduction)
+
+    def mapping(self) -> dict[str, tuple[str, bool]]:
+        """ONNX initializer -> (PyTorch weight name, transposed); fails when nothing maps."""
+        proto = onnx.load(str(self.onnx_model))
+        params = {name: p.detach().numpy() for name, (p, _) in _linear_weights(self.model).items()}
+        mapping = map_to_onnx(proto, params)
+        if not mapping:
+            raise ModelLoadError(
+                f"No weight of {self.onnx_model} matches a linear layer of {self.hf_model_dir} "
+                "by name or value."
+            )
+        return mapping
+
+
+@contextmanager
+def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar; yields ``advance(n)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not enabled) as bar:
+        job = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(job, n)
+
+
 def collect_fisher(
     hf_model_dir: Path,
     onnx_model: Path,
@@ -158,152 +361,197 @@ def collect_fisher(
     Raises ``DataError`` for unusable data (no labels column, one class only, empty data).
     """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from factorlm._common.files import cache_root
-    from factorlm._common.text import load_hf_tokenizer as load_tokenizer
-    from factorlm.calibration.capture import file_digest
-    from factorlm.data import load_texts, read_labelled, texts_digest
-    from factorlm.exporters.hf import check_model_dir
-
-    hf_model_dir, onnx_model = Path(hf_model_dir), Path(onnx_model)
-    config = check_model_dir(hf_model_dir)
-    task = _resolve_task(config, task)
-    if not onnx_model.is_file():
-        raise ModelLoadError(f"The ONNX model {onnx_model} does not exist.")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, not {batch_size}.")
-
-    sample_labels: list[str] | None = None
-    if task == "classification":
-        if not isinstance(data, str | Path):
-            raise DataError(
-                "Fisher for classification needs a labelled data file, not a text list."
-            )
-        texts, sample_labels = read_labelled(
-            Path(data),
-            text_column=text_column,
-            label_column=label_column,
-            max_samples=max_samples,
-            labels=labels,
-        )
-        if len(set(sample_labels)) < 2:
-            raise DataError(
-                f"{data} has only one label in {label_column!r}; Fisher needs two or more."
-            )
-    else:
-        texts = load_texts(data, text_column, max_samples)
-
-    from factorlm._common.files import sha256_file
-
-    weights_digest = hashlib.sha256()
-    for file in sorted(hf_model_dir.glob("*.safetensors")) + sorted(hf_model_dir.glob("*.bin")):
-        weights_digest.update(sha256_file(file).encode())
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "version": _VERSION,
-                "hf": weights_digest.hexdigest(),
-                "onnx": file_digest(onnx_model),
-                "texts": texts_digest(texts),
-                "labels": texts_digest(sample_labels or []),
-                "task": task,
-                "max_length": max_length,
-                "batch_size": batch_size,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
-    cached = cache / f"fisher-{key}.npz"
+    job = _Job(
+        hf_model_dir, onnx_model, data, task=task, text_column=text_column,
+        label_column=label_column, labels=labels, max_samples=max_samples,
+        max_length=max_length, batch_size=batch_size,
+    )  # fmt: skip
+    cached = job.cache_file("fisher", _VERSION, cache_dir)
     if cached.is_file():
         logger.info("Loading cached Fisher information %s", cached)
         return load_arrays(cached)[0].get("fisher", {})
 
-    tok = load_tokenizer(hf_model_dir)
-    archs = config.get("architectures") or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
-    if task == "lm":
-        model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32)
-    elif has_head:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            hf_model_dir, dtype=torch.float32
-        )
-    else:
-        model = AutoModel.from_pretrained(hf_model_dir, dtype=torch.float32)
-    model.eval()
+    job.load()
+    model = job.model
     linear = _linear_weights(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for param, _ in linear.values():
         param.requires_grad_(True)
 
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = tok(
-            texts[start : start + batch_size],
-            padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-        )  # fmt: skip
-        batches.append(
-            {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        )
-
-    targets_np: np.ndarray | None = None
-    probe = None
-    if sample_labels is not None:
-        if has_head:
-            label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
-            if not all(lab in label2id for lab in sample_labels):
-                unknown = next(lab for lab in sample_labels if lab not in label2id)
-                raise DataError(
-                    f"Label {unknown!r} of {data} is not one of the model's labels {sorted(label2id)}."
-                )
-            targets_np = np.array([label2id[lab] for lab in sample_labels])
-        else:
-            classes = sorted(set(sample_labels))
-            targets_np = np.array([classes.index(lab) for lab in sample_labels])
-            probe = _fit_probe(model, batches, targets_np)
-
     fisher = {
         name: torch.zeros(p.shape[axis], dtype=torch.float64) for name, (p, axis) in linear.items()
     }
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        job = bar.add_task(f"Fisher ({task}) of {hf_model_dir.name}", total=len(texts))
-        for index, batch in enumerate(batches):
+    description = f"Fisher ({job.task}) of {job.hf_model_dir.name}"
+    with _progress(description, len(job.texts), progress) as advance:
+        for index, batch in enumerate(job.batches):
             model.zero_grad(set_to_none=True)
-            n = batch["input_ids"].shape[0]
-            if task == "lm":
-                ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-                loss = model(**batch, labels=ids).loss
-            else:
-                assert targets_np is not None
-                y = torch.from_numpy(targets_np[index * batch_size : index * batch_size + n])
-                if probe is not None:
-                    hidden = model(**batch).last_hidden_state
-                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    logits = probe((hidden * mask).sum(1) / mask.sum(1))
-                else:
-                    logits = model(**batch).logits
-                loss = torch.nn.functional.cross_entropy(logits, y)
-            loss.backward()
+            job.loss(index, batch, "mean").backward()
             for name, (param, axis) in linear.items():
                 if param.grad is not None:
                     fisher[name] += (param.grad.double() ** 2).sum(dim=1 - axis)
-            bar.advance(job, n)
+            advance(batch["input_ids"].shape[0])
 
-    proto = onnx.load(str(onnx_model))
-    params = {name: p.detach().numpy() for name, (p, _) in linear.items()}
-    mapping = map_to_onnx(proto, params)
-    if not mapping:
-        raise ModelLoadError(
-            f"No weight of {onnx_model} matches a linear layer of {hf_model_dir} by name or value."
-        )
+    mapping = job.mapping()
     result = {init: fisher[param].numpy() for init, (param, _) in mapping.items()}
     try:
-        save_arrays(cached, {"fisher": result}, {"task": task, "samples": len(texts)})
+        save_arrays(cached, {"fisher": result}, {"task": job.task, "samples": len(job.texts)})
     except OSError as exc:
         logger.warning("Could not cache Fisher information in %s: %s", cached, exc)
+    return result
+
+
+def output_fisher(
+    model: Any,
+    batches: Sequence[Mapping[str, Any]],
+    loss: Callable[[int, Mapping[str, Any]], Any],
+    *,
+    weights: Collection[str] | None = None,
+    mask_key: str = "attention_mask",
+    advance: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """``g_j = Σ_tokens (∂L/∂y_tj)²`` (float64, one per output feature) of every linear layer.
+
+    ``loss(index, batch)`` returns the scalar loss of batch ``index`` (the model is called inside
+    it); keys are weight names (``"<module>.weight"``), restricted to ``weights`` if given.
+    Tokens where ``batch[mask_key] == 0`` are left out for outputs shaped (batch, tokens, out);
+    outputs of any other shape (a pooler, a classifier) are summed over all leading axes.
+
+    Only activations carry gradients: the parameters are frozen during the call (their flags are
+    restored afterwards), and the input embeddings' output and the batch's floating tensors are
+    made to require grad, so backward reaches every linear output without weight gradients.
+    The gradients are those of the loss as given: with a loss summed over tokens, ``g`` is a sum
+    over tokens whatever the batch size (a mean would scale each batch by 1/its size).
+    """
+    import torch
+
+    modules = _linear_modules(model)
+    if weights is not None:
+        wanted = set(weights)
+        modules = {name: entry for name, entry in modules.items() if name in wanted}
+    sums = {
+        name: torch.zeros(module.weight.shape[axis], dtype=torch.float64)
+        for name, (module, axis) in modules.items()
+    }
+    mask: list[Any] = [None]  # the current batch's token mask, read by the gradient hooks
+
+    def accumulate(name: str) -> Callable[[Any], None]:
+        def hook(grad: Any) -> None:
+            square = grad.detach().square()
+            m = mask[0]
+            if m is not None and square.ndim == 3 and tuple(square.shape[:2]) == tuple(m.shape):
+                square = square * m.unsqueeze(-1).to(square.dtype)
+            sums[name] += square.reshape(-1, square.shape[-1]).sum(0, dtype=torch.float64)
+
+        return hook
+
+    def on_output(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(accumulate(name))
+
+        return hook
+
+    def needs_grad(module: Any, args: Any, output: Any) -> None:
+        tensor = isinstance(output, torch.Tensor)
+        if tensor and output.is_floating_point() and not output.requires_grad:
+            output.requires_grad_(True)
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [module.register_forward_hook(on_output(n)) for n, (module, _) in modules.items()]
+    embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = embeddings() if callable(embeddings) else None
+    if isinstance(embedding, torch.nn.Module):
+        handles.append(embedding.register_forward_hook(needs_grad))
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        with torch.enable_grad():
+            for index, batch in enumerate(batches):
+                inputs = {
+                    k: v.detach().requires_grad_(True)
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    else v
+                    for k, v in batch.items()
+                }
+                mask[0] = inputs.get(mask_key)
+                value = loss(index, inputs)
+                if not value.requires_grad:
+                    raise ModelLoadError(
+                        "The loss does not depend on any activation that can carry a gradient "
+                        "(no input embeddings and no floating-point input)."
+                    )
+                value.backward()
+                if advance is not None:
+                    advance(int(next(iter(batch.values())).shape[0]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return {name: total.numpy() for name, total in sums.items()}
+
+
+def collect_output_fisher(
+    hf_model_dir: Path,
+    onnx_model: Path,
+    data: Path | Sequence[str],
+    *,
+    task: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    labels: Sequence[str] | None = None,
+    max_samples: int = 128,
+    max_length: int = 128,
+    batch_size: int = 4,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Output-gradient second moments ``g`` ``(out,)`` float64 per ONNX initializer.
+
+    ``g_j = Σ_tokens (∂L/∂y_tj)²`` for each linear layer ``y = x Wᵀ + b``, with ``L`` the *sum*
+    (not the mean) of the per-token next-token cross-entropies (``lm``; padding excluded) or of
+    the per-sample cross-entropies (``classification``, head or fixed linear probe as in
+    :func:`collect_fisher`). So ``g`` is a sum over calibration tokens, independent of
+    ``batch_size`` (one backward per batch is exact: output gradients are per token); divide by
+    the token count for a per-token scale. Weights that do not map to an ONNX initializer (a tied
+    LM head stored as the embedding) are skipped. ``data`` as for :func:`collect_fisher`.
+    """
+    job = _Job(
+        hf_model_dir, onnx_model, data, task=task, text_column=text_column,
+        label_column=label_column, labels=labels, max_samples=max_samples,
+        max_length=max_length, batch_size=batch_size,
+    )  # fmt: skip
+    cached = job.cache_file("outfisher", _OUTPUT_VERSION, cache_dir)
+    if cached.is_file():
+        logger.info("Loading cached output Fisher %s", cached)
+        return load_arrays(cached)[0].get("fisher", {})
+
+    job.load()
+    mapping = job.mapping()
+    linear = _linear_modules(job.model)
+    logger.info(
+        "Output Fisher for %s of %s linear layers (the others do not map to %s)",
+        len({param for param, _ in mapping.values()}), len(linear), job.onnx_model.name,
+    )  # fmt: skip
+    description = f"Output Fisher ({job.task}) of {job.hf_model_dir.name}"
+    with _progress(description, len(job.texts), progress) as advance:
+        g = output_fisher(
+            job.model,
+            job.batches,
+            lambda index, batch: job.loss(index, batch, "sum"),
+            weights={param for param, _ in mapping.values()},
+            advance=advance,
+        )
+    result = {init: g[param] for init, (param, _) in mapping.items()}
+    tokens = sum(int(b["attention_mask"].sum()) for b in job.batches)
+    try:
+        save_arrays(
+            cached,
+            {"fisher": result},
+            {"task": job.task, "samples": len(job.texts), "tokens": tokens},
+        )
+    except OSError as exc:
+        logger.warning("Could not cache the output Fisher in %s: %s", cached, exc)
     return result

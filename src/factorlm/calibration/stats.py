@@ -22,7 +22,7 @@ __all__ = ["CalibrationStats", "load_arrays", "save_arrays"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("gram", "mean_abs", "fisher")
+_KINDS = ("gram", "mean_abs", "fisher", "output_fisher")
 _FORMAT = "factorlm-calibration-1"
 
 
@@ -77,6 +77,7 @@ class CalibrationStats:
         gram: ``X^T X`` (in, in) float64, summed over every non-padding token.
         mean_abs: mean ``|x|`` per input feature (in,) float64.
         fisher: Fisher row sums per output feature (out,) float64 (FWSVD), when collected.
+        output_fisher: ``Σ (∂L/∂y_j)²`` per output feature (out,) float64 (loss-aware whitening).
         tokens: number of non-padding tokens that went into the statistics.
     """
 
@@ -84,6 +85,7 @@ class CalibrationStats:
     mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
     tokens: int = 0
+    output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         """Write the statistics to ``path`` (.npz), atomically; return the path."""
@@ -100,5 +102,6 @@ class CalibrationStats:
             gram=groups.get("gram", {}),
             mean_abs=groups.get("mean_abs", {}),
             fisher=groups.get("fisher", {}),
+            output_fisher=groups.get("output_fisher", {}),
             tokens=int(tokens) if isinstance(tokens, int | float | str) else 0,
         )

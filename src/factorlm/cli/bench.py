@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -33,14 +34,18 @@ __all__ = ["bench_command", "register"]
 logger = logging.getLogger(__name__)
 
 
-def _print_summary(report: Report, files: dict[str, Path]) -> None:
-    out = console()
-    data = report.data
+def _latency_table(data: dict[str, Any]) -> Table:
+    """p50/p90 and speedup per shape and model; a decoder's points add ms/token and tokens/s.
+
+    Decoder reports (``tokens`` on every latency entry) are read per token: one decode step of
+    batch 4 yields 4 tokens, so its p50 alone does not say how fast the model generates.
+    """
+    per_token = any("tokens" in entry for entry in data["latency"])
     table = Table(title="Latency (p50 ms) and speedup vs " + data["reference"]["name"])
     table.add_column("shape")
     table.add_column("model")
-    table.add_column("p50 ms", justify="right")
-    table.add_column("p90 ms", justify="right")
+    for column in ("p50 ms", "p90 ms", *(("ms/token", "tokens/s") if per_token else ())):
+        table.add_column(column, justify="right")
     table.add_column("speedup [CI]", justify="right")
     for entry in data["latency"]:
         for name, res in entry["results"].items():
@@ -48,17 +53,50 @@ def _print_summary(report: Report, files: dict[str, Path]) -> None:
             speed = (
                 f"{sp['estimate']:.3f}x [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp else "ref"
             )
-            table.add_row(
-                entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}", speed
-            )
-    out.print(table)
+            cells = [entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}"]
+            if per_token:
+                cells += [
+                    _number(res.get("ms_per_token"), ".3f"),
+                    _number(res.get("tokens_per_s"), ".1f"),
+                ]
+            table.add_row(*cells, speed)
+    return table
+
+
+def _number(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _task_lines(task: dict[str, Any], reference: str) -> list[str]:
+    """The task's metric per model; generation adds first divergence and end-to-end tokens/s."""
+    unit = "%" if task["drop_unit"] == "percent" else " pts"
+    line = ", ".join(
+        f"{n} {v:.4g} ({task['drop'][n]:+.3f}{unit})" for n, v in task["candidates"].items()
+    )
+    lines = [f"{task['task']} {task['metric']}: reference {task['reference']:.4g}; {line}"]
+    if task["task"] == "generation":
+        details = task["details"]
+        rates = details.get("tokens_per_s") or {}
+        first = details.get("first_divergence_mean") or {}
+        speed = ", ".join(
+            f"{n} {_number(rates.get(n), '.1f')}" for n in [reference, *task["candidates"]]
+        )
+        lines.append(f"generation tokens/s (end to end): {speed}")
+        lines.append(
+            "first differing token (mean position): "
+            + ", ".join(f"{n} {_number(first.get(n), '.2f')}" for n in task["candidates"])
+        )
+    return lines
+
+
+def _print_summary(report: Report, files: dict[str, Path]) -> None:
+    out = console()
+    data = report.data
+    out.print(_latency_table(data))
     task = data.get("task")
     if task:
-        unit = "%" if task["drop_unit"] == "percent" else " pts"
-        line = ", ".join(
-            f"{n} {v:.4g} ({task['drop'][n]:+.3f}{unit})" for n, v in task["candidates"].items()
-        )
-        out.print(f"{task['task']} {task['metric']}: reference {task['reference']:.4g}; {line}")
+        for line in _task_lines(task, data["reference"]["name"]):
+            out.print(line, highlight=False)
     failures = Console(stderr=True) if state.quiet else out  # -q still names a failed goal
     for goal in report.goals:
         mark = "[green]PASS[/]" if goal.passed else "[bold red]FAIL[/]"

@@ -79,7 +79,7 @@ def _torch_folder(hf_model: str | None, onnx_path: Path) -> Path:
         else "it has no export record (factorlm-export.json)"
     )
     raise ConfigError(
-        f"method 'fwsvd' computes its Fisher from the PyTorch weights, which {folder} does not "
+        f"fwsvd and --loss-aware compute their Fisher from the PyTorch weights, which {folder} does not "
         f"hold and {found}: pass --hf-model with the Hugging Face model folder (or cached id) "
         "it was exported from."
     )
@@ -128,9 +128,9 @@ def _statistics(
             max_length=opts.max_length,
         )
         return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
-    from factorlm.calibration import collect_statistics
+    from factorlm.calibration import collect_output_fisher, collect_statistics
 
-    return collect_statistics(
+    found = collect_statistics(
         model,
         data,
         tokenizer=tokenizer,
@@ -139,12 +139,35 @@ def _statistics(
         max_length=opts.max_length,
         batch_size=opts.batch_size,
     )
+    if opts.loss_aware:
+        found.output_fisher = collect_output_fisher(
+            _torch_folder(hf_model, model),
+            model,
+            data,
+            task=opts.fisher_task,
+            text_column=opts.text_column,
+            label_column=opts.label_column or "label",
+            labels=labels or None,
+            max_samples=opts.calibration_samples,
+            max_length=opts.max_length,
+        )
+    return found
 
 
-def _run_compress(model: Path, out: Path, opts: CompressOptions, stats: Any, progress: Any) -> Any:
+def _run_compress(
+    model: Path,
+    out: Path,
+    opts: CompressOptions,
+    stats: Any,
+    progress: Any,
+    data: Path | None = None,
+    tokenizer: Path | None = None,
+) -> Any:
     from factorlm.compression import compress
 
-    return compress(model, out, opts, stats=stats, progress=progress)
+    return compress(
+        model, out, opts, stats=stats, progress=progress, data=data, tokenizer=tokenizer
+    )
 
 
 def _copy_sidecars(model: Path, folder: Path, tokenizer: Path | None, overwrite: bool) -> list[str]:
@@ -250,7 +273,10 @@ def compress_command(
         def progress(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = _run_compress(source, onnx_path, options, calibration, progress)
+        result = _run_compress(
+            source, onnx_path, options, calibration, progress,
+            data if options.sequential else None, tokenizer,
+        )  # fmt: skip
     copied = _copy_sidecars(source, folder, tokenizer, overwrite)
     out.print(_table(result))
     for path in [*result.output_paths, result.plan_path]:

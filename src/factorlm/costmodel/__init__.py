@@ -6,8 +6,11 @@ configuration (``measure``). The pure part (curves, interpolation, the latency-b
 allocation) lives in ``factorlm.planning.latency``; this package is the measuring side, so
 planning imports no onnxruntime. ``latency_target`` is the hook ``compress`` calls.
 
-Not latency-planned: Kronecker and low-rank + sparse factors (no measured curves; their options
-refuse a target), and token embeddings (leave ``embeddings`` unset with a target).
+Every method has measured curves of its own form (``latency_curves``): the low-rank pair,
+low-rank + sparse, a joint Q/K/V group (one shared left factor, one right factor per member)
+and each Kronecker split. A decoder planned for decode (``EngineConfig.past``) is timed for one
+step against a KV cache of that length. Not latency-planned: token embeddings (leave
+``embeddings`` unset with a target).
 """
 
 from __future__ import annotations
@@ -25,13 +28,21 @@ from factorlm.costmodel.measure import (
     measure_latency_model,
 )
 from factorlm.options import CompressOptions
-from factorlm.planning import CandidateLike, LatencyModel
+from factorlm.planning import (
+    KRON_SHAPES,
+    CandidateLike,
+    LatencyModel,
+    supports_kronecker,
+    supports_lowrank_sparse,
+)
+from factorlm.planning.latency import CurveSpec, candidate_spec, kron_specs
 
 __all__ = [
     "COSTMODEL_FORMAT",
     "CostModelRun",
     "EngineConfig",
     "engine_config",
+    "latency_curves",
     "latency_target",
     "machine",
     "measure_latency_model",
@@ -41,7 +52,11 @@ logger = logging.getLogger(__name__)
 
 
 def engine_config(options: CompressOptions) -> EngineConfig:
-    """The engine configuration a compress option set asks to plan for."""
+    """The engine configuration a compress option set asks to plan for.
+
+    ``latency_past`` > 0 (with a ``Bx1`` shape): one decode step against that many cached
+    positions.
+    """
     batch, seq = (int(v) for v in options.latency_shape.lower().split("x"))
     return EngineConfig(
         batch=batch,
@@ -49,7 +64,37 @@ def engine_config(options: CompressOptions) -> EngineConfig:
         precision=options.latency_precision,
         threads=options.latency_threads,
         optimize=options.latency_optimize,
+        past=options.latency_past,
     )
+
+
+def latency_curves(
+    candidates: Sequence[CandidateLike],
+    method: str,
+    multiple: int,
+    *,
+    sparse: tuple[str, float] = ("column", 0.05),
+) -> list[CurveSpec]:
+    """The curves a plan of ``candidates`` with ``method`` is priced by (one per distinct form).
+
+    Kronecker: every examined split of each weight the rewrite applies to; low-rank + sparse:
+    its structure and density on the weights it applies to; otherwise the low-rank pair, and a
+    joint Q/K/V group's joint form (timed as one pair when the engine fuses Attention).
+    """
+    found: dict[str, CurveSpec] = {}
+    for cand in candidates:
+        if cand.kind != "linear":
+            continue
+        if method == "kron":
+            if supports_kronecker(cand) is None and not cand.members:
+                found.update((s.key, s) for s in kron_specs(cand.shape, KRON_SHAPES))
+            continue
+        if method == "losparse" and (supports_lowrank_sparse(cand) is not None or cand.members):
+            continue
+        spec = candidate_spec(cand, method, multiple, sparse=sparse)
+        if spec is not None:
+            found.setdefault(spec.key, spec)
+    return list(found.values())
 
 
 def latency_target(
@@ -66,10 +111,15 @@ def latency_target(
     latency. Cached measurements are reused (see ``measure``).
     """
     config = engine_config(options)
-    shapes = [c.shape for c in candidates if c.kind == "linear"]
+    curves = latency_curves(
+        candidates,
+        options.method,
+        options.rank_multiple,
+        sparse=(options.sparse_structure, options.sparse_density),
+    )
     run = measure_latency_model(
         model,
-        shapes,
+        curves,
         config,
         multiple=options.rank_multiple,
         budget_s=options.latency_budget_s,

@@ -1,18 +1,23 @@
 """Measure a ``planning.LatencyModel`` on ONNX Runtime, cached on disk per machine and engine.
 
-Why measured: whether a factored pair beats its dense weight depends on the shape, the engine,
+Why measured: whether a factored form beats its dense weight depends on the shape, the engine,
 the precision, the threads and the token count, not on FLOPs alone (issue 17). For every
-distinct weight shape the dense product and the factored pair at a few ranks
-(``planning.measured_ranks``) run as small graphs (``costmodel.graphs``) in alternation, every
-round in a fresh random order, like the benchmark's paired method; a rank's cost is the dense
-median plus the median per-round difference to dense, so drifts of the machine cancel. The dense
-whole model is built as the engine builder would build it and timed once.
+curve (``planning.CurveSpec``: a weight shape in one factorized form, low-rank, low-rank +
+sparse, joint Q/K/V or a Kronecker split) the dense product and the factored form at a few
+ranks run as small graphs (``costmodel.graphs``) in alternation, every round in a fresh random
+order (``bench.latency.measure_alternating``, the benchmark's paired method); a rank's cost is
+the dense median plus the median per-round difference to dense, so drifts of the machine
+cancel. The dense whole model is built as the engine builder would build it and timed once:
+for a decode step (``EngineConfig.past``) with a KV cache of ``past`` random positions, so the
+attention over the cache is inside the measured rest; the weights' curves are timed at the
+step's token count (batch x 1).
 
 Results are cached as JSON under ``cache_root()/costmodel``, keyed by the CPU, the library
-versions (``_common.files.versions``), the engine configuration, the shape and the rank grid
-(the whole model also by its file's sha256), so a second plan on the same machine measures
-nothing. ``budget_s`` bounds the time spent measuring: each item gets a share of what is left
-and stops after at least ``_MIN_ROUNDS`` rounds when its share is spent.
+versions (``_common.files.versions``), the engine configuration, the curve's form, shape and
+rank grid (the whole model also by its file's sha256; curves not by the past length, which
+does not change a weight's product), so a second plan on the same machine measures nothing.
+``budget_s`` bounds the time spent measuring: each item gets a share of what is left and stops
+after at least ``_MIN_ROUNDS`` rounds when its share is spent.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +41,16 @@ from factorlm._common.files import (
     versions,
     write_text_atomic,
 )
-from factorlm._common.sessions import create_session
-from factorlm.costmodel.graphs import copies_for, dense_graph, factored_graph
+from factorlm.bench.latency import measure_alternating
+from factorlm.bench.runners import BaseRunner, OrtRunner
+from factorlm.costmodel.graphs import copies_for, form_graph
 from factorlm.errors import ConfigError
-from factorlm.planning.latency import LatencyCurve, LatencyModel, measured_ranks, shape_key
+from factorlm.planning.latency import (
+    CurveSpec,
+    LatencyCurve,
+    LatencyModel,
+    lowrank_spec,
+)
 
 __all__ = [
     "COSTMODEL_FORMAT",
@@ -51,18 +62,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-COSTMODEL_FORMAT = "factorlm.costmodel/1"
+COSTMODEL_FORMAT = "factorlm.costmodel/2"
 Precision = Literal["fp32", "int8"]
 Progress = Callable[[str, int, int], None]
 
-_WARMUP = 3
+#: Rounds of ``bench.latency.measure_alternating`` per item: at least the minimum, then until
+#: the item's share of the budget is spent, at most the maximum.
 _MIN_ROUNDS = 5
-_MAX_ROUNDS = 30
+_ROUNDS: dict[str, Any] = {"warmup": 3, "iterations": 30, "min_iterations": _MIN_ROUNDS}
+#: Fused ops of the engine that hold the Q/K/V product (joint groups are timed as one pair).
+_ATTENTION_OPS = ("Attention", "QAttention")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine a latency is measured on: token shape, precision, threads, optimization."""
+    """The engine a latency is measured on: token shape, precision, threads, optimization.
+
+    ``past`` > 0: one decode step of ``batch`` sequences (``seq`` must be 1) against a KV cache
+    of ``past`` positions; 0: a prefill / encoder run of ``batch`` x ``seq`` tokens.
+    """
 
     batch: int = 1
     seq: int = 128
@@ -70,10 +88,18 @@ class EngineConfig:
     threads: int = 0
     optimize: bool = True
     provider: str = "cpu"
+    past: int = 0
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
             raise ConfigError(f"latency shape {self.batch}x{self.seq} needs positive sizes.")
+        if self.past < 0:
+            raise ConfigError(f"latency past length {self.past} must be 0 or positive.")
+        if self.past and self.seq != 1:
+            raise ConfigError(
+                f"a decode step (past {self.past}) runs one new token per sequence: use the "
+                f"latency shape {self.batch}x1, not {self.batch}x{self.seq}."
+            )
         if self.precision not in ("fp32", "int8"):
             raise ConfigError(
                 f"latency precision {self.precision!r} is not measured; use fp32 or int8."
@@ -82,10 +108,18 @@ class EngineConfig:
             raise ConfigError("the latency cost model measures the CPU provider only.")
 
     @property
+    def tokens(self) -> int:
+        """Tokens each weight's product runs per inference (a decode step: the batch)."""
+        return self.batch * self.seq
+
+    @property
     def label(self) -> str:
         opt = "optimized" if self.optimize else "unoptimized"
         threads = f"{self.threads} threads" if self.threads else "default threads"
-        return f"{self.batch}x{self.seq} {self.precision} {opt}, {threads}, {self.provider}"
+        shape = (
+            f"decode {self.batch}x1 past {self.past}" if self.past else f"{self.batch}x{self.seq}"
+        )
+        return f"{shape} {self.precision} {opt}, {threads}, {self.provider}"
 
     @property
     def level(self) -> str:
@@ -148,79 +182,87 @@ def _write(folder: Path, key: str, data: dict[str, Any]) -> None:
         logger.warning("could not cache a latency measurement in %s: %s", folder, exc)
 
 
-def _alternate(
-    runs: Sequence[Callable[[], None]], deadline: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Seconds per run, shape ``(rounds, len(runs))``, each round in a fresh random order."""
-    for _ in range(_WARMUP):
-        for run in runs:
-            run()
-    rows: list[list[float]] = []
-    while len(rows) < _MAX_ROUNDS and (len(rows) < _MIN_ROUNDS or time.perf_counter() < deadline):
-        row = [0.0] * len(runs)
-        for j in rng.permutation(len(runs)):
-            start = time.perf_counter()
-            runs[j]()
-            row[j] = time.perf_counter() - start
-        rows.append(row)
-    return np.asarray(rows, dtype=np.float64)
-
-
-def _session(model: Any, config: EngineConfig, work: Path, name: str) -> Any:
-    """A session over a generated graph, int8-quantized like ``build --int8`` when asked."""
+def _runner(model: Any, config: EngineConfig, work: Path, name: str) -> OrtRunner:
+    """A runner over a generated graph, int8-quantized like ``build --int8`` when asked."""
     import onnx
 
+    path = work / f"{name}.onnx"
+    onnx.save(model, str(path))
     if config.precision == "int8":
         from factorlm.exporters.ort.quantize import quantize_int8
 
-        source, target = work / f"{name}.onnx", work / f"{name}.int8.onnx"
-        onnx.save(model, str(source))
-        quantize_int8(source, target, weight_type="uint8", per_channel=True, reduce_range=False)
-        data: bytes | Path = target
-    else:
-        data = model.SerializeToString()
-    return create_session(
-        data,
+        target = work / f"{name}.int8.onnx"
+        quantize_int8(path, target, weight_type="uint8", per_channel=True, reduce_range=False)
+        path = target
+    return OrtRunner(
+        path,
+        name=name,
+        intra_op_threads=config.threads,
         graph_optimization_level=config.level,
-        intra_op_num_threads=config.threads,
-        allow_spinning=False,
-        log_severity_level=3,
     )
 
 
 def _measure_curve(
-    shape: tuple[int, int],
-    ranks: Sequence[int],
+    spec: CurveSpec,
     config: EngineConfig,
     deadline: float,
     rng: np.random.Generator,
 ) -> tuple[LatencyCurve, int]:
-    m, n = shape
-    copies = copies_for(config.batch * config.seq, m, n)
-    graphs = [dense_graph(m, n, batch=config.batch, seq=config.seq, copies=copies, rng=rng)]
-    graphs += [
-        factored_graph(m, n, r, batch=config.batch, seq=config.seq, copies=copies, rng=rng)
-        for r in ranks
+    """Dense and every rank of ``spec`` in one alternating run; ms per product (per copy)."""
+    m, n = spec.shape
+    copies = copies_for(config.tokens, m, n)
+    graphs = [
+        form_graph(spec, r, batch=config.batch, seq=config.seq, copies=copies, rng=rng)
+        for r in (None, *spec.ranks)
     ]
     feeds = {"x": rng.standard_normal((config.batch, config.seq, m)).astype(np.float32)}
     with tempfile.TemporaryDirectory(prefix="factorlm-costmodel-") as tmp:
-        sessions = [_session(g, config, Path(tmp), f"g{i}") for i, g in enumerate(graphs)]
-    runs = [lambda s=s: s.run(None, feeds) for s in sessions]
-    times = _alternate(runs, deadline, rng)
+        runners = [_runner(g, config, Path(tmp), f"g{i}") for i, g in enumerate(graphs)]
+        for runner in runners:  # loaded into memory: the files may go
+            runner.__enter__()
+    try:
+        times = measure_alternating(runners, feeds, rng=rng, deadline=deadline, **_ROUNDS)
+    finally:
+        for runner in runners:
+            runner.__exit__(None, None, None)
     dense = float(np.median(times[:, 0]))
-    factored = [dense + float(np.median(times[:, j] - times[:, 0])) for j in range(1, len(runs))]
+    factored = [dense + float(np.median(times[:, j] - times[:, 0])) for j in range(1, len(runners))]
     curve = LatencyCurve(
         shape=(m, n),
         dense_ms=dense * 1e3 / copies,
-        ranks=tuple(int(r) for r in ranks),
+        ranks=tuple(int(r) for r in spec.ranks),
         factored_ms=tuple(t * 1e3 / copies for t in factored),
     )
     return curve, times.shape[0]
 
 
-def _measure_model(model: Path, config: EngineConfig, deadline: float) -> tuple[float, int]:
-    """Median ms of the dense model built as ``factorlm build`` builds it (ORT, this config)."""
+def _model_feeds(model: Path, runner: BaseRunner, config: EngineConfig) -> dict[str, np.ndarray]:
+    """Random feeds of the configured shape; a decode step gets a KV cache of ``past``."""
+    from factorlm.bench.decode import DecodePoint, decoder_layout, max_positions_of, point_feeds
     from factorlm.bench.feeds import Shape, make_feeds, vocab_size_of
+
+    rng = np.random.default_rng(0)
+    vocab = vocab_size_of(model)
+    if not config.past:
+        return make_feeds(runner.inputs, Shape(config.batch, config.seq), rng=rng, vocab_size=vocab)
+    layout = decoder_layout(runner.inputs, runner.outputs)
+    if layout is None:
+        raise ConfigError(
+            f"latency past {config.past}: {model.name} has no KV-cache inputs; a decode step "
+            "needs a decoder exported with past (text-generation-with-past)."
+        )
+    limit = max_positions_of(model.parent)
+    if limit is not None and config.past + 1 > limit:
+        raise ConfigError(
+            f"latency past {config.past} exceeds the model's {limit} positions "
+            "(max_position_embeddings)."
+        )
+    point = DecodePoint("decode", config.batch, 1, config.past)
+    return point_feeds(runner.inputs, layout, point, rng=rng, vocab_size=vocab)
+
+
+def _measure_model(model: Path, config: EngineConfig, deadline: float) -> dict[str, Any]:
+    """Median ms of the dense model built as ``factorlm build`` builds it (ORT, this config)."""
     from factorlm.bench.runners import load_runner
     from factorlm.exporters.engine import build_engine
     from factorlm.options import BuildOptions
@@ -228,28 +270,30 @@ def _measure_model(model: Path, config: EngineConfig, deadline: float) -> tuple[
     options = BuildOptions(optimize=config.optimize, int8=config.precision == "int8")
     with tempfile.TemporaryDirectory(prefix="factorlm-costmodel-") as tmp:
         engine = Path(tmp) / "engine"
-        build_engine(model, engine, options)
+        manifest = build_engine(model, engine, options)
+        fused = manifest.fusions.get("engine", {})
         runner = load_runner(
             engine, intra_op_threads=config.threads, graph_optimization_level=config.level
         )
         with runner:
-            feeds = make_feeds(
-                runner.inputs,
-                Shape(config.batch, config.seq),
-                rng=np.random.default_rng(0),
-                vocab_size=vocab_size_of(model),
-            )
+            feeds = _model_feeds(model, runner, config)
+            rng = np.random.default_rng(0)
+            times = measure_alternating([runner], feeds, rng=rng, deadline=deadline, **_ROUNDS)
+    return {
+        "model_ms": float(np.median(times[:, 0])) * 1e3,
+        "rounds": int(times.shape[0]),
+        "attention_fused": any(fused.get(op, 0) > 0 for op in _ATTENTION_OPS),
+    }
 
-            def infer() -> None:
-                runner.infer(feeds)
 
-            times = _alternate([infer], deadline, np.random.default_rng(0))
-    return float(np.median(times[:, 0])) * 1e3, times.shape[0]
+def _spec_of(item: CurveSpec | Sequence[int], multiple: int) -> CurveSpec | None:
+    """A curve to measure: a ``CurveSpec`` as given, a bare ``(m, n)`` shape as its low-rank pair."""
+    return item if isinstance(item, CurveSpec) else lowrank_spec(item, multiple)
 
 
 def measure_latency_model(
     model: str | os.PathLike[str],
-    shapes: Sequence[tuple[int, int]],
+    curves: Sequence[CurveSpec | tuple[int, int]],
     config: EngineConfig,
     *,
     multiple: int = 8,
@@ -258,43 +302,69 @@ def measure_latency_model(
     progress: Progress | None = None,
     seed: int = 0,
 ) -> CostModelRun:
-    """Latency curves of ``shapes`` and the dense ``model``'s latency on ``config``.
+    """Latency curves of ``curves`` and the dense ``model``'s latency on ``config``.
 
-    Each item is read from the cache when present; otherwise it is timed within its share of
-    ``budget_s`` and cached. ``progress(item, done, total)`` is called before each item.
+    ``curves`` are ``CurveSpec``s or bare ``(m, n)`` shapes (their low-rank pair on the
+    ``multiple`` grid). A joint Q/K/V spec is timed as its concatenated pair when the engine
+    fuses Attention (known once the model is built). Each item is read from the cache when
+    present; otherwise it is timed within its share of ``budget_s`` and cached.
+    ``progress(item, done, total)`` is called before each item.
     """
     start = time.perf_counter()
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "costmodel"
     model = Path(model)
-    unique = sorted({(int(m), int(n)) for m, n in shapes})
-    grids = {s: measured_ranks(s[0], s[1], multiple) for s in unique}
-    unique = [s for s in unique if grids[s]]
-    items: list[tuple[str, str]] = [
-        ("model", _key("model", config, sha256=sha256_file(model))),
-        *((shape_key(s), _key("curve", config, shape=list(s), ranks=grids[s])) for s in unique),
-    ]
+    wanted = [s for s in (_spec_of(c, multiple) for c in curves) if s is not None]
     run = CostModelRun(model=LatencyModel(0.0, {}))
+    rng = np.random.default_rng(seed)
+    # Curves do not depend on the cache length: a decode plan at any past shares them.
+    curve_config = replace(config, past=0)
+
+    def share(remaining_items: int) -> float:
+        remaining = budget_s - (time.perf_counter() - start)
+        return time.perf_counter() + max(0.0, remaining) / max(1, remaining_items)
+
+    model_key = _key("model", config, sha256=sha256_file(model))
+    record = _read(folder, model_key)
+    if record is not None:
+        run.cached.append("model")
+    else:
+        if progress is not None:
+            progress("latency model", 0, 1)
+        record = _measure_model(model, config, share(1 + len(wanted)))
+        _write(folder, model_key, {**record, "machine": machine(), "engine": asdict(config)})
+        run.measured.append("model")
+        logger.info("measured latency of the model in %d rounds", record["rounds"])
+    fused = bool(record.get("attention_fused", False))
+    specs: dict[str, CurveSpec] = {}
+    for spec in wanted:
+        if spec.form == "joint" and fused:  # one Attention product: the concatenated pair
+            spec = replace(spec, form="lowrank", widths=())
+        specs.setdefault(spec.key, spec)
     found: dict[str, dict[str, Any]] = {}
-    for label, key in items:
+    keys = {
+        label: _key("curve", curve_config, spec=spec.to_record()) for label, spec in specs.items()
+    }
+    for label, key in keys.items():
         data = _read(folder, key)
         if data is not None:
             found[label] = data
             run.cached.append(label)
-    todo = [(label, key) for label, key in items if label not in found]
-    rng = np.random.default_rng(seed)
-    for done, (label, key) in enumerate(todo):
+    todo = [label for label in specs if label not in found]
+    for done, label in enumerate(todo):
         if progress is not None:
             progress(f"latency {label}", done, len(todo))
-        remaining = budget_s - (time.perf_counter() - start)
-        deadline = time.perf_counter() + max(0.0, remaining) / (len(todo) - done)
-        if label == "model":
-            ms, rounds = _measure_model(model, config, deadline)
-            data = {"model_ms": ms, "rounds": rounds}
-        else:
-            shape = next(s for s in unique if shape_key(s) == label)
-            curve, rounds = _measure_curve(shape, grids[shape], config, deadline, rng)
-            data = {"curve": curve.to_dict(), "rounds": rounds}
-        _write(folder, key, {**data, "machine": machine(), "engine": asdict(config)})
+        curve, rounds = _measure_curve(specs[label], curve_config, share(len(todo) - done), rng)
+        data = {"curve": curve.to_dict(), "rounds": rounds}
+        _write(
+            folder,
+            keys[label],
+            {
+                **data,
+                "machine": machine(),
+                "engine": asdict(curve_config),
+                "spec": specs[label].to_record(),
+            },
+        )
         found[label] = data
         run.measured.append(label)
         logger.info("measured latency of %s in %d rounds", label, rounds)
@@ -306,11 +376,10 @@ def measure_latency_model(
             time.perf_counter() - start,
             budget_s,
         )
-    curves = {label: LatencyCurve.from_dict(found[label]["curve"]) for label, _ in items[1:]}
     run.model = LatencyModel(
-        model_ms=float(found["model"]["model_ms"]),
-        curves=curves,
-        config={**asdict(config), **machine()},
+        model_ms=float(record["model_ms"]),
+        curves={label: LatencyCurve.from_dict(found[label]["curve"]) for label in specs},
+        config={**asdict(config), **machine(), "attention_fused": fused},
     )
     run.seconds = time.perf_counter() - start
     return run

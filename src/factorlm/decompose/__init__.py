@@ -10,6 +10,13 @@ from __future__ import annotations
 import logging
 
 from factorlm.decompose._validate import DecompositionError
+from factorlm.decompose.corrected import (
+    best_shrinkage,
+    corrected_weight,
+    held_back_loglik,
+    residual_error,
+    shrink_gram,
+)
 from factorlm.decompose.data_aware import activation_scaled_svd, whitened_svd
 from factorlm.decompose.fisher import fisher_weighted_svd
 from factorlm.decompose.kronecker import (
@@ -56,9 +63,12 @@ __all__ = [
     "allocate_options",
     "allocate_ranks",
     "allocation_error",
+    "best_shrinkage",
     "break_even_rank",
+    "corrected_weight",
     "decompose",
     "fisher_weighted_svd",
+    "held_back_loglik",
     "kronecker",
     "kronecker_cost",
     "kronecker_spectrum",
@@ -67,7 +77,9 @@ __all__ = [
     "prepared_lowrank",
     "propose_kronecker_shapes",
     "rank_for_energy",
+    "residual_error",
     "round_rank",
+    "shrink_gram",
     "spectrum",
     "truncated_svd",
     "whitened_svd",

@@ -25,7 +25,8 @@ succeeds at once (always, for a Gram from more tokens than features).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -40,7 +41,12 @@ from factorlm.decompose._validate import (
     check_vector,
     check_weight,
 )
-from factorlm.decompose.data_aware import asvd_transform, check_gram, whiten_transform
+from factorlm.decompose.data_aware import (
+    _damped_cholesky,
+    asvd_transform,
+    check_gram,
+    whiten_transform,
+)
 from factorlm.decompose.fisher import fisher_transform
 from factorlm.decompose.svd import LowRank, SvdMethod, sketch_dtype
 
@@ -70,6 +76,21 @@ class MethodInputs:
     mean_abs: np.ndarray | None = None
     fisher: np.ndarray | None = None
     alpha: float = 0.5
+    output_weight: np.ndarray | None = None  # whiten/drone: loss weight per output feature
+
+
+def _output_vector(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
+    """The per-output-feature weight ``b²`` of ``B = diag(b)``: FWSVD's Fisher row sums, or the
+    loss-aware output Fisher that whiten/drone accept (``‖X (W − M) diag(b)‖``); else None."""
+    if method == "fwsvd" and inputs.fisher is not None:
+        return check_vector(
+            inputs.fisher, shape[1], "fisher", what="Fisher row sums per output feature"
+        )
+    if method in ("whiten", "drone") and inputs.output_weight is not None:
+        return check_vector(
+            inputs.output_weight, shape[1], "output_weight", what="loss weight per output feature"
+        )
+    return None
 
 
 def _statistic(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
@@ -109,7 +130,20 @@ def _transform(weight: np.ndarray, method: str, inputs: MethodInputs) -> Transfo
         return asvd_transform(w64, stats, float(inputs.alpha))
     if method == "fwsvd":
         return fisher_transform(w64, stats)
-    return whiten_transform(w64, stats)
+    whitened = whiten_transform(w64, stats)
+    b = _output_scale(_output_vector(weight.shape, method, inputs))
+    if b is None:
+        return whitened
+
+    def undo_right(right: np.ndarray) -> np.ndarray:
+        return right / b[None, :]
+
+    return Transform(whitened.matrix * b[None, :], whitened.undo_left, undo_right)
+
+
+def _output_scale(weights: np.ndarray | None) -> np.ndarray | None:
+    """``b = √weights`` floored like FWSVD's scale (None: no output weighting)."""
+    return None if weights is None else floored_scale(weights, 0.5)
 
 
 def decompose(
@@ -123,11 +157,17 @@ def decompose(
     alpha: float = 0.5,
     rng: np.random.Generator | None = None,
     svd_method: SvdMethod = "auto",
+    output_weight: np.ndarray | None = None,
 ) -> LowRank:
-    """Rank-``rank`` factors of ``W`` by ``method`` (svd, whiten, drone, asvd, fwsvd)."""
+    """Rank-``rank`` factors of ``W`` by ``method`` (svd, whiten, drone, asvd, fwsvd).
+
+    ``output_weight`` (whiten/drone): a loss weight per output feature, e.g. the output Fisher
+    ``Σ (∂L/∂y_j)²``; the objective becomes ``‖X (W − M) diag(√output_weight)‖``.
+    """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    transform = _transform(weight, method, MethodInputs(gram, mean_abs, fisher, alpha))
+    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    transform = _transform(weight, method, inputs)
     return lowrank_from_transform(transform, r, weight.dtype, rng=rng, method=svd_method)
 
 
@@ -139,10 +179,12 @@ def spectrum(
     mean_abs: np.ndarray | None = None,
     fisher: np.ndarray | None = None,
     alpha: float = 0.5,
+    output_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Descending singular values of the matrix ``method`` truncates (float64, min(m, n) long)."""
     weight = check_weight(W)
-    transform = _transform(weight, method, MethodInputs(gram, mean_abs, fisher, alpha))
+    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    transform = _transform(weight, method, inputs)
     try:
         return scipy.linalg.svdvals(transform.matrix, check_finite=False)
     except np.linalg.LinAlgError:
@@ -160,7 +202,7 @@ def _tall_gram(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(K, b)`` with ``K = Bᵀ Wᵀ AᵀA W B`` (out × out) and ``b`` the diagonal of B (or None)."""
     stats = _statistic(weight.shape, method, inputs)
-    y, b = _output_scaled(weight, stats if method == "fwsvd" else None)
+    y, b = _output_scaled(weight, _output_vector(weight.shape, method, inputs))
     if stats is not None and method in ("whiten", "drone"):
         mean_diag = float(np.mean(np.diag(stats)))
         if mean_diag == 0.0:
@@ -181,7 +223,7 @@ def _output_scaled(
     """``(W B, b)`` in float64 with FWSVD's output scaling ``B = diag(b)``; ``(W, None)``
     without ``fisher`` (or with an all-zero one)."""
     y = weight.astype(np.float64)
-    b = None if fisher is None else floored_scale(fisher, 0.5)
+    b = _output_scale(fisher)
     if b is not None:
         y = y * b[None, :]
     return y, b
@@ -222,8 +264,9 @@ class PreparedWeight:
     def lowrank(self, W: np.ndarray, rank: int) -> LowRank:
         """Rank-``rank`` factors of ``W`` for this method, equal to ``decompose`` with an exact SVD.
 
-        ``W`` must be the weight that was prepared. A rank above ``kept`` falls back to
-        ``decompose``.
+        ``W`` must be the weight that was prepared. A rank above ``kept`` takes one ``eigh`` of
+        the same Gram. The products run over blocks of ``W`` (``_left_side_factors``,
+        ``_right_side_factors``), so no float64 copy of the whole weight is made here.
         """
         weight = check_weight(W)
         if weight.shape != self.shape:
@@ -236,28 +279,20 @@ class PreparedWeight:
             s = self.singular_values[:r]
         else:  # not cached: one eigendecomposition of the same Gram, now with vectors
             s, vectors = _eigh_descending(_small_gram(weight, self.method, self.stats))
-            s, vectors = s[:r], vectors[:, :r]
-        if self.side == "left":
+            s, vectors = s[:r], vectors[:, :r].astype(np.float64)  # drops the other vectors
+        # Products in blocks of W (bounded float64 working set), same numbers as whole matrices.
+        if self.side == "right":
+            left, right = _right_side_factors(weight, vectors, s, self.method, self.stats)
+        elif _blockable(self.stats):
+            left, right = _left_side_factors(weight, vectors, self.method, self.stats)
+        else:  # a statistic the blocked products do not apply: the whole-matrix transform
             transform = _transform(weight, self.method, self.stats)
             raw = vectors.T @ transform.matrix  # (r, out) = diag(s) V_rᵀ
             norms = np.linalg.norm(raw, axis=1)
             t = np.where(norms > 0, np.sqrt(norms), 1.0)
-            left = transform.undo_left(vectors * t[None, :])
-            right = transform.undo_right(raw / t[:, None])
-        else:
-            fisher = self.stats.fisher if self.method == "fwsvd" else None
-            y, b = _output_scaled(
-                weight, None if fisher is None else np.asarray(fisher, dtype=np.float64)
-            )
-            t = np.where(s > 0, np.sqrt(s), 1.0)
-            left = (y @ vectors) / t[None, :]  # A⁻¹ Z V_r diag(1/√s) = W B V_r diag(1/√s)
-            right = t[:, None] * vectors.T
-            if b is not None:
-                right = right / b[None, :]
-        return LowRank(
-            left=cast_back(left, weight.dtype, "left"),
-            right=cast_back(right, weight.dtype, "right"),
-        )
+            left = cast_back(transform.undo_left(vectors * t[None, :]), weight.dtype, "left")
+            right = cast_back(transform.undo_right(raw / t[:, None]), weight.dtype, "right")
+        return LowRank(left=left, right=right)
 
 
 def prepare(
@@ -269,13 +304,14 @@ def prepare(
     fisher: np.ndarray | None = None,
     alpha: float = 0.5,
     keep: int | None = None,
+    output_weight: np.ndarray | None = None,
 ) -> PreparedWeight:
     """Spectrum and leading ``keep`` singular vectors (default all) of the matrix ``method``
     truncates, from one eigendecomposition of its Gram on the smaller side."""
     weight = check_weight(W)
     small = min(weight.shape)
     kept = small if keep is None else max(0, min(int(keep), small))
-    stats = MethodInputs(gram, mean_abs, fisher, alpha)
+    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
     k = _small_gram(weight, method, stats)
     if kept == 0:  # spectrum only: eigenvalues without vectors, ~4x cheaper than eigh
         values = scipy.linalg.eigvalsh(k, check_finite=False)
@@ -296,6 +332,7 @@ def prepared_lowrank(
     mean_abs: np.ndarray | None = None,
     fisher: np.ndarray | None = None,
     alpha: float = 0.5,
+    output_weight: np.ndarray | None = None,
 ) -> LowRank:
     """Rank-``rank`` factors of ``W`` by ``method`` through the planner's path, in one ``eigh``.
 
@@ -306,7 +343,7 @@ def prepared_lowrank(
     """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    stats = MethodInputs(gram, mean_abs, fisher, alpha)
+    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
     s, vectors = _eigh_descending(_small_gram(weight, method, stats))
     return _prepared(weight, method, s, vectors[:, :r], stats).lowrank(weight, r)
 
@@ -327,3 +364,159 @@ def _small_gram(weight: np.ndarray, method: str, inputs: MethodInputs) -> np.nda
         return z @ z.T
     k, _ = _tall_gram(weight, method, inputs)
     return k
+
+
+#: float64 values in one block of ``lowrank``'s products (8 MiB): its working set beyond the
+#: weight, the Gram and the factors, however large the weight is.
+_BLOCK_VALUES = 1 << 20
+
+#: ``MethodInputs`` fields the blocked products know how to apply; any other field that is set
+#: sends ``lowrank`` through the whole-matrix ``_transform`` instead (never a silent difference).
+_BLOCKED_INPUTS = frozenset({"gram", "mean_abs", "fisher", "alpha", "output_weight"})
+
+
+def _blocks(total: int, width: int, block_values: int | None) -> Iterator[slice]:
+    """Consecutive slices over ``total`` rows (or columns) of ``width`` values each, about
+    ``block_values`` (default ``_BLOCK_VALUES``) values per slice, at least one row each."""
+    step = max(1, (block_values or _BLOCK_VALUES) // max(1, width))
+    for start in range(0, total, step):
+        yield slice(start, min(total, start + step))
+
+
+def _blockable(inputs: MethodInputs) -> bool:
+    """Whether every statistic set in ``inputs`` is one the blocked products apply."""
+    for item in fields(inputs):
+        if item.name in _BLOCKED_INPUTS:
+            continue
+        value = getattr(inputs, item.name)
+        if value is None or (not isinstance(value, np.ndarray) and value == item.default):
+            continue
+        return False
+    return True
+
+
+def _input_side(
+    method: str, stats: np.ndarray | None, alpha: float
+) -> tuple[Callable[[np.ndarray], np.ndarray] | None, Callable[[np.ndarray], np.ndarray] | None]:
+    """``(A·, A⁻¹·)`` of ``_transform``'s ``Z = A W B`` as maps on float64 blocks (``None`` for
+    ``A = I``): the same arithmetic as ``whiten_transform`` and ``asvd_transform``, so a column
+    block of ``Z`` is bit-for-bit the same columns of ``_transform(W).matrix``."""
+    if method in ("whiten", "drone") and stats is not None:
+        factor = _damped_cholesky(stats)
+        if factor is not None:
+            upper = factor[0].T
+
+            def whiten(block: np.ndarray) -> np.ndarray:
+                return upper @ block
+
+            def unwhiten(left: np.ndarray) -> np.ndarray:
+                return scipy.linalg.solve_triangular(upper, left, lower=False, check_finite=False)
+
+            return whiten, unwhiten
+    if method == "asvd" and stats is not None:
+        scale = floored_scale(stats, alpha)
+        if scale is not None:
+            column = scale[:, None]
+
+            def scaled(block: np.ndarray) -> np.ndarray:
+                return column * block
+
+            def unscaled(left: np.ndarray) -> np.ndarray:
+                return left / column
+
+            return scaled, unscaled
+    return None, None
+
+
+def _left_side_factors(
+    weight: np.ndarray,
+    vectors: np.ndarray,
+    method: str,
+    inputs: MethodInputs,
+    block_values: int | None = None,
+    *,
+    two_pass: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Factors from the left singular vectors ``U_r`` of ``Z = A W B`` (``in <= out``).
+
+    ``raw = U_rᵀ Z`` (r × out) is formed a column block of ``W`` at a time, each block cast to
+    float64 and transformed on its own, so neither a float64 copy of ``W`` nor ``Z`` is ever
+    whole. Left ``A⁻¹ U_r diag(t)``, right ``diag(1/t) raw B⁻¹`` with ``t = √‖raw_i‖``.
+
+    One pass keeps ``raw`` whole in float64 (8·r·out bytes) for its row norms: the numbers of the
+    whole-matrix products bit for bit. It is used while that buffer and the cast factor fit in
+    the float64 copy of ``W`` that ``_small_gram`` makes anyway (``r ≤ 2·in/3``); above, two
+    passes (norms first, then each block scaled and cast as it comes, twice the products) keep
+    the working set to the factors plus one block, with row norms summed block by block
+    (within 1e-15 relative). ``two_pass`` forces either.
+    """
+    m, n = weight.shape
+    r = vectors.shape[1]
+    apply_a, undo_a = _input_side(method, _statistic(weight.shape, method, inputs), inputs.alpha)
+    b = _output_scale(_output_vector(weight.shape, method, inputs))
+
+    def products() -> Iterator[tuple[slice, np.ndarray]]:
+        for cols in _blocks(n, m, block_values):
+            z = weight[:, cols].astype(np.float64)
+            if apply_a is not None:
+                z = apply_a(z)
+            if b is not None:
+                z = z * b[None, cols]
+            yield cols, vectors.T @ z
+
+    if not (3 * r > 2 * m if two_pass is None else two_pass):
+        raw = np.empty((r, n))
+        for cols, block in products():
+            raw[:, cols] = block
+        norms = np.empty(r)
+        for rows in _blocks(r, n, block_values):  # in blocks: no r × out temporary
+            norms[rows] = np.linalg.norm(raw[rows], axis=1)
+        t = np.where(norms > 0, np.sqrt(norms), 1.0)
+        raw /= t[:, None]
+        if b is not None:
+            raw /= b[None, :]
+        right = cast_back(raw, weight.dtype, "right")
+        del raw
+    else:
+        squares = np.zeros(r)
+        for _, block in products():
+            squares += np.einsum("ij,ij->i", block, block)
+        t = np.where(squares > 0, np.sqrt(np.sqrt(squares)), 1.0)
+        right = np.empty((r, n), dtype=weight.dtype)
+        for cols, block in products():
+            block /= t[:, None]
+            if b is not None:
+                block /= b[None, cols]
+            right[:, cols] = cast_back(block, weight.dtype, "right")
+    left = vectors * t[None, :]
+    if undo_a is not None:
+        left = undo_a(left)
+    return cast_back(left, weight.dtype, "left"), right
+
+
+def _right_side_factors(
+    weight: np.ndarray,
+    vectors: np.ndarray,
+    s: np.ndarray,
+    method: str,
+    inputs: MethodInputs,
+    block_values: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Factors from the right singular vectors ``V_r`` of ``Z`` (``in > out``), ``A``-free.
+
+    Left ``W B V_r diag(1/√s)`` a row block of ``W`` at a time (cast to the weight's dtype as
+    it goes), right ``diag(√s) V_rᵀ B⁻¹``.
+    """
+    m, n = weight.shape
+    b = _output_scale(_output_vector(weight.shape, method, inputs))
+    t = np.where(s > 0, np.sqrt(s), 1.0)
+    left = np.empty((m, vectors.shape[1]), dtype=weight.dtype)
+    for rows in _blocks(m, n, block_values):
+        y = weight[rows].astype(np.float64)
+        if b is not None:
+            y = y * b[None, :]
+        left[rows] = cast_back((y @ vectors) / t[None, :], weight.dtype, "left")
+    right = t[:, None] * vectors.T
+    if b is not None:
+        right = right / b[None, :]
+    return left, cast_back(right, weight.dtype, "right")

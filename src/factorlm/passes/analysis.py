@@ -94,6 +94,8 @@ class Candidate:
     #: For a joint candidate (``analyze(..., joint=True)``): the member initializers whose
     #: matrices are concatenated along the output axis, in order; empty for a plain weight.
     members: tuple[str, ...] = ()
+    #: The members' output widths, in order (their sum is the joint output width).
+    member_widths: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -269,6 +271,7 @@ def _joint_candidate(members: Sequence[Candidate]) -> Candidate:
         transposed=False,
         uses=tuple(u for m in members for u in m.uses),
         members=tuple(m.name for m in members),
+        member_widths=tuple(int(m.stored_shape[1]) for m in members),
     )
 
 

@@ -68,7 +68,7 @@ def joint_statistics(stats: Any, analysis: Analysis) -> Any:
     if stats is None or not joint:
         return stats
     result = copy.copy(stats)
-    for key in ("gram", "mean_abs", "fisher"):
+    for key in ("gram", "mean_abs", "fisher", "output_fisher"):
         table = getattr(stats, key, None)
         if table is None:
             continue
@@ -76,7 +76,7 @@ def joint_statistics(stats: Any, analysis: Analysis) -> Any:
         for cand in joint:
             if not all(m in table for m in cand.members):
                 continue
-            if key == "fisher":
+            if key in ("fisher", "output_fisher"):
                 extended[cand.name] = np.concatenate([table[m] for m in cand.members])
             else:
                 extended[cand.name] = table[cand.members[0]]

@@ -157,6 +157,10 @@ class CalibrationConfig(_Section):
     max_length: int = _opt(CompressOptions, "max_length")
     batch_size: int = _opt(CompressOptions, "batch_size")
     fisher_task: FisherTask = _opt(CompressOptions, "fisher_task")
+    sequential: bool = _opt(CompressOptions, "sequential")
+    sequential_blocks: int = _opt(CompressOptions, "sequential_blocks")
+    sequential_ridge: float = _opt(CompressOptions, "sequential_ridge")
+    loss_aware: bool = _opt(CompressOptions, "loss_aware")
 
 
 class CompressConfig(_Checked):
@@ -183,6 +187,7 @@ class CompressConfig(_Checked):
     target_speedup: float | None = _opt(CompressOptions, "target_speedup")
     target_latency_ms: float | None = _opt(CompressOptions, "target_latency_ms")
     latency_shape: str = _opt(CompressOptions, "latency_shape")
+    latency_past: int = _opt(CompressOptions, "latency_past")
     latency_precision: LatencyPrecision = _opt(CompressOptions, "latency_precision")
     latency_threads: int = _opt(CompressOptions, "latency_threads")
     latency_optimize: bool = _opt(CompressOptions, "latency_optimize")

@@ -211,7 +211,7 @@ def _run_locked(
                 "plan": plan_key,
             }
         ),
-        lambda out: stages.compress_model(config, exported.path, stats_dir, out),
+        lambda out: stages.compress_model(config, exported.path, stats_dir, out, split.path),
     )
     candidate = compressed
     if config.recover.method is not None:

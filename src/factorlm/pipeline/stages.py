@@ -144,25 +144,36 @@ def export_model(config: RunConfig, model: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def _torch_source(model_dir: Path, why: str) -> Path:
+    """The Hugging Face folder with the PyTorch weights (gradients need them)."""
+    if model_dir.is_dir():
+        return model_dir
+    from factorlm.exporters.hf import export_source  # an ONNX model: export recorded its source
+
+    source = export_source(model_dir)
+    if source is None or not source.is_dir():
+        raise ConfigError(
+            f"{why} needs the PyTorch weights: give the Hugging Face model folder as 'model', not "
+            f"{model_dir.name}, whose folder has no factorlm-export.json naming an existing "
+            "source folder."
+        )
+    return source
+
+
 def calibrate(
     config: RunConfig, model_dir: Path, onnx_dir: Path, split: Path, out: Path
 ) -> dict[str, Any]:
-    from factorlm.calibration import CalibrationStats, collect_fisher, collect_statistics
+    from factorlm.calibration import (
+        CalibrationStats,
+        collect_fisher,
+        collect_output_fisher,
+        collect_statistics,
+    )
 
     method = config.compress.method
     calib = split / "calibration.jsonl"
     if method == "fwsvd":
-        if not model_dir.is_dir():  # an ONNX model: factorlm export recorded its source folder
-            from factorlm.exporters.hf import export_source
-
-            source = export_source(model_dir)
-            if source is None or not source.is_dir():
-                raise ConfigError(
-                    "method 'fwsvd' needs the PyTorch weights: give the Hugging Face model "
-                    f"folder as 'model', not {model_dir.name}, whose folder has no "
-                    "factorlm-export.json naming an existing source folder."
-                )
-            model_dir = source
+        model_dir = _torch_source(model_dir, "method 'fwsvd'")
         fisher = collect_fisher(
             model_dir,
             onnx_dir / "model.onnx",
@@ -184,6 +195,18 @@ def calibrate(
             max_length=config.calibration.max_length,
             batch_size=config.calibration.batch_size,
         )
+        if config.calibration.loss_aware:
+            stats.output_fisher = collect_output_fisher(
+                _torch_source(model_dir, "calibration option 'loss_aware'"),
+                onnx_dir / "model.onnx",
+                calib,
+                task=config.calibration.fisher_task,
+                text_column="text",
+                label_column="label",
+                labels=config.data.labels,
+                max_samples=config.data.calibration_samples,
+                max_length=config.calibration.max_length,
+            )
     stats.save(out / "stats.npz")
     return {
         "method": method,
@@ -193,7 +216,7 @@ def calibrate(
 
 
 def compress_model(
-    config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path
+    config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path, split: Path
 ) -> dict[str, Any]:
     from factorlm._common.files import copy_sidecars
     from factorlm.calibration import CalibrationStats
@@ -201,8 +224,14 @@ def compress_model(
 
     cfg = config.compress
     stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
+    options = config.options(CompressOptions)
     result = compress(
-        onnx_dir / "model.onnx", out / "model.onnx", config.options(CompressOptions), stats=stats
+        onnx_dir / "model.onnx",
+        out / "model.onnx",
+        options,
+        stats=stats,
+        # the sequential refit runs the models again on the calibration texts
+        data=split / "calibration.jsonl" if options.sequential else None,
     )
     copy_sidecars(onnx_dir / "model.onnx", out)
     return {
@@ -343,9 +372,20 @@ def predicted_speedup(
     if not latency:
         return None
     config = latency.get("config") or {}
-    shape = f"{config.get('batch', 1)}x{config.get('seq', 128)}"
+    batch, seq, past = (
+        int(config.get(key) or default) for key, default in (("batch", 1), ("seq", 128), ("past", 0))
+    )
+    shape = f"decode {batch}x1 past {past}" if past else f"{batch}x{seq}"
     measured = next(
-        (e["speedup"].get(candidate) for e in report.get("latency", []) if e["shape"] == shape),
+        (
+            e["speedup"].get(candidate)
+            for e in report.get("latency", [])
+            if (
+                (e.get("batch"), e.get("seq"), e.get("past") or 0) == (batch, seq, past)
+                if "batch" in e
+                else e.get("shape") == shape
+            )
+        ),
         None,
     )
     predicted = float(latency["predicted_speedup"])

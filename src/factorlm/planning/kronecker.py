@@ -25,6 +25,14 @@ from factorlm.decompose import (
 from factorlm.decompose.rank import DEFAULT_MIN_FRACTION
 from factorlm.errors import ConfigError
 from factorlm.planning.costs import dense_cost, fill_costs
+from factorlm.planning.latency import (
+    LatencyChoices,
+    LatencyModel,
+    choices_front,
+    kron_spec,
+    kron_term_limit,
+    spend_latency,
+)
 from factorlm.planning.schema import CandidateLike, Plan, new_entry
 
 __all__ = ["KRON_SHAPES", "plan_kronecker", "supports_kronecker"]
@@ -75,12 +83,7 @@ def _kron_splits(cand: CandidateLike, matrix: np.ndarray) -> list[_KronSplit]:
     found: list[_KronSplit] = []
     for a_shape, b_shape in propose_kronecker_shapes(m, n, limit=KRON_SHAPES, by="flops"):
         per_params, per_flops = kronecker_cost(a_shape, b_shape, 1)
-        most = min(
-            a_shape[0] * a_shape[1],
-            b_shape[0] * b_shape[1],
-            (2 * m * n) // per_flops,
-            (m * n - 1) // per_params,
-        )
+        most = kron_term_limit((m, n), a_shape, b_shape)
         if most < 1:
             continue
         power = kronecker_spectrum(matrix, a_shape) ** 2
@@ -111,11 +114,96 @@ def _kron_front(splits: list[_KronSplit], min_fraction: float) -> list[_KronOpti
     return front
 
 
+def _latency_choices(
+    cand: CandidateLike,
+    splits: list[_KronSplit],
+    model: LatencyModel,
+    scale: float,
+    fraction: float,
+) -> LatencyChoices | None:
+    """A weight's Kronecker forms priced by their measured curves (None: no curve measured).
+
+    Every split's curve times the dense product too; a form costs the mean dense time plus its
+    own curve's difference to dense (measured in pairs), so the splits share one dense cost.
+    """
+    curves = [(s, model.curve(kron_spec(cand.shape, s.a_shape, s.b_shape, s.most))) for s in splits]
+    priced = [(s, c) for s, c in curves if c is not None]
+    if not priced:
+        return None
+    dense = float(np.mean([c.dense_ms for _, c in priced]))
+    found = []
+    for split, curve in priced:
+        for t in range(max(1, math.ceil(fraction * split.most)), split.most + 1):
+            kron = {"a_shape": list(split.a_shape), "b_shape": list(split.b_shape), "terms": t}
+            tail = float(split.tail[min(t, split.tail.size - 1)])
+            found.append((kron, dense + curve.at(t) - curve.dense_ms, tail * scale))
+    return choices_front(found, dense)
+
+
+def _plan_latency(
+    plan: Plan,
+    targets: list[CandidateLike],
+    splits: dict[str, list[_KronSplit]],
+    energy: dict[str, float],
+    scales: dict[str, float],
+    min_fraction: float,
+    latency: tuple[LatencyModel, float],
+) -> None:
+    """Kronecker forms under a latency target: the plan's entries and its prediction."""
+    model, target_ms = latency
+    missing = [
+        c.name for c in targets if _latency_choices(c, splits[c.name], model, 1.0, 0.0) is None
+    ]
+
+    def options_at(fraction: float) -> dict[str, LatencyChoices]:
+        found = {
+            c.name: _latency_choices(c, splits[c.name], model, scales[c.name], fraction)
+            for c in targets
+            if c.name not in missing
+        }
+        return {name: f for name, f in found.items() if f is not None}
+
+    spent = spend_latency(
+        options_at,
+        model_ms=model.model_ms,
+        target_ms=target_ms,
+        min_fraction=min_fraction,
+        missing=missing,
+    )
+    plan.latency = {
+        "target_ms": spent.target_ms,
+        "model_ms": spent.model_ms,
+        "predicted_ms": spent.predicted_ms,
+        "predicted_speedup": spent.predicted_speedup,
+        "dense_weights": {k: v for k, v in spent.dense_ms.items() if spent.ranks[k] is None},
+        "config": dict(model.config),
+    }
+    for cand in targets:
+        kron = spent.ranks.get(cand.name)
+        if kron is None:
+            plan.dense[cand.name] = dense_cost(cand)
+            plan.skipped[cand.name] = (
+                "left dense by the latency plan (no measured Kronecker form is faster than "
+                "dense, or cutting it costs the most error)"
+            )
+            continue
+        split = next(s for s in splits[cand.name] if list(s.a_shape) == kron["a_shape"])
+        tail = float(split.tail[min(int(kron["terms"]), split.tail.size - 1)])
+        total = energy[cand.name]
+        error = math.sqrt(tail / total) if total > 0 else 0.0
+        entry = new_entry(cand, "kron", kron=dict(kron), expected_error=error)
+        fill_costs(cand, entry)
+        entry.dense_ms = spent.dense_ms[cand.name]
+        entry.predicted_ms = spent.weight_ms[cand.name]
+        plan.weights[cand.name] = entry
+
+
 def plan_kronecker(
     plan: Plan,
     linear: list[CandidateLike],
     ratio: float,
     options: tuple[str, str, float] = ("optimal", "relative", DEFAULT_MIN_FRACTION),
+    latency: tuple[LatencyModel, float] | None = None,
 ) -> None:
     """Sums of Kronecker products under one parameter budget, never above dense FLOPs.
 
@@ -125,6 +213,10 @@ def plan_kronecker(
     break-even rank, lowered as far as needed when the ratio cannot be met with it. The
     low-rank allocation's multiple-choice knapsack picks one option per weight, minimising the
     summed (relative) squared error within ``ratio`` of the targeted parameters.
+
+    ``latency`` = ``(model, target_ms)`` replaces the parameter budget by a latency target: each
+    form is priced by its split's measured curve (``planning.latency.kron_spec``) and the same
+    error is minimised under the predicted latency (``planning.latency.spend_latency``).
     """
     allocation, error_scale, min_fraction = options
     splits: dict[str, list[_KronSplit]] = {}
@@ -144,6 +236,9 @@ def plan_kronecker(
         scales[cand.name] = 1.0 / total if error_scale == "relative" and total > 0 else 1.0
     targets = [c for c in linear if c.name in splits]
     if not targets:
+        return
+    if latency is not None:
+        _plan_latency(plan, targets, splits, energy, scales, min_fraction, latency)
         return
 
     def fronts(fraction: float) -> dict[str, list[_KronOption]]:

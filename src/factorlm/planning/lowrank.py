@@ -25,7 +25,7 @@ from factorlm.decompose import (
 from factorlm.decompose.rank import DEFAULT_MIN_FRACTION
 from factorlm.errors import ConfigError, PlanError
 from factorlm.planning.costs import dense_cost, fill_costs, relative_error
-from factorlm.planning.latency import LatencyModel, allocate_latency
+from factorlm.planning.latency import CurveSpec, LatencyModel, allocate_latency, candidate_spec
 from factorlm.planning.schema import DATA_AWARE, CandidateLike, Plan, StatsLike, new_entry
 
 __all__ = ["plan_embedding", "plan_low_rank", "statistics_for", "supports_lowrank_sparse"]
@@ -45,10 +45,15 @@ def supports_lowrank_sparse(candidate: CandidateLike) -> str | None:
 
 def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str, np.ndarray | None]:
     """The statistic a data-aware method needs for one weight, as decompose keyword arguments."""
-    found: dict[str, np.ndarray | None] = {"gram": None, "mean_abs": None, "fisher": None}
+    found: dict[str, np.ndarray | None] = {
+        "gram": None, "mean_abs": None, "fisher": None, "output_weight": None
+    }  # fmt: skip
     key = DATA_AWARE.get(method)
     if key is None:
         return found
+    output = getattr(stats, "output_fisher", None) if method in ("whiten", "drone") else None
+    if output and name in output:  # loss-aware whitening: weight each output feature
+        found["output_weight"] = output[name]
     if stats is None:
         raise ConfigError(
             f"method {method!r} needs calibration statistics ({key}): pass --calib DATA (with "
@@ -62,10 +67,16 @@ def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str,
 
 
 def plan_embedding(plan: Plan, cand: CandidateLike, ratio: float | None, multiple: int) -> None:
-    """Plan a token embedding at its own ``ratio`` (None leaves it dense)."""
+    """Plan a token embedding at its own ``ratio`` (None leaves it dense).
+
+    An LM head tied to the embedding (a decoder's ``h @ Eᵀ``) is one of its uses: it shares the
+    factors, and its product is the entry's FLOPs (``fill_costs``).
+    """
     if ratio is None:
+        tied = any(use.form != "gather" for use in cand.uses)
+        what = "token embedding and the LM head tied to it" if tied else "token embedding"
         plan.skipped[cand.name] = (
-            "token embedding left dense (set --embeddings RATIO to factorize it)"
+            f"{what} left dense (set --embeddings RATIO to factorize {'both' if tied else 'it'})"
         )
         return
     m, n = cand.shape
@@ -100,7 +111,8 @@ def plan_low_rank(
 
     ``options`` is ``(allocation, error_scale, min_fraction)`` for ``allocate_ranks``.
     ``latency`` = ``(model, target_ms)`` replaces the parameter budget by a latency target
-    (``planning.latency.allocate_latency``) and records the predictions in the plan.
+    (``planning.latency.allocate_latency``) and records the predictions in the plan; each weight
+    is predicted by the measured curve of its form (``planning.latency.candidate_spec``).
     """
     core_method = "svd" if method == "losparse" else method
     targets: list[CandidateLike] = []
@@ -113,6 +125,7 @@ def plan_low_rank(
         else:
             targets.append(cand)
     spectra: dict[str, np.ndarray] = {}
+    specs: dict[str, CurveSpec] = {}  # a latency plan's curve per weight
     cache: dict[str, PreparedWeight] = {}
     for cand in targets:
         found = statistics_for(stats, core_method, cand.name)
@@ -124,6 +137,7 @@ def plan_low_rank(
             gram=found["gram"],
             mean_abs=found["mean_abs"],
             fisher=found["fisher"],
+            output_weight=found["output_weight"],
             keep=0,
         )
         spectra[cand.name] = ready.singular_values
@@ -136,6 +150,11 @@ def plan_low_rank(
             r = round_rank(rank_for_energy(spectra[cand.name], energy), multiple)
             ranks[cand.name] = r if r <= break_even_rank(m, n) else None
     elif latency is not None:
+        fused = latency[0].attention_fused
+        for c in targets:
+            spec = candidate_spec(c, method, multiple, sparse=(structure, density), fused=fused)
+            if spec is not None:
+                specs[c.name] = spec
         found_ms = allocate_latency(
             [WeightSpectrum(c.name, c.shape, spectra[c.name]) for c in targets],
             latency[0],
@@ -144,6 +163,7 @@ def plan_low_rank(
             multiple=multiple,
             error=options[1],
             min_fraction=options[2],
+            specs=specs,
         )
         ranks = found_ms.ranks
         plan.latency = {
@@ -203,7 +223,7 @@ def plan_low_rank(
         )
         fill_costs(cand, entry)
         if latency is not None:
-            curve = latency[0].curve(cand.shape)
+            curve = latency[0].curve(specs.get(cand.name, cand.shape))
             if curve is not None:
                 calls = _linear_calls(cand)
                 entry.dense_ms = calls * curve.dense_ms

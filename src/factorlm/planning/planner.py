@@ -90,9 +90,10 @@ def make_plan(
     honoured there; every other strategy uses the exact knapsack.
 
     ``latency`` (a measured ``planning.LatencyModel``) with ``target_ms`` plans for a predicted
-    whole-model latency instead of ``ratio`` (which is then ignored): low-rank methods only,
-    embeddings left dense; the plan records the prediction (``Plan.latency``, per-weight
-    ``dense_ms``/``predicted_ms``).
+    whole-model latency instead of ``ratio`` (which is then ignored): every method, each form
+    priced by its own measured curves (low-rank, low-rank + sparse, joint Q/K/V, Kronecker
+    splits), embeddings left dense; the plan records the prediction (``Plan.latency``,
+    per-weight ``dense_ms``/``predicted_ms``).
     """
     if method not in ALL_METHODS:
         raise ConfigError(f"method {method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
@@ -121,17 +122,11 @@ def make_plan(
             raise ConfigError(f"sparse density {sparse_density!r} must be in [0, ratio {ratio}).")
     if (latency is None) != (target_ms is None):
         raise ConfigError("a latency target needs both the latency model and target_ms.")
-    if latency is not None:
-        if method in ("kron", "losparse"):
-            raise ConfigError(
-                f"method {method!r} is not latency-planned (only the low-rank methods have measured "
-                "curves); use a parameter ratio, or svd/whiten/drone/asvd/fwsvd with a target."
-            )
-        if energy is not None or embeddings is not None:
-            raise ConfigError(
-                "a latency target plans the linear weights' ranks itself: leave energy and "
-                "embeddings unset."
-            )
+    if latency is not None and (energy is not None or embeddings is not None):
+        raise ConfigError(
+            "a latency target plans the linear weights' ranks itself: leave energy and "
+            "embeddings unset."
+        )
     if method in DATA_AWARE and stats is None:
         statistics_for(None, method, "")
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
@@ -175,8 +170,9 @@ def make_plan(
             plan_embedding(plan, cand, embeddings, rank_multiple)
         else:
             linear.append(cand)
+    target = (latency, float(target_ms)) if latency is not None and target_ms is not None else None
     if method == "kron":
-        plan_kronecker(plan, linear, ratio, (allocation, error_scale, min_fraction))
+        plan_kronecker(plan, linear, ratio, (allocation, error_scale, min_fraction), target)
     else:
         plan_low_rank(
             plan,
@@ -190,7 +186,7 @@ def make_plan(
             sparse_density,
             (allocation, error_scale, min_fraction),
             prepared,
-            (latency, float(target_ms)) if latency is not None and target_ms is not None else None,
+            target,
         )
     logger.info("Planned %d weights, %d left dense", len(plan.weights), len(plan.skipped))
     return plan
