@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm-weight", type=float, default=SMOLLM_LM_WEIGHT, help="smollm only")
     parser.add_argument("--val-chars", type=int, default=SMOLLM_VAL_CHARS,
                         help="smollm: tail of Emma kept out of training (for tuning)")
+    parser.add_argument("--loss-aware", action="store_true",
+                        help="smollm: baseline compress(..., loss_aware=True) (issue 16)")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="smollm: reuse WORK/whiten/model.onnx and its plan if present")
     parser.add_argument("--work", type=Path, default=None)
@@ -272,17 +274,28 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
     stats = collect_statistics(
         source, chunks, max_samples=SMOLLM_CALIB_CHUNKS, max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False
     )  # the quality table's call, so the statistics cache hits
+    label = "whiten loss-aware" if args.loss_aware else "whiten"
+    if args.loss_aware:
+        from factorlm.calibration import collect_output_fisher
 
-    baseline = work / "whiten" / "model.onnx"
+        stats.output_fisher = collect_output_fisher(
+            smollm_dir(), source, chunks, task="lm", max_samples=SMOLLM_CALIB_CHUNKS,
+            max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False,
+        )  # fmt: skip
+
+    baseline = work / label.replace(" ", "-") / "model.onnx"
     plan = baseline.with_name("model.plan.json")
     reused = args.reuse_baseline and baseline.is_file() and plan.is_file()
     compress_s = 0.0
     if not reused:
         start = time.perf_counter()
-        compress(source, baseline, method="whiten", ratio=SMOLLM_RATIO, stats=stats, joint_qkv=False)
+        compress(
+            source, baseline, method="whiten", ratio=SMOLLM_RATIO, stats=stats, joint_qkv=False,
+            loss_aware=args.loss_aware,
+        )  # fmt: skip
         copy_sidecars(source, baseline.parent)
         compress_s = time.perf_counter() - start
-    print(f"whiten baseline {'reused' if reused else 'made'}: {baseline}", file=sys.stderr, flush=True)
+    print(f"{label} baseline {'reused' if reused else 'made'}: {baseline}", file=sys.stderr, flush=True)
 
     texts = _smollm_texts(args.val_chars)
     hyper = {
@@ -306,9 +319,9 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
             nll, scored, _ = window_nll(r, ids, window=SMOLLM_WINDOW, max_windows=SMOLLM_WINDOWS)
         return float(np.exp(nll / scored))
 
-    models = {"original": source, "whiten": baseline, "whiten+distill": result.model}
+    models = {"original": source, label: baseline, f"{label}+distill": result.model}
     ppl = {name: perplexity(path) for name, path in models.items()}
-    closed = _gap(ppl["original"], ppl["whiten"], ppl["whiten+distill"])
+    closed = _gap(ppl["original"], ppl[label], ppl[f"{label}+distill"])
     load_after = uptime()
     record = {
         "command": "python " + " ".join(["benchmarks/recovery.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -321,7 +334,7 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"{args.val_chars} characters (tuning validation)",
             "evaluation": f"Pride and Prejudice, first {SMOLLM_WINDOWS} non-overlapping windows of {SMOLLM_WINDOW} tokens",
         },
-        "baseline": {"method": "whiten", "ratio": SMOLLM_RATIO, "path": str(baseline), "reused": reused,
+        "baseline": {"method": "whiten", "loss_aware": args.loss_aware, "ratio": SMOLLM_RATIO, "path": str(baseline), "reused": reused,
                      "compress_wall_s": round(compress_s, 1)},
         "hyper_parameters": hyper,
         "recovery": {"steps": result.steps_done, "stopped": result.stopped,
@@ -346,7 +359,7 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
         "",
         f"Split: calibration {record['split']['calibration']}; distillation {record['split']['distill']}; "
         f"evaluation {record['split']['evaluation']} (held out; ONNX Runtime, ORT_ENABLE_ALL, empty KV cache).",
-        f"Baseline: `compress(method='whiten', ratio={SMOLLM_RATIO})` (separate Q/K/V)"
+        f"Baseline: `compress(method='whiten', ratio={SMOLLM_RATIO}, loss_aware={args.loss_aware})` (separate Q/K/V)"
         + (" (reused from an earlier run in the same --work folder)." if reused else f", {compress_s:.0f} s wall."),
         f"Recovery: `recover(..., {', '.join(f'{k}={v!r}' for k, v in hyper.items())})`: "
         f"{rec['steps']} steps (stopped by {rec['stopped']}), training {rec['train_cpu_s']:.0f} CPU s / "
@@ -357,7 +370,7 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
         "|---|---|---|",
         *(f"| {n} | {v:.3f} | {(v / ppl['original'] - 1) * 100:+.1f} % |" for n, v in ppl.items()),
         "",
-        "Gap closed = (whiten - recovered) / (whiten - original):",
+        "Gap closed = (baseline - recovered) / (baseline - original):",
         "",
         "| measured on | gap closed |",
         "|---|---|",

@@ -133,7 +133,37 @@ def _collect(
         max_samples=opts.calibration_samples,
         max_length=opts.max_length,
         batch_size=opts.batch_size,
+        holdout=opts.shrinkage == "auto",
     )
+
+
+def shrunk_statistics(stats: Any) -> Any:
+    """A copy of ``stats`` whose Grams are shrunk toward their diagonal (``shrinkage auto``).
+
+    Each Gram's shrinkage is the one under which its held-back batches are most likely
+    (``decompose.best_shrinkage``): a Gram fitted on few or narrow texts is pulled toward its
+    diagonal, one fitted on plenty of varied text is left alone.
+    """
+    from factorlm.decompose import best_shrinkage, shrink_gram
+
+    held = getattr(stats, "gram_heldout", None) or {}
+    n_held = int(getattr(stats, "heldout_tokens", 0))
+    if not held or n_held < 1 or n_held >= stats.tokens:
+        raise ConfigError(
+            "compress option 'shrinkage' auto needs statistics collected with a held-back part "
+            "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
+        )
+    result = copy.copy(stats)
+    result.gram = dict(stats.gram)
+    chosen: dict[float, int] = {}
+    for name, gram in stats.gram.items():
+        if name not in held:
+            continue
+        alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
+        result.gram[name] = shrink_gram(gram, alpha) if alpha > 0 else gram
+        chosen[alpha] = chosen.get(alpha, 0) + 1
+    logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
+    return result
 
 
 def factorize_entry(
@@ -398,6 +428,8 @@ def compress(
             "compress option 'loss_aware' needs the output Fisher: pass stats= with output_fisher "
             "from factorlm.calibration.collect_output_fisher (the CLI and factorlm run collect it)."
         )
+    if opts.shrinkage == "auto" and stats is not None:
+        stats = shrunk_statistics(stats)
     if not opts.loss_aware and getattr(stats, "output_fisher", None):
         stats = copy.copy(stats)  # the output Fisher weights the factors only when asked
         stats.output_fisher = {}  # type: ignore[union-attr]
@@ -450,7 +482,8 @@ def compress(
             sparse_structure=opts.sparse_structure,
             sparse_density=opts.sparse_density,
             allocation=opts.allocation,
-            error_scale=opts.error_scale,
+            # loss-aware spectra are in loss units: compare weights by absolute error
+            error_scale="absolute" if opts.loss_aware else opts.error_scale,
             min_fraction=opts.min_fraction,
             prepared=prepared,
             latency=latency,

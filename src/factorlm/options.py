@@ -48,6 +48,7 @@ __all__ = [
     "OPT_LEVELS",
     "RECOVER_METHODS",
     "REGRESSION_BASES",
+    "SHRINKAGES",
     "SPARSE_STRUCTURES",
     "TASKS",
     "Allocation",
@@ -68,6 +69,7 @@ __all__ = [
     "RecoverMethod",
     "RecoverOptions",
     "RegressionBasis",
+    "Shrinkage",
     "SparseStructure",
     "Task",
     "option_fields",
@@ -93,11 +95,13 @@ DATA_AWARE_METHODS: Mapping[str, str] = {
 }
 Allocation = Literal["optimal", "lagrangian", "greedy", "uniform"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+Shrinkage = Literal["none", "auto"]
+SHRINKAGES: tuple[str, ...] = get_args(Shrinkage)
 ErrorScale = Literal["relative", "absolute"]
 ERROR_SCALES: tuple[str, ...] = get_args(ErrorScale)
 SparseStructure = Literal["column", "unstructured", "2:4"]
 SPARSE_STRUCTURES: tuple[str, ...] = get_args(SparseStructure)
-FisherTask = Literal["auto", "classification", "lm"]
+FisherTask = Literal["auto", "classification", "lm", "embedding"]
 FISHER_TASKS: tuple[str, ...] = get_args(FisherTask)
 Backend = Literal["ort", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -299,16 +303,25 @@ class CompressOptions(_Options):
         yaml="calibration.sequential_blocks",
     )
     sequential_ridge: float = _opt(
-        0.0,
-        "Sequential: ridge of the corrected target, relative to the mean input energy.",
+        0.01,
+        "Sequential: ridge of the corrected target, relative to the mean input energy (without "
+        "one the least-squares correction can blow up).",
         ge=0.0,
         le=1.0,
         yaml="calibration.sequential_ridge",
     )
+    shrinkage: Shrinkage = _opt(
+        "none",
+        "Shrink each calibration Gram toward its diagonal (auto: by the likelihood of held-back "
+        "batches; guards against over-fitting a small or narrow calibration set).",
+        choices=SHRINKAGES,
+        yaml="calibration.shrinkage",
+    )
     loss_aware: bool = _opt(
         False,
         "Weight each output feature by the loss's output Fisher (next-token loss for a causal "
-        "LM, needs its PyTorch weights beside the ONNX) and allocate ranks by estimated loss.",
+        "LM; needs the PyTorch weights) and allocate ranks by the estimated loss increase "
+        "(absolute errors in loss units; error_scale is then not used).",
         yaml="calibration.loss_aware",
     )
     ray_address: str | None = _opt(

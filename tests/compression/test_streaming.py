@@ -126,3 +126,38 @@ def test_streamed_output_keeps_its_weights_external(
         onnx.external_data_helper.uses_external_data(stored[n]) for n in factors
     )  # save_model's threshold: tensors above 1 KiB go to external data
     assert not any(n in stored for n in ("q.weight", "up.weight", "embed.weight"))
+
+
+def test_external_constant_attributes_are_carried(
+    tmp_path: Path, block_models: tuple[Path, Path]
+) -> None:
+    """Exporters of models above 2 GB put ``Constant`` values in the data file too: the output
+    must not point at the input's data file for them (the checker refused it), and it computes
+    what the same compression of the embedded model computes."""
+    proto = onnx.load(str(block_models[0]))
+    flat = next(t for t in proto.graph.initializer if t.name == "flat")
+    want = numpy_helper.to_array(flat)
+    proto.graph.initializer.remove(flat)
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["flat"], value=flat))
+    inline = tmp_path / "const_inline" / "model.onnx"
+    inline.parent.mkdir()
+    onnx.save_model(proto, str(inline))
+    onnx.external_data_helper.convert_model_to_external_data(
+        proto, location="weights.bin", size_threshold=0, convert_attribute=True
+    )
+    external = tmp_path / "const_external" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save_model(proto, str(external))
+    stored = onnx.load(str(external), load_external_data=False).graph.node[0].attribute[0].t
+    assert onnx.external_data_helper.uses_external_data(stored)  # the case under test
+
+    opts = replace(OPTIONS, method="svd")
+    a = compress(inline, tmp_path / "a" / "model.onnx", opts)
+    b = compress(external, tmp_path / "b" / "model.onnx", opts)
+    out = onnx.load(str(b.output_paths[0]), load_external_data=False)
+    value = next(n for n in out.graph.node if n.output[0] == "flat").attribute[0].t
+    assert not onnx.external_data_helper.uses_external_data(value)
+    np.testing.assert_array_equal(numpy_helper.to_array(value), want)
+    np.testing.assert_array_equal(
+        run_ort(str(b.output_paths[0]), _feeds())[0], run_ort(str(a.output_paths[0]), _feeds())[0]
+    )

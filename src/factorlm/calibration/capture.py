@@ -32,11 +32,15 @@ from factorlm.calibration.targets import Target, find_targets
 from factorlm.data import load_texts
 from factorlm.errors import ConfigError, DataError, ModelLoadError
 
-__all__ = ["collect_statistics", "file_digest"]
+__all__ = ["HOLDOUT_EVERY", "activation_rows", "collect_statistics", "file_digest"]
 
 logger = logging.getLogger(__name__)
 
 _VERSION = 1
+#: With ``holdout``, every HOLDOUT_EVERY-th batch's Gram is also kept apart.
+HOLDOUT_EVERY = 4
+#: Fewer calibration tokens than this per input feature draw a warning.
+_TOKENS_PER_FEATURE = 4
 
 
 def file_digest(path: Path) -> str:
@@ -124,6 +128,7 @@ def collect_statistics(
     weights: Collection[str] | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    holdout: bool = False,
 ) -> CalibrationStats:
     """Gram ``X^T X``, mean ``|x|`` and token count of every target weight's input on real text.
 
@@ -131,7 +136,9 @@ def collect_statistics(
     texts. ``weights`` limits the targets to those initializer names. ``cache_dir`` defaults to
     ``<cache root>/calibration``. Raises ``DataError`` for missing/empty data, a missing column
     or a calibration set with fewer real tokens than some weight has input features (its Gram
-    matrix would be singular).
+    matrix would be singular). ``holdout`` also keeps the Gram of every ``HOLDOUT_EVERY``-th
+    batch apart (``stats.gram_heldout``), from which ``compress --shrinkage auto`` picks each
+    Gram's shrinkage by held-back likelihood.
     """
     model = Path(model)
     if not model.is_file():
@@ -143,7 +150,7 @@ def collect_statistics(
     texts = load_texts(data, text_column, max_samples)
     tok_dir = find_tokenizer(model, explicit=tokenizer)
     proto = onnx.load(str(model), load_external_data=False)
-    targets = find_targets(proto, weights)
+    targets = find_targets(proto, weights, tied_heads=True)
     del proto
     if not targets:
         raise ModelLoadError(f"{model} has no MatMul/Gemm with a 2-D float initializer weight.")
@@ -159,6 +166,7 @@ def collect_statistics(
             "texts": texts_digest(texts),
             "max_length": max_length,
             "weights": sorted(t.weight for t in targets),
+            "holdout": HOLDOUT_EVERY if holdout else 0,
         }
     )
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
@@ -175,7 +183,10 @@ def collect_statistics(
     gram: dict[tuple[str, bool], np.ndarray] = {}
     abs_sum: dict[tuple[str, bool], np.ndarray] = {}
     rows_seen: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
+    held: dict[tuple[str, bool], np.ndarray] = {}
+    held_rows: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
     tokens = 0
+    batch_index = 0
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -203,6 +214,12 @@ def collect_statistics(
                     gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
                     abs_sum[group] += np.abs(x).sum(axis=0)
                     rows_seen[group] += x.shape[0]
+                    if holdout and batch_index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+                        if group not in held:
+                            held[group] = np.zeros_like(gram[group])
+                        held[group] = dsyrk(1.0, x.T, beta=1.0, c=held[group], overwrite_c=1)
+                        held_rows[group] += x.shape[0]
+                batch_index += 1
                 bar.advance(task, end - done)
                 done = end
 
@@ -223,6 +240,18 @@ def collect_statistics(
                 )
             stats.gram[target.weight] = full[group]
             stats.mean_abs[target.weight] = abs_sum[group] / rows_seen[group]
+            if group in held:
+                m = held[group]
+                stats.gram_heldout[target.weight] = np.triu(m) + np.triu(m, 1).T
+                stats.heldout_tokens = held_rows[group]
+    widest = max(targets, key=lambda t: t.in_features)
+    if tokens < _TOKENS_PER_FEATURE * widest.in_features:
+        logger.warning(
+            "The calibration set has %d tokens for weights with up to %d input features (%s): "
+            "fewer than %d per feature, so the whitening may fit this text's correlations; use "
+            "more or longer samples, or --shrinkage auto.",
+            tokens, widest.in_features, widest.weight, _TOKENS_PER_FEATURE,
+        )  # fmt: skip
     elapsed = time.perf_counter() - start
     logger.info(
         "Calibrated %s weights on %s tokens in %.1f s (%.0f tokens/s)",

@@ -15,6 +15,12 @@ same folder and keyed by the ONNX initializer they describe:
 
 Losses:
 - ``lm``: next-token cross-entropy (causal LMs), padding ignored.
+- ``embedding`` (sentence encoders, no labels): the sensitivity of the mean-pooled embedding
+  ``e`` itself, ``Σ_k (∂e_k/∂·)²``, the statistic that fits an embedding-fidelity metric (pooled
+  cosine). Estimated by Hutchinson probes: each of ``probes`` losses is ``Σ_samples rᵀ e(sample)``
+  with ``r ~ N(0, I/probes)`` drawn per sample (seeded), and the squared gradients of the losses
+  add up; ``E[(rᵀ ∂e/∂y)²] = Σ_k (∂e_k/∂y)² / probes``, so the sum is exact in expectation (and
+  exact for any probe set ``R`` with ``RᵀR = I``, e.g. the identity: pass ``probes`` as an array).
 - ``classification`` with a sequence-classification head: cross-entropy on the labels.
 - ``classification`` on an encoder without a head (e.g. all-MiniLM-L6-v2): a *fixed linear
   probe* surrogate. A multinomial logistic regression is fitted (scikit-learn) on the frozen
@@ -52,7 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FISHER_TASKS = ("auto", "classification", "lm")
+FISHER_TASKS = ("auto", "classification", "lm", "embedding")
 _VERSION = 1
 _OUTPUT_VERSION = 1
 
@@ -157,11 +163,33 @@ def _fit_probe(model: Any, encoded: list[dict[str, Any]], labels: np.ndarray) ->
     return probe
 
 
+def _mean_pool(model: Any, batch: Mapping[str, Any]) -> Any:
+    """The mask-weighted mean of the last hidden states, (batch, hidden)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def _check_probes(probes: int | np.ndarray) -> int | np.ndarray:
+    """A probe count >= 1, or a float64 probe matrix (count, hidden) of finite values."""
+    if isinstance(probes, np.ndarray):
+        array = np.asarray(probes, dtype=np.float64)
+        if array.ndim != 2 or array.shape[0] < 1 or not np.isfinite(array).all():
+            raise ConfigError(
+                f"probes must be a finite (count, hidden) matrix, not shape {array.shape}."
+            )
+        return array
+    if int(probes) < 1:
+        raise ConfigError(f"probes must be at least 1, not {probes}.")
+    return int(probes)
+
+
 class _Job:
     """Everything both collectors share: the resolved task, the data, and the model with its loss.
 
     Why one class: the two statistics differ only in what is read from each backward pass, so
     data reading, cache keys, model loading, batching and the loss are written once here.
+    ``probes`` / ``seed``: the Hutchinson probes of the ``embedding`` task (ignored otherwise).
     """
 
     def __init__(
@@ -177,6 +205,8 @@ class _Job:
         max_samples: int,
         max_length: int,
         batch_size: int,
+        probes: int | np.ndarray = 8,
+        seed: int = 0,
     ) -> None:
         from factorlm.data import load_texts, read_labelled
         from factorlm.exporters.hf import check_model_dir
@@ -189,6 +219,7 @@ class _Job:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, not {batch_size}.")
         self.data, self.max_length, self.batch_size = data, max_length, batch_size
+        self.probes, self.seed = _check_probes(probes), int(seed)
         self.sample_labels: list[str] | None = None
         if self.task == "classification":
             if not isinstance(data, str | Path):
@@ -234,12 +265,22 @@ class _Job:
                     "task": self.task,
                     "max_length": self.max_length,
                     "batch_size": self.batch_size,
+                    **self.probe_key(),
                 },
                 sort_keys=True,
             ).encode()
         ).hexdigest()[:32]
         cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
         return cache / f"{prefix}-{key}.npz"
+
+    def probe_key(self) -> dict[str, Any]:
+        """The probe settings in the cache key (only for ``embedding``: other keys unchanged)."""
+        if self.task != "embedding":
+            return {}
+        if isinstance(self.probes, np.ndarray):
+            digest = hashlib.sha256(np.ascontiguousarray(self.probes).tobytes())
+            return {"probes": f"{self.probes.shape}:{digest.hexdigest()}"}
+        return {"probes": self.probes, "seed": self.seed}
 
     def load(self) -> None:
         """Load the model (eval, float32), tokenize the batches and set up the labels or probe."""
@@ -257,6 +298,8 @@ class _Job:
         folder = self.hf_model_dir
         if self.task == "lm":
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        elif self.task == "embedding":  # the encoder alone: a head would not reach e
+            model = AutoModel.from_pretrained(folder, dtype=torch.float32)
         elif has_head:
             model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         else:
@@ -308,12 +351,31 @@ class _Job:
         start = index * self.batch_size
         y = torch.from_numpy(self.targets[start : start + n])
         if self.probe is not None:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            logits = self.probe((hidden * mask).sum(1) / mask.sum(1))
+            logits = self.probe(_mean_pool(model, batch))
         else:
             logits = model(**batch).logits
         return torch.nn.functional.cross_entropy(logits, y, reduction=reduction)
+
+    def losses(self, index: int, batch: Mapping[str, Any], reduction: str) -> list[Any]:
+        """The losses whose squared gradients add up: one probe loss each for ``embedding``
+        (``Σ_samples r_pᵀ e``, see the module docstring), else ``[loss(...)]``."""
+        import torch
+
+        if self.task != "embedding":
+            return [self.loss(index, batch, reduction)]
+        pooled = _mean_pool(self.model, batch)
+        n, width = pooled.shape
+        if isinstance(self.probes, np.ndarray):
+            if self.probes.shape[1] != width:
+                raise ConfigError(
+                    f"probes have {self.probes.shape[1]} columns but the embedding has {width}."
+                )
+            r = np.broadcast_to(self.probes[:, None, :], (self.probes.shape[0], n, width))
+        else:  # per sample and probe, seeded by batch: r ~ N(0, I / probes)
+            rng = np.random.default_rng([self.seed, index])
+            r = rng.standard_normal((self.probes, n, width)) / np.sqrt(self.probes)
+        vectors = torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32))
+        return [(pooled * v).sum() for v in vectors]
 
     def mapping(self) -> dict[str, tuple[str, bool]]:
         """ONNX initializer -> (PyTorch weight name, transposed); fails when nothing maps."""
@@ -353,11 +415,14 @@ def collect_fisher(
     batch_size: int = 1,
     cache_dir: Path | None = None,
     progress: bool = True,
+    probes: int | np.ndarray = 8,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Fisher row sums ``(out,)`` float64 per ONNX initializer, from the PyTorch model's gradients.
 
     ``data`` is a labelled file for ``classification`` (``label_column``; ``labels`` keeps only
-    records with those labels, e.g. ``("fresh", "rotten")``) or texts for ``lm``.
+    records with those labels, e.g. ``("fresh", "rotten")``) or texts for ``lm`` and
+    ``embedding`` (``probes`` / ``seed``: its Hutchinson probes, see the module docstring).
     Raises ``DataError`` for unusable data (no labels column, one class only, empty data).
     """
     import torch
@@ -365,7 +430,7 @@ def collect_fisher(
     job = _Job(
         hf_model_dir, onnx_model, data, task=task, text_column=text_column,
         label_column=label_column, labels=labels, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size,
+        max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
     )  # fmt: skip
     cached = job.cache_file("fisher", _VERSION, cache_dir)
     if cached.is_file():
@@ -386,11 +451,13 @@ def collect_fisher(
     description = f"Fisher ({job.task}) of {job.hf_model_dir.name}"
     with _progress(description, len(job.texts), progress) as advance:
         for index, batch in enumerate(job.batches):
-            model.zero_grad(set_to_none=True)
-            job.loss(index, batch, "mean").backward()
-            for name, (param, axis) in linear.items():
-                if param.grad is not None:
-                    fisher[name] += (param.grad.double() ** 2).sum(dim=1 - axis)
+            values = job.losses(index, batch, "mean")
+            for k, value in enumerate(values):
+                model.zero_grad(set_to_none=True)
+                value.backward(retain_graph=k + 1 < len(values))
+                for name, (param, axis) in linear.items():
+                    if param.grad is not None:
+                        fisher[name] += (param.grad.double() ** 2).sum(dim=1 - axis)
             advance(batch["input_ids"].shape[0])
 
     mapping = job.mapping()
@@ -414,7 +481,9 @@ def output_fisher(
     """``g_j = Σ_tokens (∂L/∂y_tj)²`` (float64, one per output feature) of every linear layer.
 
     ``loss(index, batch)`` returns the scalar loss of batch ``index`` (the model is called inside
-    it); keys are weight names (``"<module>.weight"``), restricted to ``weights`` if given.
+    it), or a list of scalar losses from one forward pass, each back-propagated in turn with
+    their squared gradients added (Hutchinson probes, see the module docstring); keys are weight
+    names (``"<module>.weight"``), restricted to ``weights`` if given.
     Tokens where ``batch[mask_key] == 0`` are left out for outputs shaped (batch, tokens, out);
     outputs of any other shape (a pooler, a classifier) are summed over all leading axes.
 
@@ -477,12 +546,14 @@ def output_fisher(
                 }
                 mask[0] = inputs.get(mask_key)
                 value = loss(index, inputs)
-                if not value.requires_grad:
-                    raise ModelLoadError(
-                        "The loss does not depend on any activation that can carry a gradient "
-                        "(no input embeddings and no floating-point input)."
-                    )
-                value.backward()
+                values = list(value) if isinstance(value, list | tuple) else [value]
+                for k, one in enumerate(values):
+                    if not one.requires_grad:
+                        raise ModelLoadError(
+                            "The loss does not depend on any activation that can carry a "
+                            "gradient (no input embeddings and no floating-point input)."
+                        )
+                    one.backward(retain_graph=k + 1 < len(values))
                 if advance is not None:
                     advance(int(next(iter(batch.values())).shape[0]))
     finally:
@@ -507,13 +578,18 @@ def collect_output_fisher(
     batch_size: int = 4,
     cache_dir: Path | None = None,
     progress: bool = True,
+    probes: int | np.ndarray = 8,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Output-gradient second moments ``g`` ``(out,)`` float64 per ONNX initializer.
 
     ``g_j = Σ_tokens (∂L/∂y_tj)²`` for each linear layer ``y = x Wᵀ + b``, with ``L`` the *sum*
     (not the mean) of the per-token next-token cross-entropies (``lm``; padding excluded) or of
     the per-sample cross-entropies (``classification``, head or fixed linear probe as in
-    :func:`collect_fisher`). So ``g`` is a sum over calibration tokens, independent of
+    :func:`collect_fisher`); for ``embedding`` (texts, no labels), ``g_j = Σ_tokens Σ_k
+    (∂e_k/∂y_tj)²`` of the mean-pooled embedding ``e``, estimated with ``probes`` Hutchinson
+    probes (an int: seeded Gaussian ones; an array (count, hidden): those, e.g. the identity
+    for the exact value; see the module docstring). So ``g`` is a sum over calibration tokens, independent of
     ``batch_size`` (one backward per batch is exact: output gradients are per token); divide by
     the token count for a per-token scale. Weights that do not map to an ONNX initializer (a tied
     LM head stored as the embedding) are skipped. ``data`` as for :func:`collect_fisher`.
@@ -521,7 +597,7 @@ def collect_output_fisher(
     job = _Job(
         hf_model_dir, onnx_model, data, task=task, text_column=text_column,
         label_column=label_column, labels=labels, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size,
+        max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
     )  # fmt: skip
     cached = job.cache_file("outfisher", _OUTPUT_VERSION, cache_dir)
     if cached.is_file():
@@ -540,7 +616,7 @@ def collect_output_fisher(
         g = output_fisher(
             job.model,
             job.batches,
-            lambda index, batch: job.loss(index, batch, "sum"),
+            lambda index, batch: job.losses(index, batch, "sum"),
             weights={param for param, _ in mapping.values()},
             advance=advance,
         )
@@ -550,7 +626,7 @@ def collect_output_fisher(
         save_arrays(
             cached,
             {"fisher": result},
-            {"task": job.task, "samples": len(job.texts), "tokens": tokens},
+            {"task": job.task, "samples": len(job.texts), "tokens": tokens, **job.probe_key()},
         )
     except OSError as exc:
         logger.warning("Could not cache the output Fisher in %s: %s", cached, exc)

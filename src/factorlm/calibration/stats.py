@@ -22,7 +22,7 @@ __all__ = ["CalibrationStats", "load_arrays", "save_arrays"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("gram", "mean_abs", "fisher", "output_fisher")
+_KINDS = ("gram", "mean_abs", "fisher", "output_fisher", "gram_heldout")
 _FORMAT = "factorlm-calibration-1"
 
 
@@ -69,6 +69,10 @@ def load_arrays(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str,
     return groups, dict(header.get("meta", {}))
 
 
+def _count(value: object) -> int:
+    return int(value) if isinstance(value, int | float | str) else 0
+
+
 @dataclass
 class CalibrationStats:
     """Statistics of each target weight's input activation, keyed by ONNX initializer name.
@@ -78,6 +82,8 @@ class CalibrationStats:
         mean_abs: mean ``|x|`` per input feature (in,) float64.
         fisher: Fisher row sums per output feature (out,) float64 (FWSVD), when collected.
         output_fisher: ``Σ (∂L/∂y_j)²`` per output feature (out,) float64 (loss-aware whitening).
+        gram_heldout: the part of ``gram`` from held-back batches (``heldout_tokens`` tokens),
+            for choosing the shrinkage by held-back likelihood; empty unless asked for.
         tokens: number of non-padding tokens that went into the statistics.
     """
 
@@ -86,11 +92,17 @@ class CalibrationStats:
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
     tokens: int = 0
     output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
+    gram_heldout: dict[str, np.ndarray] = field(default_factory=dict)
+    heldout_tokens: int = 0
 
     def save(self, path: Path) -> Path:
         """Write the statistics to ``path`` (.npz), atomically; return the path."""
         groups = {kind: getattr(self, kind) for kind in _KINDS}
-        save_arrays(Path(path), groups, {"tokens": int(self.tokens)})
+        meta: dict[str, object] = {
+            "tokens": int(self.tokens),
+            "heldout_tokens": int(self.heldout_tokens),
+        }
+        save_arrays(Path(path), groups, meta)
         return Path(path)
 
     @classmethod
@@ -103,5 +115,7 @@ class CalibrationStats:
             mean_abs=groups.get("mean_abs", {}),
             fisher=groups.get("fisher", {}),
             output_fisher=groups.get("output_fisher", {}),
+            gram_heldout=groups.get("gram_heldout", {}),
+            heldout_tokens=_count(meta.get("heldout_tokens", 0)),
             tokens=int(tokens) if isinstance(tokens, int | float | str) else 0,
         )

@@ -138,6 +138,7 @@ def _statistics(
         max_samples=opts.calibration_samples,
         max_length=opts.max_length,
         batch_size=opts.batch_size,
+        holdout=opts.shrinkage == "auto",
     )
     if opts.loss_aware:
         found.output_fisher = collect_output_fisher(

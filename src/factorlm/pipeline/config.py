@@ -44,6 +44,7 @@ from factorlm.options import (
     Method,
     RecoverMethod,
     RecoverOptions,
+    Shrinkage,
     SparseStructure,
     Task,
     option_fields,
@@ -161,6 +162,7 @@ class CalibrationConfig(_Section):
     sequential_blocks: int = _opt(CompressOptions, "sequential_blocks")
     sequential_ridge: float = _opt(CompressOptions, "sequential_ridge")
     loss_aware: bool = _opt(CompressOptions, "loss_aware")
+    shrinkage: Shrinkage = _opt(CompressOptions, "shrinkage")
 
 
 class CompressConfig(_Checked):

@@ -194,6 +194,7 @@ def calibrate(
             max_samples=config.data.calibration_samples,
             max_length=config.calibration.max_length,
             batch_size=config.calibration.batch_size,
+            holdout=config.calibration.shrinkage == "auto",
         )
         if config.calibration.loss_aware:
             stats.output_fisher = collect_output_fisher(
@@ -373,7 +374,8 @@ def predicted_speedup(
         return None
     config = latency.get("config") or {}
     batch, seq, past = (
-        int(config.get(key) or default) for key, default in (("batch", 1), ("seq", 128), ("past", 0))
+        int(config.get(key) or default)
+        for key, default in (("batch", 1), ("seq", 128), ("past", 0))
     )
     shape = f"decode {batch}x1 past {past}" if past else f"{batch}x{seq}"
     measured = next(

@@ -1,0 +1,238 @@
+"""Issue 16: training-free decoder quality of each calibration option, on SmolLM2-135M.
+
+Every point is ``factorlm.compress(method="whiten", ratio=R, ...)`` on the exported
+SmolLM2-135M-Instruct (text-generation-with-past) with one of the options below, scored by
+perplexity (8 windows of 512 tokens, ORT, empty KV cache) on held-back text:
+
+- test: *Pride and Prejudice* (the README's figure; never used for any choice);
+- tune: *Persuasion* (where options were compared while building them).
+
+Calibration (in-domain): the first 32 chunks of 256 tokens of *Emma*. Cross-domain: 32 chunks of
+about 256 tokens of Rotten Tomatoes review snippets (joined in file order), evaluated on the same
+Austen text. The output Fisher (``loss_aware``) comes from the same calibration texts, next-token
+loss, through PyTorch.
+
+Variants (``--variants``): ``whiten`` (today's default), ``loss_aware``, ``sequential``
+(4 blocks, default ridge), ``sequential_no_ridge``, ``loss_aware+sequential``,
+``shrinkage`` and ``loss_aware+shrinkage`` (Grams shrunk by held-back likelihood).
+
+Times: ``calibrate_s`` is the cold cost of the statistics the variant needs (Gram, plus the
+output Fisher for loss-aware), measured once into a fresh cache; ``compress_s`` is the
+``compress`` call given those statistics (the sequential refit's paired passes are in it).
+
+Usage: ``OPENBLAS_NUM_THREADS=1 python benchmarks/decoder_quality.py [--ratios 0.8 0.9]
+[--variants whiten loss_aware ...] [--domains emma reviews] [--work DIR]`` after ``factorlm assets``.
+Writes ``benchmarks/results/decoder_quality.{json,md}`` (points merged by key, so runs add up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import environment_lines, uptime  # noqa: E402
+
+RESULTS = HERE / "results" / "decoder_quality"
+CHUNKS, CHUNK_TOKENS, WINDOW, WINDOWS = 32, 256, 512, 8
+VARIANTS: dict[str, dict[str, Any]] = {
+    "whiten": {},
+    "loss_aware": {"loss_aware": True},
+    "sequential": {"sequential": True, "sequential_blocks": 4},
+    "sequential_no_ridge": {"sequential": True, "sequential_blocks": 4, "sequential_ridge": 0.0},
+    "loss_aware+sequential": {"loss_aware": True, "sequential": True, "sequential_blocks": 4},
+    "shrinkage": {"shrinkage": "auto"},
+    "loss_aware+shrinkage": {"loss_aware": True, "shrinkage": "auto"},
+}
+
+
+def say(message: str) -> None:
+    print(f"[decoder_quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _emma_chunks(tokenizer: Any) -> list[str]:
+    from factorlm.assets import austen_dir
+
+    ids = tokenizer((austen_dir() / "emma.txt").read_text(encoding="utf-8"))["input_ids"]
+    return [tokenizer.decode(ids[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS]) for i in range(CHUNKS)]
+
+
+def _review_chunks(tokenizer: Any) -> list[str]:
+    """Review snippets joined in file order into chunks of about ``CHUNK_TOKENS`` tokens."""
+    from factorlm.assets.paths import reviews_path
+
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    with reviews_path().open(encoding="utf-8") as handle:
+        for line in handle:
+            text = json.loads(line)["text"].strip()
+            current.append(text)
+            size += len(tokenizer(text)["input_ids"])
+            if size >= CHUNK_TOKENS:
+                chunks.append(" ".join(current))
+                current, size = [], 0
+                if len(chunks) == CHUNKS:
+                    break
+    return chunks
+
+
+def _ids(tokenizer: Any, novel: str) -> np.ndarray:
+    from factorlm.assets import austen_dir
+
+    text = (austen_dir() / f"{novel}.txt").read_text(encoding="utf-8")
+    return np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
+
+
+def _perplexity(path: Path, ids: np.ndarray) -> float:
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import window_nll
+
+    with OrtRunner(path, graph_optimization_level="all") as runner:
+        nll, scored, _ = window_nll(runner, ids, window=WINDOW, max_windows=WINDOWS)
+    return float(np.exp(nll / scored))
+
+
+def _statistics(source: Path, texts: list[str], data: Path, need_fisher: bool) -> tuple[Any, float]:
+    """Gram (and output Fisher) on ``texts``, timed cold into a throw-away cache."""
+    from factorlm.assets import smollm_dir
+    from factorlm.calibration import collect_output_fisher, collect_statistics
+
+    with tempfile.TemporaryDirectory(prefix="dq-cache-") as cache:
+        tick = time.perf_counter()
+        stats = collect_statistics(
+            source, texts, max_samples=CHUNKS, max_length=CHUNK_TOKENS, batch_size=4,
+            cache_dir=Path(cache), progress=False, holdout=True,
+        )  # fmt: skip
+        gram_s = time.perf_counter() - tick
+        fisher_s = 0.0
+        if need_fisher:
+            tick = time.perf_counter()
+            stats.output_fisher = collect_output_fisher(
+                smollm_dir(), source, data, task="lm", max_samples=CHUNKS,
+                max_length=CHUNK_TOKENS, batch_size=4, cache_dir=Path(cache), progress=False,
+            )  # fmt: skip
+            fisher_s = time.perf_counter() - tick
+    return stats, gram_s + fisher_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        default=["emma"],
+        choices=["emma", "reviews"],
+        help="calibration texts: Emma (in-domain) and/or review snippets (cross-domain)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "decoder_quality"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    import factorlm
+
+    sys.path.insert(0, str(HERE))
+    from quality import exported_smollm
+
+    load_before = uptime()
+    source = exported_smollm()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent))
+    evals = {"test": _ids(tokenizer, "prideprejudice"), "tune": _ids(tokenizer, "persuasion")}
+    results_file = args.out / "decoder_quality.json"
+    results: dict[str, Any] = (
+        json.loads(results_file.read_text()) if results_file.is_file() else {"points": {}}
+    )
+    if "original" not in results:
+        results["original"] = {k: _perplexity(source, ids) for k, ids in evals.items()}
+    original = results["original"]
+    say(f"original perplexity {original}")
+
+    makers = {"emma": _emma_chunks, "reviews": _review_chunks}
+    domains = {name: makers[name](tokenizer) for name in args.domains}
+    need_fisher = any(VARIANTS[v].get("loss_aware") for v in args.variants)
+    for domain, texts in domains.items():
+        data = args.work / f"calib-{domain}.json"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text(json.dumps([{"text": t} for t in texts]))
+        stats, calib_s = _statistics(source, texts, data, need_fisher)
+        say(f"{domain}: statistics in {calib_s:.1f} s cold ({stats.tokens} tokens)")
+        for ratio in args.ratios:
+            for variant in args.variants:
+                out = args.work / f"{domain}-{variant}-{ratio}" / "model.onnx"
+                tick = time.perf_counter()
+                result = factorlm.compress(
+                    source, out, method="whiten", ratio=ratio, joint_qkv=False, stats=stats,
+                    data=data, calibration_samples=CHUNKS, max_length=CHUNK_TOKENS,
+                    batch_size=4, **VARIANTS[variant],
+                )  # fmt: skip
+                compress_s = time.perf_counter() - tick
+                point = {
+                    "domain": domain,
+                    "variant": variant,
+                    "ratio": ratio,
+                    "achieved_ratio": result.params_after / result.params_before,
+                    "factorized": result.factorized,
+                    "calibrate_s": round(calib_s, 1),
+                    "compress_s": round(compress_s, 1),
+                    **{k: _perplexity(out, ids) for k, ids in evals.items()},
+                }
+                results["points"][f"{domain}/{variant}/{ratio}"] = point
+                say(json.dumps(point))
+                args.out.mkdir(parents=True, exist_ok=True)
+                results_file.write_text(json.dumps(results, indent=1))
+    results["environment"] = environment_lines(load_before, uptime())
+    results["command"] = "python benchmarks/decoder_quality.py " + " ".join(argv or sys.argv[1:])
+    results_file.write_text(json.dumps(results, indent=1))
+    (args.out / "decoder_quality.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as tables: one row per point, increase against the original in %."""
+    original = results["original"]
+    lines = [
+        "# Training-free decoder quality: SmolLM2-135M-Instruct (issue 16)",
+        "",
+        "Written by `benchmarks/decoder_quality.py` (see its docstring for the split).",
+        f"Last command: `{results.get('command', '')}`",
+        "",
+        *results.get("environment", []),
+        "",
+        f"Original perplexity: test (Pride and Prejudice) {original['test']:.2f}, "
+        f"tune (Persuasion) {original['tune']:.2f}.",
+        "",
+        "| calibration | variant | linear params kept | test ppl | vs original | tune ppl | "
+        "vs original | statistics s (cold) | compress s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    points = sorted(
+        results["points"].values(), key=lambda p: (p["domain"], -p["ratio"], p["variant"])
+    )
+    for p in points:
+        lines.append(
+            f"| {p['domain']} | {p['variant']} | {p['ratio']:.0%} | {p['test']:.2f} | "
+            f"{p['test'] / original['test'] - 1:+.1%} | {p['tune']:.2f} | "
+            f"{p['tune'] / original['tune'] - 1:+.1%} | {p['calibrate_s']:.0f} | "
+            f"{p['compress_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
