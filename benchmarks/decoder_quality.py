@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "--domains",
         nargs="+",
         default=["emma"],
-        choices=["emma", "reviews"],
-        help="calibration texts: Emma (in-domain) and/or review snippets (cross-domain)",
+        choices=["emma", "reviews", "mixed"],
+        help="calibration texts: Emma (in-domain), review snippets (cross-domain) or factorlm's "
+        "mixed-genre set (--data mixed)",
     )
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "decoder_quality"
@@ -162,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     original = results["original"]
     say(f"original perplexity {original}")
 
-    makers = {"emma": _emma_chunks, "reviews": _review_chunks}
+    from factorlm.assets.mixed import mixed_calibration_texts
+
+    makers = {
+        "emma": _emma_chunks,
+        "reviews": _review_chunks,
+        "mixed": lambda _tok: mixed_calibration_texts(CHUNKS),
+    }
     domains = {name: makers[name](tokenizer) for name in args.domains}
     need_fisher = any(VARIANTS[v].get("loss_aware") for v in args.variants)
     for domain, texts in domains.items():

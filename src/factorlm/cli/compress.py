@@ -111,7 +111,7 @@ def _statistics(
     if data is None:
         raise ConfigError(
             f"method {opts.method!r} needs calibration statistics: pass --data FILE "
-            "(JSONL, CSV or TXT) or --stats STATS.npz."
+            "(JSONL, CSV or TXT), --data mixed (factorlm's mixed-genre set) or --stats STATS.npz."
         )
     if need == "fisher":
         from factorlm.calibration import CalibrationStats, collect_fisher
@@ -225,7 +225,10 @@ def compress_command(
         ..., "--output", "-o", help="Output .onnx file, or a folder that receives model.onnx."
     ),
     data: Path | None = typer.Option(
-        None, "--data", help="Calibration data (JSONL, CSV or TXT) for whiten, drone, asvd, fwsvd."
+        None,
+        "--data",
+        help="Calibration data (JSONL, CSV or TXT) for whiten, drone, asvd, fwsvd; 'mixed': "
+        "factorlm's mixed-genre set (novels and reviews, from `factorlm assets austen reviews`).",
     ),
     calib: Path | None = typer.Option(None, "--calib", hidden=True),
     stats: Path | None = typer.Option(
@@ -256,6 +259,11 @@ def compress_command(
     source = resolve_onnx(model)
     if not source.is_file():
         raise ModelLoadError(f"The model {source} is not a file.")
+    if data is not None:  # "mixed": factorlm's mixed-genre calibration set
+        from factorlm._common.files import cache_root
+        from factorlm.assets.mixed import resolve_mixed
+
+        data = resolve_mixed(data, cache_root() / "calibration")
     onnx_path, folder = output_paths(output)
     _refuse_existing(onnx_path, overwrite)
     calibration = _statistics(options, source, data, stats, tokenizer, split_list(labels), hf_model)
