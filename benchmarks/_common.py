@@ -10,7 +10,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +31,7 @@ __all__ = [
     "review_feeds",
     "review_texts",
     "rounds",
+    "run_with_peak",
     "uptime",
 ]
 
@@ -133,3 +137,57 @@ def publish(out: Path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
+
+
+def run_with_peak(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    poll_s: float = 0.05,
+) -> dict[str, Any]:
+    """Run ``argv``; return its exit code, output, wall time and its *own* peak RSS in MiB.
+
+    ``peak_mib`` is ``/usr/bin/time``'s maximum resident set size of the command: ``time`` is a
+    small C program, so the forked image the command's high-water mark starts from is ~1 MiB,
+    not the caller's (a Python parent's own ``ru_maxrss`` of a spawned child counts the parent's
+    resident memory at the fork). ``polled_mib`` is the largest resident size of the command's
+    process tree seen every ``poll_s`` seconds (psutil; None without it): a cross-check that
+    can miss a short spike, never overcount. Without ``/usr/bin/time``, ``peak_mib`` is
+    ``polled_mib``.
+    """
+    try:
+        import psutil
+    except ImportError:  # the polled figure is a cross-check only
+        psutil = None
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.TemporaryDirectory(prefix="factorlm-peak-") as tmp:
+        report = Path(tmp) / "time.txt"
+        full = [timer, "-f", "%M", "-o", str(report), *argv] if timer else list(argv)
+        out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        polled = 0
+        start = time.perf_counter()
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=err)
+            root = psutil.Process(proc.pid) if psutil is not None else None
+            while proc.poll() is None:
+                if root is not None:
+                    try:
+                        tree = [root, *root.children(recursive=True)]
+                        polled = max(polled, sum(p.memory_info().rss for p in tree))
+                    except psutil.Error:  # a process of the tree ended between the calls
+                        pass
+                time.sleep(poll_s)
+        wall = time.perf_counter() - start
+        lines = report.read_text().split() if timer and report.is_file() else []
+        polled_mib = polled / 2**20 if root is not None else None
+        peak_mib = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else polled_mib
+        return {
+            "returncode": proc.returncode,
+            "stdout": out_path.read_text(errors="replace"),
+            "stderr": err_path.read_text(errors="replace"),
+            "wall_s": wall,
+            "peak_mib": peak_mib,
+            "polled_mib": polled_mib,
+            "peak_source": "/usr/bin/time %M" if timer and lines else "psutil polling",
+        }

@@ -29,6 +29,7 @@ __all__ = [
     "StreamedTensor",
     "WeightRef",
     "WeightSource",
+    "inline_tensor_attributes",
     "stream_model",
     "weight_ref",
 ]
@@ -122,7 +123,16 @@ def _streamable(tensor: object) -> bool:
 
 
 def stream_model(model: ir.Model) -> int:
-    """Make every external initializer a :class:`StreamedTensor` (in place); return how many."""
+    """Make every external initializer a :class:`StreamedTensor` (in place); return how many.
+
+    External tensor *attributes* (``Constant`` values that exporters of models above 2 GB put
+    in the data file too) are read into memory instead: onnx_ir saves an attribute where it
+    was, so the output would point at the input's data file by a relative path (the checker
+    refuses it). They are small constants, not weights.
+    """
+    inlined = inline_tensor_attributes(model)
+    if inlined:
+        logger.debug("Read %d external tensor attributes into memory", inlined)
     count = 0
     for graph in model.graphs():
         for value in graph.initializers.values():
@@ -144,6 +154,38 @@ def stream_model(model: ir.Model) -> int:
             count += 1
     logger.debug("Streaming %d external initializers", count)
     return count
+
+
+def inline_tensor_attributes(model: ir.Model) -> int:
+    """Replace every external tensor attribute of every node (subgraphs too) by an in-memory
+    copy, in place; return how many were replaced."""
+    count = 0
+    for graph in model.graphs():
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(
+                    attr.value, ir.ExternalTensor
+                ):
+                    node.attributes[name] = ir.AttrTensor(name, _in_memory(attr.value))
+                    count += 1
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.value
+                ):
+                    tensors = [
+                        _in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value
+                    ]
+                    node.attributes[name] = ir.AttrTensors(name, tensors)
+                    count += 1
+    return count
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    """An in-memory copy of an external tensor (its bytes read once, the mapping released)."""
+    copy = ir.Tensor(
+        np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string
+    )
+    tensor.release()
+    return copy
 
 
 def weight_ref(tensor: object) -> WeightRef | None:

@@ -1,0 +1,259 @@
+"""Peak memory of ``factorlm export`` and ``factorlm compress`` on a 1.1B-parameter Llama.
+
+No model of that size can be fetched here, so the script builds one: TinyLlama-1.1B's shapes
+(hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000, untied head) with
+random fp32 weights (``LlamaConfig`` + ``LlamaForCausalLM``, ``torch.manual_seed``), saved with
+``save_pretrained`` next to a stand-in tokenizer (SmolLM2's, a Llama-family BPE; its ids on the
+exporter's validation sentences are below 32000, but other text can reach 49151, so this model
+cannot be calibrated on arbitrary text with it). Then, each step in its own process, measured by
+``_common.run_with_peak`` (the command's own maximum resident set size from ``/usr/bin/time``,
+psutil polling of its process tree as a cross-check; never ``ru_maxrss`` of this process):
+
+1. build: the random model and ``save_pretrained`` (safetensors);
+2. ``factorlm export DIR -o ONNX --task text-generation-with-past`` (optimum; the graph is over
+   2 GB, so its weights go to external data; validated against PyTorch);
+3. ``factorlm compress ONNX/model.onnx -o OUT/model.onnx --method svd --ratio 0.8`` (weights
+   streamed from the external data, factors spilled, output written with external data);
+4. the imports of ``factorlm compress`` alone (its fixed overhead).
+
+The table gives each peak against the fp32 model size and its largest single weight. Everything
+lives under ``--work`` (default /tmp/bigmodel, ~13 GB of disk at the peak) and is deleted at the
+end unless ``--keep``. Each step refuses to start when the machine's available memory is below
+what it is expected to need (``--min-free-gb``), so a shared machine is not driven into the OOM
+killer.
+
+    .venv/bin/python benchmarks/big_model_memory.py [--work /tmp/bigmodel] [--layers 22]
+        [--method svd] [--ratio 0.8] [--keep] [--out benchmarks/results/big_model_memory.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import machine, publish, run_with_peak
+
+__all__ = ["main", "model_sizes"]
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOKENIZER = Path.home() / ".cache" / "factorlm" / "models" / "SmolLM2-135M-Instruct"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+_BUILD = """
+import json, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+shape = json.loads(sys.argv[2])
+config = LlamaConfig(
+    hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+    num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+    num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
+    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+)
+torch.manual_seed(0)
+start = time.perf_counter()
+model = LlamaForCausalLM(config).eval()
+params = sum(p.numel() for p in model.parameters())
+model.save_pretrained(sys.argv[1], safe_serialization=True)
+print(json.dumps({"params": params, "seconds": time.perf_counter() - start}))
+"""
+
+_IMPORTS = """
+import factorlm.cli, factorlm.compression, factorlm.streaming, numpy, scipy.linalg, onnx, onnx_ir
+print("{}")
+"""
+
+
+def model_sizes(onnx_path: Path) -> dict[str, Any]:
+    """fp32 bytes of every initializer, the largest one and the files on disk (MiB)."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sizes = {
+        t.name: int(np.prod(t.dims, dtype=np.int64)) * 4
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    }
+    largest = max(sizes, key=sizes.__getitem__)
+    dims = next(list(t.dims) for t in model.graph.initializer if t.name == largest)
+    disk = sum(p.stat().st_size for p in onnx_path.parent.iterdir() if p.is_file())
+    return {
+        "fp32_mib": sum(sizes.values()) / 2**20,
+        "largest_mib": sizes[largest] / 2**20,
+        "largest": f"{largest} {dims}",
+        "disk_mib": disk / 2**20,
+        "initializers": len(sizes),
+    }
+
+
+def _available_gb() -> float:
+    """MemAvailable of the machine in GB (what can be used without swapping others out)."""
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _step(name: str, argv: list[str], need_gb: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run one measured step; stop the benchmark on failure or when memory is short."""
+    free = _available_gb()
+    if free < need_gb:
+        raise SystemExit(
+            f"{name}: only {free:.1f} GB available, the step may need {need_gb:.1f} GB; not "
+            "started (rerun when the machine is quieter, or lower --min-free-gb)."
+        )
+    shown = " ".join(
+        "<code>" if "\n" in a else Path(a).name if i == 0 else a for i, a in enumerate(argv)
+    )
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {shown[:160]}", flush=True)
+    done = run_with_peak(argv, cwd=ROOT, env=env)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {name}: exit {done['returncode']}, "
+        f"{done['wall_s']:.0f} s, peak {done['peak_mib']:.0f} MiB",
+        flush=True,
+    )
+    if done["returncode"] != 0:
+        raise SystemExit(f"{name} failed ({done['returncode']}):\n{done['stderr'][-4000:]}")
+    return {**done, "available_gb_before": free}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bigmodel"))
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--method", default="svd")
+    parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--task", default="text-generation-with-past")
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=None,
+        help="available memory (GB) a step needs to start (default: 1.5x the fp32 model for "
+        "build, 2.8x for export, 1x for compress)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the models under --work")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "big_model_memory.md")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/big_model_memory.py " + " ".join(argv or sys.argv[1:])
+    shape = {
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "layers": args.layers,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "vocab": args.vocab,
+    }
+    h, f, v, kv = (
+        args.hidden,
+        args.intermediate,
+        args.vocab,
+        args.kv_heads * args.hidden // args.heads,
+    )
+    params = 2 * v * h + args.layers * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h) + h
+    model_gb = 4 * params / 2**30
+    need = {  # measured on the 1.1B model: build 1.1x, export 2.5x, compress 0.25x the model
+        "build": args.min_free_gb or 1.5 * model_gb,
+        "export": args.min_free_gb or 2.8 * model_gb,
+        "compress": args.min_free_gb or 1.0 * model_gb,
+    }
+    factorlm = str(Path(sys.executable).with_name("factorlm"))
+    threads = {k: os.environ.get(k, "1") for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env = {**os.environ, **threads}  # a shared machine: one BLAS / torch thread unless asked
+    hf_dir, onnx_dir, out_dir = args.work / "hf", args.work / "onnx", args.work / "compressed"
+    marker = args.work / ".big_model_memory"
+    if args.work.exists() and any(args.work.iterdir()) and not marker.is_file():
+        raise SystemExit(
+            f"{args.work} exists and was not made by this script; pass another --work."
+        )
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    marker.touch()
+    load_before = machine()
+    try:
+        build = _step(
+            "build",
+            [sys.executable, "-c", _BUILD, str(hf_dir), json.dumps(shape)],
+            need["build"],
+            env,
+        )
+        for name in _TOKENIZER_FILES:
+            if (args.tokenizer / name).is_file():
+                shutil.copy(args.tokenizer / name, hf_dir / name)
+        export = _step(
+            "export",
+            [factorlm, "export", str(hf_dir), "-o", str(onnx_dir), "--task", args.task, "-q"],
+            need["export"],
+            env,
+        )
+        shutil.rmtree(hf_dir)  # only the ONNX model is needed from here on (disk)
+        sizes = model_sizes(onnx_dir / "model.onnx")
+        compress_argv = [factorlm, "compress", str(onnx_dir / "model.onnx")]
+        compress_argv += ["-o", str(out_dir / "model.onnx"), "--method", args.method]
+        compress_argv += ["--ratio", str(args.ratio), "-q"]
+        compress = _step("compress", compress_argv, need["compress"], env)
+        out_disk = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()) / 2**20
+        imports = _step("imports", [sys.executable, "-c", _IMPORTS], 0.0, env)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    load_after = machine()
+    built = json.loads(build["stdout"].strip().splitlines()[-1])
+    model_mib, largest_mib = sizes["fp32_mib"], sizes["largest_mib"]
+    base = imports["peak_mib"]
+
+    def row(name: str, step: dict[str, Any], note: str) -> str:
+        peak, polled = step["peak_mib"], step["polled_mib"]
+        seen = "-" if polled is None else f"{polled:,.0f} MiB"
+        return (
+            f"| {name} | {peak:,.0f} MiB | {seen} | {peak / model_mib:.2f}x | "
+            f"{(peak - base) / largest_mib:.1f}x | {step['wall_s']:.0f} s | "
+            f"{step['available_gb_before']:.1f} GB | {note} |"
+        )
+
+    lines = [
+        "# Peak memory on a 1.1B-parameter Llama (TinyLlama-1.1B shapes, random weights)",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine (before): {load_before}  ",
+        f"Machine (after): {load_after}  ",
+        f"Model: {built['params']:,} parameters ({json.dumps(shape)}), fp32 initializers "
+        f"{model_mib:,.0f} MiB ({sizes['initializers']} tensors), export on disk "
+        f"{sizes['disk_mib']:,.0f} MiB; largest weight {sizes['largest']} {largest_mib:.0f} "
+        f"MiB. Tokenizer: {args.tokenizer.name}'s (stand-in). Compressed: method "
+        f"{args.method}, ratio {args.ratio}, {out_disk:,.0f} MiB on disk. Threads: "
+        f"{', '.join(f'{k}={v}' for k, v in threads.items())}.  ",
+        "Peak = the step's own maximum resident set size (`/usr/bin/time`); polled = largest "
+        "resident size of its process tree seen every 50 ms (psutil). Fixed overhead = peak of "
+        f"importing what compress imports: {base:.0f} MiB.",
+        "",
+        "| step | peak RSS | polled | peak / model | (peak - overhead) / largest weight | wall | "
+        "available before | what |",
+        "|---|---|---|---|---|---|---|---|",
+        row("build", build, "LlamaForCausalLM(config) in fp32 + save_pretrained"),
+        row("export", export, f"factorlm export --task {args.task} (optimum + validation)"),
+        row("compress", compress, f"factorlm compress --method {args.method} --ratio {args.ratio}"),
+        row("imports", imports, "python -c 'import factorlm.cli, factorlm.compression, ...'"),
+        "",
+    ]
+    publish(args.out, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
