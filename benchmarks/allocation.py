@@ -130,12 +130,19 @@ def compress_variant(
 
 
 def evaluate(
-    models: dict[str, Path], heldout: Path, tokenizer_dir: Path, *, include_details: bool = False
+    models: dict[str, Path],
+    heldout: Path,
+    tokenizer_dir: Path,
+    *,
+    include_details: bool = False,
+    intervals: bool = False,
 ) -> dict[str, Any]:
     """Probe accuracy and mean pooled cosine of each model vs the first (the original).
 
-    Shared by data_aware.py and recovery.py; ``include_details`` adds the probe's split details
-    under ``"task"``.
+    Shared by data_aware.py, recovery.py and minilm_loss_aware.py; ``include_details`` adds the
+    probe's split details under ``"task"``; ``intervals`` adds each candidate's paired-bootstrap
+    interval of the accuracy drop in points (``"drop_interval"``, 95 %) and its prediction
+    agreement with the original (``"agreement"``).
     """
     from factorlm._common.text import TextTokenizer
     from factorlm.bench.accuracy import FidelityAccumulator
@@ -149,14 +156,15 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         for runner in runners:
             stack.enter_context(runner)
-        task = classification_task(
-            runners, tok, dataset, seed=0, fidelity=fidelity
-        )
+        task = classification_task(runners, tok, dataset, seed=0, fidelity=fidelity)
     scores = [task["reference"], *task["candidates"].values()]
     cosines = [1.0] + [acc.result()["last_hidden_state"]["pooled_cosine_mean"] for acc in fidelity]
     out: dict[str, Any] = {"task": task["details"]} if include_details else {}
     for name, score, cos in zip(models, scores, cosines, strict=True):
         out[name] = {"accuracy": float(score), "pooled_cosine": float(cos)}
+        if intervals and name in task["drop_interval"]:
+            out[name]["drop_interval"] = [float(v) for v in task["drop_interval"][name]]
+            out[name]["agreement"] = float(task["agreement"][name])
     return out
 
 

@@ -119,13 +119,22 @@ def linear_param_count(model: Path) -> int:
     return total
 
 
-def grid(model: str, quick: bool, methods: Sequence[str], ratios: Sequence[float] | None) -> list[tuple[str, float]]:
+def grid(
+    model: str, quick: bool, methods: Sequence[str], ratios: Sequence[float] | None
+) -> list[tuple[str, float]]:
     chosen = list(ratios) if ratios else ([QUICK_RATIO[model]] if quick else list(RATIOS))
     return [(m, r) for r in chosen for m in methods]
 
 
 def compress_point(
-    source: Path, out_dir: Path, method: str, ratio: float, stats: Any, linear: int, *, joint_qkv: bool = True
+    source: Path,
+    out_dir: Path,
+    method: str,
+    ratio: float,
+    stats: Any,
+    linear: int,
+    *,
+    joint_qkv: bool = True,
 ) -> dict[str, Any]:
     """``compress`` one (method, ratio) point; the record of what it did."""
     from factorlm._common.files import copy_sidecars
@@ -136,7 +145,9 @@ def compress_point(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    result = compress(source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats, joint_qkv=joint_qkv)
+    result = compress(
+        source, out_dir / "model.onnx", method=method, ratio=ratio, stats=stats, joint_qkv=joint_qkv
+    )
     plans = out_dir.parent / "plans"  # kept for the recovery rows after the point's folder is gone
     plans.mkdir(exist_ok=True)
     shutil.copy2(out_dir / "model.plan.json", plans / f"{out_dir.name}.json")
@@ -210,7 +221,9 @@ def recover_point(
     method = best["method"]
     plan = work / "plans" / f"{method}-{budget}.json"
     out = work / f"recovered-{method}-{budget}"
-    say(f"{model}: recovering {method} {budget} by distillation for {args.recover_minutes} CPU minutes")
+    say(
+        f"{model}: recovering {method} {budget} by distillation for {args.recover_minutes} CPU minutes"
+    )
     start = time.perf_counter()
     point: dict[str, Any] = {
         "method": f"{method}+distill", "budget": budget, "recovered": True, "from": f"{method}-{budget}",
@@ -227,8 +240,18 @@ def recover_point(
         if "jointly" not in str(exc):
             raise
         say(f"{model}: {exc} Planning {method} {budget} again with separate Q/K/V.")
-        again = compress_point(source, work / f"{method}-{budget}-separate", method, budget, stats, linear, joint_qkv=False)
-        point.update({k: again[k] for k in ("linear_kept", "flops_ratio", "factorized", "left_dense")})
+        again = compress_point(
+            source,
+            work / f"{method}-{budget}-separate",
+            method,
+            budget,
+            stats,
+            linear,
+            joint_qkv=False,
+        )
+        point.update(
+            {k: again[k] for k in ("linear_kept", "flops_ratio", "factorized", "left_dense")}
+        )
         point["note"] = "separate Q/K/V (recovery does not take joint plans)"
         result = recover(hf_dir, work / "plans" / f"{method}-{budget}-separate.json", out, **common)
     point["compress_s"] = round(time.perf_counter() - start, 1)
@@ -343,7 +366,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     say(f"MiniLM split: {split}")
 
     start = time.perf_counter()
-    stats = collect_statistics(source, reviews_path(), max_samples=MINILM_CALIB_ROWS, progress=False)
+    stats = collect_statistics(
+        source, reviews_path(), max_samples=MINILM_CALIB_ROWS, progress=False
+    )
     stats.fisher = collect_fisher(
         minilm_dir(), source, reviews_path(), task="classification", labels=("fresh", "rotten"),
         max_samples=MINILM_FISHER_SAMPLES, progress=False,
@@ -421,11 +446,21 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             continue
         say(f"MiniLM {label}: compressing")
         try:
-            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "minilm"))
+            point = compress_point(
+                source,
+                work / label,
+                method,
+                ratio,
+                stats,
+                linear,
+                joint_qkv=joint_qkv(args, "minilm"),
+            )
             score(label, work / label / "model.onnx", point)
         except Exception as exc:  # record the failure and keep the table going
             logger.exception("point %s failed", label)
-            points.append({"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"})
+            points.append(
+                {"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         points.append(point)
         log_point(work, point)
@@ -478,7 +513,9 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+def minilm_latency(
+    engines: dict[str, Path], tokenizer: Any, text: str, args: argparse.Namespace
+) -> dict[str, Any]:
     """All engines alternated in random order every round; speedups paired with the original."""
     from factorlm._common.text import text_feeds
     from factorlm.bench.latency import measure_alternating, speedup_interval
@@ -489,10 +526,24 @@ def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: ar
     for r in runners:
         r.__enter__()
     try:
-        enc = tokenizer([text], padding="max_length", truncation=True, max_length=MINILM_SEQ, return_tensors="np")
-        feeds = text_feeds(runners[0].inputs, {"input_ids": np.asarray(enc["input_ids"]), "attention_mask": np.asarray(enc["attention_mask"])})
+        enc = tokenizer(
+            [text],
+            padding="max_length",
+            truncation=True,
+            max_length=MINILM_SEQ,
+            return_tensors="np",
+        )
+        feeds = text_feeds(
+            runners[0].inputs,
+            {
+                "input_ids": np.asarray(enc["input_ids"]),
+                "attention_mask": np.asarray(enc["attention_mask"]),
+            },
+        )
         say(f"latency: {len(runners)} engines, {args.iterations} alternating rounds")
-        times = measure_alternating(runners, feeds, warmup=3, iterations=args.iterations, rng=np.random.default_rng(0))
+        times = measure_alternating(
+            runners, feeds, warmup=3, iterations=args.iterations, rng=np.random.default_rng(0)
+        )
     finally:
         for r in runners:
             r.__exit__(None, None, None)
@@ -500,7 +551,12 @@ def minilm_latency(engines: dict[str, Path], tokenizer: Any, text: str, args: ar
     speedup = {}
     for j, name in enumerate(names[1:], start=1):
         iv = speedup_interval(times[:, 0], times[:, j], rng=rng)
-        speedup[name] = {"estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "p50_ms": float(np.median(times[:, j]) * 1e3)}
+        speedup[name] = {
+            "estimate": iv.estimate,
+            "ci_low": iv.low,
+            "ci_high": iv.high,
+            "p50_ms": float(np.median(times[:, j]) * 1e3),
+        }
     return {
         "protocol": f"batch 1, sequence {MINILM_SEQ} (one real review padded to {MINILM_SEQ}), "
         f"intra-op threads 1, ORT_ENABLE_ALL, all {len(names)} engines alternated in random order "
@@ -548,8 +604,13 @@ def smollm_distill_texts(tokenizer: Any, tokens: int) -> tuple[list[str], str]:
     novels = sorted(p.stem for p in austen_dir().glob("*.txt") if p.stem != SMOLLM_HELDOUT_NOVEL)
     for novel in novels:
         ids = _austen_ids(tokenizer, novel)
-        texts += [tokenizer.decode(ids[i : i + tokens]) for i in range(0, len(ids) - tokens + 1, tokens)]
-    return texts, f"{len(texts)} chunks of {tokens} tokens from {', '.join(novels)} (never {SMOLLM_HELDOUT_NOVEL})"
+        texts += [
+            tokenizer.decode(ids[i : i + tokens]) for i in range(0, len(ids) - tokens + 1, tokens)
+        ]
+    return (
+        texts,
+        f"{len(texts)} chunks of {tokens} tokens from {', '.join(novels)} (never {SMOLLM_HELDOUT_NOVEL})",
+    )
 
 
 def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
@@ -576,7 +637,12 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     ]
     start = time.perf_counter()
     stats = collect_statistics(
-        source, chunks, max_samples=SMOLLM_CALIB_CHUNKS, max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False
+        source,
+        chunks,
+        max_samples=SMOLLM_CALIB_CHUNKS,
+        max_length=SMOLLM_CALIB_TOKENS,
+        batch_size=4,
+        progress=False,
     )
     if "fwsvd" in args.smollm_methods:
         stats.fisher = collect_fisher(
@@ -593,14 +659,22 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
             nll, scored, _ = window_nll(r, ids, window=SMOLLM_WINDOW, max_windows=SMOLLM_WINDOWS)
         return float(np.exp(nll / scored))
 
-    lat_ids = ids[: SMOLLM_LATENCY_SEQ][None, :]
+    lat_ids = ids[:SMOLLM_LATENCY_SEQ][None, :]
 
     def speed(path: Path) -> dict[str, float]:
         ref = OrtRunner(source, name="original", intra_op_threads=1)
         cand = OrtRunner(path, name="candidate", intra_op_threads=1)
         with ref, cand:
-            feeds = text_feeds(ref.inputs, {"input_ids": lat_ids, "attention_mask": np.ones_like(lat_ids)})
-            times = measure_alternating([ref, cand], feeds, warmup=2, iterations=args.smollm_iterations, rng=np.random.default_rng(0))
+            feeds = text_feeds(
+                ref.inputs, {"input_ids": lat_ids, "attention_mask": np.ones_like(lat_ids)}
+            )
+            times = measure_alternating(
+                [ref, cand],
+                feeds,
+                warmup=2,
+                iterations=args.smollm_iterations,
+                rng=np.random.default_rng(0),
+            )
         iv = speedup_interval(times[:, 0], times[:, 1], rng=np.random.default_rng(1))
         return {
             "estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
@@ -625,18 +699,30 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if time.perf_counter() - args.started > args.deadline_s:
             say(f"SmolLM {label}: skipped, past the --deadline")
-            points.append({"method": method, "budget": ratio, "error": "skipped: past the time budget"})
+            points.append(
+                {"method": method, "budget": ratio, "error": "skipped: past the time budget"}
+            )
             continue
         say(f"SmolLM {label}: compressing")
         try:
-            point = compress_point(source, work / label, method, ratio, stats, linear, joint_qkv=joint_qkv(args, "smollm"))
+            point = compress_point(
+                source,
+                work / label,
+                method,
+                ratio,
+                stats,
+                linear,
+                joint_qkv=joint_qkv(args, "smollm"),
+            )
             path = work / label / "model.onnx"
             point["perplexity"] = perplexity(path)
             point["perplexity_increase"] = (point["perplexity"] / ref_ppl - 1.0) * 100.0
             point["speedup"] = speed(path)
         except Exception as exc:
             logger.exception("point %s failed", label)
-            points.append({"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"})
+            points.append(
+                {"method": method, "budget": ratio, "error": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         finally:
             shutil.rmtree(work / label, ignore_errors=True)  # 0.3-0.5 GB each
@@ -662,7 +748,9 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
                 point["perplexity"] = perplexity(model)
                 point["perplexity_increase"] = (point["perplexity"] / ref_ppl - 1.0) * 100.0
                 point["speedup"] = speed(model)
-                say(f"SmolLM {point['method']}-{point['budget']}: perplexity {point['perplexity']:.2f}")
+                say(
+                    f"SmolLM {point['method']}-{point['budget']}: perplexity {point['perplexity']:.2f}"
+                )
             except Exception as exc:
                 logger.exception("recovered point failed")
                 point["error"] = f"{type(exc).__name__}: {exc}"
@@ -679,7 +767,9 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
         },
         "calibration": {
             "gram_mean_abs": f"{stats.tokens} tokens of Emma",
-            "fisher": f"first {SMOLLM_FISHER_SAMPLES} Emma chunks, next-token loss" if "fwsvd" in args.smollm_methods else None,
+            "fisher": f"first {SMOLLM_FISHER_SAMPLES} Emma chunks, next-token loss"
+            if "fwsvd" in args.smollm_methods
+            else None,
             "seconds": round(calib_s, 1),
         },
         "metric": "perplexity",
@@ -766,15 +856,27 @@ def markdown(results: dict[str, Any]) -> str:
                 kept = f"{p['linear_kept']:.3f}" if "linear_kept" in p else "-"
                 lines.append(f"| {p['method']} | {p['budget']} | {kept} | {p['error']} |||||||||")
                 continue
-            lost = {k: v - p["fusions"].get(k, 0) for k, v in ref["fusions"].items() if v > p["fusions"].get(k, 0)}
+            lost = {
+                k: v - p["fusions"].get(k, 0)
+                for k, v in ref["fusions"].items()
+                if v > p["fusions"].get(k, 0)
+            }
             lines.append(
                 f"| {p['method']} | {p['budget']} | {p['linear_kept']:.3f} | {p['accuracy']:.2f} | {p['accuracy_drop']:+.2f}{_fmt_interval(p)} | "
                 f"{p['prediction_agreement']:.1f} | {p['cosine_mean']:.4f} | {p['cosine_p10']:.4f} | {_fmt_speed(p)} | "
                 f"{p['factorized']} / {p['left_dense']} | {', '.join(f'{k} {v}' for k, v in lost.items()) or '-'} | {p['compress_s']:.0f} |"
             )
-        ok = [dict(p, s=p["speedup"]["estimate"]) for p in minilm["points"] if "error" not in p and p.get("speedup")]
-        fast = best_under(ok, objective="accuracy_drop", constraint="s", limit=1.5, at_least=True, maximize=False)
-        good = best_under(ok, objective="s", constraint="accuracy_drop", limit=1.0, at_least=False, maximize=True)
+        ok = [
+            dict(p, s=p["speedup"]["estimate"])
+            for p in minilm["points"]
+            if "error" not in p and p.get("speedup")
+        ]
+        fast = best_under(
+            ok, objective="accuracy_drop", constraint="s", limit=1.5, at_least=True, maximize=False
+        )
+        good = best_under(
+            ok, objective="s", constraint="accuracy_drop", limit=1.0, at_least=False, maximize=True
+        )
         lines += ["", "Target (>= 1.5x ORT speedup with <= 1 point of probe accuracy lost):", ""]
         if fast is None:
             lines.append("- no point reaches 1.5x.")
@@ -834,8 +936,19 @@ def markdown(results: dict[str, Any]) -> str:
             [p for p in ok if not p.get("recovered")], objective="perplexity_increase",
             constraint="linear_kept", limit=0.8, at_least=False, maximize=False,
         )  # fmt: skip
-        best = best_under(ok, objective="perplexity_increase", constraint="linear_kept", limit=0.8, at_least=False, maximize=False)
-        lines += ["", "Target (20% fewer linear parameters, <= 10% perplexity increase; SVD-LLM: +40% on LLaMA-7B):", ""]
+        best = best_under(
+            ok,
+            objective="perplexity_increase",
+            constraint="linear_kept",
+            limit=0.8,
+            at_least=False,
+            maximize=False,
+        )
+        lines += [
+            "",
+            "Target (20% fewer linear parameters, <= 10% perplexity increase; SVD-LLM: +40% on LLaMA-7B):",
+            "",
+        ]
         if best is None:
             lines.append("- no point keeps <= 80% of the linear parameters.")
         else:
@@ -859,7 +972,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: bool = False, reference: float | None = None) -> None:
+def plot(
+    section: dict[str, Any],
+    key: str,
+    ylabel: str,
+    path: Path,
+    *,
+    log: bool = False,
+    reference: float | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -869,7 +990,11 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
     markers = {"svd": "o", "fwsvd": "s", "whiten": "D", "asvd": "^", "kron": "v", "losparse": "P"}
     for method in METHODS:
         pts = sorted(
-            (p for p in section["points"] if p["method"] == method and "error" not in p and p.get("speedup")),
+            (
+                p
+                for p in section["points"]
+                if p["method"] == method and "error" not in p and p.get("speedup")
+            ),
             key=lambda p: p["speedup"]["estimate"],
         )
         if not pts:
@@ -878,15 +1003,21 @@ def plot(section: dict[str, Any], key: str, ylabel: str, path: Path, *, log: boo
         ys = [p[key] for p in pts]
         ax.plot(xs, ys, marker=markers.get(method, "o"), label=method)
         for p, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"{p['budget']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.annotate(
+                f"{p['budget']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7
+            )
     labelled: set[str] = set()
     for p in section["points"]:
         if p.get("recovered") and "error" not in p and p.get("speedup"):
             x, y = p["speedup"]["estimate"], p[key]
             label = None if p["method"] in labelled else p["method"]
             labelled.add(p["method"])
-            ax.plot([x], [y], marker="*", markersize=12, linestyle="none", color="black", label=label)
-            ax.annotate(f"{p['budget']}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7)
+            ax.plot(
+                [x], [y], marker="*", markersize=12, linestyle="none", color="black", label=label
+            )
+            ax.annotate(
+                f"{p['budget']}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7
+            )
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="original")
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
@@ -924,10 +1055,23 @@ def _write_all(out: Path, results: dict[str, Any], write_text_atomic: Any) -> No
     write_text_atomic(out / "quality.md", markdown(results))
     if results.get("minilm"):
         ref = results["minilm"]["reference"]["accuracy"]
-        plot(results["minilm"], "accuracy", "probe accuracy (%)", out / "quality-minilm.png", reference=ref)
+        plot(
+            results["minilm"],
+            "accuracy",
+            "probe accuracy (%)",
+            out / "quality-minilm.png",
+            reference=ref,
+        )
     if results.get("smollm"):
         ref = results["smollm"]["reference"]["perplexity"]
-        plot(results["smollm"], "perplexity", "perplexity (Pride and Prejudice)", out / "quality-smollm.png", log=True, reference=ref)
+        plot(
+            results["smollm"],
+            "perplexity",
+            "perplexity (Pride and Prejudice)",
+            out / "quality-smollm.png",
+            log=True,
+            reference=ref,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -935,32 +1079,78 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("minilm", "smollm", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="one budget per method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--ratios", nargs="+", type=float, default=None, help="override the budgets")
-    parser.add_argument("--smollm-ratios", nargs="+", type=float, default=[0.8, 0.9, 0.75, 0.6],
-                        help="SmolLM budgets when neither --ratios nor --quick is given (0.8: the target's)")
-    parser.add_argument("--smollm-methods", nargs="+", choices=METHODS,
-                        default=["whiten", "svd", "asvd", "losparse", "fwsvd", "kron"],
-                        help="SmolLM methods, in the order they run (the deadline cuts the tail)")
-    parser.add_argument("--smollm-extra", nargs="*", default=[],
-                        help="METHOD:RATIO points run after the SmolLM grid (reduced grid)")
-    parser.add_argument("--minilm-extra", nargs="*", default=["whiten:0.5"],
-                        help="METHOD:RATIO points run after the MiniLM grid (0.5: the budget fast enough for 1.5x)")
-    parser.add_argument("--qkv", choices=("auto", "joint", "separate"), default="auto",
-                        help="Q/K/V factorized jointly or separately (auto: joint for MiniLM, separate for SmolLM)")
-    parser.add_argument("--separate-qkv", dest="qkv", action="store_const", const="separate",
-                        help="same as --qkv separate")
-    parser.add_argument("--recover-minutes", type=float, default=0.0,
-                        help="add a distillation row per model: the best data-aware plan at the target budget "
-                        "trained for this many CPU minutes (0: none; 15 adds about 35 minutes)")
+    parser.add_argument(
+        "--ratios", nargs="+", type=float, default=None, help="override the budgets"
+    )
+    parser.add_argument(
+        "--smollm-ratios",
+        nargs="+",
+        type=float,
+        default=[0.8, 0.9, 0.75, 0.6],
+        help="SmolLM budgets when neither --ratios nor --quick is given (0.8: the target's)",
+    )
+    parser.add_argument(
+        "--smollm-methods",
+        nargs="+",
+        choices=METHODS,
+        default=["whiten", "svd", "asvd", "losparse", "fwsvd", "kron"],
+        help="SmolLM methods, in the order they run (the deadline cuts the tail)",
+    )
+    parser.add_argument(
+        "--smollm-extra",
+        nargs="*",
+        default=[],
+        help="METHOD:RATIO points run after the SmolLM grid (reduced grid)",
+    )
+    parser.add_argument(
+        "--minilm-extra",
+        nargs="*",
+        default=["whiten:0.5"],
+        help="METHOD:RATIO points run after the MiniLM grid (0.5: the budget fast enough for 1.5x)",
+    )
+    parser.add_argument(
+        "--qkv",
+        choices=("auto", "joint", "separate"),
+        default="auto",
+        help="Q/K/V factorized jointly or separately (auto: joint for MiniLM, separate for SmolLM)",
+    )
+    parser.add_argument(
+        "--separate-qkv",
+        dest="qkv",
+        action="store_const",
+        const="separate",
+        help="same as --qkv separate",
+    )
+    parser.add_argument(
+        "--recover-minutes",
+        type=float,
+        default=0.0,
+        help="add a distillation row per model: the best data-aware plan at the target budget "
+        "trained for this many CPU minutes (0: none; 15 adds about 35 minutes)",
+    )
     parser.add_argument("--iterations", type=int, default=30, help="MiniLM latency rounds")
-    parser.add_argument("--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point")
-    parser.add_argument("--deadline", type=float, default=60.0,
-                        help="minutes from the start; later SmolLM grid points are skipped (and say so)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only rewrite quality.md and the PNGs from quality.json")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse points an earlier (interrupted) run finished in --work")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-quality")
+    parser.add_argument(
+        "--smollm-iterations", type=int, default=8, help="SmolLM latency rounds per point"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="minutes from the start; later SmolLM grid points are skipped (and say so)",
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only rewrite quality.md and the PNGs from quality.json",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse points an earlier (interrupted) run finished in --work",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-quality"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.started = time.perf_counter()

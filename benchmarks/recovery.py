@@ -89,16 +89,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-rows", type=int, default=6000)
     parser.add_argument("--heldout-start", type=int, default=8000)
     parser.add_argument("--heldout", type=int, default=3000)
-    parser.add_argument("--feature-fraction", type=float, default=SMOLLM_FEATURE_FRACTION,
-                        help="smollm only (minilm keeps recover's default)")
+    parser.add_argument(
+        "--feature-fraction",
+        type=float,
+        default=SMOLLM_FEATURE_FRACTION,
+        help="smollm only (minilm keeps recover's default)",
+    )
     parser.add_argument("--temperature", type=float, default=SMOLLM_TEMPERATURE, help="smollm only")
     parser.add_argument("--lm-weight", type=float, default=SMOLLM_LM_WEIGHT, help="smollm only")
-    parser.add_argument("--val-chars", type=int, default=SMOLLM_VAL_CHARS,
-                        help="smollm: tail of Emma kept out of training (for tuning)")
-    parser.add_argument("--loss-aware", action="store_true",
-                        help="smollm: baseline compress(..., loss_aware=True) (issue 16)")
-    parser.add_argument("--reuse-baseline", action="store_true",
-                        help="smollm: reuse WORK/whiten/model.onnx and its plan if present")
+    parser.add_argument(
+        "--val-chars",
+        type=int,
+        default=SMOLLM_VAL_CHARS,
+        help="smollm: tail of Emma kept out of training (for tuning)",
+    )
+    parser.add_argument(
+        "--loss-aware",
+        action="store_true",
+        help="smollm: baseline compress(..., loss_aware=True) (issue 16)",
+    )
+    parser.add_argument(
+        "--reuse-baseline",
+        action="store_true",
+        help="smollm: reuse WORK/whiten/model.onnx and its plan if present",
+    )
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -272,7 +286,12 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
         for i in range(SMOLLM_CALIB_CHUNKS)
     ]
     stats = collect_statistics(
-        source, chunks, max_samples=SMOLLM_CALIB_CHUNKS, max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False
+        source,
+        chunks,
+        max_samples=SMOLLM_CALIB_CHUNKS,
+        max_length=SMOLLM_CALIB_TOKENS,
+        batch_size=4,
+        progress=False,
     )  # the quality table's call, so the statistics cache hits
     label = "whiten loss-aware" if args.loss_aware else "whiten"
     if args.loss_aware:
@@ -295,7 +314,11 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
         )  # fmt: skip
         copy_sidecars(source, baseline.parent)
         compress_s = time.perf_counter() - start
-    print(f"{label} baseline {'reused' if reused else 'made'}: {baseline}", file=sys.stderr, flush=True)
+    print(
+        f"{label} baseline {'reused' if reused else 'made'}: {baseline}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     texts = _smollm_texts(args.val_chars)
     hyper = {
@@ -360,7 +383,11 @@ def run_smollm(args: argparse.Namespace, argv: list[str] | None) -> int:
         f"Split: calibration {record['split']['calibration']}; distillation {record['split']['distill']}; "
         f"evaluation {record['split']['evaluation']} (held out; ONNX Runtime, ORT_ENABLE_ALL, empty KV cache).",
         f"Baseline: `compress(method='whiten', ratio={SMOLLM_RATIO}, loss_aware={args.loss_aware})` (separate Q/K/V)"
-        + (" (reused from an earlier run in the same --work folder)." if reused else f", {compress_s:.0f} s wall."),
+        + (
+            " (reused from an earlier run in the same --work folder)."
+            if reused
+            else f", {compress_s:.0f} s wall."
+        ),
         f"Recovery: `recover(..., {', '.join(f'{k}={v!r}' for k, v in hyper.items())})`: "
         f"{rec['steps']} steps (stopped by {rec['stopped']}), training {rec['train_cpu_s']:.0f} CPU s / "
         f"{rec['train_wall_s']:.0f} wall s; whole recover call (apply, train, export) "

@@ -24,7 +24,11 @@ def test_formats(tmp_path: Path) -> None:
     assert read_texts(tmp_path / "c.csv") == ["four, with comma", "five\nlines"]
     # TXT: one record per non-empty line, under whatever text column was asked for
     assert read_texts(tmp_path / "d.txt") == ["Para one", "wrapped.", "Para two."]
-    assert read_texts(tmp_path / "d.txt", text_column="body") == ["Para one", "wrapped.", "Para two."]
+    assert read_texts(tmp_path / "d.txt", text_column="body") == [
+        "Para one",
+        "wrapped.",
+        "Para two.",
+    ]
     # perplexity reads a TXT file's exact text; skipping rows keeps the rest disjoint
     assert read_corpus(tmp_path / "d.txt") == "Para one\nwrapped.\n\n\nPara two.\n"
     assert read_corpus(tmp_path / "d.txt", skip_rows=1) == "wrapped.\nPara two."

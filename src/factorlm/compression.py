@@ -156,12 +156,15 @@ def shrunk_statistics(stats: Any) -> Any:
     result = copy.copy(stats)
     result.gram = dict(stats.gram)
     chosen: dict[float, int] = {}
+    done: dict[int, np.ndarray] = {}  # weights reading one input share one Gram object
     for name, gram in stats.gram.items():
         if name not in held:
             continue
-        alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
-        result.gram[name] = shrink_gram(gram, alpha) if alpha > 0 else gram
-        chosen[alpha] = chosen.get(alpha, 0) + 1
+        if id(gram) not in done:
+            alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
+            done[id(gram)] = shrink_gram(gram, alpha) if alpha > 0 else gram
+            chosen[alpha] = chosen.get(alpha, 0) + 1
+        result.gram[name] = done[id(gram)]
     logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
     return result
 
@@ -195,6 +198,9 @@ def factorize_entry(
                 f"statistics ({key}): pass --calib DATA or --stats STATS.npz."
             )
         extra[key] = table[name]
+    # Loss-aware whiten/drone: the full output Gram where present, else the diagonal (planner's rule).
+    loss_aware = entry.method in ("whiten", "drone")
+    full = (getattr(stats, "output_gram", None) or {}).get(name) if loss_aware else None
     output = getattr(stats, "output_fisher", None) or {}
     return prepared_lowrank(
         matrix,
@@ -203,7 +209,8 @@ def factorize_entry(
         gram=extra["gram"],
         mean_abs=extra["mean_abs"],
         fisher=extra["fisher"],
-        output_weight=output.get(name) if entry.method in ("whiten", "drone") else None,
+        output_weight=output.get(name) if loss_aware and full is None else None,
+        output_gram=full,
     )
 
 
@@ -240,12 +247,13 @@ class _OneWeightStats:
     mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
     output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
+    output_gram: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _one_weight(stats: StatsLike | None, name: str) -> StatsLike | None:
     if stats is None:
         return None
-    kinds = ("gram", "mean_abs", "fisher", "output_fisher")
+    kinds = ("gram", "mean_abs", "fisher", "output_fisher", "output_gram")
     tables = {k: getattr(stats, k, None) or {} for k in kinds}
     return _OneWeightStats(**{k: {name: t[name]} if name in t else {} for k, t in tables.items()})
 
@@ -333,7 +341,9 @@ def _sequential_factors(
     members = {c.name: c.members for c in analysis.candidates if c.members}
     activation, position = activations_for(refit, members, find_targets(original))
     groups = block_order(refit, activation, position, opts.sequential_blocks)
-    output_fisher = getattr(stats, "output_fisher", None) or {}
+    output_fisher = dict(getattr(stats, "output_fisher", None) or {})
+    for name, full in (getattr(stats, "output_gram", None) or {}).items():
+        output_fisher.setdefault(name, np.diag(full))  # the sequential refit takes the diagonal
     yield from refit_sequentially(
         model,
         original,
@@ -423,16 +433,22 @@ def compress(
         )
     if stats is None and data is not None and plan is None:
         stats = _collect(source, Path(data), tokenizer, opts)
-    if opts.loss_aware and not getattr(stats, "output_fisher", None):
+    if opts.loss_aware and not (
+        getattr(stats, "output_fisher", None) or getattr(stats, "output_gram", None)
+    ):
         raise ConfigError(
             "compress option 'loss_aware' needs the output Fisher: pass stats= with output_fisher "
-            "from factorlm.calibration.collect_output_fisher (the CLI and factorlm run collect it)."
+            "from factorlm.calibration.collect_output_fisher (the CLI and factorlm run collect it) "
+            "or output_gram from collect_output_gram."
         )
     if opts.shrinkage == "auto" and stats is not None:
         stats = shrunk_statistics(stats)
-    if not opts.loss_aware and getattr(stats, "output_fisher", None):
+    if not opts.loss_aware and (
+        getattr(stats, "output_fisher", None) or getattr(stats, "output_gram", None)
+    ):
         stats = copy.copy(stats)  # the output Fisher weights the factors only when asked
         stats.output_fisher = {}  # type: ignore[union-attr]
+        stats.output_gram = {}  # type: ignore[union-attr]
     method, min_size, joint_qkv = opts.method, opts.min_size, opts.joint_qkv
     external_data = True if opts.external_data else None
     clock = time.perf_counter()

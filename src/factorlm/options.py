@@ -285,8 +285,9 @@ class CompressOptions(_Options):
     )
     fisher_task: FisherTask = _opt(
         "auto",
-        "fwsvd: the loss whose gradients give the Fisher (auto: labels for a classifier, "
-        "next-token loss for a causal LM).",
+        "fwsvd and loss_aware: the loss whose gradients give the Fisher (auto: labels for a "
+        "classifier, next-token loss for a causal LM; embedding: the pooled sentence embedding's "
+        "sensitivity, no labels, for sentence encoders).",
         choices=FISHER_TASKS,
         yaml="calibration.fisher_task",
     )
@@ -323,6 +324,13 @@ class CompressOptions(_Options):
         "LM; needs the PyTorch weights) and allocate ranks by the estimated loss increase "
         "(absolute errors in loss units; error_scale is then not used).",
         yaml="calibration.loss_aware",
+    )
+    output_gram: bool = _opt(
+        False,
+        "Loss-aware: weight the outputs by the full output-gradient Gram (out x out per weight) "
+        "instead of its diagonal; better factors, about twice the collection time and 8*out^2 "
+        "bytes per weight.",
+        yaml="calibration.output_gram",
     )
     ray_address: str | None = _opt(
         None,
@@ -402,6 +410,8 @@ class CompressOptions(_Options):
                 f"compress option '{flag}' refines the whitened factorization; use method whiten "
                 f"or drone, not {self.method!r}."
             )
+        if self.output_gram and not self.loss_aware:
+            raise ConfigError("compress option 'output_gram' refines 'loss_aware'; set both.")
         if self.sequential and self.ray_address is not None:
             raise ConfigError(
                 "compress options 'sequential' and 'ray_address' cannot be combined: each block "

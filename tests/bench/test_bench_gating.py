@@ -23,8 +23,12 @@ def self_baseline(models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return report.write(tmp_path_factory.mktemp("baseline"), html_report=False)["json"]
 
 
-def test_slower_candidate_fails_the_regression_gate(models: dict[str, Path], self_baseline: Path) -> None:
-    report = run_benchmark(models["ref"], [models["slow"]], baseline=self_baseline, max_regression="5%", **FAST)
+def test_slower_candidate_fails_the_regression_gate(
+    models: dict[str, Path], self_baseline: Path
+) -> None:
+    report = run_benchmark(
+        models["ref"], [models["slow"]], baseline=self_baseline, max_regression="5%", **FAST
+    )
     (goal,) = report.goals
     assert goal.goal.type == "max-regression" and not goal.passed
     assert goal.measured is not None and goal.measured > 100  # percent slower, far beyond 5 %
@@ -35,10 +39,17 @@ def test_slower_candidate_fails_the_regression_gate(models: dict[str, Path], sel
     assert out["max_abs_error"] == 0.0 and out["cosine_min"] == pytest.approx(1.0, abs=1e-12)
 
 
-def test_reference_against_itself_passes_five_times(models: dict[str, Path], self_baseline: Path) -> None:
+def test_reference_against_itself_passes_five_times(
+    models: dict[str, Path], self_baseline: Path
+) -> None:
     for seed in range(5):
         report = run_benchmark(
-            models["ref"], [models["ref"]], baseline=self_baseline, max_regression=5, seed=seed, **FAST
+            models["ref"],
+            [models["ref"]],
+            baseline=self_baseline,
+            max_regression=5,
+            seed=seed,
+            **FAST,
         )
         (goal,) = report.goals
         assert goal.passed, goal.detail
@@ -50,13 +61,18 @@ def test_min_speedup_both_ways(models: dict[str, Path]) -> None:
     speed = report.data["latency"][0]["speedup"]["ref"]
     assert speed["ci_low"] > 1.5 and speed["ci_low"] <= speed["estimate"] <= speed["ci_high"]
     report = run_benchmark(models["ref"], [models["slow"]], min_speedup=1.0, **FAST)
-    assert not report.passed and report.goals[0].margin is not None and report.goals[0].margin < -0.5
+    assert (
+        not report.passed and report.goals[0].margin is not None and report.goals[0].margin < -0.5
+    )
 
 
 def test_reports_and_junit(models: dict[str, Path], tmp_path: Path) -> None:
     report = run_benchmark(
-        models["ref"], ["light=" + str(models["ref"]), models["slow"]],
-        min_speedup=0.75, max_fidelity_loss=0.001, **FAST,
+        models["ref"],
+        ["light=" + str(models["ref"]), models["slow"]],
+        min_speedup=0.75,
+        max_fidelity_loss=0.001,
+        **FAST,
     )
     files = report.write(tmp_path)
     data = json.loads(files["json"].read_text())
@@ -84,16 +100,25 @@ def test_bootstrap_intervals_are_deterministic_and_cover_the_estimate() -> None:
     assert interval.low <= interval.estimate <= interval.high
     doubled = regression_interval((ref, 2 * ref), (ref, ref), rng=np.random.default_rng(0))
     assert doubled.estimate == pytest.approx(1.0) and doubled.low == pytest.approx(1.0)
-    machine_slower = regression_interval((2 * ref, 2 * ref), (ref, ref), rng=np.random.default_rng(0))
+    machine_slower = regression_interval(
+        (2 * ref, 2 * ref), (ref, ref), rng=np.random.default_rng(0)
+    )
     assert machine_slower.estimate == pytest.approx(0.0)  # relative basis cancels the machine
-    absolute = regression_interval((2 * ref, 2 * ref), (ref, ref), rng=np.random.default_rng(0), basis="absolute")
+    absolute = regression_interval(
+        (2 * ref, 2 * ref), (ref, ref), rng=np.random.default_rng(0), basis="absolute"
+    )
     assert absolute.estimate == pytest.approx(1.0, rel=1e-6)
 
 
 def test_goal_vocabulary(tmp_path: Path) -> None:
     path = tmp_path / "goals.yaml"
-    path.write_text("goals:\n  - type: max-accuracy-drop\n    value: 1\n  - {type: min_speedup, value: 1.5}\n")
-    assert [(g.type, g.value) for g in load_goals(path)] == [("max-accuracy-drop", 1.0), ("min-speedup", 1.5)]
+    path.write_text(
+        "goals:\n  - type: max-accuracy-drop\n    value: 1\n  - {type: min_speedup, value: 1.5}\n"
+    )
+    assert [(g.type, g.value) for g in load_goals(path)] == [
+        ("max-accuracy-drop", 1.0),
+        ("min-speedup", 1.5),
+    ]
     assert [g.type for g in load_goals({"max-regression": "5%"})] == ["max-regression"]
     assert goals_from_options(max_regression="7.5%")[0].value == 7.5
     for bad in ({"max-speed": 1}, {"min-speedup": "fast"}, {"min-speedup": -1}):

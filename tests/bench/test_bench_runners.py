@@ -40,11 +40,15 @@ def test_ort_runner_matches_numpy_and_records_settings(models: dict[str, Path]) 
     assert runner.name == "ref"
 
 
-def test_engine_folder_with_manifest_picks_the_named_engine(models: dict[str, Path], tmp_path: Path) -> None:
+def test_engine_folder_with_manifest_picks_the_named_engine(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     folder = tmp_path / "engine"
     folder.mkdir()
     (folder / "optimized.onnx").write_bytes((models["ref"] / "model.onnx").read_bytes())
-    (folder / "manifest.json").write_text(json.dumps({"backend": "ort", "engine": "optimized.onnx"}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"backend": "ort", "engine": "optimized.onnx"})
+    )
     resolved = resolve_model(folder)
     assert resolved.file == folder / "optimized.onnx" and resolved.backend == "onnxruntime"
     assert resolved.manifest == {"backend": "ort", "engine": "optimized.onnx"}
@@ -69,7 +73,9 @@ def test_bad_model_paths_are_user_errors(tmp_path: Path) -> None:
         resolve_model(broken)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed"
+)
 def test_trt_runner_without_tensorrt_is_one_clear_error(tmp_path: Path) -> None:
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"\0")
@@ -97,7 +103,10 @@ def test_trt_runner_matches_onnxruntime(models: dict[str, Path], tmp_path: Path)
     config.add_optimization_profile(profile)
     plan = tmp_path / "model.plan"
     plan.write_bytes(bytes(builder.build_serialized_network(network, config)))
-    feeds = {"input_ids": np.array([[3, 5, 7]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    feeds = {
+        "input_ids": np.array([[3, 5, 7]], np.int64),
+        "attention_mask": np.ones((1, 3), np.int64),
+    }
     with TrtRunner(plan) as trt_runner, OrtRunner(models["ref"] / "model.onnx") as ort_runner:
         assert {m.name for m in trt_runner.inputs} == {"input_ids", "attention_mask"}
         np.testing.assert_allclose(
@@ -121,7 +130,9 @@ def test_shapes_parse_and_default_from_axes(models: dict[str, Path]) -> None:
 def test_feeds_for_a_decoder_with_kv_cache(tmp_path: Path) -> None:
     path = bigram_lm(tmp_path / "lm.onnx", with_past=True)
     with OrtRunner(path) as runner:
-        feeds = make_feeds(runner.inputs, Shape(2, 5), rng=np.random.default_rng(0), vocab_size=VOCAB)
+        feeds = make_feeds(
+            runner.inputs, Shape(2, 5), rng=np.random.default_rng(0), vocab_size=VOCAB
+        )
         assert feeds["input_ids"].shape == (2, 5) and feeds["input_ids"].max() < VOCAB
         assert feeds["attention_mask"].shape == (2, 5) and feeds["attention_mask"].all()
         assert feeds["past_key_values.0.key"].shape == (2, 2, 0, 8)
@@ -140,5 +151,8 @@ def test_engine_folder_from_factorlm_build(models: dict[str, Path], tmp_path: Pa
     feeds = {"input_ids": np.array([[3, 5]], np.int64), "attention_mask": np.ones((1, 2), np.int64)}
     with load_runner(tmp_path / "engine") as engine, load_runner(models["ref"]) as source:
         np.testing.assert_allclose(
-            engine.infer(feeds)["last_hidden_state"], source.infer(feeds)["last_hidden_state"], rtol=1e-5, atol=1e-6
+            engine.infer(feeds)["last_hidden_state"],
+            source.infer(feeds)["last_hidden_state"],
+            rtol=1e-5,
+            atol=1e-6,
         )

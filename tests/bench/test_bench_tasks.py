@@ -46,12 +46,23 @@ def test_perplexity_task_end_to_end(tmp_path: Path) -> None:
     words = np.random.default_rng(1).choice(WORDS, size=300)
     text.write_text("\n".join(" ".join(words[i : i + 30]) for i in range(0, 300, 30)))
     report = run_benchmark(
-        ref, [ref], data=text, task="perplexity", window=64, max_windows=None,
-        max_accuracy_drop=0.0, shapes=["1x16"], iterations=3, warmup=0,
+        ref,
+        [ref],
+        data=text,
+        task="perplexity",
+        window=64,
+        max_windows=None,
+        max_accuracy_drop=0.0,
+        shapes=["1x16"],
+        iterations=3,
+        warmup=0,
     )
     task = report.data["task"]
     ids = np.array([WORDS.index(w) + 2 for w in words])
-    expected = np.exp(_bigram_nll(ids, [t for t in range(1, 300) if t % 64 != 0]) / task["details"]["tokens_scored"])
+    expected = np.exp(
+        _bigram_nll(ids, [t for t in range(1, 300) if t % 64 != 0])
+        / task["details"]["tokens_scored"]
+    )
     assert task["reference"] == pytest.approx(expected, rel=1e-5)
     assert task["drop"]["ref#2"] == pytest.approx(0.0, abs=1e-9) and report.passed
 
@@ -59,8 +70,12 @@ def test_perplexity_task_end_to_end(tmp_path: Path) -> None:
 def test_classification_probe_and_similarity(models: dict[str, Path], reviews: Path) -> None:
     common = {"data": reviews, "shapes": ["1x8"], "iterations": 3, "warmup": 0}
     report = run_benchmark(
-        models["ref"], [models["ref"], models["noisy"]], task="classification",
-        max_accuracy_drop=50, max_fidelity_loss=1e-9, **common,
+        models["ref"],
+        [models["ref"], models["noisy"]],
+        task="classification",
+        max_accuracy_drop=50,
+        max_fidelity_loss=1e-9,
+        **common,
     )
     task = report.data["task"]
     assert task["details"]["folds"] == 5 and task["details"]["rows_scored"] == 120
@@ -94,7 +109,9 @@ def test_data_formats_and_label_checks(tmp_path: Path) -> None:
     txt = tmp_path / "d.txt"
     txt.write_text("w1 w2\n\nw3\n")
     data = load_dataset(txt)
-    assert data.texts == ["w1 w2", "w3"] and data.labels is None and data.raw_text == "w1 w2\n\nw3\n"
+    assert (
+        data.texts == ["w1 w2", "w3"] and data.labels is None and data.raw_text == "w1 w2\n\nw3\n"
+    )
     assert load_dataset(txt, skip_rows=1).raw_text == "w3"  # held-out text stays disjoint
     assert load_dataset(txt, text_column="body").texts == ["w1 w2", "w3"]  # TXT has no columns
     check_dataset(data, "perplexity")  # text-only tasks need no labels
@@ -109,7 +126,9 @@ def test_data_formats_and_label_checks(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="line 2"):
         load_dataset(bad)
     odd = tmp_path / "odd.jsonl"  # U+2028 inside a JSON string is not a line break
-    odd.write_text(json.dumps({"text": "a\u2028b", "label": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    odd.write_text(
+        json.dumps({"text": "a\u2028b", "label": "x"}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     assert load_dataset(odd).texts == ["a\u2028b"]
     quoted = tmp_path / "q.csv"
     quoted.write_text('text,label\n"two\nlines",pos\n')

@@ -44,14 +44,25 @@ def test_best_under_constraint() -> None:
         {"name": "c", "speed": 1.9, "drop": 4.0},
         {"name": "d", "speed": 1.5, "drop": 0.9},
     ]
-    fast = best_under(points, objective="drop", constraint="speed", limit=1.5, at_least=True, maximize=False)
+    fast = best_under(
+        points, objective="drop", constraint="speed", limit=1.5, at_least=True, maximize=False
+    )
     assert fast is not None and fast["name"] == "d"  # 1.5 counts as reaching 1.5
-    good = best_under(points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True)
+    good = best_under(
+        points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True
+    )
     assert good is not None and good["name"] == "d"  # "e" has no measured speed: NaN objective
-    assert best_under(points, objective="drop", constraint="speed", limit=3.0, at_least=True, maximize=False) is None
+    assert (
+        best_under(
+            points, objective="drop", constraint="speed", limit=3.0, at_least=True, maximize=False
+        )
+        is None
+    )
 
 
 def test_best_under_counts_a_limit_reached_through_float_rounding() -> None:
     points = [{"drop": 73.9 - 72.9, "speed": 1.74}, {"drop": 1.2, "speed": 2.0}]
-    good = best_under(points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True)
+    good = best_under(
+        points, objective="speed", constraint="drop", limit=1.0, at_least=False, maximize=True
+    )
     assert good is not None and good["speed"] == 1.74

@@ -203,6 +203,106 @@ def test_classification_output_fisher_matches_softmax_residuals(
     np.testing.assert_allclose(g[head], residual, rtol=1e-5)
 
 
+def _embedding_jacobian_squares(model_dir: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """Σ_texts Σ_tokens Σ_k (∂e_k/∂y)² of the mean-pooled embedding e, one text and one k at a
+    time with autograd (no padding, no probes): the exact value the embedding task estimates."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    total = {name: 0.0 for name in names}
+    for text in TEXTS:
+        enc = tok([text], return_tensors="pt")
+        for k in range(model.config.hidden_size):
+
+            def loss(enc: Any = enc, k: int = k) -> Any:
+                return model(**enc).last_hidden_state[0, :, k].mean()
+
+            for name, value in _output_grads(model, names, loss).items():
+                total[name] = total[name] + value
+    return {name: np.asarray(value) for name, value in total.items()}
+
+
+def test_embedding_output_fisher_is_exact_with_a_basis_and_converges_with_probes(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    onnx_path, names = tiny_bert_onnx
+    # The encoder alone: the classifier does not reach e; the pooler maps but gets exactly 0.
+    encoder = {  # the classifier's "bert." prefix is not in the bare encoder's names
+        init: param.removeprefix("bert.")
+        for init, param in names.items()
+        if param != "classifier.weight"
+    }
+    exact = _embedding_jacobian_squares(tiny_bert_dir, set(encoder.values()))
+    hidden = 16
+
+    def collect(probes: int | np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+        return collect_output_fisher(
+            tiny_bert_dir, onnx_path, TEXTS, task="embedding", probes=probes, seed=seed,
+            batch_size=2, cache_dir=tmp_path, progress=False,
+        )  # fmt: skip
+
+    # Orthonormal probes spanning the embedding (the identity, then a random rotation): exact.
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((hidden, hidden)))
+    for basis in (np.eye(hidden), q.T):
+        g = collect(basis)
+        assert set(g) == set(encoder)
+        for init, param in encoder.items():
+            np.testing.assert_allclose(g[init], exact[param], rtol=1e-4, atol=1e-9)
+    pooler = next(init for init, param in encoder.items() if param.startswith("pooler."))
+    assert not g[pooler].any() and all(g[i].sum() > 0 for i in encoder if i != pooler)
+    # A basis that does not span the embedding misses the rest: the check can fail.
+    half = collect(np.eye(hidden)[: hidden // 2])
+    assert sum(half[i].sum() for i in encoder) < 0.9 * sum(exact[p].sum() for p in encoder.values())
+
+    # Seeded Gaussian probes: unbiased, the error shrinks with more probes (~1/√probes).
+    flat = np.concatenate([exact[p] for p in encoder.values()])
+
+    def error(probes: int, seed: int = 0) -> float:
+        est = collect(probes, seed)
+        return float(np.linalg.norm(np.concatenate([est[i] for i in encoder]) - flat)) / float(
+            np.linalg.norm(flat)
+        )
+
+    few, many = error(4), error(256)  # measured 0.32 and 0.044 (seed 0)
+    assert many < 0.1 and few > 3 * many, (few, many)
+    assert error(4, seed=1) != few  # the seed is part of the cache key and of the draw
+
+
+def test_embedding_weight_fisher_sums_probe_gradients(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """collect_fisher's embedding task with the identity probes is Σ_texts Σ_k (∂e_k/∂W)² rows."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from factorlm.calibration import collect_fisher
+
+    onnx_path, names = tiny_bert_onnx
+    fisher = collect_fisher(
+        tiny_bert_dir, onnx_path, TEXTS, task="embedding", probes=np.eye(16),
+        cache_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    params = dict(model.named_parameters())
+    encoder = {init: p.removeprefix("bert.") for init, p in names.items()}
+    expected = {init: np.zeros(params[p].shape[0]) for init, p in encoder.items() if p in params}
+    for text in TEXTS:
+        enc = tok([text], return_tensors="pt")
+        for k in range(16):
+            pooled = model(**enc).last_hidden_state[0, :, k].mean()
+            grads = torch.autograd.grad(
+                pooled, [params[encoder[i]] for i in expected], allow_unused=True
+            )
+            for init, grad in zip(expected, grads, strict=True):
+                if grad is not None:
+                    expected[init] += grad.double().square().sum(1).numpy()
+    assert set(fisher) == set(expected)
+    for init in expected:
+        np.testing.assert_allclose(fisher[init], expected[init], rtol=1e-4, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_real_smollm_output_fisher(tmp_path: Path) -> None:
     from factorlm.assets import austen_dir, cache_root, smollm_dir

@@ -36,11 +36,19 @@ def _argv(model: Path, out: Path, data: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("extra", [[], ["--output-gram"]])
 def test_loss_aware_sequential_shrinkage_compress(
-    tiny_llama_past: Path, tmp_path: Path, data: Path
+    tiny_llama_past: Path, tmp_path: Path, data: Path, extra: list[str]
 ) -> None:
     out = tmp_path / "out" / "model.onnx"
-    argv = [*_argv(tiny_llama_past, out, data), "--loss-aware", "--sequential", "--shrinkage", "auto"]
+    argv = [
+        *_argv(tiny_llama_past, out, data),
+        "--loss-aware",
+        "--sequential",
+        "--shrinkage",
+        "auto",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     plan = load_plan(out.with_name("model.plan.json"))
     assert plan.weights and all(e.method == "whiten" for e in plan.weights.values())
@@ -69,3 +77,11 @@ def test_sequential_with_another_method_is_refused(
     assert cli.main(argv) == 2
     assert "use method whiten" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_output_gram_needs_loss_aware(
+    tiny_llama_past: Path, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out4" / "model.onnx"
+    assert cli.main([*_argv(tiny_llama_past, out, data), "--output-gram"]) == 2
+    assert "output-gram refines" in capsys.readouterr().err

@@ -91,7 +91,9 @@ def test_sequential_compress_refits_and_runs(tiny_llama_past: Path, tmp_path: Pa
     data = _data(tmp_path)
     common = dict(method="whiten", ratio=0.5, joint_qkv=False, rank_multiple=4, min_size=256,
                   calibration_samples=len(TEXTS), max_length=16, batch_size=4, allocation="uniform")  # fmt: skip
-    plain = factorlm.compress(tiny_llama_past, tmp_path / "plain" / "model.onnx", data=data, **common)
+    plain = factorlm.compress(
+        tiny_llama_past, tmp_path / "plain" / "model.onnx", data=data, **common
+    )
     seq = factorlm.compress(
         tiny_llama_past, tmp_path / "seq" / "model.onnx", data=data, sequential=True,
         sequential_blocks=2, **common,
@@ -111,7 +113,9 @@ def test_sequential_compress_refits_and_runs(tiny_llama_past: Path, tmp_path: Pa
     compressed = onnx.load(str(tmp_path / "seq" / "model.onnx"))
     tok = TextTokenizer(find_tokenizer(tiny_llama_past))
     key = (first[0].activation, first[0].transpose)
-    grams = collect_paired_statistics(model, compressed, TEXTS, tok, [key], max_length=16, batch_size=4)[key]
+    grams = collect_paired_statistics(
+        model, compressed, TEXTS, tok, [key], max_length=16, batch_size=4
+    )[key]
     stats = collect_statistics(tiny_llama_past, TEXTS, max_length=16, batch_size=4, progress=False)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     improved = 0

@@ -27,7 +27,9 @@ TEXTS = [
 ] * 6
 
 
-def test_held_back_gram_is_the_gram_of_every_fourth_batch(tiny_llama_past: Path, tmp_path: Path) -> None:
+def test_held_back_gram_is_the_gram_of_every_fourth_batch(
+    tiny_llama_past: Path, tmp_path: Path
+) -> None:
     batch, texts = 3, TEXTS * 3  # the held-back quarter alone must outnumber 128 features
     stats = collect_statistics(
         tiny_llama_past, texts, max_length=16, batch_size=batch, holdout=True,
@@ -62,7 +64,9 @@ def _random_texts(count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=12)) for _ in range(count)]
 
 
-def test_shrinkage_auto_shrinks_a_small_calibration_set(tiny_llama_past: Path, tmp_path: Path) -> None:
+def test_shrinkage_auto_shrinks_a_small_calibration_set(
+    tiny_llama_past: Path, tmp_path: Path
+) -> None:
     texts = _random_texts(48)  # held-back batches differ from the rest
     stats = collect_statistics(
         tiny_llama_past, texts, max_length=16, batch_size=3, holdout=True, cache_dir=tmp_path,

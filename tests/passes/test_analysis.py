@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx import helper
 
@@ -38,9 +39,13 @@ def test_tied_embedding_is_one_candidate_with_two_uses() -> None:
         emb = analysis.candidate("embed.weight")
         assert emb is not None and emb.kind == "embedding"
         assert [u.form for u in emb.uses] == ["gather", form]
-        assert emb.shape == (96, 32)
+        # The core takes the head's orientation: logits = h @ Eᵀ, in = the hidden width.
+        assert emb.transposed and emb.shape == (32, 96) and emb.stored_shape == (96, 32)
+        assert np.array_equal(emb.matrix(), emb.stored().T)
     untied = analyze(_ir(embedding_lm(tie="none")))
     assert [c.kind for c in untied.candidates] == ["embedding", "linear", "linear"]
+    lookup = untied.candidates[0]
+    assert not lookup.transposed and lookup.shape == (96, 32)
 
 
 def test_skip_reasons() -> None:

@@ -134,6 +134,21 @@ def test_joint_statistics_share_the_input_and_concatenate_fisher() -> None:
     assert joint_statistics(None, analysis) is None
 
 
+def test_joint_output_gram_is_the_block_diagonal_of_the_members() -> None:
+    """Cross-member blocks Σ g_q g_kᵀ are never collected: zeros, each member's block kept."""
+    analysis = analyze(ir.serde.deserialize_model(qkv_block()), joint=True)
+    members = ("q.weight", "k.weight", "v.weight")
+    rng = np.random.default_rng(7)
+    grams = {n: (lambda g: g.T @ g)(rng.standard_normal((30, H))) for n in members}
+    stats = types.SimpleNamespace(gram={n: np.eye(D) for n in members}, output_gram=grams)
+    joint = joint_statistics(stats, analysis).output_gram["+".join(members)]
+    assert joint.shape == (3 * H, 3 * H)
+    for i, a in enumerate(members):
+        for j, b in enumerate(members):
+            block = joint[i * H : (i + 1) * H, j * H : (j + 1) * H]
+            np.testing.assert_array_equal(block, grams[a] if a == b else np.zeros((H, H)))
+
+
 def test_compress_writes_a_joint_plan_that_replays(tmp_path: Path) -> None:
     src = tmp_path / "qkv.onnx"
     onnx.save(qkv_block(), src)

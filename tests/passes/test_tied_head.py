@@ -127,9 +127,11 @@ def test_the_head_reads_the_embedding_through_a_transpose(decoder: Path) -> None
     cand = _tied(load_model(decoder))
     assert [u.form for u in cand.uses] == ["gather", "x@Wt"]
     assert cand.uses[1].via is not None and cand.uses[1].via.op_type == "Transpose"
-    assert not cand.transposed and cand.shape == cand.stored_shape
+    # The core is the head's matrix Eᵀ (in = hidden width), so the head's statistics apply.
+    vocab, d = cand.stored_shape
+    assert cand.transposed and cand.shape == (d, vocab)
     if decoder.parent.name.startswith("SmolLM2"):
-        assert cand.name == SMOLLM_EMBEDDING and cand.shape == (49152, 576)
+        assert cand.name == SMOLLM_EMBEDDING and cand.stored_shape == (49152, 576)
 
 
 def test_exact_shared_factors_give_the_original_logits(decoder: Path, tmp_path: Path) -> None:
@@ -137,7 +139,7 @@ def test_exact_shared_factors_give_the_original_logits(decoder: Path, tmp_path: 
     model = load_model(decoder)
     cand = _tied(model)
     names = _names(cand)
-    vocab, d = cand.shape
+    vocab, d = cand.stored_shape
     full = min(vocab, d)  # the tiny model's vocabulary is smaller than its width
     factors = prepared_lowrank(cand.matrix(), "svd", full)  # E = P Q up to rounding
     ir.passes.PassManager(
@@ -164,7 +166,7 @@ def test_truncated_shared_factors_stay_within_the_truncation(decoder: Path, tmp_
     """compress --embeddings at a high rank: errors bounded by σ_{r+1}, params as planned."""
     cand = _tied(load_model(decoder))
     names = _names(cand)
-    vocab, d = cand.shape
+    vocab, d = cand.stored_shape
     out = tmp_path / "model.onnx"
     result = compress(
         decoder, out, method="svd", ratio=0.9, embeddings=0.9, include="embed",
@@ -182,7 +184,7 @@ def test_truncated_shared_factors_stay_within_the_truncation(decoder: Path, tmp_
     assert before - after == entry.params_before - entry.params_after
     assert (result.model_params_before, result.model_params_after) == (before, after)
 
-    embedding = cand.matrix().astype(np.float64)
+    embedding = cand.stored().astype(np.float64)
     sigma = np.linalg.svd(embedding, compute_uv=False)
     bound = sigma[rank]  # ‖E - P Q‖₂ of the best rank-r factors
     assert entry.expected_error == pytest.approx(
@@ -198,3 +200,60 @@ def test_truncated_shared_factors_stay_within_the_truncation(decoder: Path, tmp_
     assert np.all(error <= np.linalg.norm(hidden, axis=1) * bound * (1 + 1e-3) + 1e-4)
     assert error.max() > 0  # truncated: the head did change
     _decode_matches_prefill(out, ids)
+
+
+def test_whiten_fits_the_shared_factors_to_the_head_s_inputs(
+    tiny_llama_past: Path, tmp_path: Path
+) -> None:
+    """Calibration records the Gram of the head's input under the embedding's name, and
+    ``compress(method="whiten")`` factorizes the tied pair to minimise the logits' error on it:
+    lower than plain SVD's in that metric, higher in plain Frobenius norm (each is optimal for
+    its own); both outputs still decode with their KV cache."""
+    from factorlm._common.text import TextTokenizer
+    from factorlm.calibration import collect_statistics
+    from tiny_vocab import WORDS
+
+    decoder = tiny_llama_past
+    cand = _tied(load_model(decoder))
+    vocab, d = cand.stored_shape
+    rng = np.random.default_rng(3)
+    texts = [" ".join(rng.choice(WORDS, 90)) for _ in range(6)]
+    stats = collect_statistics(
+        decoder, texts, max_length=100, batch_size=1, cache_dir=tmp_path / "cache", progress=False
+    )
+    gram = stats.gram[cand.name]
+    assert gram.shape == (d, d)
+    tokenizer, names = TextTokenizer(decoder.parent), _names(cand)
+    runs = [_probe(decoder, names, tokenizer.encode(t)[None, :]) for t in texts]
+    hidden = np.concatenate([run["hidden"][0] for run in runs]).astype(np.float64)
+    assert gram == pytest.approx(hidden.T @ hidden, rel=1e-4, abs=1e-6 * np.abs(gram).max())
+
+    errors = {}
+    for method in ("whiten", "svd"):
+        out = tmp_path / method / "model.onnx"
+        result = compress(
+            decoder, out, method=method, ratio=0.9, embeddings=0.6, include="embed",
+            rank_multiple=4, min_size=0, stats=stats,
+        )  # fmt: skip
+        entry = result.plan.weights[cand.name]
+        assert entry.method == method and entry.rank == int(0.6 * vocab * d / (vocab + d)) // 4 * 4
+        inits = {
+            t.name: onnx.numpy_helper.to_array(t)
+            for t in onnx.load(str(out)).graph.initializer
+            if t.name.startswith(cand.name)
+        }
+        delta = cand.stored().astype(np.float64) - (
+            inits[f"{cand.name}.factorlm_left"] @ inits[f"{cand.name}.factorlm_right"]
+        )
+        errors[method] = (np.trace(delta @ gram @ delta.T), np.linalg.norm(delta))
+        # The plan's expected error: of the head's output on the Gram (whiten), of E (svd).
+        weight = cand.stored().astype(np.float64)
+        expected = (
+            np.sqrt(errors[method][0] / np.trace(weight @ gram @ weight.T))
+            if method == "whiten"
+            else errors[method][1] / np.linalg.norm(weight)
+        )
+        assert entry.expected_error == pytest.approx(expected, rel=1e-3)
+        _decode_matches_prefill(out, _ids(vocab))
+    assert errors["whiten"][0] < 0.9 * errors["svd"][0]
+    assert errors["whiten"][1] > errors["svd"][1]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
+from factorlm.errors import PlanError
 from factorlm.passes import Analysis, analyze
-from factorlm.planning import make_plan
+from factorlm.planning import make_plan, validate_plan
 from models import embedding_lm
 
 
@@ -53,3 +57,59 @@ def test_a_tied_embedding_is_one_entry_with_the_head_s_flops() -> None:
     s = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
     assert entry.expected_error == pytest.approx(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum()))
     assert sorted(entry.nodes) == ["embed/Gather", "head/MatMul"]
+
+
+@dataclass
+class _Stats:
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
+    fisher: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _gram(d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((8 * d, d)) * rng.uniform(0.05, 3.0, d)  # anisotropic inputs
+    return x.T @ x
+
+
+def test_a_tied_embedding_is_whitened_by_the_head_s_inputs() -> None:
+    """whiten + the head's input Gram: the entry is whitened, its expected error is the error of
+    the logits, and the plan validates; an untied embedding takes plain SVD only."""
+    stats = _Stats(gram={"embed.weight": _gram(32, 1), "dense.weight": _gram(32, 2)})
+    analysis = _analysis("transpose")
+    kwargs = {"ratio": 0.5, "rank_multiple": 4, "embeddings": 0.5, "stats": stats}
+    whitened = make_plan(analysis, method="whiten", **kwargs)  # type: ignore[arg-type]
+    plain = make_plan(analysis, method="svd", **kwargs)  # type: ignore[arg-type]
+    entry, svd_entry = whitened.weights["embed.weight"], plain.weights["embed.weight"]
+    assert (entry.method, svd_entry.method) == ("whiten", "svd")
+    assert entry.rank == svd_entry.rank == 12
+    assert entry.shape == [32, 96] and entry.stored_shape == [96, 32]
+    assert (entry.params_after, entry.flops_after) == (
+        svd_entry.params_after,
+        svd_entry.flops_after,
+    )
+    assert entry.expected_error != pytest.approx(svd_entry.expected_error)
+    assert validate_plan(whitened, analysis).weights["embed.weight"].method == "whiten"
+
+    untied = _analysis("none")
+    stats.gram["head.weight"] = _gram(32, 3)
+    plan = make_plan(untied, method="whiten", **kwargs)  # type: ignore[arg-type]
+    assert plan.weights["embed.weight"].method == "svd"  # a lookup alone has no input Gram
+    plan.weights["embed.weight"].method = "whiten"
+    with pytest.raises(PlanError, match="token embedding; only method 'svd'"):
+        validate_plan(plan, untied)
+
+
+def test_a_tied_head_without_statistics_falls_back_to_svd(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Statistics collected without the head's Gram (an older --stats file): plain SVD, warned."""
+    stats = _Stats(gram={"dense.weight": _gram(32, 2)})
+    with caplog.at_level(logging.WARNING, logger="factorlm.planning.lowrank"):
+        plan = make_plan(
+            _analysis("transpose"),
+            method="whiten", ratio=0.5, rank_multiple=4, embeddings=0.5,
+            stats=stats,
+        )  # fmt: skip
+    assert plan.weights["embed.weight"].method == "svd"
+    assert "no gram for the LM head tied to embed.weight" in caplog.text

@@ -33,7 +33,11 @@ def minilm() -> tuple[Path, Path, Any]:
         )
     except DataError as exc:
         pytest.skip(str(exc))
-    return onnx_model, hf_dir, collect_statistics(onnx_model, reviews, max_samples=256, progress=False)
+    return (
+        onnx_model,
+        hf_dir,
+        collect_statistics(onnx_model, reviews, max_samples=256, progress=False),
+    )
 
 
 def compress_and_apply(
@@ -110,4 +114,6 @@ def test_minilm_joint_whiten_plan_matches_and_keeps_every_fusion(
     assert engine.extra["lost_fusions"] == {}
     assert engine.extra["factor_fusion"]["attention"] == len(joint)
     assert engine.extra["factor_fusion"]["dense"] == []
-    np.testing.assert_allclose(last_hidden_state(engine.engine_path, hf_dir), got, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        last_hidden_state(engine.engine_path, hf_dir), got, atol=1e-4, rtol=0
+    )

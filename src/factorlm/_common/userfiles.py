@@ -149,7 +149,9 @@ def _check_depth(
     try:
         depth, nodes = _shape(value)
     except RecursionError:
-        raise error(f"{source} holds a list or mapping that contains itself; refusing it.") from None
+        raise error(
+            f"{source} holds a list or mapping that contains itself; refusing it."
+        ) from None
     if depth > max_depth:
         raise error(
             f"{source} nests lists/objects deeper than {max_depth} levels; refusing it."

@@ -57,7 +57,9 @@ class Shape:
     def parse(cls, text: str) -> Shape:
         match = _SHAPE.match(text)
         if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-            raise ConfigError(f"Shape {text!r} is not BATCHxSEQUENCE with positive sizes, e.g. 8x128.")
+            raise ConfigError(
+                f"Shape {text!r} is not BATCHxSEQUENCE with positive sizes, e.g. 8x128."
+            )
         return cls(int(match.group(1)), int(match.group(2)))
 
 

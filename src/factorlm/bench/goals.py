@@ -59,7 +59,12 @@ class Goal:
 
     @property
     def label(self) -> str:
-        unit = {"max-accuracy-drop": "", "min-speedup": "x", "max-fidelity-loss": "", "max-regression": "%"}
+        unit = {
+            "max-accuracy-drop": "",
+            "min-speedup": "x",
+            "max-fidelity-loss": "",
+            "max-regression": "%",
+        }
         return f"{self.type} {self.value:g}{unit[self.type]}"
 
 
@@ -92,7 +97,9 @@ def parse_percent(text: str | float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"Regression limit {text!r} is not a percentage such as 5 or 5%.") from None
+        raise ConfigError(
+            f"Regression limit {text!r} is not a percentage such as 5 or 5%."
+        ) from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"Regression limit {text!r} must be a non-negative percentage.")
     return value
@@ -192,7 +199,9 @@ def _speedup(goal: Goal, name: str, report: Mapping[str, Any]) -> GoalResult:
     for entry in report["latency"]:
         s = entry["speedup"][name]
         worst = min(worst, s["estimate"])
-        parts.append(f"{entry['shape']}: {s['estimate']:.3f}x [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+        parts.append(
+            f"{entry['shape']}: {s['estimate']:.3f}x [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+        )
     passed = worst >= goal.value
     verdict = "meets" if passed else "misses"
     detail = f"speedup {worst:.3f}x {verdict} the minimum {goal.value:g}x ({'; '.join(parts)})"
@@ -290,4 +299,6 @@ def _regression(
         f"latency change vs baseline ({basis} basis) {verdict} the allowed +{goal.value:g}% "
         f"({'; '.join(parts)})"
     )
-    return GoalResult(goal, name, not failed, worst_est * 100.0, (allowed - worst_low) * 100.0, detail)
+    return GoalResult(
+        goal, name, not failed, worst_est * 100.0, (allowed - worst_low) * 100.0, detail
+    )

@@ -38,7 +38,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LIBRARIES = ("factorlm", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "transformers")
+_LIBRARIES = (
+    "factorlm",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "numpy",
+    "tensorrt",
+    "transformers",
+)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def method_ordering(
     scores: Mapping[str, float], budget: float, *, higher_is_better: bool
 ) -> Ordering:
     """Rank methods by score at one budget (ties keep input order); NaN scores rank last."""
+
     def key(item: tuple[int, str]) -> tuple[int, float, int]:
         index, name = item
         value = float(scores[name])

@@ -183,65 +183,117 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
         for name, res in entry["results"].items():
             sp = entry["speedup"].get(name)
             speed = (
-                f"{sp['estimate']:.3f}x [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp else "1 (reference)"
+                f"{sp['estimate']:.3f}x [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]"
+                if sp
+                else "1 (reference)"
             )
             if per_token:  # a decoder: per-token figures instead of p99 and sequences/s
-                rows.append([
-                    entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}",
-                    _fmt(res.get("ms_per_token")), _rate(res.get("tokens_per_s")), speed,
-                ])
+                rows.append(
+                    [
+                        entry["shape"],
+                        name,
+                        f"{res['p50_ms']:.3f}",
+                        f"{res['p90_ms']:.3f}",
+                        _fmt(res.get("ms_per_token")),
+                        _rate(res.get("tokens_per_s")),
+                        speed,
+                    ]
+                )
                 continue
-            rows.append([
-                entry["shape"], name, f"{res['p50_ms']:.3f}", f"{res['p90_ms']:.3f}",
-                f"{res['p99_ms']:.3f}", f"{res['throughput_per_s']:.1f}", speed,
-            ])
+            rows.append(
+                [
+                    entry["shape"],
+                    name,
+                    f"{res['p50_ms']:.3f}",
+                    f"{res['p90_ms']:.3f}",
+                    f"{res['p99_ms']:.3f}",
+                    f"{res['throughput_per_s']:.1f}",
+                    speed,
+                ]
+            )
     conf = d["settings"].get("confidence", 0.95)
     middle = ["ms/token", "tokens/s"] if per_token else ["p99 ms", "seq/s"]
-    tables.append((
-        "Latency",
-        ["shape", "model", "p50 ms", "p90 ms", *middle, f"speedup [{conf:.0%} CI]"],
-        rows,
-    ))
+    tables.append(
+        (
+            "Latency",
+            ["shape", "model", "p50 ms", "p90 ms", *middle, f"speedup [{conf:.0%} CI]"],
+            rows,
+        )
+    )
     predicted = d.get("prediction") or {}
     if predicted:  # a latency-targeted plan's prediction against this measurement
-        tables.append((
-            "Predicted vs measured speedup",
-            ["candidate", "shape", "predicted", "measured", "measured / predicted - 1"],
-            [
-                [name, p["shape"], f"{p['predicted_speedup']:.3f}x", _fmt(p.get("measured_speedup")),
-                 f"{p['error_pct']:+.1f} %" if p.get("error_pct") is not None else "-"]
-                for name, p in predicted.items()
-            ],
-        ))
+        tables.append(
+            (
+                "Predicted vs measured speedup",
+                ["candidate", "shape", "predicted", "measured", "measured / predicted - 1"],
+                [
+                    [
+                        name,
+                        p["shape"],
+                        f"{p['predicted_speedup']:.3f}x",
+                        _fmt(p.get("measured_speedup")),
+                        f"{p['error_pct']:+.1f} %" if p.get("error_pct") is not None else "-",
+                    ]
+                    for name, p in predicted.items()
+                ],
+            )
+        )
     engines = d.get("engines") or {}
     if engines:
         rows = []
         for name, info in engines.items():
             memory = info.get("memory") or {}
-            rows.append([
-                name, _mb(info.get("size_bytes")), _mb(memory.get("resident_bytes")),
-                _mb(memory.get("peak_bytes")), str(memory.get("probe") or "–"),
-            ])
-        tables.append((
-            "Engine size and session memory",
-            ["model", "on disk MB", "resident MB", "peak MB", "probe inference"],
-            rows,
-        ))
+            rows.append(
+                [
+                    name,
+                    _mb(info.get("size_bytes")),
+                    _mb(memory.get("resident_bytes")),
+                    _mb(memory.get("peak_bytes")),
+                    str(memory.get("probe") or "–"),
+                ]
+            )
+        tables.append(
+            (
+                "Engine size and session memory",
+                ["model", "on disk MB", "resident MB", "peak MB", "probe inference"],
+                rows,
+            )
+        )
     rows = []
     for name, block in d["fidelity"].items():
         for output, m in block["outputs"].items():
-            rows.append([
-                name, output, block["inputs"], _fmt(m.get("cosine_mean"), 6),
-                _fmt(m.get("cosine_min"), 6), _fmt(m.get("pooled_cosine_mean"), 6),
-                _fmt(m.get("max_abs_error")), _fmt(m.get("rel_l2_error")),
-                _fmt(m.get("argmax_agreement")), _fmt(m.get("kl_divergence")),
-            ])
-    tables.append((
-        f"Fidelity against {ref}",
-        ["candidate", "output", "inputs", "cosine mean", "cosine min", "pooled cosine",
-         "max abs err", "rel L2 err", "argmax agree", "KL (nats)"],
-        rows,
-    ))
+            rows.append(
+                [
+                    name,
+                    output,
+                    block["inputs"],
+                    _fmt(m.get("cosine_mean"), 6),
+                    _fmt(m.get("cosine_min"), 6),
+                    _fmt(m.get("pooled_cosine_mean"), 6),
+                    _fmt(m.get("max_abs_error")),
+                    _fmt(m.get("rel_l2_error")),
+                    _fmt(m.get("argmax_agreement")),
+                    _fmt(m.get("kl_divergence")),
+                ]
+            )
+    tables.append(
+        (
+            f"Fidelity against {ref}",
+            [
+                "candidate",
+                "output",
+                "inputs",
+                "cosine mean",
+                "cosine min",
+                "pooled cosine",
+                "max abs err",
+                "rel L2 err",
+                "argmax agree",
+                "KL (nats)",
+            ],
+            rows,
+        )
+    )
     task = d.get("task")
     if task:
         unit = "%" if task["drop_unit"] == "percent" else " pts"
@@ -329,9 +381,12 @@ def _environment_line(report: Report) -> str:
     return (
         f"{env.get('cpu')} ({env.get('cpu_count')} cores), {env.get('platform')}, Python "
         f"{env.get('python')}; {libs}. Backend {ref['backend']}"
-        + (f", providers {', '.join(session.get('providers', []))}, intra-op threads "
-           f"{threads or 'auto'}, graph optimization {session.get('graph_optimization_level')}"
-           if session else "")
+        + (
+            f", providers {', '.join(session.get('providers', []))}, intra-op threads "
+            f"{threads or 'auto'}, graph optimization {session.get('graph_optimization_level')}"
+            if session
+            else ""
+        )
         + "."
     )
 
@@ -367,10 +422,16 @@ def render_junit(report: Report) -> str:
     cases = []
     for g in report.goals:
         name = quoteattr(f"{g.candidate}: {g.goal.label}")
-        body = "" if g.passed else (
-            f"<failure message={quoteattr(g.detail)} type=\"GoalFailed\">{escape(g.detail)}</failure>"
+        body = (
+            ""
+            if g.passed
+            else (
+                f'<failure message={quoteattr(g.detail)} type="GoalFailed">{escape(g.detail)}</failure>'
+            )
         )
-        cases.append(f'    <testcase classname="factorlm.bench" name={name} time="0">{body}</testcase>')
+        cases.append(
+            f'    <testcase classname="factorlm.bench" name={name} time="0">{body}</testcase>'
+        )
     failures = len(report.failed_goals)
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -475,12 +536,19 @@ def render_html(report: Report) -> str:
         parts.append("</tr>")
         for row in rows:
             parts.append(
-                "<tr>" + "".join(f"<td style='white-space:pre-wrap;vertical-align:top;"
-                                 f"max-width:360px'>{html.escape(c)}</td>" for c in row) + "</tr>"
+                "<tr>"
+                + "".join(
+                    f"<td style='white-space:pre-wrap;vertical-align:top;"
+                    f"max-width:360px'>{html.escape(c)}</td>"
+                    for c in row
+                )
+                + "</tr>"
             )
         parts.append("</table>")
     for title, png in _plots(report):
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{png}'>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{png}'>"
+        )
     parts.append("</body></html>\n")
     return "".join(parts)

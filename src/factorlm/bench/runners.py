@@ -329,7 +329,11 @@ class ResolvedModel:
     manifest: dict[str, Any] | None
 
 
-_ENGINE_FILES = (("model.onnx", "onnxruntime"), ("model.ort", "onnxruntime"), ("model.plan", "tensorrt"))
+_ENGINE_FILES = (
+    ("model.onnx", "onnxruntime"),
+    ("model.ort", "onnxruntime"),
+    ("model.plan", "tensorrt"),
+)
 
 
 def resolve_model(path: Path, backend: str = "auto") -> ResolvedModel:

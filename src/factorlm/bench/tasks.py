@@ -113,14 +113,19 @@ def load_dataset(
     for record in iter_records(path, text_column):
         if first and text_column not in record:
             have = ", ".join(map(str, record)) or "none"
-            raise DataError(f"Data file {path} has no column {text_column!r} (its columns: {have}).")
+            raise DataError(
+                f"Data file {path} has no column {text_column!r} (its columns: {have})."
+            )
         first = False
         text = record.get(text_column)
         if isinstance(text, str) and text.strip():
             rows.append(record)
     rows = rows[skip_rows:]
     if not rows:
-        raise DataError(f"Data file {path} holds no rows" + (f" after skipping {skip_rows}." if skip_rows else "."))
+        raise DataError(
+            f"Data file {path} holds no rows"
+            + (f" after skipping {skip_rows}." if skip_rows else ".")
+        )
     has_labels = label_column is not None and all(
         label_column in r and r[label_column] not in (None, "") for r in rows
     )
@@ -207,13 +212,19 @@ def embed_texts(
     vectors: list[list[np.ndarray]] = [[] for _ in runners]
     total = len(texts)
     for done, mask, feeds in batch_feeds(
-        runners[0].inputs, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+        runners[0].inputs,
+        tokenizer,
+        texts,
+        batch_size=batch_size,
+        max_length=max_length,
         model_name=runners[0].name,
     ):
         results = [runner.infer(feeds) for runner in runners]
         for k, outputs in enumerate(results):
             value = outputs[name]
-            vectors[k].append(mean_pool(value, mask) if kind == "hidden" else np.asarray(value, np.float64))
+            vectors[k].append(
+                mean_pool(value, mask) if kind == "hidden" else np.asarray(value, np.float64)
+            )
         if fidelity is not None:
             for acc, outputs in zip(fidelity, results[1:], strict=True):
                 acc.add(results[0], outputs, mask)
@@ -246,11 +257,20 @@ def classification_task(
     ``test_fraction`` is accepted for old callers and ignored: cross-fitting scores every row.
     """
     if test_fraction is not None:
-        logger.debug("test_fraction %s ignored: the probe is cross-fitted over %s folds", test_fraction, folds)
+        logger.debug(
+            "test_fraction %s ignored: the probe is cross-fitted over %s folds",
+            test_fraction,
+            folds,
+        )
     assert dataset.labels is not None  # checked by check_dataset before any model ran
     vectors, kind = embed_texts(
-        runners, tokenizer, dataset.texts, batch_size=batch_size, max_length=max_length,
-        fidelity=fidelity, progress=progress,
+        runners,
+        tokenizer,
+        dataset.texts,
+        batch_size=batch_size,
+        max_length=max_length,
+        fidelity=fidelity,
+        progress=progress,
     )
     labels = np.asarray(dataset.labels)
     classes = sorted(set(dataset.labels))
@@ -273,10 +293,22 @@ def classification_task(
     scores = [float(c.mean()) * 100 for c in correct]
     majority = max(float((labels == c).mean()) for c in classes) * 100
     result = _task_result(
-        "classification", "accuracy_percent", True, "points", runners, scores,
-        {"method": method, "folds": used_folds, "rows_scored": int(labels.size),
-         "classes": classes, "majority_percent": majority, "seed": seed,
-         "bootstrap_resamples": resamples, "confidence": confidence},
+        "classification",
+        "accuracy_percent",
+        True,
+        "points",
+        runners,
+        scores,
+        {
+            "method": method,
+            "folds": used_folds,
+            "rows_scored": int(labels.size),
+            "classes": classes,
+            "majority_percent": majority,
+            "seed": seed,
+            "bootstrap_resamples": resamples,
+            "confidence": confidence,
+        },
     )
     result["drop_interval"] = {}
     result["agreement"] = {}
@@ -303,14 +335,23 @@ def similarity_task(
     from scipy.stats import spearmanr
 
     vectors, _ = embed_texts(
-        runners, tokenizer, dataset.texts, batch_size=batch_size, max_length=max_length,
-        fidelity=fidelity, progress=progress,
+        runners,
+        tokenizer,
+        dataset.texts,
+        batch_size=batch_size,
+        max_length=max_length,
+        fidelity=fidelity,
+        progress=progress,
     )
     normed = [v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None) for v in vectors]
     extra: dict[str, Any] = {"texts": len(dataset.texts)}
     if dataset.pairs is not None and dataset.scores is not None:
-        pair_vectors, _ = embed_texts(runners, tokenizer, dataset.pairs, batch_size=batch_size, max_length=max_length)
-        pn = [v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None) for v in pair_vectors]
+        pair_vectors, _ = embed_texts(
+            runners, tokenizer, dataset.pairs, batch_size=batch_size, max_length=max_length
+        )
+        pn = [
+            v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None) for v in pair_vectors
+        ]
         sims = [(a * b).sum(axis=1) for a, b in zip(normed, pn, strict=True)]
         scores = [float(spearmanr(s, dataset.scores).statistic) * 100 for s in sims]
         extra["ground_truth"] = "scores"
@@ -325,10 +366,12 @@ def similarity_task(
             neighbours.append(m.argmax(axis=1))
         extra["ground_truth"] = "reference pairwise cosines"
         extra["nearest_neighbour_agreement"] = {
-            r.name: float((neighbours[0] == nb).mean()) for r, nb in zip(runners[1:], neighbours[1:], strict=True)
+            r.name: float((neighbours[0] == nb).mean())
+            for r, nb in zip(runners[1:], neighbours[1:], strict=True)
         }
     extra["embedding_cosine_mean"] = {
-        r.name: float((normed[0] * n).sum(axis=1).mean()) for r, n in zip(runners[1:], normed[1:], strict=True)
+        r.name: float((normed[0] * n).sum(axis=1).mean())
+        for r, n in zip(runners[1:], normed[1:], strict=True)
     }
     return _task_result("similarity", "spearman_x100", True, "points", runners, scores, extra)
 
@@ -354,7 +397,9 @@ def window_nll(
     if stride > window or stride < 1:
         raise ConfigError(f"Perplexity stride {stride} must be between 1 and the window {window}.")
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    name = logits_name or next((m.name for m in runner.outputs if m.name == "logits"), runner.outputs[0].name)
+    name = logits_name or next(
+        (m.name for m in runner.outputs if m.name == "logits"), runner.outputs[0].name
+    )
     total_nll, scored, windows, previous_end = 0.0, 0, 0, 0
     starts = list(range(0, max(ids.size - 1, 1), stride))
     if max_windows is not None:
@@ -362,7 +407,9 @@ def window_nll(
     for begin in starts:
         end = min(begin + window, ids.size)
         chunk = ids[begin:end][None, :]
-        feeds = text_feeds(runner.inputs, {"input_ids": chunk, "attention_mask": np.ones_like(chunk)})
+        feeds = text_feeds(
+            runner.inputs, {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+        )
         logits = runner.infer(feeds)[name][0]
         logp = log_softmax(logits[:-1])
         targets = chunk[0, 1:]
@@ -400,7 +447,12 @@ def perplexity_task(
         )
         values.append(float(np.exp(nll / scored)))
     result = _task_result(
-        "perplexity", "perplexity", False, "percent", runners, values,
+        "perplexity",
+        "perplexity",
+        False,
+        "percent",
+        runners,
+        values,
         {"window": window, "stride": stride or window, "windows": windows, "tokens_scored": scored},
     )
     return result
@@ -419,7 +471,9 @@ def _task_result(
     drops: dict[str, float] = {}
     for runner, value in zip(runners[1:], values[1:], strict=True):
         if drop_unit == "percent":  # lower is better: relative increase in percent
-            drops[runner.name] = (value / reference - 1.0) * 100.0 if reference > 0 else float("inf")
+            drops[runner.name] = (
+                (value / reference - 1.0) * 100.0 if reference > 0 else float("inf")
+            )
         else:
             drops[runner.name] = _percent_drop(reference, value)
     return {

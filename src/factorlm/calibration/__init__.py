@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 
 from factorlm.calibration.capture import collect_statistics
-from factorlm.calibration.fisher import collect_fisher, collect_output_fisher
+from factorlm.calibration.fisher import (
+    collect_fisher,
+    collect_output_fisher,
+    collect_output_gram,
+)
 from factorlm.calibration.stats import CalibrationStats
 from factorlm.calibration.targets import Target, find_targets
 
@@ -19,6 +23,7 @@ __all__ = [
     "Target",
     "collect_fisher",
     "collect_output_fisher",
+    "collect_output_gram",
     "collect_statistics",
     "find_targets",
 ]

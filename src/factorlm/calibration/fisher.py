@@ -12,6 +12,10 @@ same folder and keyed by the ONNX initializer they describe:
   input Gram it gives a diagonal K-FAC estimate of the loss increase of replacing ``W`` by ``M``,
   ``‖X (W − M)ᵀ diag(√g)‖²/2``. Output gradients are per token, so one backward pass per batch is
   exact, and no weight gradient is ever allocated (cheaper than :func:`collect_fisher`).
+- :func:`collect_output_gram`: the full output-gradient Gram ``H = Σ_tokens g_t g_tᵀ`` (out × out,
+  float64; its diagonal is the statistic above), for the two-sided objective
+  ``‖X (W − M)ᵀ H^{1/2}‖²`` that keeps the correlations between output features. Same tasks, same
+  passes; memory ``8·out²`` bytes per weight (19 MB for a 1536-wide output).
 
 Losses:
 - ``lm``: next-token cross-entropy (causal LMs), padding ignored.
@@ -52,6 +56,7 @@ __all__ = [
     "FISHER_TASKS",
     "collect_fisher",
     "collect_output_fisher",
+    "collect_output_gram",
     "map_to_onnx",
     "output_fisher",
 ]
@@ -61,6 +66,7 @@ logger = logging.getLogger(__name__)
 FISHER_TASKS = ("auto", "classification", "lm", "embedding")
 _VERSION = 1
 _OUTPUT_VERSION = 1
+_GRAM_VERSION = 1
 
 
 def _resolve_task(config: dict[str, Any], task: str) -> str:
@@ -477,8 +483,10 @@ def output_fisher(
     weights: Collection[str] | None = None,
     mask_key: str = "attention_mask",
     advance: Callable[[int], None] | None = None,
+    full: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``g_j = Σ_tokens (∂L/∂y_tj)²`` (float64, one per output feature) of every linear layer.
+    """``g_j = Σ_tokens (∂L/∂y_tj)²`` (float64, one per output feature) of every linear layer;
+    with ``full``, the whole Gram ``Σ_tokens g_t g_tᵀ`` (out × out, float64) instead.
 
     ``loss(index, batch)`` returns the scalar loss of batch ``index`` (the model is called inside
     it), or a list of scalar losses from one forward pass, each back-propagated in turn with
@@ -500,13 +508,21 @@ def output_fisher(
         wanted = set(weights)
         modules = {name: entry for name, entry in modules.items() if name in wanted}
     sums = {
-        name: torch.zeros(module.weight.shape[axis], dtype=torch.float64)
+        name: torch.zeros((module.weight.shape[axis],) * (2 if full else 1), dtype=torch.float64)
         for name, (module, axis) in modules.items()
     }
     mask: list[Any] = [None]  # the current batch's token mask, read by the gradient hooks
 
     def accumulate(name: str) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
+            if full:  # masked rows are zero, so they add nothing to Σ g gᵀ
+                flat = grad.detach().double()
+                m = mask[0]
+                if m is not None and flat.ndim == 3 and tuple(flat.shape[:2]) == tuple(m.shape):
+                    flat = flat * m.unsqueeze(-1).to(flat.dtype)
+                flat = flat.reshape(-1, flat.shape[-1])
+                sums[name] += flat.T @ flat
+                return
             square = grad.detach().square()
             m = mask[0]
             if m is not None and square.ndim == 3 and tuple(square.shape[:2]) == tuple(m.shape):
@@ -599,19 +615,66 @@ def collect_output_fisher(
         label_column=label_column, labels=labels, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
     )  # fmt: skip
-    cached = job.cache_file("outfisher", _OUTPUT_VERSION, cache_dir)
+    return _collect_output(job, full=False, cache_dir=cache_dir, progress=progress)
+
+
+def collect_output_gram(
+    hf_model_dir: Path,
+    onnx_model: Path,
+    data: Path | Sequence[str],
+    *,
+    task: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    labels: Sequence[str] | None = None,
+    max_samples: int = 128,
+    max_length: int = 128,
+    batch_size: int = 4,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    probes: int | np.ndarray = 8,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Output-gradient Grams ``H = Σ_tokens g_t g_tᵀ`` ``(out, out)`` float64 per ONNX initializer.
+
+    ``g_t = ∂L/∂y_t`` of each linear layer at each non-padding token, with the tasks, losses,
+    batching and arguments of :func:`collect_output_fisher`, whose result is ``H``'s diagonal.
+    For ``embedding`` the Hutchinson estimate is unbiased for the full Gram too:
+    ``E[(rᵀJ)ᵀ(rᵀJ)] = JᵀJ / probes`` per probe. Cached like the other statistics (a separate
+    ``outgram-*.npz``); ``8·out²`` bytes per weight in memory and on disk.
+    """
+    job = _Job(
+        hf_model_dir, onnx_model, data, task=task, text_column=text_column,
+        label_column=label_column, labels=labels, max_samples=max_samples,
+        max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
+    )  # fmt: skip
+    return _collect_output(job, full=True, cache_dir=cache_dir, progress=progress)
+
+
+def _collect_output(
+    job: _Job, *, full: bool, cache_dir: Path | None, progress: bool
+) -> dict[str, np.ndarray]:
+    """The output Fisher (``full=False``) or Gram of ``job``: from the cache, else collected and
+    cached. The diagonal keeps its original cache name and group (``outfisher``, ``fisher``)."""
+    what = "output Gram" if full else "output Fisher"
+    title = what[0].upper() + what[1:]
+    prefix, version, group = (
+        ("outgram", _GRAM_VERSION, "output_gram") if full
+        else ("outfisher", _OUTPUT_VERSION, "fisher")
+    )  # fmt: skip
+    cached = job.cache_file(prefix, version, cache_dir)
     if cached.is_file():
-        logger.info("Loading cached output Fisher %s", cached)
-        return load_arrays(cached)[0].get("fisher", {})
+        logger.info("Loading cached %s %s", what, cached)
+        return load_arrays(cached)[0].get(group, {})
 
     job.load()
     mapping = job.mapping()
     linear = _linear_modules(job.model)
     logger.info(
-        "Output Fisher for %s of %s linear layers (the others do not map to %s)",
+        "%s for %s of %s linear layers (the others do not map to %s)", title,
         len({param for param, _ in mapping.values()}), len(linear), job.onnx_model.name,
     )  # fmt: skip
-    description = f"Output Fisher ({job.task}) of {job.hf_model_dir.name}"
+    description = f"{title} ({job.task}) of {job.hf_model_dir.name}"
     with _progress(description, len(job.texts), progress) as advance:
         g = output_fisher(
             job.model,
@@ -619,15 +682,16 @@ def collect_output_fisher(
             lambda index, batch: job.losses(index, batch, "sum"),
             weights={param for param, _ in mapping.values()},
             advance=advance,
+            full=full,
         )
     result = {init: g[param] for init, (param, _) in mapping.items()}
     tokens = sum(int(b["attention_mask"].sum()) for b in job.batches)
     try:
         save_arrays(
             cached,
-            {"fisher": result},
+            {group: result},
             {"task": job.task, "samples": len(job.texts), "tokens": tokens, **job.probe_key()},
         )
     except OSError as exc:
-        logger.warning("Could not cache the output Fisher in %s: %s", cached, exc)
+        logger.warning("Could not cache the %s in %s: %s", what, cached, exc)
     return result

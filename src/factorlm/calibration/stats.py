@@ -22,7 +22,7 @@ __all__ = ["CalibrationStats", "load_arrays", "save_arrays"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("gram", "mean_abs", "fisher", "output_fisher", "gram_heldout")
+_KINDS = ("gram", "mean_abs", "fisher", "output_fisher", "gram_heldout", "output_gram")
 _FORMAT = "factorlm-calibration-1"
 
 
@@ -82,6 +82,8 @@ class CalibrationStats:
         mean_abs: mean ``|x|`` per input feature (in,) float64.
         fisher: Fisher row sums per output feature (out,) float64 (FWSVD), when collected.
         output_fisher: ``Σ (∂L/∂y_j)²`` per output feature (out,) float64 (loss-aware whitening).
+        output_gram: the full ``Σ_t g_t g_tᵀ`` (out, out) float64 of the output gradients ``g_t``
+            (loss-aware whitening; used instead of ``output_fisher`` where present).
         gram_heldout: the part of ``gram`` from held-back batches (``heldout_tokens`` tokens),
             for choosing the shrinkage by held-back likelihood; empty unless asked for.
         tokens: number of non-padding tokens that went into the statistics.
@@ -94,6 +96,7 @@ class CalibrationStats:
     output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
     gram_heldout: dict[str, np.ndarray] = field(default_factory=dict)
     heldout_tokens: int = 0
+    output_gram: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         """Write the statistics to ``path`` (.npz), atomically; return the path."""
@@ -116,6 +119,7 @@ class CalibrationStats:
             fisher=groups.get("fisher", {}),
             output_fisher=groups.get("output_fisher", {}),
             gram_heldout=groups.get("gram_heldout", {}),
+            output_gram=groups.get("output_gram", {}),
             heldout_tokens=_count(meta.get("heldout_tokens", 0)),
             tokens=int(tokens) if isinstance(tokens, int | float | str) else 0,
         )

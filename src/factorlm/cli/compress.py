@@ -128,7 +128,7 @@ def _statistics(
             max_length=opts.max_length,
         )
         return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
-    from factorlm.calibration import collect_output_fisher, collect_statistics
+    from factorlm.calibration import collect_output_fisher, collect_output_gram, collect_statistics
 
     found = collect_statistics(
         model,
@@ -141,7 +141,8 @@ def _statistics(
         holdout=opts.shrinkage == "auto",
     )
     if opts.loss_aware:
-        found.output_fisher = collect_output_fisher(
+        collect = collect_output_gram if opts.output_gram else collect_output_fisher
+        table = collect(
             _torch_folder(hf_model, model),
             model,
             data,
@@ -152,6 +153,10 @@ def _statistics(
             max_samples=opts.calibration_samples,
             max_length=opts.max_length,
         )
+        if opts.output_gram:
+            found.output_gram = table
+        else:
+            found.output_fisher = table
     return found
 
 

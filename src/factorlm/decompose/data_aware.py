@@ -40,6 +40,7 @@ __all__ = [
     "activation_scaled_svd",
     "asvd_transform",
     "check_gram",
+    "check_output_gram",
     "whiten_transform",
     "whitened_svd",
 ]
@@ -67,6 +68,52 @@ def check_gram(gram: Any, in_features: int) -> np.ndarray:
     if (np.diag(g) < 0).any():
         raise DecompositionError("gram has a negative diagonal entry; XᵀX is never so.")
     return 0.5 * (g + g.T)
+
+
+#: Relative tolerance of ``check_output_gram``: a sum of outer products ``Σ g gᵀ`` is symmetric and
+#: positive semidefinite up to rounding far below this.
+_OUTPUT_GRAM_TOLERANCE = 1e-6
+
+
+def check_output_gram(gram: Any, out_features: int) -> np.ndarray:
+    """Return ``gram`` (the output-gradient Gram ``Σ_t g_t g_tᵀ``) as a symmetric float64
+    ``(out, out)`` matrix, or raise with one sentence naming the problem.
+
+    Positive semidefiniteness is checked up to rounding (a Cholesky of ``gram + 1e-6 · mean
+    diag · I``, no eigendecomposition), so a statistic summed in float64 always passes.
+    """
+    if not isinstance(gram, np.ndarray):
+        raise DecompositionError(f"output_gram must be a numpy array, got {type(gram).__name__}.")
+    if gram.shape != (out_features, out_features):
+        raise DecompositionError(
+            f"output_gram has shape {gram.shape} but the weight needs ({out_features}, "
+            f"{out_features}) (Σ g gᵀ over its output features)."
+        )
+    if not np.issubdtype(gram.dtype, np.number) or np.iscomplexobj(gram):
+        raise DecompositionError(f"output_gram must be real numbers, got dtype {gram.dtype}.")
+    h = gram.astype(np.float64)
+    if not np.isfinite(h).all():
+        raise DecompositionError("output_gram contains NaN or Inf values.")
+    top = float(np.abs(h).max())
+    if float(np.abs(h - h.T).max()) > _OUTPUT_GRAM_TOLERANCE * top:
+        raise DecompositionError(
+            "output_gram is not symmetric; Σ g gᵀ always is (was it transposed or truncated?)."
+        )
+    h = 0.5 * (h + h.T)
+    scale = float(np.mean(np.diag(h)))
+    semidefinite = top == 0.0  # a zero diagonal leaves only the zero matrix
+    if scale > 0.0:
+        try:
+            np.linalg.cholesky(h + (_OUTPUT_GRAM_TOLERANCE * scale) * np.eye(out_features))
+            semidefinite = True
+        except np.linalg.LinAlgError:
+            semidefinite = False
+    if not semidefinite:
+        raise DecompositionError(
+            "output_gram is not positive semidefinite (a Gram Σ g gᵀ of gradients never has a "
+            "negative eigenvalue)."
+        )
+    return h
 
 
 def _damped_cholesky(gram: np.ndarray) -> tuple[np.ndarray, float] | None:

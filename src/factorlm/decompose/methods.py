@@ -20,6 +20,11 @@ On the tall side (``in > out``) the whitening is applied through ``AᵀA = G + �
 ``A⁻¹ Z V_r = W B V_r`` needs no triangular solve. ``δ`` is the first step of the adaptive damping
 rule (1e-10 of the mean diagonal), so the objective is ``decompose``'s whenever its Cholesky
 succeeds at once (always, for a Gram from more tokens than features).
+
+Loss-aware whiten/drone weight the output side too: by a diagonal ``output_weight`` (``B =
+diag(√g)``, blocked products as above) or by the full output-gradient Gram ``output_gram`` ``H``
+(``B = L`` with ``L Lᵀ = H + δI``, damped like the input side). The full ``B`` is applied to an
+explicit ``Z = A W L`` on both sides (``Z Zᵀ`` or ``ZᵀZ``), without the blocked products.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from factorlm.decompose.data_aware import (
     _damped_cholesky,
     asvd_transform,
     check_gram,
+    check_output_gram,
     whiten_transform,
 )
 from factorlm.decompose.fisher import fisher_transform
@@ -70,13 +76,18 @@ METHODS: tuple[str, ...] = ("svd", "whiten", "drone", "asvd", "fwsvd")
 @dataclass(frozen=True, eq=False)
 class MethodInputs:
     """What a method reads besides the weight, held by reference (no copy): the gram for
-    whiten/drone, mean |x| (and ``alpha``) for asvd, Fisher row sums for fwsvd."""
+    whiten/drone, mean |x| (and ``alpha``) for asvd, Fisher row sums for fwsvd.
+
+    whiten/drone also take one loss weighting of the output side: ``output_weight`` (out,), a
+    diagonal ``Σ_t g_t²``, or ``output_gram`` (out, out), the full ``H = Σ_t g_t g_tᵀ``.
+    """
 
     gram: np.ndarray | None = None
     mean_abs: np.ndarray | None = None
     fisher: np.ndarray | None = None
     alpha: float = 0.5
     output_weight: np.ndarray | None = None  # whiten/drone: loss weight per output feature
+    output_gram: np.ndarray | None = None  # whiten/drone: output-gradient Gram (out, out)
 
 
 def _output_vector(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
@@ -91,6 +102,24 @@ def _output_vector(shape: tuple[int, ...], method: str, inputs: MethodInputs) ->
             inputs.output_weight, shape[1], "output_weight", what="loss weight per output feature"
         )
     return None
+
+
+def _output_factor(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
+    """Lower ``L`` with ``L Lᵀ = H + δI`` for whiten/drone given ``output_gram`` ``H``, else None.
+
+    ``‖X (W − M) L‖² = tr((W − M)ᵀ XᵀX (W − M) (H + δI))``: the two-sided weighted objective. ``δ``
+    follows the input side's adaptive damping, so a singular ``H`` (fewer tokens than outputs)
+    never fails; an all-zero ``H`` carries no information and gives plain whitening.
+    """
+    if method not in ("whiten", "drone") or inputs.output_gram is None:
+        return None
+    if inputs.output_weight is not None:
+        raise DecompositionError(
+            "give output_weight (diagonal) or output_gram (full), not both: they weight the same "
+            "output side."
+        )
+    factor = _damped_cholesky(check_output_gram(inputs.output_gram, shape[1]))
+    return None if factor is None else factor[0]
 
 
 def _statistic(shape: tuple[int, ...], method: str, inputs: MethodInputs) -> np.ndarray | None:
@@ -131,6 +160,13 @@ def _transform(weight: np.ndarray, method: str, inputs: MethodInputs) -> Transfo
     if method == "fwsvd":
         return fisher_transform(w64, stats)
     whitened = whiten_transform(w64, stats)
+    lower = _output_factor(weight.shape, method, inputs)
+    if lower is not None:  # Z = A W L; undo G ↦ G L⁻¹ by one triangular solve
+
+        def undo_full(right: np.ndarray) -> np.ndarray:
+            return _solve_right(right, lower)
+
+        return Transform(whitened.matrix @ lower, whitened.undo_left, undo_full)
     b = _output_scale(_output_vector(weight.shape, method, inputs))
     if b is None:
         return whitened
@@ -139,6 +175,13 @@ def _transform(weight: np.ndarray, method: str, inputs: MethodInputs) -> Transfo
         return right / b[None, :]
 
     return Transform(whitened.matrix * b[None, :], whitened.undo_left, undo_right)
+
+
+def _solve_right(right: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """``right @ inv(lower)`` for a lower-triangular ``lower``, by a triangular solve."""
+    return scipy.linalg.solve_triangular(
+        lower, right.T, trans="T", lower=True, check_finite=False
+    ).T
 
 
 def _output_scale(weights: np.ndarray | None) -> np.ndarray | None:
@@ -158,15 +201,19 @@ def decompose(
     rng: np.random.Generator | None = None,
     svd_method: SvdMethod = "auto",
     output_weight: np.ndarray | None = None,
+    output_gram: np.ndarray | None = None,
 ) -> LowRank:
     """Rank-``rank`` factors of ``W`` by ``method`` (svd, whiten, drone, asvd, fwsvd).
 
     ``output_weight`` (whiten/drone): a loss weight per output feature, e.g. the output Fisher
     ``Σ (∂L/∂y_j)²``; the objective becomes ``‖X (W − M) diag(√output_weight)‖``.
+    ``output_gram`` (whiten/drone, instead): the full output-gradient Gram ``H = Σ_t g_t g_tᵀ``
+    (out × out); the objective becomes ``‖X (W − M) H^{1/2}‖``, solved as ``A⁻¹ [A W L]_r L⁻¹``
+    with ``L Lᵀ = H + δI`` (rank is invariant under invertible maps on either side).
     """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight, output_gram)
     transform = _transform(weight, method, inputs)
     return lowrank_from_transform(transform, r, weight.dtype, rng=rng, method=svd_method)
 
@@ -180,10 +227,11 @@ def spectrum(
     fisher: np.ndarray | None = None,
     alpha: float = 0.5,
     output_weight: np.ndarray | None = None,
+    output_gram: np.ndarray | None = None,
 ) -> np.ndarray:
     """Descending singular values of the matrix ``method`` truncates (float64, min(m, n) long)."""
     weight = check_weight(W)
-    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    inputs = MethodInputs(gram, mean_abs, fisher, alpha, output_weight, output_gram)
     transform = _transform(weight, method, inputs)
     try:
         return scipy.linalg.svdvals(transform.matrix, check_finite=False)
@@ -305,13 +353,14 @@ def prepare(
     alpha: float = 0.5,
     keep: int | None = None,
     output_weight: np.ndarray | None = None,
+    output_gram: np.ndarray | None = None,
 ) -> PreparedWeight:
     """Spectrum and leading ``keep`` singular vectors (default all) of the matrix ``method``
     truncates, from one eigendecomposition of its Gram on the smaller side."""
     weight = check_weight(W)
     small = min(weight.shape)
     kept = small if keep is None else max(0, min(int(keep), small))
-    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight, output_gram)
     k = _small_gram(weight, method, stats)
     if kept == 0:  # spectrum only: eigenvalues without vectors, ~4x cheaper than eigh
         values = scipy.linalg.eigvalsh(k, check_finite=False)
@@ -333,6 +382,7 @@ def prepared_lowrank(
     fisher: np.ndarray | None = None,
     alpha: float = 0.5,
     output_weight: np.ndarray | None = None,
+    output_gram: np.ndarray | None = None,
 ) -> LowRank:
     """Rank-``rank`` factors of ``W`` by ``method`` through the planner's path, in one ``eigh``.
 
@@ -343,7 +393,7 @@ def prepared_lowrank(
     """
     weight = check_weight(W)
     r = check_rank(rank, weight.shape)
-    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight)
+    stats = MethodInputs(gram, mean_abs, fisher, alpha, output_weight, output_gram)
     s, vectors = _eigh_descending(_small_gram(weight, method, stats))
     return _prepared(weight, method, s, vectors[:, :r], stats).lowrank(weight, r)
 
@@ -358,10 +408,18 @@ def _prepared(
 
 
 def _small_gram(weight: np.ndarray, method: str, inputs: MethodInputs) -> np.ndarray:
-    """``Z Zᵀ`` (in ≤ out) or ``ZᵀZ`` computed without A (in > out), float64, symmetric."""
+    """``Z Zᵀ`` (in ≤ out) or ``ZᵀZ`` computed without A (in > out), float64, symmetric.
+
+    With a full ``output_gram`` both sides use the explicit ``Z = A W L`` (``A`` from the
+    adaptively damped Cholesky, as ``decompose``), so every entry point truncates one matrix.
+    """
     if weight.shape[0] <= weight.shape[1]:
         z = _transform(weight, method, inputs).matrix
         return z @ z.T
+    if _output_factor(weight.shape, method, inputs) is not None:
+        z = _transform(weight, method, inputs).matrix
+        k = z.T @ z
+        return 0.5 * (k + k.T)
     k, _ = _tall_gram(weight, method, inputs)
     return k
 
@@ -505,18 +563,24 @@ def _right_side_factors(
     """Factors from the right singular vectors ``V_r`` of ``Z`` (``in > out``), ``A``-free.
 
     Left ``W B V_r diag(1/√s)`` a row block of ``W`` at a time (cast to the weight's dtype as
-    it goes), right ``diag(√s) V_rᵀ B⁻¹``.
+    it goes), right ``diag(√s) V_rᵀ B⁻¹``. ``B`` is ``diag(b)`` or, with a full ``output_gram``,
+    the lower Cholesky factor ``L`` (then ``A⁻¹ Z V_r = W L V_r``: still no solve with ``A``).
     """
     m, n = weight.shape
-    b = _output_scale(_output_vector(weight.shape, method, inputs))
+    lower = _output_factor(weight.shape, method, inputs)
+    b = None if lower is not None else _output_scale(_output_vector(weight.shape, method, inputs))
     t = np.where(s > 0, np.sqrt(s), 1.0)
     left = np.empty((m, vectors.shape[1]), dtype=weight.dtype)
+    # With L: W L V_r = W (L V_r), one (out × r) product instead of a scaled copy per block.
+    basis = vectors if lower is None else lower @ vectors
     for rows in _blocks(m, n, block_values):
         y = weight[rows].astype(np.float64)
         if b is not None:
             y = y * b[None, :]
-        left[rows] = cast_back((y @ vectors) / t[None, :], weight.dtype, "left")
+        left[rows] = cast_back((y @ basis) / t[None, :], weight.dtype, "left")
     right = t[:, None] * vectors.T
     if b is not None:
         right = right / b[None, :]
+    if lower is not None:
+        right = _solve_right(right, lower)
     return left, cast_back(right, weight.dtype, "right")

@@ -11,7 +11,7 @@ forms the rewrite passes understand::
     MatMul(h, Transpose(W)) LM head tied to the embedding through a Transpose
 
 An embedding shared with one linear use (a tied LM head) is factorized once and both uses share
-the factors. Everything else is reported with a one-line reason: non-float or quantized weights,
+the factors; its core matrix is then the head's (``Eᵀ``, so the head's input statistics apply). Everything else is reported with a one-line reason: non-float or quantized weights,
 weights shared in other ways, N-D tensors, small matrices and the factors of an earlier run.
 """
 
@@ -195,6 +195,16 @@ def _classify_use(node: ir.Node, index: int) -> Use | str:
     return f"also used by {op} node {name} (input {index})"
 
 
+def _core_transposed(use: Use) -> bool:
+    """Whether the core ``y = x @ M`` reads the stored weight transposed for this use.
+
+    "W@x", "gemm_a": ``y = W' @ x``, so ``yᵀ = xᵀ @ W'ᵀ``; "x@Wt" and Gemm's ``transB`` read it
+    transposed directly.
+    """
+    direct = use.form in ("x@W", "gemm_b", "x@Wt")
+    return use.transposed if direct else not use.transposed
+
+
 def _is_weight_consumer(node: ir.Node, index: int, value: ir.Value) -> bool:
     """Whether this use makes the initializer look like a weight worth reporting."""
     if node.op_type in ("MatMul", "Gemm") and index in (0, 1):
@@ -339,16 +349,16 @@ def analyze(model: ir.Model, *, min_size: int = 0, joint: bool = False) -> Analy
             skip(f"has {rows * cols} elements, below min_size {min_size}")
             continue
         if gathers:
-            candidates.append(
-                Candidate(name, value, "embedding", (rows, cols), False, tuple(gathers + linear))
-            )
+            # A tied LM head gives the core its orientation (logits = h @ Eᵀ: M = Eᵀ, in = the
+            # hidden width), so a data-aware method weights the error by the head's inputs.
+            transposed = _core_transposed(linear[0]) if linear else False
+            shared = tuple(gathers + linear)
+            candidates.append(Candidate(name, value, "embedding", (rows, cols), transposed, shared))
             continue
         use = linear[0]
-        # Core orientation: y = x @ M. W@x and Gemm's A read the weight transposed.
-        # "W@x", "gemm_a": y = W' @ x, so yᵀ = xᵀ @ W'ᵀ.
-        direct = use.form in ("x@W", "gemm_b", "x@Wt")
-        transposed = use.transposed if direct else not use.transposed
-        candidates.append(Candidate(name, value, "linear", (rows, cols), transposed, (use,)))
+        candidates.append(
+            Candidate(name, value, "linear", (rows, cols), _core_transposed(use), (use,))
+        )
     if joint:
         candidates = group_siblings(candidates)
     logger.info("Found %d factorizable weights, skipped %d", len(candidates), len(skipped))

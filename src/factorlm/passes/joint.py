@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import scipy.linalg
 
 from factorlm.decompose import LowRank
 from factorlm.passes.analysis import JOINT_SEPARATOR, Analysis, Candidate, analyze
@@ -61,14 +62,18 @@ def joint_statistics(stats: Any, analysis: Analysis) -> Any:
     """A shallow copy of calibration ``stats`` that also answers for every joint candidate.
 
     Members share their input, so the joint weight's Gram and mean |x| are any member's; its
-    Fisher row sums (per output feature) are the members' concatenated. Entries a member lacks
-    are left out, so a data-aware plan still fails with the member's name missing.
+    Fisher row sums (per output feature) are the members' concatenated. Its full output-gradient
+    Gram (``output_gram``) is the block diagonal of the members': the cross-member blocks
+    ``Σ g_q g_kᵀ`` are never collected (each member's Gram comes from its own output), so the
+    joint objective ignores correlations between Q, K and V outputs while keeping those within
+    each. Entries a member lacks are left out, so a data-aware plan still fails with the member's
+    name missing.
     """
     joint = [c for c in analysis.candidates if c.members]
     if stats is None or not joint:
         return stats
     result = copy.copy(stats)
-    for key in ("gram", "mean_abs", "fisher", "output_fisher"):
+    for key in ("gram", "mean_abs", "fisher", "output_fisher", "output_gram"):
         table = getattr(stats, key, None)
         if table is None:
             continue
@@ -78,6 +83,8 @@ def joint_statistics(stats: Any, analysis: Analysis) -> Any:
                 continue
             if key in ("fisher", "output_fisher"):
                 extended[cand.name] = np.concatenate([table[m] for m in cand.members])
+            elif key == "output_gram":
+                extended[cand.name] = scipy.linalg.block_diag(*(table[m] for m in cand.members))
             else:
                 extended[cand.name] = table[cand.members[0]]
         setattr(result, key, extended)

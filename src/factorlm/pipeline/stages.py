@@ -167,6 +167,7 @@ def calibrate(
         CalibrationStats,
         collect_fisher,
         collect_output_fisher,
+        collect_output_gram,
         collect_statistics,
     )
 
@@ -197,7 +198,8 @@ def calibrate(
             holdout=config.calibration.shrinkage == "auto",
         )
         if config.calibration.loss_aware:
-            stats.output_fisher = collect_output_fisher(
+            full = config.calibration.output_gram
+            table = (collect_output_gram if full else collect_output_fisher)(
                 _torch_source(model_dir, "calibration option 'loss_aware'"),
                 onnx_dir / "model.onnx",
                 calib,
@@ -208,6 +210,10 @@ def calibrate(
                 max_samples=config.data.calibration_samples,
                 max_length=config.calibration.max_length,
             )
+            if full:
+                stats.output_gram = table
+            else:
+                stats.output_fisher = table
     stats.save(out / "stats.npz")
     return {
         "method": method,

@@ -39,7 +39,10 @@ def fill_costs(cand: CandidateLike, entry: WeightPlan) -> None:
         return
     r = int(entry.rank or 0)
     entry.params_after = r * (m + n)
-    entry.flops_after = 2 * r * (m + n) * linear_uses + 2 * r * n * gathers
+    # A lookup adds its r × d MatMul; d is the stored embedding's width (the core of one tied
+    # to an LM head is Eᵀ, so ``n`` is the vocabulary there).
+    width = cand.stored_shape[1] if gathers else n
+    entry.flops_after = 2 * r * (m + n) * linear_uses + 2 * r * width * gathers
     if entry.method == "losparse" and entry.sparse is not None:
         structure, density = entry.sparse["structure"], float(entry.sparse["density"])
         if structure == "column":

@@ -167,7 +167,7 @@ def make_plan(
         elif exc is not None and _matches(exc, cand.name, cand.node_names):
             plan.skipped[cand.name] = f"excluded by --exclude {exclude!r}"
         elif cand.kind == "embedding":
-            plan_embedding(plan, cand, embeddings, rank_multiple)
+            plan_embedding(plan, cand, embeddings, rank_multiple, method, stats)
         else:
             linear.append(cand)
     target = (latency, float(target_ms)) if latency is not None and target_ms is not None else None

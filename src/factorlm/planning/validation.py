@@ -14,6 +14,7 @@ from factorlm.planning.kronecker import supports_kronecker
 from factorlm.planning.lowrank import supports_lowrank_sparse
 from factorlm.planning.schema import (
     ALL_METHODS,
+    DATA_AWARE,
     SPARSE_STRUCTURES,
     AnalysisLike,
     CandidateLike,
@@ -39,9 +40,17 @@ def validate_plan(plan: Plan, analysis: AnalysisLike) -> Plan:
             raise PlanError(
                 f"plan weight {name!r} has unknown method {entry.method!r}; use one of {', '.join(ALL_METHODS)}."
             )
-        if cand.kind == "embedding" and entry.method != "svd":
+        # An embedding tied to an LM head can be weighted by the head's input statistics.
+        tied = any(use.form != "gather" for use in cand.uses)
+        if (
+            cand.kind == "embedding"
+            and entry.method != "svd"
+            and not (tied and entry.method in DATA_AWARE)
+        ):
             raise PlanError(
-                f"plan weight {name!r} is a token embedding; only method 'svd' applies to it."
+                f"plan weight {name!r} is a token embedding; only method 'svd' applies to it "
+                f"(or a data-aware low-rank method, {', '.join(DATA_AWARE)}, when an LM head is "
+                "tied to it)."
             )
         if cand.members and entry.method in ("kron", "losparse"):
             raise PlanError(
