@@ -285,9 +285,9 @@ class CompressOptions(_Options):
     )
     fisher_task: FisherTask = _opt(
         "auto",
-        "fwsvd and loss_aware: the loss whose gradients give the Fisher (auto: labels for a "
-        "classifier, next-token loss for a causal LM; embedding: the pooled sentence embedding's "
-        "sensitivity, no labels, for sentence encoders).",
+        "fwsvd and loss_aware: the loss whose gradients give the Fisher (auto: next-token loss "
+        "for a causal LM, the labels for a classifier; for an encoder without a head the labelled "
+        "probe (fwsvd) or embedding (loss_aware): the pooled embedding's sensitivity, no labels).",
         choices=FISHER_TASKS,
         yaml="calibration.fisher_task",
     )

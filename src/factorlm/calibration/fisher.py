@@ -69,15 +69,18 @@ _OUTPUT_VERSION = 1
 _GRAM_VERSION = 1
 
 
-def _resolve_task(config: dict[str, Any], task: str) -> str:
+def _resolve_task(config: dict[str, Any], task: str, headless: str = "classification") -> str:
+    """``auto``: ``lm`` for a causal LM, ``classification`` for a model with a classification
+    head, else ``headless`` (FWSVD: the labelled probe; loss-aware: ``embedding``, which measured
+    better for a sentence encoder's pooled embedding, benchmarks/results/minilm_loss_aware.md)."""
     if task not in FISHER_TASKS:
         raise ConfigError(f"Unknown Fisher task {task!r}; choose one of {', '.join(FISHER_TASKS)}.")
     if task != "auto":
         return task
     archs = config.get("architectures") or []
-    return (
-        "lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
-    )
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "lm"
+    return "classification" if any("ForSequenceClassification" in a for a in archs) else headless
 
 
 def _linear_modules(model: Any) -> dict[str, tuple[Any, int]]:
@@ -213,13 +216,14 @@ class _Job:
         batch_size: int,
         probes: int | np.ndarray = 8,
         seed: int = 0,
+        headless: str = "classification",
     ) -> None:
         from factorlm.data import load_texts, read_labelled
         from factorlm.exporters.hf import check_model_dir
 
         self.hf_model_dir, self.onnx_model = Path(hf_model_dir), Path(onnx_model)
         self.config = check_model_dir(self.hf_model_dir)
-        self.task = _resolve_task(self.config, task)
+        self.task = _resolve_task(self.config, task, headless)
         if not self.onnx_model.is_file():
             raise ModelLoadError(f"The ONNX model {self.onnx_model} does not exist.")
         if batch_size < 1:
@@ -614,6 +618,7 @@ def collect_output_fisher(
         hf_model_dir, onnx_model, data, task=task, text_column=text_column,
         label_column=label_column, labels=labels, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
+        headless="embedding",
     )  # fmt: skip
     return _collect_output(job, full=False, cache_dir=cache_dir, progress=progress)
 
@@ -647,6 +652,7 @@ def collect_output_gram(
         hf_model_dir, onnx_model, data, task=task, text_column=text_column,
         label_column=label_column, labels=labels, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, probes=probes, seed=seed,
+        headless="embedding",
     )  # fmt: skip
     return _collect_output(job, full=True, cache_dir=cache_dir, progress=progress)
 
