@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "--domains",
         nargs="+",
         default=["emma"],
-        choices=["emma", "reviews", "mixed"],
-        help="calibration texts: Emma (in-domain), review snippets (cross-domain) or factorlm's "
-        "mixed-genre set (--data mixed)",
+        choices=["emma", "reviews", "mixed", "generated", "reviews+generated"],
+        help="calibration texts: Emma (in-domain), review snippets (cross-domain), factorlm's "
+        "mixed-genre set (--data mixed), text sampled by the model (--generated-samples) or "
+        "half reviews, half sampled",
     )
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "decoder_quality"
@@ -165,12 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     original = results["original"]
     say(f"original perplexity {original}")
 
+    from factorlm.assets import smollm_dir
     from factorlm.assets.mixed import mixed_calibration_texts
+    from factorlm.calibration.generated import generated_texts, with_generated
+
+    def sampled(count: int) -> list[str]:
+        return generated_texts(smollm_dir(), count, tokens=CHUNK_TOKENS)
 
     makers = {
         "emma": _emma_chunks,
         "reviews": _review_chunks,
         "mixed": lambda _tok: mixed_calibration_texts(CHUNKS),
+        "generated": lambda _tok: sampled(CHUNKS),
+        "reviews+generated": lambda tok: with_generated(
+            _review_chunks(tok)[: CHUNKS // 2], sampled(CHUNKS // 2)
+        ),
     }
     domains = {name: makers[name](tokenizer) for name in args.domains}
     need_fisher = any(VARIANTS[v].get("loss_aware") for v in args.variants)

@@ -55,6 +55,7 @@ from factorlm.planning import (
     StatsLike,
     WeightPlan,
     load_plan,
+    lookup_weight,
     make_plan,
     validate_plan,
 )
@@ -122,6 +123,12 @@ def _collect(
         raise ConfigError(
             "method 'fwsvd' needs a Fisher from the PyTorch model: pass stats= from "
             "factorlm.calibration.collect_fisher (or use factorlm run / the CLI)."
+        )
+    if opts.generated_samples:
+        raise ConfigError(
+            "compress option 'generated_samples' needs the PyTorch weights, which compress() "
+            "does not take: use the CLI or factorlm run, or pass stats= collected on "
+            "factorlm.calibration.generated.generated_texts(...) plus your texts."
         )
     from factorlm.calibration import collect_statistics
 
@@ -202,6 +209,9 @@ def factorize_entry(
     loss_aware = entry.method in ("whiten", "drone")
     full = (getattr(stats, "output_gram", None) or {}).get(name) if loss_aware else None
     output = getattr(stats, "output_fisher", None) or {}
+    weight = output.get(name) if loss_aware and full is None else None
+    if entry.kind == "embedding" and loss_aware and full is None and weight is None:
+        weight = lookup_weight(stats, name)  # a tied embedding's rows, by lookups (planner's rule)
     return prepared_lowrank(
         matrix,
         entry.method,
@@ -209,7 +219,7 @@ def factorize_entry(
         gram=extra["gram"],
         mean_abs=extra["mean_abs"],
         fisher=extra["fisher"],
-        output_weight=output.get(name) if loss_aware and full is None else None,
+        output_weight=weight,
         output_gram=full,
     )
 
@@ -248,12 +258,13 @@ class _OneWeightStats:
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
     output_fisher: dict[str, np.ndarray] = field(default_factory=dict)
     output_gram: dict[str, np.ndarray] = field(default_factory=dict)
+    token_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _one_weight(stats: StatsLike | None, name: str) -> StatsLike | None:
     if stats is None:
         return None
-    kinds = ("gram", "mean_abs", "fisher", "output_fisher", "output_gram")
+    kinds = ("gram", "mean_abs", "fisher", "output_fisher", "output_gram", "token_counts")
     tables = {k: getattr(stats, k, None) or {} for k in kinds}
     return _OneWeightStats(**{k: {name: t[name]} if name in t else {} for k, t in tables.items()})
 

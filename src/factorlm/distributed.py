@@ -19,60 +19,93 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from factorlm.errors import ConfigError
+from factorlm.errors import ConfigError, FactorlmError
 
-__all__ = ["RAY_INSTALL_HINT", "import_ray", "ordered_map", "ray_session"]
+__all__ = ["RAY_INSTALL_HINT", "import_ray", "ordered_map", "ray_connection", "ray_session"]
 
 logger = logging.getLogger(__name__)
 
 RAY_INSTALL_HINT = "pip install 'factorlm[ray]'"
 
 
-def import_ray(what: str = "compress --ray") -> Any:
-    """The ``ray`` module, or ConfigError in one sentence naming the extra to install."""
+def import_ray(what: str = "compress --ray", error: type[FactorlmError] = ConfigError) -> Any:
+    """The ``ray`` module, or ``error`` in one sentence naming the extra to install.
+
+    The one Ray import of factorlm: ``compress --ray`` (ConfigError) and ``factorlm sweep``
+    (``sweeps.run.import_ray``: BackendUnavailableError) both come here.
+    """
     try:
         import ray
     except ImportError:
-        raise ConfigError(
-            f"{what} needs Ray, which is not installed: {RAY_INSTALL_HINT}."
-        ) from None
+        raise error(f"{what} needs Ray, which is not installed: {RAY_INSTALL_HINT}.") from None
     return ray
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Refuse an address nothing listens on at once (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or a name Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check the "
+            "address (`ray status` on the head node prints it) or leave it out for a local Ray."
+        ) from None
+
+
+@contextmanager
+def ray_connection(address: str | None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connect to Ray for the duration of the block, by Ray's own address rules; yield the module.
+
+    ``None``: ``RAY_ADDRESS``, else the cluster last started on this machine, else a new local
+    Ray; ``"auto"``: the same but never starts one; ``"local"``: always a new local Ray; anything
+    else is a cluster address (``ray://host:10001`` or ``host:6379``), checked to answer first.
+    ``num_cpus`` sizes a Ray started here. A Ray already initialized in this process is used as
+    is and left running; one started here is shut down at the end. Shared by ``compress --ray``
+    (:func:`ray_session`) and ``factorlm sweep``.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = {
+        "log_to_driver": False,
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,  # no banner or start-up notices in the CLI's output
+    }
+    if num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    if address is not None:
+        _probe(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError) as exc:
+        where = address if address is not None else "its default address"
+        reason = " ".join(str(exc).split()).rstrip(".")
+        raise ConfigError(f"Cannot connect to Ray at {where}: {reason}.") from None
+    logger.info("Ray started (%s): %s CPUs", address, ray.cluster_resources().get("CPU"))
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 @contextmanager
 def ray_session(address: str) -> Iterator[Any]:
-    """Connect to Ray for the duration of the block and yield the module.
+    """:func:`ray_connection` with ``compress --ray``'s address words; yield the module.
 
     ``"local"`` starts a private local Ray; ``"auto"`` joins the cluster named by
     ``RAY_ADDRESS`` or else starts a local one; anything else is a cluster address
-    (``ray://host:10001`` or ``host:6379``). A Ray already initialized in this process is used
-    as is and left running; one started here is shut down at the end.
+    (``ray://host:10001`` or ``host:6379``).
     """
-    ray = import_ray()
-    started = False
-    if not ray.is_initialized():
-        if address == "local":
-            target: str | None = "local"
-        elif address == "auto":
-            target = os.environ.get("RAY_ADDRESS") or None
-        else:
-            target = address
-        try:
-            ray.init(
-                address=target,
-                log_to_driver=False,
-                include_dashboard=False,
-                logging_level=logging.WARNING,  # no banner in the CLI's output
-            )
-        except (ConnectionError, ValueError) as exc:
-            raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
-        started = True
-        logger.info("Ray started (%s): %s CPUs", address, ray.cluster_resources().get("CPU"))
-    try:
+    target = (os.environ.get("RAY_ADDRESS") or None) if address == "auto" else address
+    with ray_connection(target) as ray:
         yield ray
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _call(func: Callable[..., Any], args: tuple[Any, ...]) -> Any:

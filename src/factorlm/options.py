@@ -311,6 +311,13 @@ class CompressOptions(_Options):
         le=1.0,
         yaml="calibration.sequential_ridge",
     )
+    generated_samples: int = _opt(
+        0,
+        "Add this many texts sampled by the model itself (causal LMs, from its start token; needs "
+        "the PyTorch weights) to the calibration data: generic text that broadens a narrow set.",
+        ge=0,
+        yaml="calibration.generated_samples",
+    )
     shrinkage: Shrinkage = _opt(
         "none",
         "Shrink each calibration Gram toward its diagonal (auto: by the likelihood of held-back "

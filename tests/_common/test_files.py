@@ -96,6 +96,41 @@ def test_staged_directory_is_removed_on_an_exception_and_the_old_output_kept(
         assert sorted(os.listdir(out)) == ["keep.txt"]
 
 
+def test_staged_directory_replaces_an_unmarked_folder_that_publish_refuses(
+    tmp_path: Path,
+) -> None:
+    """staged_directory is staged_output without the own-marker check: its callers checked the
+    output themselves (asset folders predate the marker); a failed rename restores the old one."""
+    from factorlm._common.outputs import staged_output
+    from factorlm.errors import ConfigError
+
+    out = tmp_path / "asset"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with (
+        pytest.raises(ConfigError, match="not created by factorlm"),
+        staged_output(out, "build") as stage,
+    ):
+        (stage / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["asset"] and os.listdir(out) == ["old.txt"]
+    real_replace = os.replace
+
+    def failing(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == out and Path(src).parent == tmp_path and Path(src).name != "asset":
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", failing)
+        with pytest.raises(OSError, match="rename failed"), staged_directory(out) as stage:
+            (stage / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["asset"] and os.listdir(out) == ["old.txt"]
+    with staged_directory(out) as stage:
+        (stage / "new.txt").write_text("new")
+    assert sorted(os.listdir(out)) == [".factorlm-owned", "new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["asset"]
+
+
 def _model_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()

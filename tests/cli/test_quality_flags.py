@@ -85,3 +85,12 @@ def test_output_gram_needs_loss_aware(
     out = tmp_path / "out4" / "model.onnx"
     assert cli.main([*_argv(tiny_llama_past, out, data), "--output-gram"]) == 2
     assert "output-gram refines" in capsys.readouterr().err
+
+
+def test_generated_samples_join_the_calibration(
+    tiny_llama_past: Path, tmp_path: Path, data: Path
+) -> None:
+    out = tmp_path / "out5" / "model.onnx"
+    argv = [*_argv(tiny_llama_past, out, data), "--generated-samples", "6", "--loss-aware"]
+    assert cli.main(argv) == 0
+    assert out.is_file()

@@ -202,31 +202,43 @@ def test_truncated_shared_factors_stay_within_the_truncation(decoder: Path, tmp_
     _decode_matches_prefill(out, ids)
 
 
-def test_whiten_fits_the_shared_factors_to_the_head_s_inputs(
+def test_whiten_fits_the_shared_factors_to_the_head_s_inputs_and_lookups(
     tiny_llama_past: Path, tmp_path: Path
 ) -> None:
-    """Calibration records the Gram of the head's input under the embedding's name, and
-    ``compress(method="whiten")`` factorizes the tied pair to minimise the logits' error on it:
-    lower than plain SVD's in that metric, higher in plain Frobenius norm (each is optimal for
-    its own); both outputs still decode with their KV cache."""
+    """Calibration records, under the embedding's name, the Gram ``C`` of the head's input and
+    how often each token was looked up (``n``); ``compress(method="whiten")`` factorizes the tied
+    pair to minimise ``Σ_i (n_i + 1) · Δ_i C Δ_iᵀ`` (``Δ = E - P Q``, row i = token i): the
+    logits' error on the calibration inputs, counted per looked-up row. Lower than plain SVD's
+    there, higher in plain Frobenius norm (each is optimal for its own); both outputs decode."""
     from factorlm._common.text import TextTokenizer
-    from factorlm.calibration import collect_statistics
+    from factorlm.calibration import CalibrationStats, collect_statistics
     from tiny_vocab import WORDS
 
     decoder = tiny_llama_past
     cand = _tied(load_model(decoder))
     vocab, d = cand.stored_shape
     rng = np.random.default_rng(3)
-    texts = [" ".join(rng.choice(WORDS, 90)) for _ in range(6)]
+    texts = [" ".join(rng.choice(WORDS[:12], 90)) for _ in range(6)]  # a skewed vocabulary
     stats = collect_statistics(
-        decoder, texts, max_length=100, batch_size=1, cache_dir=tmp_path / "cache", progress=False
+        decoder, texts, max_length=100, batch_size=2, cache_dir=tmp_path / "cache", progress=False
     )
-    gram = stats.gram[cand.name]
-    assert gram.shape == (d, d)
+    gram, counts = stats.gram[cand.name], stats.token_counts[cand.name]
     tokenizer, names = TextTokenizer(decoder.parent), _names(cand)
-    runs = [_probe(decoder, names, tokenizer.encode(t)[None, :]) for t in texts]
+    ids = [tokenizer.encode(t) for t in texts]
+    assert np.array_equal(counts, np.bincount(np.concatenate(ids), minlength=vocab))
+    assert 0 < np.count_nonzero(counts) < vocab
+    runs = [_probe(decoder, names, row[None, :]) for row in ids]
     hidden = np.concatenate([run["hidden"][0] for run in runs]).astype(np.float64)
+    assert gram.shape == (d, d)
     assert gram == pytest.approx(hidden.T @ hidden, rel=1e-4, abs=1e-6 * np.abs(gram).max())
+    (cached,) = (tmp_path / "cache").glob("stats-*.npz")
+    assert np.array_equal(CalibrationStats.load(cached).token_counts[cand.name], counts)
+
+    weight = cand.stored().astype(np.float64)
+    rows = counts + 1.0
+
+    def objective(delta: np.ndarray) -> float:
+        return float(np.einsum("i,ij,jk,ik->", rows, delta, gram, delta))
 
     errors = {}
     for method in ("whiten", "svd"):
@@ -242,14 +254,11 @@ def test_whiten_fits_the_shared_factors_to_the_head_s_inputs(
             for t in onnx.load(str(out)).graph.initializer
             if t.name.startswith(cand.name)
         }
-        delta = cand.stored().astype(np.float64) - (
-            inits[f"{cand.name}.factorlm_left"] @ inits[f"{cand.name}.factorlm_right"]
-        )
-        errors[method] = (np.trace(delta @ gram @ delta.T), np.linalg.norm(delta))
-        # The plan's expected error: of the head's output on the Gram (whiten), of E (svd).
-        weight = cand.stored().astype(np.float64)
+        delta = weight - inits[f"{cand.name}.factorlm_left"] @ inits[f"{cand.name}.factorlm_right"]
+        errors[method] = (objective(delta), np.linalg.norm(delta))
+        # The plan's expected error, relative: of that objective (whiten), of E (svd).
         expected = (
-            np.sqrt(errors[method][0] / np.trace(weight @ gram @ weight.T))
+            np.sqrt(errors[method][0] / objective(weight))
             if method == "whiten"
             else errors[method][1] / np.linalg.norm(weight)
         )

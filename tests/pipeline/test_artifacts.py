@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,29 @@ def test_hash_files_sees_content_changes(tmp_path: Path) -> None:
     before = hash_files([tmp_path])
     (tmp_path / "a.bin").write_bytes(b"124")
     assert hash_files([tmp_path]) != before
+
+
+def test_failed_publish_keeps_the_previous_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between moving the old stage folder aside and renaming the new one into place
+    puts the old one back (the old code deleted it first, so it was lost)."""
+    calls: list[str] = []
+    store = ArtifactStore(tmp_path)
+    store.run("stage", "k1", _writer(calls, "old"))
+    real_replace = os.replace
+
+    def failing_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(src).name.startswith(".tmp-stage.") and Path(dst) == tmp_path / "stage":
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        store.run("stage", "k2", _writer(calls, "new"), force=True)
+    monkeypatch.undo()
+    assert calls == ["old", "new"]
+    assert (tmp_path / "stage" / "out.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "stage"]
+    again = ArtifactStore(tmp_path).run("stage", "k1", _writer(calls, "unused"))
+    assert again.skipped and (again.path / "out.txt").read_text() == "old"

@@ -64,6 +64,7 @@ class _Stats:
     gram: dict[str, np.ndarray] = field(default_factory=dict)
     mean_abs: dict[str, np.ndarray] = field(default_factory=dict)
     fisher: dict[str, np.ndarray] = field(default_factory=dict)
+    token_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _gram(d: int, seed: int) -> np.ndarray:
@@ -113,3 +114,33 @@ def test_a_tied_head_without_statistics_falls_back_to_svd(
         )  # fmt: skip
     assert plan.weights["embed.weight"].method == "svd"
     assert "no gram for the LM head tied to embed.weight" in caplog.text
+
+
+def test_lookup_counts_weight_the_rows_of_a_whitened_tied_embedding() -> None:
+    """With ``token_counts``, whiten minimises ``Σ_i (n_i + 1) · Δ_i C Δ_iᵀ``: the planned error is
+    that objective's relative tail, and frequent rows are kept better than without counts."""
+    from factorlm.planning import lookup_weight
+
+    counts = np.zeros(96)
+    counts[:8] = 1000.0  # eight frequent tokens, the rest never seen
+    gram = _gram(32, 1)
+    stats = _Stats(gram={"embed.weight": gram, "dense.weight": _gram(32, 2)})
+    stats.token_counts = {"embed.weight": counts}
+    assert lookup_weight(stats, "embed.weight") == pytest.approx(counts + 1.0)
+    assert lookup_weight(stats, "dense.weight") is None
+    assert lookup_weight(None, "embed.weight") is None
+    analysis = _analysis("transpose")
+    kwargs = {"ratio": 0.5, "rank_multiple": 4, "embeddings": 0.5}
+    weighted = make_plan(analysis, method="whiten", stats=stats, **kwargs)  # type: ignore[arg-type]
+    entry = weighted.weights["embed.weight"]
+    weight = numpy_helper.to_array(
+        next(t for t in embedding_lm(vocab=96, d=32).graph.initializer if t.name == "embed.weight")
+    ).astype(np.float64)
+    # The objective's singular values: of C^½ Eᵀ diag(√(n + 1)), with any square root of C.
+    root = np.linalg.cholesky(gram).T
+    s = np.linalg.svd(root @ weight.T * np.sqrt(counts + 1.0), compute_uv=False)
+    rank = int(entry.rank or 0)
+    assert entry.expected_error == pytest.approx(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum()))
+    stats.token_counts = {}
+    plain = make_plan(analysis, method="whiten", stats=stats, **kwargs)  # type: ignore[arg-type]
+    assert plain.weights["embed.weight"].expected_error != pytest.approx(entry.expected_error)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from factorlm._common.outputs import check_parent, clean_stale, make_stage
+from factorlm._common.outputs import check_parent, staged_output
 from factorlm.errors import ConfigError, ModelLoadError
 
 __all__ = [
@@ -161,28 +161,11 @@ def staged_directory(out_dir: str | os.PathLike[str], command: str = "factorlm")
     out = Path(out_dir)
     # The stage (and so the output) carries factorlm's own-marker; stages of killed runs are
     # recognized by it and removed; a parent that is a file is one sentence, not a traceback.
+    # Callers checked ``out`` already (check_output, or an asset's own completion marker), so
+    # an existing folder is replaced even without the marker (asset folders predate it).
     check_parent(out)
-    clean_stale(out.parent, out.name)
-    tmp = make_stage(out.parent, out.name, command)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old: Path | None = None
-    try:
-        if out.exists() or out.is_symlink():
-            old = make_stage(out.parent, out.name, "replaced")  # marked: a kill here is cleaned
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and not out.exists() and (old / out.name).exists():
-            os.replace(old / out.name, out)  # put the previous output back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with staged_output(out, command, owned_only=False) as stage:
+        yield stage
 
 
 def _allowed_root(folder: Path) -> Path:

@@ -253,14 +253,20 @@ def make_stage(parent: str | os.PathLike[str], name: str, command: str) -> Path:
     return stage
 
 
-def publish(stage: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def publish(
+    stage: str | os.PathLike[str], out: str | os.PathLike[str], *, owned_only: bool = True
+) -> Path:
     """Rename a finished ``stage`` to ``out``; an existing ``out`` (checked as ours up front) is
-    moved aside first and deleted after, so ``out`` is at every moment absent, old or new."""
+    moved aside first and deleted after, so ``out`` is at every moment absent, old or new.
+
+    ``owned_only=False`` also replaces a non-empty folder without :data:`MARKER` (for callers
+    that checked ``out`` themselves, e.g. an asset cache folder from before the marker)."""
     stage, out = Path(stage), Path(out)
     old: Path | None = None
     try:
         if out.exists() or out.is_symlink():
-            if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not is_owned(out):
+            checked = owned_only and out.is_dir() and not out.is_symlink()
+            if checked and any(out.iterdir()) and not is_owned(out):
                 raise ConfigError(
                     f"output {out} was not created by factorlm (no {MARKER} file in it); "
                     "remove it yourself or choose another -o."
@@ -279,16 +285,18 @@ def publish(stage: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike[str], command: str) -> Iterator[Path]:
+def staged_output(
+    out: str | os.PathLike[str], command: str, *, owned_only: bool = True
+) -> Iterator[Path]:
     """Yield a marked stage next to ``out``; publish it as ``out`` on success, delete it on any
     exception (KeyboardInterrupt and :class:`Terminated` included). Stale stages of killed runs
-    for the same ``out`` are removed first."""
+    for the same ``out`` are removed first. ``owned_only`` as in :func:`publish`."""
     out = Path(out)
     clean_stale(out.parent, out.name)
     stage = make_stage(out.parent, out.name, command)
     try:
         yield stage
-        publish(stage, out)
+        publish(stage, out, owned_only=owned_only)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

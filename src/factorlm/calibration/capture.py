@@ -116,6 +116,24 @@ def _tokenizer_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _lookups(model: onnx.ModelProto, targets: Sequence[Target]) -> dict[str, tuple[str, int]]:
+    """Target weights also read by ``Gather(W, <graph input>)``: an embedding tied to an LM head.
+
+    ``{weight: (token id input, vocabulary size)}``; calibration counts the ids each looks up.
+    """
+    weights = {t.weight for t in targets}
+    inputs = {i.name for i in model.graph.input}
+    rows = {i.name: int(i.dims[0]) for i in model.graph.initializer if i.name in weights}
+    return {
+        node.input[0]: (node.input[1], rows[node.input[0]])
+        for node in model.graph.node
+        if node.op_type == "Gather"
+        and len(node.input) == 2
+        and node.input[0] in rows
+        and node.input[1] in inputs
+    }
+
+
 def collect_statistics(
     model: Path,
     data: Path | Sequence[str],
@@ -138,7 +156,8 @@ def collect_statistics(
     or a calibration set with fewer real tokens than some weight has input features (its Gram
     matrix would be singular). ``holdout`` also keeps the Gram of every ``HOLDOUT_EVERY``-th
     batch apart (``stats.gram_heldout``), from which ``compress --shrinkage auto`` picks each
-    Gram's shrinkage by held-back likelihood.
+    Gram's shrinkage by held-back likelihood. An embedding tied to an LM head gets the Gram of
+    the head's input and the count of each token id looked up (``stats.token_counts``).
     """
     model = Path(model)
     if not model.is_file():
@@ -151,6 +170,7 @@ def collect_statistics(
     tok_dir = find_tokenizer(model, explicit=tokenizer)
     proto = onnx.load(str(model), load_external_data=False)
     targets = find_targets(proto, weights, tied_heads=True)
+    lookups = _lookups(proto, targets)
     del proto
     if not targets:
         raise ModelLoadError(f"{model} has no MatMul/Gemm with a 2-D float initializer weight.")
@@ -167,6 +187,7 @@ def collect_statistics(
             "max_length": max_length,
             "weights": sorted(t.weight for t in targets),
             "holdout": HOLDOUT_EVERY if holdout else 0,
+            **({"lookups": sorted(lookups)} if lookups else {}),
         }
     )
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
@@ -187,6 +208,7 @@ def collect_statistics(
     held_rows: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
     tokens = 0
     batch_index = 0
+    counts = {name: np.zeros(vocab) for name, (_, vocab) in lookups.items()}
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -204,6 +226,9 @@ def collect_statistics(
             ):  # fmt: skip
                 values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
                 tokens += int(mask.sum())
+                for name, (ids, vocab) in lookups.items():
+                    looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
+                    counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
                 for group in groups:
                     activation, transpose = group
                     x = activation_rows(values[activation], mask, transpose).astype(np.float64)
@@ -223,7 +248,7 @@ def collect_statistics(
                 bar.advance(task, end - done)
                 done = end
 
-    stats = CalibrationStats(tokens=tokens)
+    stats = CalibrationStats(tokens=tokens, token_counts=counts)
     full = {g: np.triu(m) + np.triu(m, 1).T for g, m in gram.items()}  # syrk fills the upper part
     for group, members in groups.items():
         for target in members:

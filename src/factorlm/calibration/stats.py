@@ -22,7 +22,9 @@ __all__ = ["CalibrationStats", "load_arrays", "save_arrays"]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("gram", "mean_abs", "fisher", "output_fisher", "gram_heldout", "output_gram")
+_KINDS = (
+    "gram", "mean_abs", "fisher", "output_fisher", "gram_heldout", "output_gram", "token_counts"
+)  # fmt: skip
 _FORMAT = "factorlm-calibration-1"
 
 
@@ -87,6 +89,9 @@ class CalibrationStats:
         gram_heldout: the part of ``gram`` from held-back batches (``heldout_tokens`` tokens),
             for choosing the shrinkage by held-back likelihood; empty unless asked for.
         tokens: number of non-padding tokens that went into the statistics.
+        token_counts: for an embedding tied to an LM head (a target also read by
+            ``Gather(E, input_ids)``), how often each token id was looked up (vocab,) float64:
+            the rows a factorization of the shared matrix must keep (``planning.lookup_weight``).
     """
 
     gram: dict[str, np.ndarray] = field(default_factory=dict)
@@ -97,6 +102,7 @@ class CalibrationStats:
     gram_heldout: dict[str, np.ndarray] = field(default_factory=dict)
     heldout_tokens: int = 0
     output_gram: dict[str, np.ndarray] = field(default_factory=dict)
+    token_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         """Write the statistics to ``path`` (.npz), atomically; return the path."""
@@ -120,6 +126,7 @@ class CalibrationStats:
             output_fisher=groups.get("output_fisher", {}),
             gram_heldout=groups.get("gram_heldout", {}),
             output_gram=groups.get("output_gram", {}),
+            token_counts=groups.get("token_counts", {}),
             heldout_tokens=_count(meta.get("heldout_tokens", 0)),
             tokens=int(tokens) if isinstance(tokens, int | float | str) else 0,
         )

@@ -130,12 +130,23 @@ def _statistics(
         return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
     from factorlm.calibration import collect_output_fisher, collect_output_gram, collect_statistics
 
+    texts: Path | list[str] = data
+    samples = opts.calibration_samples
+    if opts.generated_samples:  # the user's texts and the model's own, interleaved
+        from factorlm.calibration.generated import generated_texts, with_generated
+        from factorlm.data import load_texts
+
+        sampled = generated_texts(
+            _torch_folder(hf_model, model), opts.generated_samples, tokens=opts.max_length
+        )
+        texts = with_generated(load_texts(data, opts.text_column, samples), sampled)
+        samples = len(texts)
     found = collect_statistics(
         model,
-        data,
+        texts,
         tokenizer=tokenizer,
         text_column=opts.text_column,
-        max_samples=opts.calibration_samples,
+        max_samples=samples,
         max_length=opts.max_length,
         batch_size=opts.batch_size,
         holdout=opts.shrinkage == "auto",
@@ -145,12 +156,12 @@ def _statistics(
         table = collect(
             _torch_folder(hf_model, model),
             model,
-            data,
+            texts,
             task=opts.fisher_task,
             text_column=opts.text_column,
             label_column=opts.label_column or "label",
             labels=labels or None,
-            max_samples=opts.calibration_samples,
+            max_samples=samples,
             max_length=opts.max_length,
         )
         if opts.output_gram:

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +27,7 @@ from factorlm._common.outputs import (
     is_owned,
     make_stage,
     mark_owned,
+    publish,
     remove_owned,
 )
 from factorlm.errors import ConfigError
@@ -178,8 +178,9 @@ class ArtifactStore:
         try:
             info = build(tmp) or {}
             mark_owned(tmp, "run")  # the stage may have replaced its contents
-            remove_owned(final, what="stage folder")
-            os.replace(tmp, final)
+            if final.is_symlink() or final.is_file():
+                remove_owned(final, what="stage folder")  # not ours: refuses in one sentence
+            publish(tmp, final)  # the previous artifact is moved aside, put back on failure
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

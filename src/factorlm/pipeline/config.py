@@ -163,6 +163,7 @@ class CalibrationConfig(_Section):
     sequential_ridge: float = _opt(CompressOptions, "sequential_ridge")
     loss_aware: bool = _opt(CompressOptions, "loss_aware")
     shrinkage: Shrinkage = _opt(CompressOptions, "shrinkage")
+    generated_samples: int = _opt(CompressOptions, "generated_samples")
     output_gram: bool = _opt(CompressOptions, "output_gram")
 
 

@@ -188,11 +188,24 @@ def calibrate(
         )
         stats = CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
     else:
+        texts: Path | list[str] = calib
+        samples = config.data.calibration_samples
+        if config.calibration.generated_samples:  # the data and the model's own text
+            from factorlm.calibration.generated import generated_texts, with_generated
+            from factorlm.data import load_texts
+
+            sampled = generated_texts(
+                _torch_source(model_dir, "calibration option 'generated_samples'"),
+                config.calibration.generated_samples,
+                tokens=config.calibration.max_length,
+            )
+            texts = with_generated(load_texts(calib, "text", samples), sampled)
+            samples = len(texts)
         stats = collect_statistics(
             onnx_dir / "model.onnx",
-            calib,
+            texts,
             text_column="text",
-            max_samples=config.data.calibration_samples,
+            max_samples=samples,
             max_length=config.calibration.max_length,
             batch_size=config.calibration.batch_size,
             holdout=config.calibration.shrinkage == "auto",
@@ -202,12 +215,12 @@ def calibrate(
             table = (collect_output_gram if full else collect_output_fisher)(
                 _torch_source(model_dir, "calibration option 'loss_aware'"),
                 onnx_dir / "model.onnx",
-                calib,
+                texts,
                 task=config.calibration.fisher_task,
                 text_column="text",
                 label_column="label",
                 labels=config.data.labels,
-                max_samples=config.data.calibration_samples,
+                max_samples=samples,
                 max_length=config.calibration.max_length,
             )
             if full:

@@ -22,7 +22,7 @@ from factorlm.planning.latency import (
     measured_ranks,
     shape_key,
 )
-from factorlm.planning.lowrank import supports_lowrank_sparse
+from factorlm.planning.lowrank import lookup_weight, supports_lowrank_sparse
 from factorlm.planning.planner import make_plan
 from factorlm.planning.schema import (
     ALL_METHODS,
@@ -56,6 +56,7 @@ __all__ = [
     "dense_cost",
     "fill_costs",
     "load_plan",
+    "lookup_weight",
     "make_plan",
     "measured_ranks",
     "shape_key",

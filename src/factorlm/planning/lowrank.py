@@ -28,7 +28,13 @@ from factorlm.planning.costs import dense_cost, fill_costs, relative_error
 from factorlm.planning.latency import CurveSpec, LatencyModel, allocate_latency, candidate_spec
 from factorlm.planning.schema import DATA_AWARE, CandidateLike, Plan, StatsLike, new_entry
 
-__all__ = ["plan_embedding", "plan_low_rank", "statistics_for", "supports_lowrank_sparse"]
+__all__ = [
+    "lookup_weight",
+    "plan_embedding",
+    "plan_low_rank",
+    "statistics_for",
+    "supports_lowrank_sparse",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,18 @@ def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str,
     return found
 
 
+def lookup_weight(stats: StatsLike | None, name: str) -> np.ndarray | None:
+    """Per-row weight of a tied embedding ``E``: how often calibration looked each token up, + 1.
+
+    Whitening by the head's inputs alone leaves the looked-up rows far off (SmolLM2, rank 448:
+    perplexity 75 against 46 dense); weighting the rows (the core's output features, decompose's
+    ``output_weight``) by their counts keeps them (49.7). The +1 keeps every token in the
+    objective, so the head still ranks unseen tokens. None without counts for ``name``.
+    """
+    counts = (getattr(stats, "token_counts", None) or {}).get(name)
+    return None if counts is None else np.asarray(counts, dtype=np.float64) + 1.0
+
+
 def plan_embedding(
     plan: Plan,
     cand: CandidateLike,
@@ -88,8 +106,9 @@ def plan_embedding(
     the entry's FLOPs (``fill_costs``); the candidate then has the head's orientation (``Eᵀ``).
     With a data-aware ``method`` whose statistic calibration collected for that head (the Gram of
     its input, the final norm's output), the factors minimise the error of the logits rather than
-    of ``E``: an embedding's spectrum is flat, and on SmolLM2-135M plain SVD at rank 448 takes
-    perplexity from 46 to ~6e4 where the head-whitened factors give 72. Otherwise plain SVD.
+    of ``E``, and whiten/drone also weight each row by its lookups (``lookup_weight``): an
+    embedding's spectrum is flat, and on SmolLM2-135M at rank 448 plain SVD takes perplexity
+    from 46 to ~6e4, the head-whitened factors to 75, both weightings to 49.7. Otherwise SVD.
     """
     tied = any(use.form != "gather" for use in cand.uses)
     if ratio is None:
@@ -108,6 +127,9 @@ def plan_embedding(
         return
     chosen = _embedding_method(cand, method, stats) if tied else "svd"
     found = statistics_for(stats, chosen, cand.name)
+    loss_aware = found["output_weight"] is not None or found["output_gram"] is not None
+    if chosen in ("whiten", "drone") and not loss_aware:  # loss-aware statistics take precedence
+        found["output_weight"] = lookup_weight(stats, cand.name)
     s = spectrum(
         cand.matrix(),
         chosen,

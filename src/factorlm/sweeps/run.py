@@ -26,6 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from factorlm._common.files import exclusive_lock
+from factorlm.distributed import import_ray as _import_ray
+from factorlm.distributed import ray_connection
 from factorlm.errors import BackendUnavailableError, ConfigError
 from factorlm.options import DATA_AWARE_METHODS
 from factorlm.pipeline.artifacts import hash_json
@@ -35,21 +37,17 @@ from factorlm.sweeps.report import write_results
 from factorlm.sweeps.select import Selection, TrialResult, select
 from factorlm.sweeps.trial import read_result, run_trial, write_result
 
-__all__ = ["RAY_HINT", "SweepResult", "import_ray", "plan_seeds", "run_sweep"]
+__all__ = ["SweepResult", "import_ray", "plan_seeds", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
-RAY_HINT = "factorlm sweep runs its trials on Ray, which is not installed; run `pip install 'factorlm[ray]'`."
 _LOCK_NAME = ".factorlm-sweep.lock"
 
 
 def import_ray() -> Any:
-    """The ``ray`` module, or one sentence naming the extra that installs it."""
-    try:
-        import ray
-    except ImportError:
-        raise BackendUnavailableError(RAY_HINT) from None
-    return ray
+    """The ``ray`` module, or BackendUnavailableError in one sentence naming the extra that
+    installs it (``distributed.import_ray``, the one Ray import)."""
+    return _import_ray("factorlm sweep", BackendUnavailableError)
 
 
 @dataclass
@@ -123,48 +121,6 @@ def _sweep_lock(root: Path) -> Iterator[None]:
     )
     with exclusive_lock(root / _LOCK_NAME, busy):
         yield
-
-
-def _probe(address: str, timeout: float = 10.0) -> None:
-    """Refuse an address nothing listens on at once (Ray itself retries for minutes)."""
-    import socket
-
-    target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto" or a name Ray resolves itself
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"Cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check the "
-            "address (`ray status` on the head node prints it) or omit --address for a local Ray."
-        ) from None
-
-
-@contextlib.contextmanager
-def _ray_session(ray: Any, address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Join ``address`` or start a local Ray for the sweep; shut down only what we started."""
-    if ray.is_initialized():
-        yield
-        return
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.ERROR,  # Ray's start-up notices say nothing to act on
-        "log_to_driver": False,
-    }
-    if address is None:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
-    else:
-        _probe(address)
-    try:
-        ray.init(address=address, **kwargs)
-    except ConnectionError as exc:
-        raise ConfigError(f"Cannot reach the Ray cluster at {address}: {exc}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _with_default_inputs(config: SweepConfig, console: Console) -> SweepConfig:
@@ -312,7 +268,9 @@ def run_sweep(
         ran: list[str] = []
         nodes = 0
         if todo:
-            with _ray_session(ray, address, num_cpus or settings.num_cpus):
+            # no address: a local Ray of num_cpus CPUs started for the sweep
+            local_cpus = num_cpus or settings.num_cpus or os.cpu_count() or 1
+            with ray_connection(address, num_cpus=local_cpus if address is None else None):
                 nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
                 limit = _capacity(ray, settings.cpus_per_trial)
                 limit = min(limit, max_concurrent) if max_concurrent else limit
