@@ -85,6 +85,19 @@ def test_without_fuse_factors_the_loss_is_reported(
     assert "Attention (2 fewer)" in caplog.text
 
 
+def test_reference_fusion_counts_from_its_own_build_give_the_same_check(
+    tiny_bert: Path, joint_bert: Path, tmp_path: Path
+) -> None:
+    """``factorlm run`` passes the reference engine's counts instead of optimizing it again."""
+    ref_engine = build_ort_engine(tiny_bert, tmp_path / "reference")
+    counts = ref_engine.fusions["optimized"]
+    by_path = build_ort_engine(joint_bert, tmp_path / "a", fuse_factors=False, reference=tiny_bert)
+    by_counts = build_ort_engine(joint_bert, tmp_path / "b", fuse_factors=False, reference=counts)
+    assert by_counts.fusions["reference"] == by_path.fusions["reference"] == counts
+    assert by_counts.extra["lost_fusions"] == by_path.extra["lost_fusions"]
+    assert by_counts.extra["lost_fusions"]["Attention"] == 2
+
+
 def test_int8_quantizes_the_fused_attention_factors(joint_bert: Path, tmp_path: Path) -> None:
     engine = build_ort_engine(joint_bert, tmp_path / "int8", int8=True)
     ops = _ops(engine.engine_path)

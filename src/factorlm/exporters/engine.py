@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from factorlm.errors import ConfigError
@@ -28,7 +28,7 @@ def build_engine(
     out_dir: str | os.PathLike[str],
     options: BuildOptions | None = None,
     *,
-    reference: str | os.PathLike[str] | None = None,
+    reference: str | os.PathLike[str] | Mapping[str, int] | None = None,
     data: str | os.PathLike[str] | Sequence[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     timing_cache_file: str | os.PathLike[str] | None = None,
@@ -38,8 +38,8 @@ def build_engine(
 ) -> EngineManifest:
     """Build ``out_dir`` (engine + manifest.json) from ``model`` with ``options.backend``.
 
-    ``reference`` (ORT only): the original model, to warn about a fusion the engine lost against
-    it. ``data``/``tokenizer`` (ORT static int8 only): calibration texts (a file or a list) and
+    ``reference`` (ORT only): the original model, or its engine's fusion counts, to warn about a
+    fusion the engine lost against it. ``data``/``tokenizer`` (ORT static int8 only): calibration texts (a file or a list) and
     the tokenizer folder (default: next to the model). ``timing_cache_file`` (TensorRT only): where the timing cache lives instead of the cache
     folder.
     """
