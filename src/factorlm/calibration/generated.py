@@ -80,6 +80,9 @@ def generated_texts(
         raise ConfigError(
             f"The tokenizer of {folder} has neither a BOS nor an EOS token to start from."
         )
+    # a pad id equal to the start token makes transformers warn about right padding
+    eos = tokenizer.eos_token_id
+    pad = eos if isinstance(eos, int) and eos != start else start
     generator = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     with torch.no_grad():
@@ -90,7 +93,7 @@ def generated_texts(
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
                 temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
-                pad_token_id=start,
+                pad_token_id=pad,
             )  # fmt: skip
             texts += [tokenizer.decode(row[1:], skip_special_tokens=True) for row in out]
     logger.info("Sampled %d calibration texts of %d tokens from %s", count, tokens, folder.name)
