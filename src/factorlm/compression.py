@@ -54,8 +54,8 @@ from factorlm.planning import (
     Plan,
     StatsLike,
     WeightPlan,
+    factor_statistics,
     load_plan,
-    lookup_weight,
     make_plan,
     validate_plan,
 )
@@ -115,32 +115,16 @@ def _model_params(model: ir.Model) -> int:
 def _collect(
     model: Path, data: Path, tokenizer: str | os.PathLike[str] | None, opts: CompressOptions
 ) -> StatsLike | None:
-    """Activation statistics for whiten/drone/asvd from calibration texts (torch-free path)."""
-    need = opts.needs_statistics
-    if need is None:
-        return None
-    if need == "fisher":
-        raise ConfigError(
-            "method 'fwsvd' needs a Fisher from the PyTorch model: pass stats= from "
-            "factorlm.calibration.collect_fisher (or use factorlm run / the CLI)."
-        )
-    if opts.generated_samples:
-        raise ConfigError(
-            "compress option 'generated_samples' needs the PyTorch weights, which compress() "
-            "does not take: use the CLI or factorlm run, or pass stats= collected on "
-            "factorlm.calibration.generated.generated_texts(...) plus your texts."
-        )
-    from factorlm.calibration import collect_statistics
+    """What ``opts`` needs from calibration texts; without the PyTorch weights (not an input of
+    ``compress``), so the Fisher, the output Fisher and sampled text are refused here."""
+    from factorlm.calibration.requested import collect_requested
 
-    return collect_statistics(
+    return collect_requested(
         model,
         data,
+        opts,
+        torch_folder=None,
         tokenizer=Path(tokenizer) if tokenizer is not None else None,
-        text_column=opts.text_column,
-        max_samples=opts.calibration_samples,
-        max_length=opts.max_length,
-        batch_size=opts.batch_size,
-        holdout=opts.shrinkage == "auto",
     )
 
 
@@ -196,32 +180,15 @@ def factorize_entry(
             matrix, entry.rank, float(entry.sparse["density"]), entry.sparse["structure"]
         )
     key = DATA_AWARE.get(entry.method)
-    extra: dict[str, np.ndarray | None] = {"gram": None, "mean_abs": None, "fisher": None}
-    if key is not None:
+    if key is not None:  # the planner's rule would say PlanError; a replayed plan names its input
         table = getattr(stats, key, None) if stats is not None else None
         if table is None or name not in table:
             raise ConfigError(
                 f"plan weight {name!r} uses method {entry.method!r}, which needs calibration "
                 f"statistics ({key}): pass --calib DATA or --stats STATS.npz."
             )
-        extra[key] = table[name]
-    # Loss-aware whiten/drone: the full output Gram where present, else the diagonal (planner's rule).
-    loss_aware = entry.method in ("whiten", "drone")
-    full = (getattr(stats, "output_gram", None) or {}).get(name) if loss_aware else None
-    output = getattr(stats, "output_fisher", None) or {}
-    weight = output.get(name) if loss_aware and full is None else None
-    if entry.kind == "embedding" and loss_aware and full is None and weight is None:
-        weight = lookup_weight(stats, name)  # a tied embedding's rows, by lookups (planner's rule)
-    return prepared_lowrank(
-        matrix,
-        entry.method,
-        entry.rank,
-        gram=extra["gram"],
-        mean_abs=extra["mean_abs"],
-        fisher=extra["fisher"],
-        output_weight=weight,
-        output_gram=full,
-    )
+    found = factor_statistics(stats, entry.method, name, embedding=entry.kind == "embedding")
+    return prepared_lowrank(matrix, entry.method, entry.rank, **found)
 
 
 def factorize_weight(

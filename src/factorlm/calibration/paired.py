@@ -119,12 +119,12 @@ def collect_paired_statistics(
     if missing:
         raise ModelLoadError(f"The compressed model has no tensor {missing[0]!r} to calibrate.")
     result: dict[tuple[str, bool], PairedGrams] = {}
+    wanted = {i.name for i in candidate.get_inputs()}  # pruning may drop inputs of late layers
     for end, mask, feeds in batch_feeds(
         reference.get_inputs(), tokenizer, texts, batch_size=batch_size, max_length=max_length
     ):
         del end
         ours = dict(zip(names, reference.run(names, feeds), strict=True))
-        wanted = {i.name for i in candidate.get_inputs()}
         theirs = dict(
             zip(
                 names,

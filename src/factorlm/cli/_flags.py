@@ -14,7 +14,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
 import typer
@@ -205,11 +205,17 @@ def with_options(
                         f"{decl} is the old name of {flag_name(field)}; pass only one of them."
                     )
                 values[field] = convert(raw)
+            names = {f.name for f in dataclasses.fields(cls)}
+            # speak in flags ("--ratio is 1.5; it must be < 1.0."), also for the checks the API
+            # makes later ("compress option 'loss_aware' needs the PyTorch weights ...")
             try:
                 kwargs[param] = cls(**values)
-            except ConfigError as exc:  # speak in flags: "--ratio is 1.5; it must be < 1.0."
-                raise ConfigError(_flag_language(str(exc))) from None
-            return func(*args, **kwargs)
+                return func(*args, **kwargs)
+            except ConfigError as exc:
+                message = _flag_language(str(exc), names)
+                if message == str(exc):
+                    raise
+                raise ConfigError(message) from None
 
         new = [*kept, *(f.parameter for f in flags), *alias_params]
         wrapper.__signature__ = signature.replace(parameters=new)  # type: ignore[attr-defined]
@@ -221,9 +227,12 @@ def with_options(
 _OPTION_NAME = re.compile(r"^\w+ option '(\w+)'")
 
 
-def _flag_language(message: str) -> str:
-    """``compress option 'min_fraction' is 1.5; ...`` -> ``--min-fraction is 1.5; ...``."""
-    return _OPTION_NAME.sub(lambda m: flag_name(m.group(1)), message)
+def _flag_language(message: str, names: Collection[str]) -> str:
+    """``compress option 'min_fraction' is 1.5; ...`` -> ``--min-fraction is 1.5; ...`` for an
+    option of ``names`` (the verb's own flags); other messages are left as they are."""
+    return _OPTION_NAME.sub(
+        lambda m: flag_name(m.group(1)) if m.group(1) in names else m.group(0), message
+    )
 
 
 def _default(cls: type[Any], name: str) -> Any:

@@ -56,8 +56,8 @@ def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(next(folder.glob(p), None) for p in _WEIGHT_PATTERNS)
 
 
-def _torch_folder(hf_model: str | None, onnx_path: Path) -> Path:
-    """The Hugging Face folder whose PyTorch weights give fwsvd's Fisher.
+def _torch_folder(hf_model: str | None, onnx_path: Path, why: str = "method 'fwsvd'") -> Path:
+    """The Hugging Face folder whose PyTorch weights ``why`` needs (a Fisher, sampled text).
 
     ``--hf-model`` if given, else MODEL's folder when it holds the weights, else the source
     folder that ``factorlm export`` recorded beside MODEL (``factorlm-export.json``).
@@ -71,7 +71,7 @@ def _torch_folder(hf_model: str | None, onnx_path: Path) -> Path:
         return folder
     source = export_source(onnx_path)
     if source is not None and _has_weights(source):
-        logger.info("fwsvd: PyTorch weights from %s (recorded by factorlm export).", source)
+        logger.info("PyTorch weights from %s (recorded by factorlm export).", source)
         return source
     found = (
         f"its export record names {source}, which holds none"
@@ -79,7 +79,7 @@ def _torch_folder(hf_model: str | None, onnx_path: Path) -> Path:
         else "it has no export record (factorlm-export.json)"
     )
     raise ConfigError(
-        f"fwsvd and --loss-aware compute their Fisher from the PyTorch weights, which {folder} does not "
+        f"{why} needs the PyTorch weights, which {folder} does not "
         f"hold and {found}: pass --hf-model with the Hugging Face model folder (or cached id) "
         "it was exported from."
     )
@@ -113,62 +113,16 @@ def _statistics(
             f"method {opts.method!r} needs calibration statistics: pass --data FILE "
             "(JSONL, CSV or TXT), --data mixed (factorlm's mixed-genre set) or --stats STATS.npz."
         )
-    if need == "fisher":
-        from factorlm.calibration import CalibrationStats, collect_fisher
+    from factorlm.calibration.requested import collect_requested
 
-        fisher = collect_fisher(
-            _torch_folder(hf_model, model),
-            model,
-            data,
-            task=opts.fisher_task,
-            text_column=opts.text_column,
-            label_column=opts.label_column or "label",
-            labels=labels or None,
-            max_samples=opts.calibration_samples,
-            max_length=opts.max_length,
-        )
-        return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
-    from factorlm.calibration import collect_output_fisher, collect_output_gram, collect_statistics
-
-    texts: Path | list[str] = data
-    samples = opts.calibration_samples
-    if opts.generated_samples:  # the user's texts and the model's own, interleaved
-        from factorlm.calibration.generated import generated_texts, with_generated
-        from factorlm.data import load_texts
-
-        sampled = generated_texts(
-            _torch_folder(hf_model, model), opts.generated_samples, tokens=opts.max_length
-        )
-        texts = with_generated(load_texts(data, opts.text_column, samples), sampled)
-        samples = len(texts)
-    found = collect_statistics(
+    return collect_requested(
         model,
-        texts,
+        data,
+        opts,
+        torch_folder=lambda why: _torch_folder(hf_model, model, why),
         tokenizer=tokenizer,
-        text_column=opts.text_column,
-        max_samples=samples,
-        max_length=opts.max_length,
-        batch_size=opts.batch_size,
-        holdout=opts.shrinkage == "auto",
+        labels=labels or None,
     )
-    if opts.loss_aware:
-        collect = collect_output_gram if opts.output_gram else collect_output_fisher
-        table = collect(
-            _torch_folder(hf_model, model),
-            model,
-            texts,
-            task=opts.fisher_task,
-            text_column=opts.text_column,
-            label_column=opts.label_column or "label",
-            labels=labels or None,
-            max_samples=samples,
-            max_length=opts.max_length,
-        )
-        if opts.output_gram:
-            found.output_gram = table
-        else:
-            found.output_fisher = table
-    return found
 
 
 def _run_compress(

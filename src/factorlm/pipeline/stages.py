@@ -163,70 +163,19 @@ def _torch_source(model_dir: Path, why: str) -> Path:
 def calibrate(
     config: RunConfig, model_dir: Path, onnx_dir: Path, split: Path, out: Path
 ) -> dict[str, Any]:
-    from factorlm.calibration import (
-        CalibrationStats,
-        collect_fisher,
-        collect_output_fisher,
-        collect_output_gram,
-        collect_statistics,
-    )
+    from factorlm.calibration.requested import collect_requested
 
     method = config.compress.method
-    calib = split / "calibration.jsonl"
-    if method == "fwsvd":
-        model_dir = _torch_source(model_dir, "method 'fwsvd'")
-        fisher = collect_fisher(
-            model_dir,
-            onnx_dir / "model.onnx",
-            calib,
-            task=config.calibration.fisher_task,
-            text_column="text",
-            label_column="label",
-            labels=config.data.labels,
-            max_samples=config.data.calibration_samples,
-            max_length=config.calibration.max_length,
-        )
-        stats = CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
-    else:
-        texts: Path | list[str] = calib
-        samples = config.data.calibration_samples
-        if config.calibration.generated_samples:  # the data and the model's own text
-            from factorlm.calibration.generated import generated_texts, with_generated
-            from factorlm.data import load_texts
-
-            sampled = generated_texts(
-                _torch_source(model_dir, "calibration option 'generated_samples'"),
-                config.calibration.generated_samples,
-                tokens=config.calibration.max_length,
-            )
-            texts = with_generated(load_texts(calib, "text", samples), sampled)
-            samples = len(texts)
-        stats = collect_statistics(
-            onnx_dir / "model.onnx",
-            texts,
-            text_column="text",
-            max_samples=samples,
-            max_length=config.calibration.max_length,
-            batch_size=config.calibration.batch_size,
-            holdout=config.calibration.shrinkage == "auto",
-        )
-        if config.calibration.loss_aware:
-            full = config.calibration.output_gram
-            table = (collect_output_gram if full else collect_output_fisher)(
-                _torch_source(model_dir, "calibration option 'loss_aware'"),
-                onnx_dir / "model.onnx",
-                texts,
-                task=config.calibration.fisher_task,
-                text_column="text",
-                label_column="label",
-                labels=config.data.labels,
-                max_samples=samples,
-                max_length=config.calibration.max_length,
-            )
-            if full:
-                stats.output_gram = table
-            else:
-                stats.output_fisher = table
+    # the split's columns; everything else as compress reads it from the config
+    options = replace(config.options(CompressOptions), text_column="text", label_column="label")
+    stats = collect_requested(
+        onnx_dir / "model.onnx",
+        split / "calibration.jsonl",
+        options,
+        torch_folder=lambda why: _torch_source(model_dir, why),
+        labels=config.data.labels,
+    )
+    assert stats is not None  # the run calibrates only for a method that needs statistics
     stats.save(out / "stats.npz")
     return {
         "method": method,

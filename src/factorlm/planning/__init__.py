@@ -22,7 +22,7 @@ from factorlm.planning.latency import (
     measured_ranks,
     shape_key,
 )
-from factorlm.planning.lowrank import lookup_weight, supports_lowrank_sparse
+from factorlm.planning.lowrank import factor_statistics, lookup_weight, supports_lowrank_sparse
 from factorlm.planning.planner import make_plan
 from factorlm.planning.schema import (
     ALL_METHODS,
@@ -54,6 +54,7 @@ __all__ = [
     "WeightPlan",
     "allocate_latency",
     "dense_cost",
+    "factor_statistics",
     "fill_costs",
     "load_plan",
     "lookup_weight",

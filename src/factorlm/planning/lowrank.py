@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TypedDict
 
 import numpy as np
 
@@ -49,15 +50,25 @@ def supports_lowrank_sparse(candidate: CandidateLike) -> str | None:
     return None
 
 
-def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str, np.ndarray | None]:
+class FactorStatistics(TypedDict):
+    """What a data-aware method reads for one weight: ``factorlm.decompose`` keyword arguments."""
+
+    gram: np.ndarray | None
+    mean_abs: np.ndarray | None
+    fisher: np.ndarray | None
+    output_weight: np.ndarray | None
+    output_gram: np.ndarray | None
+
+
+def statistics_for(stats: StatsLike | None, method: str, name: str) -> FactorStatistics:
     """The statistic a data-aware method needs for one weight, as decompose keyword arguments.
 
     Loss-aware whiten/drone: the full output-gradient Gram (``output_gram``) where the stats hold
     one for the weight, else the diagonal output Fisher (``output_weight``), never both.
     """
-    found: dict[str, np.ndarray | None] = {
-        "gram": None, "mean_abs": None, "fisher": None, "output_weight": None, "output_gram": None
-    }  # fmt: skip
+    found = FactorStatistics(
+        gram=None, mean_abs=None, fisher=None, output_weight=None, output_gram=None
+    )
     key = DATA_AWARE.get(method)
     if key is None:
         return found
@@ -76,7 +87,7 @@ def statistics_for(stats: StatsLike | None, method: str, name: str) -> dict[str,
     table: Mapping[str, np.ndarray] = getattr(stats, key)
     if name not in table:
         raise PlanError(f"the calibration statistics have no {key} for weight {name!r}.")
-    found[key] = table[name]
+    found[key] = table[name]  # type: ignore[literal-required]
     return found
 
 
@@ -90,6 +101,21 @@ def lookup_weight(stats: StatsLike | None, name: str) -> np.ndarray | None:
     """
     counts = (getattr(stats, "token_counts", None) or {}).get(name)
     return None if counts is None else np.asarray(counts, dtype=np.float64) + 1.0
+
+
+def factor_statistics(
+    stats: StatsLike | None, method: str, name: str, *, embedding: bool = False
+) -> FactorStatistics:
+    """``statistics_for`` plus a tied embedding's lookup weights: the decompose keyword arguments
+    of one weight, as planned here and as ``compress`` (or a replayed plan) factorizes it.
+
+    A whiten/drone embedding without loss-aware statistics weights its rows by their lookups.
+    """
+    found = statistics_for(stats, method, name)
+    plain = found["output_weight"] is None and found["output_gram"] is None
+    if embedding and method in ("whiten", "drone") and plain:  # loss-aware statistics first
+        found["output_weight"] = lookup_weight(stats, name)
+    return found
 
 
 def plan_embedding(
@@ -126,18 +152,8 @@ def plan_embedding(
         )
         return
     chosen = _embedding_method(cand, method, stats) if tied else "svd"
-    found = statistics_for(stats, chosen, cand.name)
-    loss_aware = found["output_weight"] is not None or found["output_gram"] is not None
-    if chosen in ("whiten", "drone") and not loss_aware:  # loss-aware statistics take precedence
-        found["output_weight"] = lookup_weight(stats, cand.name)
     s = spectrum(
-        cand.matrix(),
-        chosen,
-        gram=found["gram"],
-        mean_abs=found["mean_abs"],
-        fisher=found["fisher"],
-        output_weight=found["output_weight"],
-        output_gram=found["output_gram"],
+        cand.matrix(), chosen, **factor_statistics(stats, chosen, cand.name, embedding=True)
     )
     entry = new_entry(cand, chosen, rank=rank, expected_error=relative_error(s, rank))
     fill_costs(cand, entry)
@@ -201,16 +217,7 @@ def plan_low_rank(
         found = statistics_for(stats, core_method, cand.name)
         # Eigenvalues of the small-side Gram only; compress takes the vectors (one eigh) for
         # the weights the allocation factorizes, so no vectors are held in between.
-        ready = prepare(
-            cand.matrix(),
-            core_method,
-            gram=found["gram"],
-            mean_abs=found["mean_abs"],
-            fisher=found["fisher"],
-            output_weight=found["output_weight"],
-            output_gram=found["output_gram"],
-            keep=0,
-        )
+        ready = prepare(cand.matrix(), core_method, keep=0, **found)
         spectra[cand.name] = ready.singular_values
         if prepared is not None and method != "losparse":
             cache[cand.name] = ready

@@ -1,0 +1,110 @@
+"""Every statistic a set of compress options asks for, collected in one place.
+
+Why one function: ``factorlm compress`` (CLI), ``factorlm run``'s calibrate stage and the
+``compress()`` API must collect the same statistics the same way for the same options: the Gram
+(with its held-back part for ``shrinkage auto``), FWSVD's Fisher, the loss-aware output Fisher or
+Gram, and the model's own sampled text (``generated_samples``). The callers differ only in where
+the PyTorch weights come from (``torch_folder``; the API has none).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from factorlm.calibration.capture import collect_statistics
+from factorlm.calibration.fisher import collect_fisher, collect_output_fisher, collect_output_gram
+from factorlm.calibration.stats import CalibrationStats
+from factorlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from factorlm.options import CompressOptions
+
+__all__ = ["collect_requested"]
+
+logger = logging.getLogger(__name__)
+
+
+def collect_requested(
+    model: Path,
+    data: Path,
+    opts: CompressOptions,
+    *,
+    torch_folder: Callable[[str], Path] | None,
+    tokenizer: Path | None = None,
+    labels: Sequence[str] | None = None,
+) -> CalibrationStats | None:
+    """The statistics ``opts`` needs from ``data`` for the ONNX ``model`` (None: none needed).
+
+    ``torch_folder(why)`` returns the Hugging Face folder with the PyTorch weights (gradients and
+    sampling need them) or raises naming ``why``; None refuses every option that needs them.
+    """
+    need = opts.needs_statistics
+    if need is None:
+        return None
+
+    def weights(why: str) -> Path:
+        if torch_folder is None:
+            raise ConfigError(
+                f"{why} needs the PyTorch weights, which compress() does not take: pass stats= "
+                "collected with factorlm.calibration, or use the CLI or factorlm run."
+            )
+        return torch_folder(why)
+
+    label_column = opts.label_column or "label"
+    if need == "fisher":
+        fisher = collect_fisher(
+            weights("method 'fwsvd'"),
+            model,
+            data,
+            task=opts.fisher_task,
+            text_column=opts.text_column,
+            label_column=label_column,
+            labels=labels,
+            max_samples=opts.calibration_samples,
+            max_length=opts.max_length,
+        )
+        return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
+    texts: Path | list[str] = data
+    samples = opts.calibration_samples
+    if opts.generated_samples:  # the data's texts and the model's own, interleaved
+        from factorlm.calibration.generated import generated_texts, with_generated
+        from factorlm.data import load_texts
+
+        sampled = generated_texts(
+            weights("compress option 'generated_samples'"),
+            opts.generated_samples,
+            tokens=opts.max_length,
+        )
+        texts = with_generated(load_texts(data, opts.text_column, samples), sampled)
+        samples = len(texts)
+    stats = collect_statistics(
+        model,
+        texts,
+        tokenizer=tokenizer,
+        text_column=opts.text_column,
+        max_samples=samples,
+        max_length=opts.max_length,
+        batch_size=opts.batch_size,
+        holdout=opts.shrinkage == "auto",
+    )
+    if opts.loss_aware:
+        collect = collect_output_gram if opts.output_gram else collect_output_fisher
+        table = collect(
+            weights("compress option 'loss_aware'"),
+            model,
+            texts,
+            task=opts.fisher_task,
+            text_column=opts.text_column,
+            label_column=label_column,
+            labels=labels,
+            max_samples=samples,
+            max_length=opts.max_length,
+        )
+        if opts.output_gram:
+            stats.output_gram = table
+        else:
+            stats.output_fisher = table
+    return stats
