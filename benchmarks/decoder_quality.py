@@ -28,6 +28,7 @@ Writes ``benchmarks/results/decoder_quality.{json,md}`` (points merged by key, s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -50,7 +51,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sequential": {"sequential": True, "sequential_blocks": 4},
     "sequential_no_ridge": {"sequential": True, "sequential_blocks": 4, "sequential_ridge": 0.0},
     "loss_aware+sequential": {"loss_aware": True, "sequential": True, "sequential_blocks": 4},
+    "loss_aware+sequential_no_ridge": {
+        "loss_aware": True,
+        "sequential": True,
+        "sequential_blocks": 4,
+        "sequential_ridge": 0.0,
+    },
     "shrinkage": {"shrinkage": "auto"},
+    # the tied embedding / LM head too (issue 15): shared factors fitted to the head's inputs and
+    # the lookups, or (``_plain_embedding``) without those statistics: plain SVD of E
+    "embeddings0.9": {"embeddings": 0.9},
+    "embeddings0.8": {"embeddings": 0.8},
+    "embeddings0.6": {"embeddings": 0.6},
+    "embeddings0.8_plain_svd": {"embeddings": 0.8, "_plain_embedding": True},
     "loss_aware+shrinkage": {"loss_aware": True, "shrinkage": "auto"},
 }
 
@@ -195,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             for variant in args.variants:
                 out = args.work / f"{domain}-{variant}-{ratio}" / "model.onnx"
+                options = dict(VARIANTS[variant])
                 tick = time.perf_counter()
                 result = factorlm.compress(
-                    source, out, method="whiten", ratio=ratio, joint_qkv=False, stats=stats,
+                    source, out, method="whiten", ratio=ratio, joint_qkv=False,
+                    stats=_plain_embedding(stats) if options.pop("_plain_embedding", False) else stats,
                     data=data, calibration_samples=CHUNKS, max_length=CHUNK_TOKENS,
-                    batch_size=4, **VARIANTS[variant],
+                    batch_size=4, **options,
                 )  # fmt: skip
                 compress_s = time.perf_counter() - tick
                 point = {
@@ -223,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "decoder_quality.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def _plain_embedding(stats: Any) -> Any:
+    """``stats`` without the tied embedding's head Gram and lookups: compress then factorizes
+    the embedding by plain SVD (with a warning), as before issue 15's data-aware head."""
+    plain = copy.copy(stats)
+    plain.gram = {k: v for k, v in stats.gram.items() if k not in stats.token_counts}
+    plain.token_counts = {}
+    return plain
 
 
 def _stat_time(point: dict[str, Any]) -> str:
