@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from factorlm._common.files import write_text_atomic
 from factorlm._common.outputs import check_output, external_data_files, make_stage
+from factorlm.calibration.stats import drop_mapped_pages, paged_statistics
 from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
 from factorlm.errors import ConfigError, ModelLoadError
 from factorlm.io import load_model, save_model
@@ -157,6 +158,50 @@ def shrunk_statistics(stats: Any) -> Any:
             chosen[alpha] = chosen.get(alpha, 0) + 1
         result.gram[name] = done[id(gram)]
     logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
+    return result
+
+
+def blended_statistics(stats: Any, weight: float | None) -> Any:
+    """A copy of ``stats`` whose Grams are blended with their generic-text Grams (``blend``).
+
+    ``weight`` fixes the generic share ``β``; None chooses it per Gram by the likelihood of the
+    calibration data's held-back batches (``decompose.best_blend``). Why: a Gram fitted on one
+    genre whitens the directions other text uses poorly; the generic Gram restores them.
+    """
+    from factorlm.decompose import best_blend, blend_gram
+
+    generic = getattr(stats, "gram_generic", None) or {}
+    n_generic = int(getattr(stats, "generic_tokens", 0))
+    if not generic or n_generic < 1:
+        raise ConfigError(
+            "compress option 'blend' needs the Grams on generic text (stats.gram_generic; the "
+            "CLI, factorlm run and compress(data=...) collect them)."
+        )
+    held = getattr(stats, "gram_heldout", None) or {}
+    n_held = int(getattr(stats, "heldout_tokens", 0))
+    if weight is None and (not held or n_held < 1 or n_held >= stats.tokens):
+        raise ConfigError(
+            "compress option 'blend' auto needs statistics collected with a held-back part "
+            "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
+        )
+    result = copy.copy(stats)
+    result.gram = dict(stats.gram)
+    chosen: dict[float, int] = {}
+    done: dict[int, np.ndarray] = {}  # weights reading one input share one Gram object
+    for name, gram in stats.gram.items():
+        if name not in generic:
+            continue
+        if id(gram) not in done:
+            beta = weight
+            if beta is None:
+                beta = best_blend(
+                    gram - held[name], stats.tokens - n_held, held[name], n_held,
+                    generic[name], n_generic,
+                )  # fmt: skip
+            done[id(gram)] = blend_gram(gram, stats.tokens, generic[name], n_generic, beta)
+            chosen[beta] = chosen.get(beta, 0) + 1
+        result.gram[name] = done[id(gram)]
+    logger.info("Gram blend with generic text: %s", dict(sorted(chosen.items())))
     return result
 
 
@@ -421,6 +466,8 @@ def compress(
         )
     if opts.shrinkage == "auto" and stats is not None:
         stats = shrunk_statistics(stats)
+    if opts.blending and stats is not None:
+        stats = blended_statistics(stats, opts.blend_weight)
     if not opts.loss_aware and (
         getattr(stats, "output_fisher", None) or getattr(stats, "output_gram", None)
     ):
@@ -449,7 +496,7 @@ def compress(
             raise ModelLoadError(
                 f"{source}: weight {found.name!r} holds NaN or Inf values; fix the model first."
             )
-    stats = joint_statistics(stats, analysis)
+    stats = paged_statistics(joint_statistics(stats, analysis))  # memory-mapped: one at a time
     seconds["load"] = time.perf_counter() - clock
     # The planner's eigendecompositions, reused for the factors (one SVD per weight, not two).
     prepared: dict[str, PreparedWeight] = {}
@@ -484,6 +531,7 @@ def compress(
             target_ms=target_ms,
         )
     seconds["plan"] = time.perf_counter() - clock - seconds["load"]
+    drop_mapped_pages(stats)  # memory-mapped statistics: the planner's Grams are read again later
     model_params_before = _model_params(model)
 
     total = len(chosen.weights)
@@ -514,6 +562,7 @@ def compress(
                 group = "joint" if cand.members else cand.kind
             tick = time.perf_counter()
             _rewrite_one(model, name, group, factors, member_names([name], analysis), spill)
+            drop_mapped_pages(stats)  # keep one weight's Gram resident, not all of them
             rewrite += time.perf_counter() - tick
             del factors
         if progress is not None:

@@ -184,24 +184,57 @@ def calibrate(
     }
 
 
+def _streamable_copy(source: Path, folder: Path) -> Path:
+    """``source`` with its weights moved to one external-data file in ``folder``.
+
+    Why: compress reads an external-data model weight by weight from its file and writes its
+    output the same way (streaming.py); an inline model would be held whole, checked by a
+    second full parse, and serialized whole again. The weights are the same bytes, so the
+    compressed model is the same. A model already on external data is used as it is.
+    """
+    import onnx
+
+    header = onnx.load(str(source), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer):
+        return source
+    target = folder / source.name
+    onnx.save_model(
+        header,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=target.name + ".data",
+    )
+    return target
+
+
 def compress_model(
     config: RunConfig, onnx_dir: Path, stats_dir: Path | None, out: Path, split: Path
 ) -> dict[str, Any]:
+    import tempfile
+
     from factorlm._common.files import copy_sidecars
     from factorlm.calibration import CalibrationStats
     from factorlm.compression import compress
 
     cfg = config.compress
-    stats = CalibrationStats.load(stats_dir / "stats.npz") if stats_dir is not None else None
-    options = config.options(CompressOptions)
-    result = compress(
-        onnx_dir / "model.onnx",
-        out / "model.onnx",
-        options,
-        stats=stats,
-        # the sequential refit runs the models again on the calibration texts
-        data=split / "calibration.jsonl" if options.sequential else None,
+    # mapped, not read: each Gram is paged in when its weight is planned or factorized
+    stats = (
+        CalibrationStats.load(stats_dir / "stats.npz", mmap=True) if stats_dir is not None else None
     )
+    options = config.options(CompressOptions)
+    with tempfile.TemporaryDirectory(prefix=".streamed-", dir=out) as scratch:
+        source = _streamable_copy(onnx_dir / "model.onnx", Path(scratch))
+        if source.parent != onnx_dir:  # the tokenizer, for the sequential refit
+            copy_sidecars(onnx_dir / "model.onnx", source.parent)
+        result = compress(
+            source,
+            out / "model.onnx",
+            options,
+            stats=stats,
+            # the sequential refit runs the models again on the calibration texts
+            data=split / "calibration.jsonl" if options.sequential else None,
+        )
     copy_sidecars(onnx_dir / "model.onnx", out)
     return {
         "method": cfg.method,

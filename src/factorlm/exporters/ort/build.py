@@ -13,6 +13,7 @@ manifest.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,11 +36,12 @@ from factorlm.exporters.ort.architecture import (
 )
 from factorlm.exporters.ort.manifest import EngineManifest, check_output_dir, source_info
 from factorlm.exporters.ort.optimize import (
-    EXTERNAL_DATA_THRESHOLD,
     FP16_OP_BLOCK_LIST,
     optimize_factorized,
+    optimize_transformer,
     ort_optimize,
     save_model,
+    save_optimized,
     to_fp16,
     to_ort_format,
 )
@@ -76,6 +78,7 @@ class _Build:
     quant: QuantizationReport | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     fusions: dict[str, dict[str, int]] = field(default_factory=dict)
+    saved_counts: dict[str, int] | None = None  # the saved engine's, counted before saving
 
     @property
     def use_gpu(self) -> bool:
@@ -130,12 +133,32 @@ def _calibration_feeds(
     return feeds
 
 
+#: Initializer payloads larger than this are dropped from the build's graph header.
+_HEADER_PAYLOAD_BYTES = 4096
+
+
+def _load_header(source: Path) -> onnx.ModelProto:
+    """The source's graph with large weight payloads dropped, held for the whole build.
+
+    Why: the header only answers questions about the graph (inputs, ops, shapes, small int
+    constants); an inline-weight model would otherwise stay resident next to every later copy.
+    """
+    full = load_onnx(source)
+    for tensor in full.graph.initializer:
+        if len(tensor.raw_data) > _HEADER_PAYLOAD_BYTES:
+            tensor.ClearField("raw_data")
+    # protobuf (upb) frees a message's memory only with the whole message: copy what is left
+    header = onnx.ModelProto()
+    header.CopyFrom(full)
+    del full
+    gc.collect()
+    return header
+
+
 def _transformer_step(
     b: _Build, work: Path, *, fp16: bool, fuse_factors: bool, reference: Path | None
 ) -> None:
     """Transformer fusions through factor pairs (and the reference's fusions), then fp16."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
     assert b.model_type is not None
     b.heads, b.hidden = infer_attention_dims(b.header, b.config)
     b.say(f"transformer fusions ({b.model_type})")
@@ -153,15 +176,19 @@ def _transformer_step(
     b.fusions["optimized"] = count_fusions(opt.model)
     if reference is not None:
         b.say("optimizing the reference")
-        ref = optimize_model(str(reference), **kwargs)
+        ref = optimize_transformer(reference, **kwargs)
         b.fusions["reference"] = count_fusions(ref.model)
         del ref
     if fp16:
         b.say("fp16")
         opt.convert_float_to_float16(keep_io_types=True, op_block_list=list(FP16_OP_BLOCK_LIST))
-    opt.save_model_to_file(
-        str(work), use_external_data_format=opt.model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    )
+    # Counted here, the saved graph's ops need no second load of the whole engine.
+    b.saved_counts = count_fusions(opt.model)
+    save_optimized(opt, work)
+    # The optimizer's fusions and shape-inference helpers refer to each other and keep model
+    # copies alive until a collection: free them before the next step allocates.
+    del opt
+    gc.collect()
     b.optimizer = "transformers"
     b.runtime_level = "ORT_ENABLE_ALL"
 
@@ -217,11 +244,12 @@ def _quantize_step(
         if extra.name.startswith(work.name):
             extra.unlink()
     os.replace(quantized, work)
+    b.saved_counts = None  # the quantized graph is counted from its file
 
 
 def _fusion_step(b: _Build, work: Path, reference: Path | None) -> None:
     """Count the engine's fusions; with a reference, warn about every fusion it lost."""
-    engine_fusions = count_fusions(work)
+    engine_fusions = b.saved_counts if b.saved_counts is not None else count_fusions(work)
     b.fusions["engine"] = engine_fusions
     if reference is not None and "reference" not in b.fusions:
         b.fusions["reference"] = count_fusions(reference)
@@ -343,7 +371,7 @@ def build_ort_engine(
     source = Path(model)
     counted = dict(reference) if isinstance(reference, Mapping) else None
     ref = None if reference is None or isinstance(reference, Mapping) else Path(reference)
-    header = load_onnx(source)
+    header = _load_header(source)
     chosen = resolve_providers(list(opts.providers) or None)
     check_output_dir(source, Path(out_dir), overwrite=overwrite)
     sidecar_paths(source)  # a sidecar symlink leaving the folder is refused before any work
