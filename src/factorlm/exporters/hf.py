@@ -10,8 +10,13 @@ destination and is renamed into place only once it validates.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,15 +171,21 @@ def validate(
     trust_remote_code: bool = False,
     torch_model: Any = None,
 ) -> tuple[OutputCheck, ...]:
-    """Run the ONNX model and PyTorch on the same real sentences; compare every output."""
+    """Run the ONNX model and PyTorch on the same real sentences; compare every output.
+
+    The ONNX session runs and is closed before the PyTorch model is loaded, so the two copies
+    of the weights are never in memory together (unless the caller passes ``torch_model``).
+    """
     import torch
 
     tokens = _tokenize(model_dir, trust_remote_code)
-    model = torch_model or load_torch_model(model_dir, task, trust_remote_code)
     session = create_session(onnx_model, graph_optimization_level="basic")
     feeds = text_feeds(session.get_inputs(), tokens, str(onnx_model))
     output_names = [o.name for o in session.get_outputs()]
     onnx_out = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+    del session
+    gc.collect()
+    model = torch_model or load_torch_model(model_dir, task, trust_remote_code)
 
     kwargs: dict[str, Any] = {
         k: torch.from_numpy(v) for k, v in feeds.items() if not k.startswith("past_key_values")
@@ -211,6 +222,19 @@ def validate(
     if not checks:
         raise ModelLoadError(f"{onnx_model} has no output that PyTorch also produces.")
     return tuple(checks)
+
+
+def _release_heap() -> None:
+    """Collect garbage and return freed heap to the OS (glibc ``malloc_trim``; Linux only).
+
+    Why: torch's exporter leaves about twice the model in freed but unreturned heap (its
+    serialized copies; BERT-base: 1,259 -> 477 MiB resident), which would otherwise stay
+    resident under validation and the stages after it.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def _onnx_opset(path: Path) -> int:
@@ -275,6 +299,7 @@ def export(
                 raise ConfigError(f"optimum cannot export {model_dir} as {task}: {exc}") from exc
             except (OSError, KeyError) as exc:
                 raise ModelLoadError(f"{model_dir} could not be loaded for export: {exc}") from exc
+        _release_heap()  # the exporter's proto copies are garbage now; validation runs next
         onnx_path = stage / "model.onnx"
         if not onnx_path.is_file():
             raise ModelLoadError(f"optimum wrote no model.onnx for {model_dir} ({task}).")
