@@ -30,12 +30,22 @@ measured within +-10 % of predicted and >= 0.95 x target; at equal speed at leas
 the best parameter plan). A target out of the cost model's reach is recorded as an error row.
 
 Usage: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/latency_plan.py [--model minilm|smollm]
-[--shapes 1x128 8x128] [--decode-past 512] [--precisions fp32 int8] [--quick] [--fresh-cache]``.
+[--shapes 1x128 8x128] [--decode-past 512] [--precisions fp32 int8] [--method whiten|kron|losparse]
+[--quick] [--fresh-cache] [--costmodel-budget S] [--prepare | --score-later | --score-pending]``.
 Results: ``benchmarks/results/latency_plan.json`` and ``.md``, updated per section (a run
 replaces the sections it measured and keeps the others). The cost model is cached under
 ``$FACTORLM_CACHE/costmodel``; ``--fresh-cache`` measures it again (in a temporary cache).
-Expected on the 2-core machine: MiniLM 4-5 min per precision (both shapes); SmolLM2 about 50 min
-(prefill and decode, fp32: 10 compressions, 10 engine builds of a 540 MB model, 10 perplexities).
+
+Only the cost model and the engine timing need a quiet machine, so a recording is split in three:
+``--prepare`` (any time: originals and parameter plans compressed, built and scored into
+``<work>/<model>/prepared.json``, reused by later runs with the same ``--work``), the recording
+run (cost model, target plans, timing; ``--score-later`` leaves the targets unscored) and
+``--score-pending`` (any time: scores them and rewrites the tables). The parameter plans are
+also priced by each section's cost model (read from its cache, nothing timed), so every plan
+checks the curves, Kronecker and low-rank + sparse ones too (``--method``).
+Expected on the 2-core machine, quiet, after ``--prepare``: MiniLM about 1 min per section;
+SmolLM2 prefill 1x128 + decode past 512 about 15 min (8 engine builds of a 540 MB model: 2 for
+the cost model, shared by both sections, and 6 target plans).
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "decode_past": (),
         "compress": {"joint_qkv": True},
         "metric": "accuracy",
+        "costmodel_budget_s": 120,
     },
     "smollm": {
         "name": "SmolLM2-135M-Instruct",
@@ -80,6 +91,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "decode_past": (512,),
         "compress": {"joint_qkv": False, "rank_multiple": 32},
         "metric": "perplexity",
+        "costmodel_budget_s": 60,
     },
 }
 CALIB_ROWS = 256
@@ -99,13 +111,18 @@ def say(message: str) -> None:
 
 @dataclass(frozen=True)
 class Section:
-    """One engine configuration: tokens per run, decode past (0: prefill/encoder), precision."""
+    """One engine configuration: tokens per run, decode past (0: prefill/encoder), precision.
+
+    ``method``: the factorization of every plan of the section (whiten unless a curve form is
+    recorded: kron, losparse).
+    """
 
     model: str
     batch: int
     seq: int
     past: int
     precision: str
+    method: str = "whiten"
 
     @property
     def label(self) -> str:
@@ -119,7 +136,8 @@ class Section:
 
     @property
     def id(self) -> str:
-        return f"{self.model} {self.label} {self.precision}"
+        method = "" if self.method == "whiten" else f" {self.method}"
+        return f"{self.model} {self.label} {self.precision}{method}"
 
     @property
     def folder(self) -> str:
@@ -182,9 +200,11 @@ class Probe:
 class Perplexity:
     """SmolLM2's perplexity on the first windows of Pride and Prejudice (as frontier.py)."""
 
-    def __init__(self, original: Path, ids: np.ndarray, windows: int) -> None:
+    def __init__(
+        self, original: Path, ids: np.ndarray, windows: int, reference: float | None = None
+    ) -> None:
         self.ids, self.windows = ids, windows
-        self.reference = self.perplexity(original)
+        self.reference = self.perplexity(original) if reference is None else reference
 
     def perplexity(self, engine: Path) -> float:
         from factorlm.bench.runners import load_runner
@@ -201,13 +221,47 @@ class Perplexity:
         return {"perplexity": ppl, "perplexity_increase_pct": 100.0 * (ppl / self.reference - 1.0)}
 
 
-def compress_point(source: Path, out: Path, stats: Any, **options: Any) -> dict[str, Any]:
+class Prepared:
+    """Work that needs no quiet machine, kept in ``<work>/<model>/prepared.json`` between runs.
+
+    ``--prepare`` compresses, builds and scores the originals and the parameter-budget plans
+    beforehand, so that a recording run spends its time on what needs a quiet machine (the
+    cost model, the target plans that depend on it, the timing). An entry is used only when its
+    fingerprint (the source model's file and date, the compress options, the scorer) matches
+    and its files still exist.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        same = data.get("fingerprint") == json.loads(json.dumps(fingerprint))
+        self.entries: dict[str, Any] = data.get("entries", {}) if same else {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self.entries.get(key)
+        if entry is None or not all(Path(p).exists() for p in entry.get("paths", [])):
+            return None
+        return dict(entry)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.entries[key] = json.loads(json.dumps(entry))  # a copy: callers may change theirs
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"fingerprint": self.fingerprint, "entries": self.entries}
+        self.path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def compress_point(
+    source: Path, out: Path, stats: Any, method: str = "whiten", **options: Any
+) -> dict[str, Any]:
     from factorlm._common.files import copy_sidecars
     from factorlm.compression import compress
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = compress(source, out / "model.onnx", method="whiten", stats=stats, **options)
+    result = compress(source, out / "model.onnx", method=method, stats=stats, **options)
     seconds = time.perf_counter() - start
     copy_sidecars(source, out)
     point: dict[str, Any] = {
@@ -225,6 +279,58 @@ def compress_point(source: Path, out: Path, stats: Any, **options: Any) -> dict[
             model_ms=lat["model_ms"],
         )
     return point
+
+
+def price_plans(
+    source: Path, plans: dict[str, Path], method: str, options: dict[str, Any]
+) -> dict[str, float]:
+    """Predicted speedup of each parameter plan by the section's cost model (read from the cache
+    its target plans filled): the curves checked on plans the latency planner did not choose,
+    Kronecker and low-rank + sparse ones included. Weights without a curve count as dense.
+    """
+    from factorlm.costmodel import latency_target
+    from factorlm.io import load_model
+    from factorlm.options import CompressOptions
+    from factorlm.passes import analyze
+    from factorlm.planning import load_plan
+    from factorlm.planning.latency import (
+        candidate_spec,
+        kron_spec,
+        kron_term_limit,
+        losparse_spec,
+    )
+
+    opts = CompressOptions(method=method, target_speedup=2.0, **options)
+    joint = opts.joint_qkv and method not in ("kron", "losparse")
+    analysis = analyze(load_model(source), min_size=opts.min_size, joint=joint)
+    model, _ = latency_target(source, analysis.candidates, opts)
+    found = {}
+    for name, path in plans.items():
+        plan, total = load_plan(path), model.model_ms
+        for weight, entry in plan.weights.items():
+            cand = analysis.candidate(weight)
+            shape = tuple(entry.shape)
+            if entry.method == "kron" and entry.kron is not None:
+                a, b = entry.kron["a_shape"], entry.kron["b_shape"]
+                spec = kron_spec(shape, a, b, kron_term_limit(shape, a, b))
+                at = entry.kron["terms"]
+            elif entry.method == "losparse" and entry.sparse is not None:
+                sparse = entry.sparse
+                spec = losparse_spec(
+                    shape, opts.rank_multiple, sparse["structure"], sparse["density"]
+                )
+                at = entry.rank
+            elif cand is not None:
+                fused = model.attention_fused
+                spec = candidate_spec(cand, entry.method, opts.rank_multiple, fused=fused)
+                at = entry.rank
+            else:
+                spec = None
+            curve = model.curve(spec) if spec is not None else None
+            if curve is not None and at is not None:
+                total += curve.at(int(at)) - curve.dense_ms
+        found[name] = model.model_ms / total
+    return found
 
 
 def build(model: Path, folder: Path, precision: str) -> Path:
@@ -291,58 +397,90 @@ def measure(engines: dict[str, Path], section: Section, threads: int, iterations
 def run_section(
     args: argparse.Namespace, section: Section, context: dict[str, Any]
 ) -> dict[str, Any]:
+    """Targets planned (the cost model measured), built, timed with the prepared ratio plans.
+
+    Target plans are scored after the timing, so nothing but the engines runs before it. The
+    cached replan time is the plan time of the second target (the first measured the cost
+    model into the cache), not one more compression.
+    """
     source, stats, scorer = context["source"], context["stats"], context["scorer"]
     spec = MODELS[section.model]
     started, load_before = time.perf_counter(), uptime()
     work = args.work / section.model
     engines = {"original": context["original"](section.precision)}
     points: dict[str, dict[str, Any]] = {}
-    latency = section.latency_options(args.threads)
+    latency = {**section.latency_options(args.threads), "latency_budget_s": args.costmodel_budget}
     common = {**spec["compress"], **({"joint_qkv": True} if args.joint_qkv else {})}
+    stages = {"targets_s": 0.0, "ratios_s": 0.0, "timing_s": 0.0, "scoring_s": 0.0}
+    plan_times: list[float] = []
+    tick = time.perf_counter()
     for target in args.targets:
         name = f"target-{target}"
         say(f"{section.id} {name}: compressing")
         options = {"target_speedup": target, **latency, **common}
         try:
-            point = compress_point(source, work / section.folder / name, stats, **options)
+            point = compress_point(source, work / section.folder / name, stats,
+                                   method=section.method, **options)  # fmt: skip
+            plan_times.append(point["plan_s"])
             engines[name] = build(work / section.folder / name / "model.onnx",
                                   work / section.folder / f"engine-{name}", section.precision)  # fmt: skip
-            point.update(scorer.score(engines[name]))
         except Exception as exc:  # keep the table going; the failure is recorded
             logger.exception("point %s failed", name)
             point = {"error": f"{type(exc).__name__}: {exc}"}
-        point.update(options)
+        point.update(options, method=section.method)
         points[name] = point
         say(
             f"{section.id} {name}: {json.dumps({k: v for k, v in point.items() if not isinstance(v, list)})}"
         )
+    stages["targets_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     for ratio in args.ratios:
         name = f"ratio-{ratio}"
         try:
-            engines[name], point = context["ratio"](ratio, section.precision)
+            engines[name], point = context["ratio"](ratio, section.precision, section.method)
         except Exception as exc:
             logger.exception("point %s failed", name)
             point = {"error": f"{type(exc).__name__}: {exc}", "ratio": ratio}
         points[name] = dict(point)
-    # A cached replan: the same target again measures nothing (the cost model is on disk).
-    start = time.perf_counter()
-    try:
-        compress_point(source, work / section.folder / "replan", stats,
-                       target_speedup=args.targets[0], **latency, **common)  # fmt: skip
-        replan_s: float | None = round(time.perf_counter() - start, 1)
-    except Exception:  # an unreachable first target: no replan time
-        replan_s = None
+    stages["ratios_s"] = time.perf_counter() - tick
+    try:  # the same curves price the parameter plans (cache only: nothing is timed)
+        plans = {n: Path(p["plan"]) for n, p in points.items() if "plan" in p and "error" not in p
+                 and n.startswith("ratio-")}  # fmt: skip
+        priced = price_plans(source, plans, section.method, {**latency, **common})
+        for name, value in priced.items():
+            points[name]["predicted_speedup"] = value
+    except Exception:  # a section whose cost model could not be measured: no predictions
+        logger.exception("pricing the parameter plans failed")
+    # A cached replan: a later target reads the cost model the first one measured.
+    replan_s: float | None = plan_times[1] if len(plan_times) > 1 else None
     say(f"{section.id}: measuring {len(engines)} engines, {args.iterations} rounds")
+    tick = time.perf_counter()
     timed = measure(engines, section, args.threads, args.iterations, source)
+    stages["timing_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     for name, point in points.items():
         if name in timed:
             point.update({k: timed[name][k] for k in ("speedup", "ci_low", "ci_high", "p50_ms")})
+        if name.startswith("target-") and name in engines:
+            point["engine"] = str(engines[name])
+            if args.score_later:  # scored by --score-pending, which needs no quiet machine
+                point["score_pending"] = True
+                continue
+            say(f"{section.id} {name}: scoring")
+            try:
+                point.update(scorer.score(engines[name]))
+            except Exception as exc:
+                logger.exception("scoring %s failed", name)
+                point["score_error"] = f"{type(exc).__name__}: {exc}"
+    stages["scoring_s"] = time.perf_counter() - tick
     return {
         "id": section.id, "model": section.model, "shape": section.label,
         "precision": section.precision, "past": section.past, "threads": args.threads,
-        "metric": spec["metric"], "reference": context["reference"](section.precision),
+        "method": section.method, "metric": spec["metric"],
+        "reference": context["reference"](section.precision),
         "points": points, "original_p50_ms": timed["original"]["p50_ms"], "replan_s": replan_s,
         "command": context["command"], "wall_s": round(time.perf_counter() - started, 1),
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "load_before": load_before, "load_after": uptime(),
     }  # fmt: skip
 
@@ -352,7 +490,8 @@ def compare(section: dict[str, Any]) -> list[dict[str, Any]]:
     metric = section.get("metric", "accuracy")
     better = max if metric == "accuracy" else min
     points = section["points"]
-    ratios = [p for n, p in points.items() if n.startswith("ratio-") and "speedup" in p]
+    ratios = [p for n, p in points.items() if n.startswith("ratio-") and "speedup" in p
+              and metric in p]  # fmt: skip
     rows = []
     for name, p in points.items():
         if not name.startswith("target-") or "speedup" not in p:
@@ -365,7 +504,7 @@ def compare(section: dict[str, Any]) -> list[dict[str, Any]]:
             "target": p["target_speedup"], "predicted": predicted, "measured": p["speedup"],
             "within_10pct": abs(p["speedup"] / predicted - 1) <= 0.10 if predicted else None,
             "at_least_95pct_target": p["speedup"] >= 0.95 * p["target_speedup"],
-            "quality": p[metric],
+            "quality": p.get(metric, float("nan")),
             "nearest_ratio": near and near["ratio"], "nearest_speedup": near and near["speedup"],
             "nearest_quality": near and near[metric],
             "best_as_fast_ratio": best and best["ratio"], "best_as_fast_quality": best and best[metric],
@@ -374,9 +513,32 @@ def compare(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _quality_cell(section: dict[str, Any], p: dict[str, Any]) -> str:
+    if section.get("metric", "accuracy") not in p:
+        return f"not scored ({p.get('score_error', '-')}) | -"
     if section.get("metric", "accuracy") == "accuracy":
         return f"{p['accuracy']:.2f} ({p['accuracy_drop']:+.2f}) | {p['cosine_mean']:.4f}"
     return f"{p['perplexity']:.3f} ({p['perplexity_increase_pct']:+.1f} %) | -"
+
+
+def _stage_lines(section: dict[str, Any]) -> list[str]:
+    if "stages_s" not in section:
+        return []
+    return [
+        "",
+        f"Stages (s): {json.dumps(section['stages_s'])}. Ratio plans (and the originals) come "
+        "from `--prepare` when it ran beforehand (`prepared.json` in the work folder)."
+        + (
+            " Target plans scored after the timing run (`--score-later`, then `--score-pending`)."
+            if section.get("scored_later")
+            else ""
+        ),
+    ]
+
+
+def _replan_text(section: dict[str, Any]) -> str:
+    if "stages_s" in section:  # the plan time of the second target, read from the cache
+        return f"a cached replan (the second target's planning) took {section['replan_s']} s."
+    return f"a cached replan (compress) took {section['replan_s']} s."
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -397,8 +559,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"Command: `{section['command']}`. Section wall time {section['wall_s'] / 60:.1f} min. "
             f"Original {metric} {section['reference']:.3f}; original p50 "
             f"{section['original_p50_ms']:.2f} ms. The first target's plan s includes measuring "
-            f"the cost model (empty cache); a cached replan (compress) took "
-            f"{section['replan_s']} s.",
+            f"the cost model (empty cache); {_replan_text(section)}",
+            *_stage_lines(section),
             "",
             *environment_lines(section["load_before"], section["load_after"]),
             "",
@@ -420,6 +582,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {pred} | {meas} | {_quality_cell(section, p)} | "
                 f"{p['linear_kept']:.3f} | {p['plan_s']} | {p['compress_s']} |"
             )
+        errors = [
+            (n, 100.0 * (p["speedup"] / p["predicted_speedup"] - 1.0))
+            for n, p in section["points"].items()
+            if p.get("predicted_speedup") and "speedup" in p
+        ]
+        if errors:
+            worst = max(errors, key=lambda e: abs(e[1]))
+            lines += [
+                "",
+                f"Measured vs predicted over the {len(errors)} plans priced by the cost model "
+                "(parameter plans priced from its cache, nothing timed for them): median "
+                f"|error| {float(np.median([abs(e) for _, e in errors])):.1f} %, largest "
+                f"{worst[1]:+.1f} % ({worst[0]}).",
+            ]
         lines += [
             "",
             f"| target | predicted | measured | within ±10 % | ≥ 0.95 × target | {metric} | "
@@ -438,6 +614,46 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, done: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replace ``done``'s sections in ``out``/latency_plan.json (others kept) and the tables."""
+    path = out / "latency_plan.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    kept = [s for s in _migrate(old) if s["id"] not in {d["id"] for d in done}]
+    results = {"sections": kept + done}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "latency_plan.md").write_text(markdown(results))
+    return results
+
+
+def score_pending(args: argparse.Namespace, context: dict[str, Any]) -> int:
+    """Score the target engines a ``--score-later`` run recorded, then rewrite the tables."""
+    path = args.out / "latency_plan.json"
+    sections = json.loads(path.read_text())["sections"] if path.is_file() else []
+    done = []
+    for section in sections:
+        pending = [(n, p) for n, p in section["points"].items() if p.get("score_pending")]
+        if section.get("model") != args.model or not pending:
+            continue
+        for name, point in pending:
+            say(f"{section['id']} {name}: scoring {point['engine']}")
+            try:
+                point.update(context["scorer"].score(Path(point["engine"])))
+            except Exception as exc:
+                logger.exception("scoring %s failed", name)
+                point["score_error"] = f"{type(exc).__name__}: {exc}"
+            del point["score_pending"]
+        section["comparison"] = compare(section)
+        section["scored_later"] = True
+        done.append(section)
+    if not done:
+        say(f"no pending scores for {args.model} in {path}")
+        return 0
+    write_results(args.out, done)
+    print(markdown({"sections": done}))
+    return 0
 
 
 def _migrate(old: dict[str, Any]) -> list[dict[str, Any]]:
@@ -470,7 +686,13 @@ def _minilm_context(args: argparse.Namespace) -> dict[str, Any]:
     train, evaluation = polar[:PROBE_TRAIN], polar[PROBE_TRAIN : PROBE_TRAIN + EVAL]
     say("MiniLM calibration statistics")
     stats = collect_statistics(source, reviews_path(), max_samples=CALIB_ROWS, progress=False)
-    fp32 = build(source, args.work / "minilm" / "engine-original-fp32", "fp32")
+    prepared = _prepared(args, source)
+    found = prepared.get("original-fp32")
+    if found is not None:
+        fp32 = Path(found["engine"])
+    else:
+        fp32 = build(source, args.work / "minilm" / "engine-original-fp32", "fp32")
+        prepared.put("original-fp32", {"engine": str(fp32), "paths": [str(fp32)]})
     say("probe on the original")
     scorer = Probe(
         fp32,
@@ -478,7 +700,8 @@ def _minilm_context(args: argparse.Namespace) -> dict[str, Any]:
         [r["text"] for r in evaluation], np.asarray([r["label"] for r in evaluation]),
         TextTokenizer(source.parent),
     )  # fmt: skip
-    return {"source": source, "stats": stats, "scorer": scorer, "fp32": fp32}
+    return {"source": source, "stats": stats, "scorer": scorer, "fp32": fp32,
+            "prepared": prepared}  # fmt: skip
 
 
 def _smollm_context(args: argparse.Namespace) -> dict[str, Any]:
@@ -501,10 +724,33 @@ def _smollm_context(args: argparse.Namespace) -> dict[str, Any]:
     say("SmolLM2 calibration statistics")
     stats = collect_statistics(source, chunks, max_samples=SMOLLM_CALIB_CHUNKS,
                                max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False)  # fmt: skip
-    fp32 = build(source, args.work / "smollm" / "engine-original-fp32", "fp32")
-    say("perplexity of the original")
-    scorer = Perplexity(fp32, ids(SMOLLM_HELDOUT), 2 if args.quick else SMOLLM_WINDOWS)
-    return {"source": source, "stats": stats, "scorer": scorer, "fp32": fp32}
+    prepared = _prepared(args, source)
+    found = prepared.get("original-fp32")
+    if found is not None:
+        fp32 = Path(found["engine"])
+        scorer = Perplexity(fp32, ids(SMOLLM_HELDOUT), _windows(args), found["reference"])
+    else:
+        fp32 = build(source, args.work / "smollm" / "engine-original-fp32", "fp32")
+        say("perplexity of the original")
+        scorer = Perplexity(fp32, ids(SMOLLM_HELDOUT), _windows(args))
+        prepared.put("original-fp32", {"engine": str(fp32), "reference": scorer.reference,
+                                       "paths": [str(fp32)]})  # fmt: skip
+    return {"source": source, "stats": stats, "scorer": scorer, "fp32": fp32,
+            "prepared": prepared}  # fmt: skip
+
+
+def _windows(args: argparse.Namespace) -> int:
+    return 2 if args.quick else SMOLLM_WINDOWS
+
+
+def _prepared(args: argparse.Namespace, source: Path) -> Prepared:
+    spec = MODELS[args.model]
+    fingerprint = {
+        "source": str(source), "source_mtime_ns": source.stat().st_mtime_ns,
+        "compress": {**spec["compress"], **({"joint_qkv": True} if args.joint_qkv else {})},
+        "scorer": _windows(args) if args.model == "smollm" else [CALIB_ROWS, PROBE_TRAIN, EVAL],
+    }  # fmt: skip
+    return Prepared(args.work / args.model / "prepared.json", fingerprint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,7 +762,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="SmolLM2: past lengths of one-token decode steps at batch 1 (default 512)")  # fmt: skip
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32"])
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
-    parser.add_argument("--ratios", nargs="+", type=float, default=None)
+    parser.add_argument("--ratios", nargs="*", type=float, default=None,
+                        help="parameter-budget plans (none: targets only)")  # fmt: skip
+    parser.add_argument("--method", choices=("whiten", "kron", "losparse"), default="whiten",
+                        help="the factorization of every plan (kron/losparse: their own curves)")  # fmt: skip
+    parser.add_argument("--costmodel-budget", type=float, default=None,
+                        help="seconds the cost model may spend measuring per engine "
+                        "configuration (default: 60 for SmolLM2, 120 for MiniLM)")  # fmt: skip
+    parser.add_argument("--score-later", action="store_true",
+                        help="leave the target plans unscored (their engines stay in the work "
+                        "folder) for --score-pending: the timing run does only what needs quiet")  # fmt: skip
+    parser.add_argument("--score-pending", action="store_true",
+                        help="score the target plans a --score-later run left in the results "
+                        "of --model, and update the tables; no timing")  # fmt: skip
+    parser.add_argument("--prepare", action="store_true",
+                        help="only the work that needs no quiet machine: originals and ratio "
+                        "plans compressed, built and scored into the work folder; no timing")  # fmt: skip
     parser.add_argument("--joint-qkv", action="store_true",
                         help="SmolLM2: one shared left factor per Q/K/V group (default separate)")  # fmt: skip
     parser.add_argument(
@@ -537,7 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = MODELS[args.model]
     args.shapes = args.shapes or list(spec["shapes"])
     past = list(spec["decode_past"]) if args.decode_past is None else args.decode_past
-    args.ratios = args.ratios or list(spec["quick_ratios"] if args.quick else spec["ratios"])
+    if args.ratios is None:
+        args.ratios = list(spec["quick_ratios"] if args.quick else spec["ratios"])
+    if args.costmodel_budget is None:
+        args.costmodel_budget = float(spec["costmodel_budget_s"])
     if args.quick:
         args.targets, args.iterations = [1.5], 20
     if past and args.model != "smollm":
@@ -565,32 +829,48 @@ def main(argv: list[str] | None = None) -> int:
     context = _minilm_context(args) if args.model == "minilm" else _smollm_context(args)
     source, stats, scorer = context["source"], context["stats"], context["scorer"]
     work = args.work / args.model
+    prepared: Prepared = context["prepared"]
     originals: dict[str, Path] = {"fp32": context["fp32"]}
     references: dict[str, float] = {"fp32": scorer.reference}
-    ratio_models: dict[float, tuple[Path, dict[str, Any]]] = {}
-    ratio_engines: dict[tuple[float, str], tuple[Path, dict[str, Any]]] = {}
 
     def original(precision: str) -> Path:
         if precision not in originals:
-            originals[precision] = build(source, work / f"engine-original-{precision}", precision)
-            references[precision] = scorer.score(originals[precision])[spec["metric"]]
+            found = prepared.get(f"original-{precision}")
+            if found is None:
+                engine = build(source, work / f"engine-original-{precision}", precision)
+                found = {"engine": str(engine), "paths": [str(engine)],
+                         "reference": scorer.score(engine)[spec["metric"]]}  # fmt: skip
+                prepared.put(f"original-{precision}", found)
+            originals[precision] = Path(found["engine"])
+            references[precision] = float(found["reference"])
         return originals[precision]
 
-    def ratio_engine(ratio: float, precision: str) -> tuple[Path, dict[str, Any]]:
+    def ratio_engine(
+        ratio: float, precision: str, method: str = "whiten"
+    ) -> tuple[Path, dict[str, Any]]:
         """Parameter plans are the same in every section: compressed, built and scored once."""
-        if ratio not in ratio_models:
-            say(f"ratio {ratio}: compressing")
-            common = {**spec["compress"], **({"joint_qkv": True} if args.joint_qkv else {})}
-            point = compress_point(source, work / f"ratio-{ratio}", stats, ratio=ratio, **common)
-            ratio_models[ratio] = (
-                work / f"ratio-{ratio}" / "model.onnx",
-                {**point, "ratio": ratio},
-            )
-        if (ratio, precision) not in ratio_engines:
-            model, point = ratio_models[ratio]
-            engine = build(model, work / f"engine-{precision}-ratio-{ratio}", precision)
-            ratio_engines[ratio, precision] = (engine, {**point, **scorer.score(engine)})
-        return ratio_engines[ratio, precision]
+        tag = "" if method == "whiten" else f"{method}-"
+        key = f"{tag}ratio-{ratio}-{precision}"
+        found = prepared.get(key)
+        if found is None:
+            folder = work / f"{tag}ratio-{ratio}"
+            model = folder / "model.onnx"
+            point = prepared.get(f"{tag}ratio-{ratio}")
+            if point is None:
+                say(f"{tag}ratio {ratio}: compressing")
+                common = {**spec["compress"], **({"joint_qkv": True} if args.joint_qkv else {})}
+                point = compress_point(source, folder, stats, method=method, ratio=ratio, **common)
+                point.update(ratio=ratio, method=method, paths=[str(model)])
+                prepared.put(f"{tag}ratio-{ratio}", point)
+            say(f"{tag}ratio {ratio}: building and scoring at {precision}")
+            engine = build(model, work / f"engine-{precision}-{tag}ratio-{ratio}", precision)
+            found = {**point, **scorer.score(engine), "engine": str(engine),
+                     "paths": [*point["paths"], str(engine)]}  # fmt: skip
+            prepared.put(key, found)
+        engine = Path(found.pop("engine"))
+        found.pop("paths", None)
+        found.setdefault("plan", str(work / f"{tag}ratio-{ratio}" / "model.plan.json"))
+        return engine, found
 
     command = "python benchmarks/latency_plan.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
@@ -601,21 +881,25 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions:
         for text in args.shapes:
             batch, seq = (int(v) for v in text.lower().split("x"))
-            sections.append(Section(args.model, batch, seq, 0, precision))
-        sections += [Section(args.model, 1, 1, p, precision) for p in past]
+            sections.append(Section(args.model, batch, seq, 0, precision, args.method))
+        sections += [Section(args.model, 1, 1, p, precision, args.method) for p in past]
+    if args.score_pending:
+        return score_pending(args, context)
+    if args.prepare:  # no cost model, no timing: what a recording run reuses
+        started = time.perf_counter()
+        for precision in args.precisions:
+            original(precision)
+            for ratio in args.ratios:
+                ratio_engine(ratio, precision, args.method)
+        say(f"prepared in {time.perf_counter() - started:.0f} s: {prepared.path}")
+        return 0
     done = []
     for section in sections:
         original(section.precision)
         result = run_section(args, section, context)
         result["comparison"] = compare(result)
         done.append(result)
-    path = args.out / "latency_plan.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    kept = [s for s in _migrate(old) if s["id"] not in {d["id"] for d in done}]
-    results = {"sections": kept + done}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "latency_plan.md").write_text(markdown(results))
+        write_results(args.out, done)  # after every section: a stopped run keeps what it timed
     print(markdown({"sections": done}))
     return 0
 

@@ -207,7 +207,7 @@ def test_every_form_is_timed_quantized_for_int8(spec: CurveSpec | None) -> None:
 def test_joint_group_is_one_pair_when_the_engine_fuses_attention(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: bool
 ) -> None:
-    def engine(model: Path, config: EngineConfig, deadline: float) -> dict[str, Any]:
+    def engine(model: Path, config: EngineConfig, deadline: float, probe: object) -> dict[str, Any]:
         return {"model_ms": 5.0, "rounds": 5, "attention_fused": fused}  # the built engine's say
 
     def timing(runners: list[object], feeds: object, **_: object) -> np.ndarray:

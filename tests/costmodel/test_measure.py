@@ -214,3 +214,95 @@ def test_cli_target_speedup_shows_the_prediction(
     assert "latency ms (predicted)" in capsys.readouterr().out
     plan = json.loads((out / "model.plan.json").read_text())
     assert plan["budget"]["target_ms"] == 5.0 and plan["latency"]["predicted_ms"] <= 5.0
+
+
+def _probe(path: Path) -> list[tuple[object, CurveSpec]]:
+    from factorlm.io import load_model
+    from factorlm.passes import analyze
+
+    return factorlm.costmodel.latency_probe(analyze(load_model(path)).candidates, "whiten", 8)
+
+
+def test_probe_model_replaces_each_probed_weight_by_a_pair(mlp_path: Path, tmp_path: Path) -> None:
+    probe = _probe(mlp_path)
+    assert sorted(c.name for c, _ in probe) == ["fc1.weight", "fc2.weight"]  # type: ignore[attr-defined]
+    assert factorlm.costmodel.latency_probe([c for c, _ in probe], "kron", 8) == []  # type: ignore[misc]
+    ranks = measure.probe_ranks(probe, 8)  # type: ignore[arg-type]
+    for cand, rank in ranks:
+        spec = dict((c.name, s) for c, s in probe)[cand.name]  # type: ignore[attr-defined]
+        assert rank % 8 == 0 and spec.ranks[0] <= rank <= spec.ranks[-1]
+        assert rank < measure.break_even_rank(*cand.shape)
+    path = measure._probe_model(mlp_path, ranks, tmp_path / "probe")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    names = {i.name for i in model.graph.initializer}
+    assert "fc1.weight" not in names and "fc2.weight" not in names
+    assert {"fc1.weight.factorlm_left", "fc2.weight.factorlm_right"} <= names
+    x = np.ones((1, 4, 128), np.float32)
+    (y,) = run_ort(model, {"x": x})
+    assert y.shape == run_ort(onnx.load(str(mlp_path)), {"x": x})[0].shape
+
+
+def test_savings_scale_is_the_probe_saving_over_the_curves(mlp_path: Path) -> None:
+    probe = _probe(mlp_path)
+    ranks = measure.probe_ranks(probe, 8)  # type: ignore[arg-type]
+    specs = {c.name: s for c, s in probe}  # type: ignore[attr-defined]
+    curves = {
+        s.key: LatencyCurve(s.shape, 2.0, s.ranks, tuple(0.1 + 0.01 * r for r in s.ranks))
+        for s in specs.values()
+    }
+    predicted = sum(2.0 - curves[specs[c.name].key].at(r) for c, r in ranks)
+    alpha, at = measure.savings_scale({"model_ms": 10.0, "probe_ms": 10.0 - 1.2 * predicted},
+                                      ranks, curves, specs)  # fmt: skip
+    assert alpha == pytest.approx(1.2) and at == pytest.approx(10.0 - predicted)
+    # a saving the curves cannot explain (x3) is distrusted; no probe time: curves as measured
+    assert measure.savings_scale({"model_ms": 10.0, "probe_ms": 10.0 - 3 * predicted},
+                                 ranks, curves, specs)[0] == 1.0  # fmt: skip
+    assert measure.savings_scale({"model_ms": 10.0}, ranks, curves, specs) == (1.0, None)
+    flat = {
+        k: LatencyCurve(c.shape, 2.0, c.ranks, (1.999,) * len(c.ranks)) for k, c in curves.items()
+    }
+    assert measure.savings_scale({"model_ms": 10.0, "probe_ms": 9.0}, ranks, flat, specs)[0] == 1.0
+
+
+def test_probe_is_timed_against_the_dense_model_and_cached(
+    mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def timing(runners: list[object], feeds: object, **_: object) -> np.ndarray:
+        calls.append(len(runners))
+        if len(runners) == 2:  # the dense model and its probe: the probe saves 0.6 ms
+            return np.tile([2.0e-3, 1.4e-3], (5, 1))
+        return np.tile([2e-3, *np.linspace(0.2e-3, 1.9e-3, len(runners) - 1)], (5, 1))
+
+    monkeypatch.setattr(measure, "measure_alternating", timing)
+    cache, shapes = tmp_path / "cache", [(128, 256), (256, 128)]
+    probe = _probe(mlp_path)
+    first = measure_latency_model(mlp_path, shapes, _CONFIG, cache_dir=cache, probe=probe)  # type: ignore[arg-type]
+    assert calls[0] == 2 and len(calls) == 3
+    model = first.model
+    ranks = measure.probe_ranks(probe, 8)  # type: ignore[arg-type]
+    predicted = 0.0
+    for cand, rank in ranks:
+        curve = model.raw_curve(cand.shape)
+        assert curve is not None
+        predicted += curve.dense_ms - curve.at(rank)
+    assert model.savings_scale == pytest.approx(0.6 / predicted)
+    assert model.config["probe_ms"] == pytest.approx(model.model_ms - 0.6)
+    assert model.curve((128, 256)) != model.raw_curve((128, 256))
+    second = measure_latency_model(mlp_path, shapes, _CONFIG, cache_dir=cache, probe=probe)  # type: ignore[arg-type]
+    assert second.measured == [] and second.model == model and len(calls) == 3
+    plain = measure_latency_model(mlp_path, shapes, _CONFIG, cache_dir=cache)
+    assert plain.measured == ["model"] and plain.model.savings_scale == 1.0  # its own record
+    # Another configuration of the same engine (threads, a decode past) times the engines the
+    # first one built: no build again.
+    import factorlm.exporters.engine as engine
+
+    built: list[object] = []
+    build = engine.build_engine
+    monkeypatch.setattr(engine, "build_engine", lambda *a, **k: built.append(a) or build(*a, **k))
+    other = measure_latency_model(
+        mlp_path, shapes, EngineConfig(batch=1, seq=8, threads=2), cache_dir=cache, probe=probe
+    )  # type: ignore[arg-type]
+    assert "model" in other.measured and built == []

@@ -21,11 +21,14 @@ from collections.abc import Sequence
 
 from factorlm.costmodel.measure import (
     COSTMODEL_FORMAT,
+    PROBE_FRACTION,
     CostModelRun,
     EngineConfig,
     Progress,
     machine,
     measure_latency_model,
+    probe_ranks,
+    savings_scale,
 )
 from factorlm.options import CompressOptions
 from factorlm.planning import (
@@ -39,13 +42,17 @@ from factorlm.planning.latency import CurveSpec, candidate_spec, kron_specs
 
 __all__ = [
     "COSTMODEL_FORMAT",
+    "PROBE_FRACTION",
     "CostModelRun",
     "EngineConfig",
     "engine_config",
     "latency_curves",
+    "latency_probe",
     "latency_target",
     "machine",
     "measure_latency_model",
+    "probe_ranks",
+    "savings_scale",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +104,22 @@ def latency_curves(
     return list(found.values())
 
 
+def latency_probe(
+    candidates: Sequence[CandidateLike], method: str, multiple: int
+) -> list[tuple[CandidateLike, CurveSpec]]:
+    """The weights the savings-scale probe factors, with their curves: every linear weight a
+    low-rank-pair method plans (Kronecker and low-rank + sparse forms are not probed: their
+    curves are used as measured)."""
+    if method in ("kron", "losparse"):
+        return []
+    found = []
+    for cand in candidates:
+        spec = candidate_spec(cand, method, multiple) if cand.kind == "linear" else None
+        if spec is not None:
+            found.append((cand, spec))
+    return found
+
+
 def latency_target(
     model: str | os.PathLike[str],
     candidates: Sequence[CandidateLike],
@@ -108,7 +131,8 @@ def latency_target(
     """The measured latency model of ``model``'s linear weights and the target in ms.
 
     ``options.target_latency_ms`` is taken as is; ``target_speedup`` divides the measured dense
-    latency. Cached measurements are reused (see ``measure``).
+    latency. Cached measurements are reused (see ``measure``). Low-rank methods also time one
+    factored probe of the model, whose saving scales the curves' (``LatencyModel.savings_scale``).
     """
     config = engine_config(options)
     curves = latency_curves(
@@ -125,6 +149,7 @@ def latency_target(
         budget_s=options.latency_budget_s,
         cache_dir=cache_dir,
         progress=progress,
+        probe=latency_probe(candidates, options.method, options.rank_multiple),
     )
     if options.target_latency_ms is not None:
         target = float(options.target_latency_ms)
