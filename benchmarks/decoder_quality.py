@@ -14,11 +14,19 @@ loss, through PyTorch.
 
 Variants (``--variants``): ``whiten`` (today's default), ``loss_aware``, ``sequential``
 (4 blocks, default ridge), ``sequential_no_ridge``, ``loss_aware+sequential``,
-``shrinkage`` and ``loss_aware+shrinkage`` (Grams shrunk by held-back likelihood).
+``shrinkage`` and ``loss_aware+shrinkage`` (Grams shrunk by held-back likelihood),
+``loss_aware+blend`` (each Gram blended with its Gram on factorlm's mixed-genre set, the weight
+chosen by the likelihood of the calibration data's held-back batches) and ``loss_aware+blend0.5``
+(a fixed weight of one half).
+
+Domains (``--domains``): ``reviews128`` is four times as many review snippets (128 chunks), to
+tell a narrow genre from a small set.
 
 Times: ``calibrate_s`` is the cold cost of the statistics the variant needs (Gram, plus the
 output Fisher for loss-aware), measured once into a fresh cache; ``compress_s`` is the
 ``compress`` call given those statistics (the sequential refit's paired passes are in it).
+The blend variants add the cold cost of the generic Grams (``+ N generic``), collected once per
+model like ``compress --blend`` does (``calibration.requested.generic_statistics``).
 
 Usage: ``OPENBLAS_NUM_THREADS=1 python benchmarks/decoder_quality.py [--ratios 0.8 0.9]
 [--variants whiten loss_aware ...] [--domains emma reviews] [--work DIR]`` after ``factorlm assets``.
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -65,6 +74,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "embeddings0.6": {"embeddings": 0.6},
     "embeddings0.8_plain_svd": {"embeddings": 0.8, "_plain_embedding": True},
     "loss_aware+shrinkage": {"loss_aware": True, "shrinkage": "auto"},
+    "loss_aware+blend": {"loss_aware": True, "blend": "auto"},
+    "loss_aware+blend0.5": {"loss_aware": True, "blend_weight": 0.5},
+    "loss_aware+blend0.25": {"loss_aware": True, "blend_weight": 0.25},
 }
 
 
@@ -79,7 +91,7 @@ def _emma_chunks(tokenizer: Any) -> list[str]:
     return [tokenizer.decode(ids[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS]) for i in range(CHUNKS)]
 
 
-def _review_chunks(tokenizer: Any) -> list[str]:
+def _review_chunks(tokenizer: Any, count: int = CHUNKS) -> list[str]:
     """Review snippets joined in file order into chunks of about ``CHUNK_TOKENS`` tokens."""
     from factorlm.assets.paths import reviews_path
 
@@ -94,7 +106,7 @@ def _review_chunks(tokenizer: Any) -> list[str]:
             if size >= CHUNK_TOKENS:
                 chunks.append(" ".join(current))
                 current, size = [], 0
-                if len(chunks) == CHUNKS:
+                if len(chunks) == count:
                     break
     return chunks
 
@@ -116,16 +128,25 @@ def _perplexity(path: Path, ids: np.ndarray) -> float:
 
 
 def _statistics(
-    source: Path, texts: list[str], data: Path, need_fisher: bool
+    source: Path, texts: list[str], data: Path, need_fisher: bool, keep: Path | None = None
 ) -> tuple[Any, float, float]:
-    """Gram (and output Fisher) on ``texts``, timed cold into a throw-away cache."""
-    from factorlm.assets import smollm_dir
-    from factorlm.calibration import collect_output_fisher, collect_statistics
+    """Gram (and output Fisher) on ``texts``, timed cold into a throw-away cache.
 
+    ``keep`` (``--stats-cache``): a ``.npz`` path where the statistics and their cold times are
+    saved, and from where a later run with the same texts reads them instead of collecting.
+    """
+    from factorlm.assets import smollm_dir
+    from factorlm.calibration import CalibrationStats, collect_output_fisher, collect_statistics
+
+    times = keep.with_suffix(".json") if keep is not None else None
+    if keep is not None and times is not None and keep.is_file() and times.is_file():
+        saved = json.loads(times.read_text())
+        if saved["texts"] == texts and (saved["fisher_s"] or not need_fisher):
+            return CalibrationStats.load(keep), saved["gram_s"], saved["fisher_s"]
     with tempfile.TemporaryDirectory(prefix="dq-cache-") as cache:
         tick = time.perf_counter()
         stats = collect_statistics(
-            source, texts, max_samples=CHUNKS, max_length=CHUNK_TOKENS, batch_size=4,
+            source, texts, max_samples=len(texts), max_length=CHUNK_TOKENS, batch_size=4,
             cache_dir=Path(cache), progress=False, holdout=True,
         )  # fmt: skip
         gram_s = time.perf_counter() - tick
@@ -133,11 +154,42 @@ def _statistics(
         if need_fisher:
             tick = time.perf_counter()
             stats.output_fisher = collect_output_fisher(
-                smollm_dir(), source, data, task="lm", max_samples=CHUNKS,
+                smollm_dir(), source, data, task="lm", max_samples=len(texts),
                 max_length=CHUNK_TOKENS, batch_size=4, cache_dir=Path(cache), progress=False,
             )  # fmt: skip
             fisher_s = time.perf_counter() - tick
+    if keep is not None and times is not None:
+        stats.save(keep)
+        times.write_text(json.dumps({"texts": texts, "gram_s": gram_s, "fisher_s": fisher_s}))
     return stats, gram_s, fisher_s
+
+
+def _generic(source: Path, work: Path) -> tuple[dict[str, Any], int, float]:
+    """The Grams on generic text that ``blend`` mixes in (as ``compress --blend`` collects them),
+    cached under ``work``; the seconds are those of the cold collection."""
+    from factorlm.calibration.requested import generic_statistics
+
+    times = work / "generic-cache" / "seconds.json"
+    tick = time.perf_counter()
+    generic = generic_statistics(
+        source, max_length=CHUNK_TOKENS, batch_size=4, cache_dir=work / "generic-cache"
+    )
+    if not times.is_file():
+        times.write_text(json.dumps({"generic_s": time.perf_counter() - tick}))
+    return generic.gram, generic.tokens, float(json.loads(times.read_text())["generic_s"])
+
+
+class _BlendLog(logging.Handler):
+    """Keeps compress's log line with the blend weight chosen for each Gram."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.chosen = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Gram blend with generic text: "):
+            self.chosen = message.split(": ", 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "--domains",
         nargs="+",
         default=["emma"],
-        choices=["emma", "reviews", "mixed", "generated", "reviews+generated"],
+        choices=["emma", "reviews", "reviews128", "mixed", "generated", "reviews+generated"],
         help="calibration texts: Emma (in-domain), review snippets (cross-domain), factorlm's "
         "mixed-genre set (--data mixed), text sampled by the model (--generated-samples) or "
         "half reviews, half sampled",
@@ -157,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "decoder_quality"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--stats-cache",
+        type=Path,
+        default=None,
+        help="save each domain's statistics (and cold times) here and reuse them in later runs",
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -189,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     makers = {
         "emma": _emma_chunks,
         "reviews": _review_chunks,
+        "reviews128": lambda tok: _review_chunks(tok, 4 * CHUNKS),
         "mixed": lambda _tok: mixed_calibration_texts(CHUNKS),
         "generated": lambda _tok: sampled(CHUNKS),
         "reviews+generated": lambda tok: with_generated(
@@ -197,11 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     domains = {name: makers[name](tokenizer) for name in args.domains}
     need_fisher = any(VARIANTS[v].get("loss_aware") for v in args.variants)
+    generic: tuple[dict[str, Any], int, float] | None = None
+    if any("blend" in VARIANTS[v] or "blend_weight" in VARIANTS[v] for v in args.variants):
+        generic = _generic(source, args.work)
+        say(f"generic Grams: {generic[1]} tokens, {generic[2]:.1f} s cold")
+    blend_log = _BlendLog()
+    logging.getLogger("factorlm.compression").addHandler(blend_log)
+    logging.getLogger("factorlm.compression").setLevel(logging.INFO)
     for domain, texts in domains.items():
         data = args.work / f"calib-{domain}.json"
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text(json.dumps([{"text": t} for t in texts]))
-        stats, gram_s, fisher_s = _statistics(source, texts, data, need_fisher)
+        keep = args.stats_cache / f"stats-{domain}.npz" if args.stats_cache else None
+        stats, gram_s, fisher_s = _statistics(source, texts, data, need_fisher, keep)
         say(
             f"{domain}: Gram {gram_s:.1f} s, output Fisher {fisher_s:.1f} s cold ({stats.tokens} tokens)"
         )
@@ -209,11 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants:
                 out = args.work / f"{domain}-{variant}-{ratio}" / "model.onnx"
                 options = dict(VARIANTS[variant])
+                blends = "blend" in options or "blend_weight" in options
+                given = _plain_embedding(stats) if options.pop("_plain_embedding", False) else stats
+                if blends:
+                    assert generic is not None
+                    given = copy.copy(given)
+                    given.gram_generic, given.generic_tokens = generic[0], generic[1]
+                blend_log.chosen = ""
                 tick = time.perf_counter()
                 result = factorlm.compress(
                     source, out, method="whiten", ratio=ratio, joint_qkv=False,
-                    stats=_plain_embedding(stats) if options.pop("_plain_embedding", False) else stats,
-                    data=data, calibration_samples=CHUNKS, max_length=CHUNK_TOKENS,
+                    stats=given, data=data, calibration_samples=CHUNKS, max_length=CHUNK_TOKENS,
                     batch_size=4, **options,
                 )  # fmt: skip
                 compress_s = time.perf_counter() - tick
@@ -228,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                     "compress_s": round(compress_s, 1),
                     **{k: _perplexity(out, ids) for k, ids in evals.items()},
                 }
+                if blends:
+                    assert generic is not None
+                    point["generic_s"] = round(generic[2], 1)
+                    point["blend_chosen"] = blend_log.chosen  # weight: number of Grams
                 results["points"][f"{domain}/{variant}/{ratio}"] = point
                 say(json.dumps(point))
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +329,8 @@ def _plain_embedding(stats: Any) -> Any:
 def _stat_time(point: dict[str, Any]) -> str:
     if "gram_s" in point:
         fisher = f" + {point['fisher_s']:.0f}" if point["fisher_s"] else ""
-        return f"{point['gram_s']:.0f}{fisher}"
+        generic = f" + {point['generic_s']:.0f} generic" if "generic_s" in point else ""
+        return f"{point['gram_s']:.0f}{fisher}{generic}"
     return f"{point['calibrate_s']:.0f} (both, one figure)"
 
 
@@ -284,6 +362,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"{p['tune'] / original['tune'] - 1:+.1%} | {_stat_time(p)} | "
             f"{p['compress_s']:.0f} |"
         )
+    chosen = [p for p in points if p.get("blend_chosen")]
+    if chosen:
+        lines += [
+            "",
+            "Blend weights applied (weight: number of Grams; the `blend` rows chose them by "
+            "held-back likelihood, the others are fixed):",
+            "",
+        ]
+        lines += [f"- {p['domain']} / {p['variant']}: {p['blend_chosen']}" for p in chosen]
     return "\n".join(lines) + "\n"
 
 

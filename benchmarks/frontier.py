@@ -2,8 +2,7 @@
 
 Users already ship quantized engines, so a factorized model only pays if it beats the original at
 the *same* precision. For each model this script builds the original and the compressed models
-(training-free whiten at the quality table's ratios, optionally recovered by distillation) at
-every precision, measures all engines of one precision in ONE alternating ``factorlm.benchmark``
+(training-free variants, optionally recovered by distillation) at every precision, measures all engines of one precision in ONE alternating ``factorlm.benchmark``
 run (paired rounds, bootstrap intervals), scores every engine's quality, and plots quality vs
 speed with one marker per engine (colour = precision).
 
@@ -13,10 +12,16 @@ speed with one marker per engine (colour = precision).
   embeddings of held-out reviews, scored on a disjoint part, accuracy drop vs the fp32 original
   with a paired bootstrap 95 % interval. Latency at 1x128 and 8x128 (random tokens).
 - SmolLM2-135M-Instruct (exported with its KV cache): fp32, int8 dynamic, int8 static
-  (calibrated on Emma chunks), int4 (MatMulNBits, block 32); whiten 0.9 and 0.8 with separate
-  Q/K/V and rank multiple 32 (factor shapes fit the int4 block). Quality = perplexity on the
-  first 8 windows of 512 tokens of Pride and Prejudice (as in the quality table). Latency: one
-  decode step at past 512, batch 1 (tokens/s) and a prefill of 128 tokens.
+  (calibrated on Emma chunks), int4 (MatMulNBits, block 32); the best training-free recipe,
+  whiten + loss-aware allocation (lm output Fisher on the calibration chunks) at 0.8, with the
+  tied embedding / LM head dense (``loss-aware-0.8``) or factorized at ``--embeddings 0.8``
+  (``loss-aware-0.8+head0.8``: 107.2M parameters, the same as loss-aware 0.75 with a dense head,
+  at the same training-free perplexity, 31.3 vs 31.2); separate Q/K/V and rank multiple 32 (factor shapes fit the int4
+  block). Quality = perplexity on the first 8 windows of 512 tokens of Pride and Prejudice (as
+  in the quality table) and free-running greedy agreement over 32 new tokens from the eight
+  prompts of ``results/decode/prompts.jsonl`` (same novel), against the fp32 original and the
+  original of the same precision. Latency: one decode step at past 512, batch 1 (tokens/s) and
+  a prefill of 128 tokens.
 
 Every engine is built with ``factorlm.build`` (ORT transformer optimizer on). In a quantized run
 the fp32 original joins as an anchor, so each engine's speed is also given against fp32 paired
@@ -26,10 +31,14 @@ runs: no joint interval). One intra-op thread per session.
 Outputs (``--out``, default ``benchmarks/results/frontier/``): ``frontier.json`` (one section per
 model, updated in place), ``frontier.md``, ``frontier-<model>.png`` and the per-precision bench
 reports under ``reports/``. Models, engines, quality scores and finished runs are cached in
-``--work``; ``--resume`` reuses them.
+``--work``; ``--resume`` reuses them. ``--skip-latency`` does everything but the latency runs
+(and writes no results, only ``<work>/<model>/quality.md``), so the slow CPU work can run on a
+busy machine and a later ``--resume`` run on a quiet one only measures latency (the calibration
+statistics are computed only when a model is missing).
 
 Usage: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/frontier.py [--model minilm|smollm|all]
-[--quick] [--iterations 30] [--recover-minutes 0] [--work DIR] [--resume] [--out DIR]``.
+[--quick] [--iterations 30] [--recover-minutes 0] [--precisions fp32 int4 ...]
+[--variants LABEL ...] [--skip-latency] [--work DIR] [--resume] [--out DIR]``.
 Expected on the 2-core machine (estimates from quality.py's timings): MiniLM 5-10 min, SmolLM2
 25-40 min (12 engine builds of a 540 MB model, 12 perplexities, 4 runs); ``--recover-minutes 15``
 adds about 35 min per model (two distillations plus their engines). ``--quick`` on MiniLM: 2 min.
@@ -77,8 +86,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "minilm": {
         "name": "all-MiniLM-L6-v2",
         "precisions": ("fp32", "int8-dynamic", "int8-static"),
-        "ratios": (0.6, 0.5),
-        "quick_ratios": (0.5,),
+        "variants": {"whiten-0.6": {"ratio": 0.6}, "whiten-0.5": {"ratio": 0.5}},
+        "quick_variants": ("whiten-0.5",),
+        "recovered": ("whiten-0.6", "whiten-0.5"),
         "rank_multiple": None,  # the quality table's default
         "joint_qkv": True,  # keeps ORT's fused Attention
         "speed": "1x128",
@@ -87,8 +97,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "smollm": {
         "name": "SmolLM2-135M-Instruct",
         "precisions": ("fp32", "int8-dynamic", "int8-static", "int4"),
-        "ratios": (0.9, 0.8),
-        "quick_ratios": (0.8,),
+        # the best training-free recipe (issue 16): whiten + loss-aware allocation (lm Fisher on
+        # the calibration chunks); "+head" also factorizes the tied embedding / LM head
+        "variants": {
+            "loss-aware-0.8": {"ratio": 0.8, "loss_aware": True},
+            "loss-aware-0.8+head0.8": {"ratio": 0.8, "loss_aware": True, "embeddings": 0.8},
+        },
+        "quick_variants": ("loss-aware-0.8",),
+        "recovered": ("loss-aware-0.8", "loss-aware-0.8+head0.8"),
         "rank_multiple": 32,  # = the int4 block size: every factor is quantizable
         "joint_qkv": False,  # quality.py: joint Q/K/V costs SmolLM2 perplexity
         "speed": "decode 1x1 past 512",
@@ -112,6 +128,10 @@ SMOLLM_STATIC_TOKENS = 128
 SMOLLM_WINDOW = 512
 SMOLLM_WINDOWS = 8
 SMOLLM_HELDOUT = "prideprejudice"
+#: Greedy generation (issue 15's agreement target): new tokens from each prompt of
+#: ``results/decode/prompts.jsonl`` (the first eight long paragraphs of Pride and Prejudice).
+GREEDY_TOKENS = 32
+PROMPTS = HERE / "results" / "decode" / "prompts.jsonl"
 
 
 def say(message: str) -> None:
@@ -148,28 +168,55 @@ class Cache:
 # Models: compress, recover, build
 
 
+class Lazy:
+    """A value computed on first use: with ``--resume`` the calibration statistics (a few CPU
+    minutes for the loss-aware Fisher) are only needed when a model is not cached yet."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._value: Any = None
+        self._made = False
+
+    def __call__(self) -> Any:
+        if not self._made:
+            self._value, self._made = self._make(), True
+        return self._value
+
+
 def compress_variant(
-    spec: dict[str, Any], source: Path, work: Path, ratio: float, stats: Any, cache: Cache,
+    spec: dict[str, Any], source: Path, work: Path, label: str, stats: Lazy, cache: Cache,
     *, joint_qkv: bool | None = None,
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """``factorlm.compress`` whiten at ``ratio``; its ONNX path and what it did."""
+    """``factorlm.compress`` whiten with variant ``label``'s options; its ONNX path and record.
+
+    A variant's options: ``ratio``, optionally ``loss_aware`` (rank allocation and factors
+    weighted by the output Fisher) and ``embeddings`` (the token embedding's ratio; a tied LM head
+    shares its factors).
+    """
     import factorlm
 
+    opts = spec["variants"][label]
     joint = spec["joint_qkv"] if joint_qkv is None else joint_qkv
-    label = f"whiten-{ratio}" + ("" if joint == spec["joint_qkv"] else "-separate")
-    out = work / "models" / label / "model.onnx"
-    done = cache.get(f"compress/{label}")
+    name = label + ("" if joint == spec["joint_qkv"] else "-separate")
+    out = work / "models" / name / "model.onnx"
+    done = cache.get(f"compress/{name}")
     if done is not None and out.is_file():
         return out, done
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     extra = {"rank_multiple": spec["rank_multiple"]} if spec["rank_multiple"] else {}
+    loss_aware = bool(opts.get("loss_aware", False))
     result = factorlm.compress(
-        source, out, stats=stats, method="whiten", ratio=ratio, joint_qkv=joint, **extra
-    )
+        source, out, stats=stats(), method="whiten", ratio=opts["ratio"], joint_qkv=joint,
+        loss_aware=loss_aware, embeddings=opts.get("embeddings"), **extra,
+    )  # fmt: skip
+    embedding_ranks = {n: e.rank for n, e in result.plan.weights.items() if e.kind == "embedding"}
     info = {
         "method": "whiten",
-        "ratio": ratio,
+        "ratio": opts["ratio"],
+        "loss_aware": loss_aware,
+        "embeddings": opts.get("embeddings"),
+        "embedding_rank": next(iter(embedding_ranks.values()), None),
         "joint_qkv": joint,
         "rank_multiple": spec["rank_multiple"] or "default",
         "factorized": result.factorized,
@@ -178,27 +225,32 @@ def compress_variant(
         "model_params_kept": result.model_params_after / max(result.model_params_before, 1),
         "compress_s": round(time.perf_counter() - start, 1),
     }
-    cache.put(f"compress/{label}", info)
-    say(f"{spec['name']} {label}: {result.factorized} weights factorized in {info['compress_s']} s")
+    cache.put(f"compress/{name}", info)
+    say(f"{spec['name']} {name}: {result.factorized} weights factorized in {info['compress_s']} s")
     return out, info
 
 
 def recover_variant(
-    spec: dict[str, Any], source: Path, work: Path, ratio: float, stats: Any, cache: Cache,
-    args: argparse.Namespace, *, hf_dir: Path, texts: Sequence[str], settings: dict[str, Any],
+    spec: dict[str, Any], source: Path, work: Path, base: str, stats: Lazy, cache: Cache,
+    args: argparse.Namespace, *, hf_dir: Path, texts: Lazy, settings: dict[str, Any],
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """Distil the training-free plan at ``ratio`` for ``--recover-minutes``; ONNX path + record."""
+    """Distil variant ``base``'s plan for ``--recover-minutes``; ONNX path + record.
+
+    The plan's factors are recomputed by ``recover`` from the same statistics (loss-aware ones
+    included), so the student starts as the training-free model; a factorized tied embedding /
+    LM head is distilled with its shared factors.
+    """
     import factorlm
     from factorlm.errors import ConfigError
 
-    label = f"whiten-{ratio}+distill"
+    label = f"{base}+distill"
     out = work / "models" / label
     done = cache.get(f"recover/{label}")
     if done is not None and (out / "model.onnx").is_file():
         return out / "model.onnx", done
-    model, info = compress_variant(spec, source, work, ratio, stats, cache)
+    model, info = compress_variant(spec, source, work, base, stats, cache)
     common = {
-        "data": list(texts), "onnx_model": source, "stats": stats, "overwrite": True,
+        "data": list(texts()), "onnx_model": source, "stats": stats(), "overwrite": True,
         "progress": False, "time_budget_s": args.recover_minutes * 60.0, "seed": 0, **settings,
     }  # fmt: skip
     say(f"{spec['name']} {label}: distilling for {args.recover_minutes} CPU minutes")
@@ -208,7 +260,7 @@ def recover_variant(
     except ConfigError as exc:  # recovery does not take joint Q/K/V plans: plan them apart
         if "jointly" not in str(exc):
             raise
-        model, info = compress_variant(spec, source, work, ratio, stats, cache, joint_qkv=False)
+        model, info = compress_variant(spec, source, work, base, stats, cache, joint_qkv=False)
         result = factorlm.recover(hf_dir, model.with_name("model.plan.json"), out, **common)
     record = {
         **info,
@@ -216,7 +268,7 @@ def recover_variant(
         "recovery": {
             "settings": dict(settings), "minutes": args.recover_minutes, "steps": result.steps_done,
             "stopped": result.stopped, "train_cpu_s": round(result.train_cpu_seconds, 1),
-            "wall_s": round(time.perf_counter() - start, 1), "texts": len(texts),
+            "wall_s": round(time.perf_counter() - start, 1), "texts": len(texts()),
         },
     }  # fmt: skip
     cache.put(f"recover/{label}", record)
@@ -330,6 +382,56 @@ def austen_ids(tokenizer: Any, novel: str) -> np.ndarray:
     return np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
 
 
+def smollm_statistics(source: Path, hf_dir: Path, chunks: Sequence[str], loss_aware: bool) -> Any:
+    """The quality table's calibration (Emma chunks), plus the lm output Fisher for loss-aware."""
+    from factorlm.calibration import collect_output_fisher, collect_statistics
+
+    say("SmolLM2: calibration statistics" + (" and output Fisher" if loss_aware else ""))
+    stats = collect_statistics(
+        source, chunks, max_samples=SMOLLM_CALIB_CHUNKS, max_length=SMOLLM_CALIB_TOKENS,
+        batch_size=4, progress=False,
+    )  # fmt: skip
+    if loss_aware:
+        stats.output_fisher = collect_output_fisher(
+            hf_dir, source, chunks, task="lm", max_samples=SMOLLM_CALIB_CHUNKS,
+            max_length=SMOLLM_CALIB_TOKENS, batch_size=4, progress=False,
+        )  # fmt: skip
+    return stats
+
+
+def generation_prompts(tokenizer: Any) -> list[list[int]]:
+    """Token ids of the generation prompts (the decode benchmark's, held-out novel)."""
+    from factorlm.data import iter_records
+
+    return [list(tokenizer(str(r["text"]))["input_ids"]) for r in iter_records(PROMPTS)]
+
+
+def greedy_tokens(
+    engine: Path, prompts: Sequence[Sequence[int]], new_tokens: int
+) -> list[list[int]]:
+    """Each prompt's ``new_tokens`` greedy tokens (KV cache carried, EOS ignored)."""
+    from factorlm.bench.decode import greedy_generate
+    from factorlm.bench.generation import require_decoder
+    from factorlm.bench.runners import load_runner
+
+    with load_runner(engine, graph_optimization_level="all") as runner:
+        layout = require_decoder(runner)
+        return [greedy_generate(runner, layout, p, new_tokens).tokens for p in prompts]
+
+
+def agreement(
+    reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """Free-running greedy agreement: the share of positions with the same token (%), and the
+    mean index of the first differing token (``GREEDY_TOKENS`` when all agree)."""
+    same, first = [], []
+    for ref, cand in zip(reference, candidate, strict=True):
+        equal = [a == b for a, b in zip(ref, cand, strict=True)]
+        same += equal
+        first.append(equal.index(False) if False in equal else len(equal))
+    return {"percent": float(np.mean(same)) * 100, "first_divergence": float(np.mean(first))}
+
+
 def perplexity(engine: Path, ids: np.ndarray, windows: int) -> float:
     from factorlm.bench.runners import load_runner
     from factorlm.bench.tasks import window_nll
@@ -405,6 +507,14 @@ def paired(
 # The run of one model
 
 
+def selected_variants(spec: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The compressed variants of this run: ``--variants`` (those of this model), else all
+    (``--quick``: the quick ones)."""
+    if args.variants:
+        return [v for v in spec["variants"] if v in args.variants]
+    return list(spec["quick_variants"] if args.quick else spec["variants"])
+
+
 def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     from factorlm.assets import minilm_dir, smollm_dir
     from factorlm.calibration import collect_statistics
@@ -415,7 +525,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     work = args.work / model
     work.mkdir(parents=True, exist_ok=True)
     cache = Cache(work, args.resume)
-    ratios = spec["quick_ratios"] if args.quick else spec["ratios"]
+    chosen = selected_variants(spec, args)
+    precisions = [p for p in spec["precisions"] if args.precisions is None or p in args.precisions]
 
     # sources, calibration texts, quality scorer, recovery texts
     scorer: Any = None  # MiniLM's probe
@@ -432,8 +543,14 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         split = minilm_split(rows, args.quick)
         scorer = MinilmQuality(source, split)
         hf_dir = minilm_dir()
-        stats = collect_statistics(source, texts, max_samples=MINILM_CALIB_ROWS, progress=False)
-        distill = [str(r["text"]) for r in rows[split["after"] :] if str(r.get("text", "")).strip()]
+        stats = Lazy(
+            lambda: collect_statistics(source, texts, max_samples=MINILM_CALIB_ROWS, progress=False)
+        )
+        distill = Lazy(
+            lambda: [
+                str(r["text"]) for r in rows[split["after"] :] if str(r.get("text", "")).strip()
+            ]
+        )
         settings = dict(MINILM_RECOVERY)
         data_note = (
             f"reviews rows 0-{MINILM_CALIB_ROWS} calibrate (compression and static int8"
@@ -457,48 +574,54 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         held_ids = austen_ids(tokenizer, SMOLLM_HELDOUT)
         windows = 2 if args.quick else SMOLLM_WINDOWS
         hf_dir = smollm_dir()
-        stats = collect_statistics(
-            source, chunks, max_samples=SMOLLM_CALIB_CHUNKS, max_length=SMOLLM_CALIB_TOKENS,
-            batch_size=4, progress=False,
-        )  # fmt: skip
-        distill, settings = [], dict(SMOLLM_RECOVERY)
-        if args.recover_minutes > 0:
-            distill, _ = smollm_distill_texts(tokenizer, int(settings["max_length"]))
+        loss_aware = any(spec["variants"][v].get("loss_aware") for v in chosen)
+        stats = Lazy(lambda: smollm_statistics(source, hf_dir, chunks, loss_aware))
+        settings = dict(SMOLLM_RECOVERY)
+        distill = Lazy(lambda: smollm_distill_texts(tokenizer, int(settings["max_length"]))[0])
+        prompts = generation_prompts(tokenizer)
         data_note = (
             f"compression calibrated on {SMOLLM_CALIB_CHUNKS} chunks of {SMOLLM_CALIB_TOKENS} tokens "
             f"of Emma; static int8 on the first {len(calibration)} of them cut to {calib_length} "
             f"tokens; perplexity on the first {windows} windows of {SMOLLM_WINDOW} tokens of "
             "Pride and Prejudice"
         )
-    say(f"{spec['name']}: calibration ready ({stats.tokens} tokens)")
-
     # the model variants: original, training-free, recovered
     variants: dict[str, Path] = {"original": source}
     records: dict[str, dict[str, Any]] = {"original": {"method": "original"}}
-    for ratio in ratios:
-        path, info = compress_variant(spec, source, work, ratio, stats, cache)
-        variants[f"whiten-{ratio}"], records[f"whiten-{ratio}"] = path, info
-    if args.recover_minutes > 0:
-        for ratio in ratios:
+    recovered = [
+        v
+        for v in chosen
+        if args.recover_minutes > 0
+        and v in (spec["recovered"] if args.recover_variants is None else args.recover_variants)
+    ]
+    for label in chosen:
+        path, info = compress_variant(spec, source, work, label, stats, cache)
+        if not (args.recovered_only and label in recovered):
+            variants[label], records[label] = path, info
+    if recovered:
+        for label in recovered:
             path, info = recover_variant(
-                spec, source, work, ratio, stats, cache, args, hf_dir=hf_dir, texts=distill,
+                spec, source, work, label, stats, cache, args, hf_dir=hf_dir, texts=distill,
                 settings=settings,
             )  # fmt: skip
-            variants[f"whiten-{ratio}+distill"], records[f"whiten-{ratio}+distill"] = path, info
+            variants[f"{label}+distill"], records[f"{label}+distill"] = path, info
 
     def score(folder: Path, fp32_original: Path) -> dict[str, Any]:
         if model == "minilm":
             if scorer.probe is None:
                 scorer.fit(fp32_original)
             return dict(scorer.score(folder))
-        return {"perplexity": perplexity(folder, held_ids, windows)}
+        return {
+            "perplexity": perplexity(folder, held_ids, windows),
+            "greedy": greedy_tokens(folder, prompts, GREEDY_TOKENS),
+        }
 
     # engines, quality, one latency run per precision; a failed engine (or precision) is recorded
     # and the run goes on (the fp32 original is needed by everything: its failure stops the run)
     engines: dict[str, dict[str, Path]] = {}
     points: list[dict[str, Any]] = []
     errors: list[str] = []
-    for precision in spec["precisions"]:
+    for precision in precisions:
         engines[precision] = {}
         for label, onnx_path in variants.items():
             if label != "original" and "original" not in engines[precision]:
@@ -517,7 +640,10 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             engines[precision][label] = Path(point["folder"])
             points.append(point)
-    for precision in spec["precisions"]:
+    if args.skip_latency:
+        add_quality_deltas(model, points)
+        return {"model": spec["name"], "points": points, "errors": errors, "skipped_latency": True}
+    for precision in precisions:
         if len(engines[precision]) < 2:
             if precision == "fp32":
                 raise SystemExit(f"{spec['name']}: no compressed fp32 engine to measure: {errors}")
@@ -541,8 +667,10 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": spec["name"],
         "source": str(source),
-        "ratios": list(ratios),
-        "precisions": list(spec["precisions"]),
+        "variants": {label: spec["variants"][label] for label in chosen},
+        "recover_minutes": args.recover_minutes,
+        "recovered_only": args.recovered_only,
+        "precisions": list(precisions),
         "data": data_note,
         "latency_protocol": (
             f"one factorlm.benchmark run per precision: every engine of that precision plus the fp32 "
@@ -618,6 +746,8 @@ def add_quality_deltas(model: str, points: list[dict[str, Any]]) -> None:
                 }
             else:
                 p[f"increase_vs_{tag}"] = (p["perplexity"] / ref["perplexity"] - 1.0) * 100.0
+                if "greedy" in p and "greedy" in ref:
+                    p[f"greedy_vs_{tag}"] = agreement(ref["greedy"], p["greedy"])
         if model == "minilm":
             p["agreement_vs_fp32"] = (
                 float(np.mean(np.asarray(p["pred"]) == np.asarray(fp32["pred"]))) * 100
@@ -625,6 +755,7 @@ def add_quality_deltas(model: str, points: list[dict[str, Any]]) -> None:
     for p in points:  # the per-row arrays served the intervals; keep the JSON small
         p.pop("correct", None)
         p.pop("pred", None)
+        p.pop("greedy", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,6 +811,22 @@ def fmt_quality(model: str, p: dict[str, Any]) -> str:
     return f"perplexity {p['perplexity']:.2f} ({p['increase_vs_fp32']:+.1f} %)"
 
 
+def quality_summary(model: str, section: dict[str, Any]) -> str:
+    """The engines' quality before any latency run (``--skip-latency``), as a markdown table."""
+    lines = ["| engine | quality | vs same-precision original | greedy agreement vs fp32 / same |",
+             "|---|---|---|---|"]  # fmt: skip
+    for p in section["points"]:
+        if model == "minilm":
+            vs_same = f"{p['drop_vs_same']['estimate']:+.2f} pts"
+        else:
+            vs_same = f"{p['increase_vs_same']:+.1f} %"
+        greedy = " / ".join(
+            f"{p[k]['percent']:.1f} %" for k in ("greedy_vs_fp32", "greedy_vs_same") if k in p
+        )
+        lines.append(f"| {p['engine']} | {fmt_quality(model, p)} | {vs_same} | {greedy or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _iv(iv: dict[str, float], digits: int = 2) -> str:
     return f"{iv['estimate']:.{digits}f}x [{iv['ci_low']:.{digits}f}, {iv['ci_high']:.{digits}f}]"
 
@@ -726,6 +873,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "perplexity",
                 "vs fp32 orig %",
                 "vs same-precision orig %",
+                f"greedy agree % ({GREEDY_TOKENS} tok) vs fp32 / same",
             ]
         unit = "tok/s" if model == "smollm" else "p50 ms"
         head += [f"{s1} {unit}", f"{s1} vs same precision [95% CI]", f"{s1} vs fp32 [95% CI]",
@@ -740,10 +888,14 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{p['agreement_vs_fp32']:.1f}"]  # fmt: skip
                 speed = f"{lat1['p50_ms']:.2f}"
             else:
+                greedy = " / ".join(
+                    f"{p[k]['percent']:.1f}" for k in ("greedy_vs_fp32", "greedy_vs_same") if k in p
+                )
                 cells = [
                     f"{p['perplexity']:.3f}",
                     f"{p['increase_vs_fp32']:+.1f}",
                     f"{p['increase_vs_same']:+.1f}",
+                    greedy or "-",
                 ]
                 speed = f"{lat1['tokens_per_s']:.1f}" if lat1.get("tokens_per_s") else "-"
             fact = f"{p['factorized']} / {p['left_dense']}" if "factorized" in p else "-"
@@ -838,7 +990,34 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="reuse models, engines, scores and runs in --work"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--precisions", nargs="+", choices=list(PRECISIONS), default=None,
+        help="only these precisions (fp32 is the anchor of every run and always included)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="+", default=None,
+        choices=sorted({v for spec in MODELS.values() for v in spec["variants"]}),
+        help="only these compressed variants (with --recover-minutes, also their +distill rows)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-latency", action="store_true",
+        help="compress, recover, build and score only (no latency run, no results written); a "
+        "later --resume run then only measures latency",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recover-variants", nargs="+", default=None,
+        help="with --recover-minutes: recover only these variants (default: the model's list)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recovered-only", action="store_true",
+        help="with --recover-minutes: no training-free engine of a recovered variant (a "
+        "recovered model has its training-free model's shapes, hence its speed)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.recovered_only and args.recover_minutes <= 0:
+        parser.error("--recovered-only needs --recover-minutes > 0.")
+    if args.precisions is not None and "fp32" not in args.precisions:
+        args.precisions.append("fp32")
     args.iterations = args.iterations or (5 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -853,6 +1032,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.work / name, ignore_errors=True)
     for name in todo:
         section = run_model(name, args)
+        if section.get("skipped_latency"):
+            summary = quality_summary(name, section)
+            (args.work / name / "quality.md").write_text(summary)
+            say(f"{section['model']}: latency skipped; quality so far:\n{summary}")
+            continue
         section.update(command=command.strip(), quick=args.quick, environment=environment_info())
         write_results(args.out, name, section)
         say(headline(name, section))

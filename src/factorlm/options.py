@@ -55,6 +55,7 @@ __all__ = [
     "Backend",
     "BenchBackend",
     "BenchOptions",
+    "Blend",
     "BuildOptions",
     "Clock",
     "CompressOptions",
@@ -97,6 +98,8 @@ Allocation = Literal["optimal", "lagrangian", "greedy", "uniform"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 Shrinkage = Literal["none", "auto"]
 SHRINKAGES: tuple[str, ...] = get_args(Shrinkage)
+Blend = Literal["none", "auto"]
+BLENDS: tuple[str, ...] = get_args(Blend)
 ErrorScale = Literal["relative", "absolute"]
 ERROR_SCALES: tuple[str, ...] = get_args(ErrorScale)
 SparseStructure = Literal["column", "unstructured", "2:4"]
@@ -325,6 +328,22 @@ class CompressOptions(_Options):
         choices=SHRINKAGES,
         yaml="calibration.shrinkage",
     )
+    blend: Blend = _opt(
+        "none",
+        "Blend each calibration Gram with its Gram on generic text (factorlm's mixed-genre set: "
+        "three Austen novels and review snippets; collected once per model). auto: the weight "
+        "per Gram by the likelihood of held-back batches of the calibration data.",
+        choices=BLENDS,
+        yaml="calibration.blend",
+    )
+    blend_weight: float | None = _opt(
+        None,
+        "Blend with the generic-text Gram at this fixed weight (0 = the calibration data's own "
+        "Gram, 1 = the generic one) instead of choosing it by held-back likelihood.",
+        ge=0.0,
+        le=1.0,
+        yaml="calibration.blend_weight",
+    )
     loss_aware: bool = _opt(
         False,
         "Weight each output feature by the loss's output Fisher (next-token loss for a causal "
@@ -424,6 +443,21 @@ class CompressOptions(_Options):
                 "compress options 'sequential' and 'ray_address' cannot be combined: each block "
                 "needs the previous one's factors."
             )
+        if self.blend == "auto" and self.blend_weight is not None:
+            raise ConfigError(
+                "compress options 'blend' auto and 'blend_weight' exclude each other: auto "
+                "chooses the weight, blend_weight fixes it."
+            )
+        if self.blending and self.shrinkage != "none":
+            raise ConfigError(
+                "compress options 'blend' and 'shrinkage' exclude each other: both pull a narrow "
+                "calibration Gram toward something broader; choose one."
+            )
+        if self.blending and self.method not in ("whiten", "drone"):
+            raise ConfigError(
+                f"compress option 'blend' blends whitening Grams; method '{self.method}' uses "
+                "none (use whiten or drone)."
+            )
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -433,6 +467,11 @@ class CompressOptions(_Options):
                     raise ConfigError(
                         f"compress option '{name}' is not a valid regular expression ({exc})."
                     ) from None
+
+    @property
+    def blending(self) -> bool:
+        """Whether the Grams are blended with generic text's (``blend`` auto or a fixed weight)."""
+        return self.blend == "auto" or self.blend_weight is not None
 
     @property
     def latency_target(self) -> bool:

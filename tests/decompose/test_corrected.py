@@ -12,9 +12,12 @@ import pytest
 
 from factorlm.decompose import (
     DecompositionError,
+    best_blend,
     best_shrinkage,
+    blend_gram,
     corrected_weight,
     decompose,
+    held_back_loglik,
     prepare,
     prepared_lowrank,
     residual_error,
@@ -208,3 +211,62 @@ def test_shrinkage_keeps_the_diagonal_and_is_chosen_by_held_back_likelihood() ->
     many = rng.standard_normal((5000, d)) @ mix
     held = rng.standard_normal((5000, d)) @ mix
     assert best_shrinkage(many.T @ many, 5000, held.T @ held, 5000) <= 0.03
+
+
+def test_blend_is_the_per_token_mixture_in_the_users_units() -> None:
+    rng = np.random.default_rng(21)
+    x, y = rng.standard_normal((30, 6)), 3.0 * rng.standard_normal((90, 6))
+    gram, generic = x.T @ x, y.T @ y
+    np.testing.assert_allclose(blend_gram(gram, 30, generic, 90, 0.0), gram)
+    np.testing.assert_allclose(blend_gram(gram, 30, generic, 90, 1.0), generic * 30 / 90)
+    # per token, the blend is the second moment of a β-weighted mixture of the two token sets
+    weights = np.r_[np.full(30, 0.7 / 30), np.full(90, 0.3 / 90)]
+    tokens = np.vstack([x, y])
+    mixture = (tokens * weights[:, None]).T @ tokens
+    np.testing.assert_allclose(blend_gram(gram, 30, generic, 90, 0.3) / 30, mixture, rtol=1e-12)
+    with pytest.raises(DecompositionError, match="blend"):
+        blend_gram(gram, 30, generic, 90, 1.5)
+    with pytest.raises(DecompositionError, match="shape"):
+        blend_gram(gram, 30, np.eye(5), 90, 0.5)
+
+
+def test_held_back_likelihood_is_the_mean_gaussian_log_density() -> None:
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(22)
+    d = 5
+    train = rng.standard_normal((200, d)) @ rng.standard_normal((d, d))
+    test = rng.standard_normal((50, d)) @ rng.standard_normal((d, d))
+    for alpha in (0.0, 0.3):
+        sigma = shrink_gram(train.T @ train / 200, alpha)
+        brute = float(np.mean(multivariate_normal(np.zeros(d), sigma).logpdf(test)))
+        got = held_back_loglik(train.T @ train, 200, test.T @ test, 50, alpha)
+        assert got == pytest.approx(brute, rel=1e-7)  # the factor's 1e-10 damping
+
+
+def test_blend_is_chosen_by_held_back_likelihood() -> None:
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(23)
+    d = 40
+    mix = rng.standard_normal((d, d))
+    broad = rng.standard_normal((20000, d)) @ mix  # generic text: the same source, plenty of it
+    # A user with few tokens of that source: their own Gram is noise, lean on the generic one.
+    few, held = rng.standard_normal((50, d)) @ mix, rng.standard_normal((3000, d)) @ mix
+    assert best_blend(few.T @ few, 50, held.T @ held, 3000, broad.T @ broad, 20000) >= 0.5
+    # Plenty of the user's own, different source: the generic Gram only hurts.
+    other = rng.standard_normal((d, d))
+    own, held = rng.standard_normal((8000, d)) @ other, rng.standard_normal((4000, d)) @ other
+    assert best_blend(own.T @ own, 8000, held.T @ held, 4000, broad.T @ broad, 20000) <= 0.1
+    # The choice is the argmax of the likelihood over the grid, checked by brute force.
+    grid = (0.0, 0.2, 0.6)
+    scores = [
+        np.mean(
+            multivariate_normal(
+                np.zeros(d), blend_gram(few.T @ few, 50, broad.T @ broad, 20000, b) / 50
+            ).logpdf(held)
+        )
+        for b in grid
+    ]
+    chosen = best_blend(few.T @ few, 50, held.T @ held, 3000, broad.T @ broad, 20000, grid)
+    assert chosen == grid[int(np.argmax(scores))]

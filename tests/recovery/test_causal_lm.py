@@ -118,3 +118,88 @@ def test_cpu_budget_counts_process_time_and_resumes(
     with pytest.raises(ConfigError, match="clock 'gpu' is unknown"):
         bad = TrainConfig(**base, clock="gpu")
         train(student3, teacher3, tok, texts, bad, tmp_path / "ck4", progress=False)
+
+
+def _ort_logits(onnx_model: Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of a with-past export for ``ids`` (batch, seq) with an empty cache."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    feeds: dict[str, np.ndarray] = {}
+    for meta in session.get_inputs():
+        if meta.name == "input_ids":
+            feeds[meta.name] = ids
+        elif meta.name == "attention_mask":
+            feeds[meta.name] = np.ones_like(ids)
+        elif meta.name == "position_ids":
+            feeds[meta.name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+        else:  # past_key_values.*: (batch, kv heads, 0, head dim)
+            _, heads, _, dim = meta.shape
+            feeds[meta.name] = np.zeros((ids.shape[0], heads, 0, dim), dtype=np.float32)
+    return np.asarray(session.run(["logits"], feeds)[0])
+
+
+def test_tied_embedding_and_head_share_factors_and_recover(
+    tmp_path: Path, tiny_llama_dir: Path, tiny_llama_past: Path
+) -> None:
+    from factorlm.recovery.modules import FactorizedEmbedding, TiedFactorizedHead
+
+    result = compress(
+        tiny_llama_past, tmp_path / "c" / "model.onnx", method="svd", ratio=0.6, embeddings=0.5,
+        rank_multiple=4, min_size=0,
+    )  # fmt: skip
+    plan = json.loads(result.plan_path.read_text())
+    tied = [n for n, e in plan["weights"].items() if e.get("kind") == "embedding"]
+    assert len(tied) == 1, plan["weights"].keys()
+    model = load_torch_model(tiny_llama_dir, TASK, False)
+    applied = apply_plan(model, result.plan_path, tiny_llama_past)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, FactorizedEmbedding) and isinstance(head, TiedFactorizedHead)
+    assert head.embedding is embed and applied.modules[tied[0]] == "model.embed_tokens"
+    # Each factor is one parameter: the head registers none of its own.
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("lm_head") for n in names)
+    assert sum(n.startswith("model.embed_tokens") for n in names) == 2
+    vocab, width = embed.num_embeddings, embed.embedding_dim
+    assert embed.rank * (vocab + width) <= 0.5 * vocab * width + 4 * (vocab + width)
+    # Before training the student is the compressed graph: same logits, tight tolerance.
+    ids = np.asarray([[1, 5, 9, 12, 7, 3, 20, 4], [2, 8, 8, 15, 6, 11, 3, 9]], dtype=np.int64)
+    with torch.no_grad():
+        student = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    graph = _ort_logits(tmp_path / "c" / "model.onnx", ids)
+    dense = _ort_logits(tiny_llama_past, ids)
+    scale = float(np.abs(graph).max())
+    assert float(np.abs(student - graph).max()) < 1e-4 * scale
+    assert float(np.abs(dense - graph).max()) > 1e-2 * scale  # the head really is truncated
+    # Distil, export: the export runs in ORT, stores each factor once and tags both.
+    out = recover(
+        tiny_llama_dir, result.plan_path, tmp_path / "out", method="distill", data=TEXTS * 4,
+        steps=4, batch_size=2, max_length=8, lr=1e-3, onnx_model=tiny_llama_past,
+        progress=False, lm_weight=0.5, temperature=1.0,
+    )  # fmt: skip
+    assert out.steps_done == 4 and out.max_relative_diff < 1e-3
+    recovered = _ort_logits(out.model, ids)
+    assert recovered.shape == graph.shape and np.isfinite(recovered).all()
+    assert float(np.abs(recovered - graph).max()) > 0  # training moved it
+    proto = onnx.load(str(out.model))
+    big = [i for i in proto.graph.initializer if vocab in tuple(i.dims)]
+    assert [tuple(i.dims) for i in big] == [(vocab, embed.rank)]  # no dense or copied head
+    tags = json.loads({p.key: p.value for p in proto.metadata_props}[FACTOR_METADATA_KEY])
+    assert sum(v == tied[0] for v in tags.values()) == 2
+    record = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    # Both factors are read in both layouts (lookup: L, Rᵀ; head: R, Lᵀ): one copy each went.
+    assert record["shared_transposed_factors"] == 2
+
+
+def test_safe_refuses_a_tied_embedding(
+    tmp_path: Path, tiny_llama_dir: Path, tiny_llama_past: Path
+) -> None:
+    from factorlm.errors import PlanError
+
+    result = compress(
+        tiny_llama_past, tmp_path / "c" / "model.onnx", method="svd", ratio=0.6, embeddings=0.5,
+        rank_multiple=4, min_size=0,
+    )  # fmt: skip
+    model = load_torch_model(tiny_llama_dir, TASK, False)
+    with pytest.raises(PlanError, match="method 'safe' cannot factorize a tied embedding"):
+        apply_plan(model, result.plan_path, tiny_llama_past, safe=True)

@@ -2,9 +2,10 @@
 
 Why one function: ``factorlm compress`` (CLI), ``factorlm run``'s calibrate stage and the
 ``compress()`` API must collect the same statistics the same way for the same options: the Gram
-(with its held-back part for ``shrinkage auto``), FWSVD's Fisher, the loss-aware output Fisher or
-Gram, and the model's own sampled text (``generated_samples``). The callers differ only in where
-the PyTorch weights come from (``torch_folder``; the API has none).
+(with its held-back part for ``shrinkage auto``, and its Gram on generic text for ``blend``),
+FWSVD's Fisher, the loss-aware output Fisher or Gram, and the model's own sampled text
+(``generated_samples``). The callers differ only in where the PyTorch weights come from
+(``torch_folder``; the API has none).
 """
 
 from __future__ import annotations
@@ -22,9 +23,35 @@ from factorlm.errors import ConfigError
 if TYPE_CHECKING:
     from factorlm.options import CompressOptions
 
-__all__ = ["collect_requested"]
+__all__ = ["GENERIC_TEXTS", "collect_requested", "generic_statistics"]
 
 logger = logging.getLogger(__name__)
+
+#: Records of factorlm's mixed-genre set whose Grams ``blend`` mixes in (generic text).
+GENERIC_TEXTS = 64
+
+
+def generic_statistics(
+    model: Path,
+    *,
+    tokenizer: Path | None = None,
+    max_length: int = 256,
+    batch_size: int = 4,
+    cache_dir: Path | None = None,
+) -> CalibrationStats:
+    """The Grams of ``model``'s weights on generic text, for ``blend``: the first
+    ``GENERIC_TEXTS`` records of factorlm's mixed-genre set (cached like any calibration)."""
+    from factorlm.assets.mixed import mixed_calibration_texts
+
+    return collect_statistics(
+        model,
+        mixed_calibration_texts(GENERIC_TEXTS),
+        tokenizer=tokenizer,
+        max_samples=GENERIC_TEXTS,
+        max_length=max_length,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+    )
 
 
 def collect_requested(
@@ -88,8 +115,13 @@ def collect_requested(
         max_samples=samples,
         max_length=opts.max_length,
         batch_size=opts.batch_size,
-        holdout=opts.shrinkage == "auto",
+        holdout=opts.shrinkage == "auto" or opts.blend == "auto",
     )
+    if opts.blending:
+        generic = generic_statistics(
+            model, tokenizer=tokenizer, max_length=opts.max_length, batch_size=opts.batch_size
+        )
+        stats.gram_generic, stats.generic_tokens = generic.gram, generic.tokens
     if opts.loss_aware:
         collect = collect_output_gram if opts.output_gram else collect_output_fisher
         table = collect(

@@ -11,7 +11,9 @@ import logging
 
 from factorlm.decompose._validate import DecompositionError
 from factorlm.decompose.corrected import (
+    best_blend,
     best_shrinkage,
+    blend_gram,
     corrected_weight,
     held_back_loglik,
     residual_error,
@@ -63,7 +65,9 @@ __all__ = [
     "allocate_options",
     "allocate_ranks",
     "allocation_error",
+    "best_blend",
     "best_shrinkage",
+    "blend_gram",
     "break_even_rank",
     "corrected_weight",
     "decompose",

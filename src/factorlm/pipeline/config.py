@@ -33,6 +33,7 @@ from factorlm.options import (
     Allocation,
     Backend,
     BenchOptions,
+    Blend,
     BuildOptions,
     Clock,
     CompressOptions,
@@ -163,6 +164,8 @@ class CalibrationConfig(_Section):
     sequential_ridge: float = _opt(CompressOptions, "sequential_ridge")
     loss_aware: bool = _opt(CompressOptions, "loss_aware")
     shrinkage: Shrinkage = _opt(CompressOptions, "shrinkage")
+    blend: Blend = _opt(CompressOptions, "blend")
+    blend_weight: float | None = _opt(CompressOptions, "blend_weight")
     generated_samples: int = _opt(CompressOptions, "generated_samples")
     output_gram: bool = _opt(CompressOptions, "output_gram")
 

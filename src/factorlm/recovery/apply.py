@@ -9,7 +9,10 @@ from ``factorlm.decompose`` with the plan's method, rank and statistics, compute
 matrix the graph passes see (``Candidate.matrix()``), so the exported student equals the
 compressed graph before any training. A joint Q/K/V weight (``"<q>+<k>+<v>"``) is factorized as
 the concatenation its joint candidate holds, exactly as ``passes.joint`` does; its members become
-views of one ``JointFactorizedLinear`` that owns the shared ``L`` and the ``Rᵢ`` slices.
+views of one ``JointFactorizedLinear`` that owns the shared ``L`` and the ``Rᵢ`` slices. A token
+embedding tied to the LM head (SmolLM2) is factorized in the head's orientation, as the graph
+pass does, and both uses share the factors: a ``FactorizedEmbedding`` for the lookup and a
+``TiedFactorizedHead`` reading the same ``L`` and ``R`` for the logits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from factorlm.compression import factorize_entry
 from factorlm.errors import PlanError
 from factorlm.passes.analysis import Candidate
+from factorlm.passes.editor import stored_factors
 from factorlm.passes.joint import JOINT_SEPARATOR, joint_statistics
 from factorlm.planning import Plan, StatsLike, WeightPlan, load_plan, validate_plan
 from factorlm.recovery.modules import (
@@ -36,6 +40,7 @@ from factorlm.recovery.modules import (
     KroneckerLinear,
     LowRankSparseLinear,
     SafeEmbedding,
+    TiedFactorizedHead,
 )
 
 __all__ = ["AppliedPlan", "apply_plan", "factorize_entry", "load_plan"]
@@ -113,6 +118,53 @@ def _apply_joint(
     return path
 
 
+def _apply_embedding(
+    model: Any,
+    name: str,
+    entry: WeightPlan,
+    cand: Candidate,
+    stats: StatsLike | None,
+    embeddings: Mapping[str, Any],
+    safe: bool,
+) -> str:
+    """Replace the embedding ``name`` by a factorized one (and its tied LM head); its path.
+
+    A tied head (``cand`` has a linear use) must be the model's output embedding sharing the
+    weight; it becomes a ``TiedFactorizedHead`` over the same factors. The core factors ``M ≈ L R``
+    are laid out as the stored ``E ≈ P Q`` with ``stored_factors``, as the graph pass does.
+    """
+    stored = cand.stored()
+    digest = _digest(stored)
+    path = next(
+        (p for p, m in embeddings.items() if _digest(m.weight.detach().numpy()) == digest), None
+    )
+    if path is None:
+        raise PlanError(f"plan weight {name!r} matches no nn.Embedding of the model.")
+    old = embeddings[path]
+    tied = any(use.form != "gather" for use in cand.uses)
+    head = model.get_output_embeddings() if tied else None
+    if tied and getattr(head, "weight", None) is not old.weight:
+        raise PlanError(
+            f"plan weight {name!r} is an embedding shared with a linear node that is not the "
+            "model's tied LM head; recovery factorizes only a tied LM head."
+        )
+    if tied and safe:
+        raise PlanError(
+            f"plan weight {name!r} is an embedding tied to an LM head; method 'safe' cannot "
+            "factorize a tied embedding (the head would skip its attention)."
+        )
+    low = factorize_entry(name, entry, cand.matrix(), stats)
+    p, q = stored_factors(cand, low.left, low.right)
+    kind = SafeEmbedding if safe else FactorizedEmbedding
+    module = kind(p, q, old.padding_idx)
+    _set_module(model, path, module)
+    if tied:
+        model.set_output_embeddings(TiedFactorizedHead(module))
+        # Stop transformers from re-tying a dense head to the factorized lookup later.
+        model.config.tie_word_embeddings = False
+    return path
+
+
 def apply_plan(
     model: Any,
     plan: Plan | str | Path,
@@ -153,26 +205,13 @@ def apply_plan(
     params = {k: m.weight.detach().numpy() for k, m in linear.items()}
     proto = onnx.load(str(onnx_model))
     mapping = map_to_onnx(proto, params)
-    embed_by_value = {_digest(m.weight.detach().numpy()): name for name, m in embeddings.items()}
     replaced: dict[str, str] = {}
     for name, entry in chosen.weights.items():
         cand = analysis.candidate(name)
         assert cand is not None  # validate_plan keeps candidates only
         matrix = cand.matrix()
         if cand.kind == "embedding":
-            if any(use.form != "gather" for use in cand.uses):
-                raise PlanError(
-                    f"plan weight {name!r} is an embedding tied to an LM head; recovery does not "
-                    "factorize tied embeddings yet."
-                )
-            path = embed_by_value.get(_digest(matrix))
-            if path is None:
-                raise PlanError(f"plan weight {name!r} matches no nn.Embedding of the model.")
-            old = embeddings[path]
-            low = factorize_entry(name, entry, matrix, stats)
-            kind = SafeEmbedding if safe else FactorizedEmbedding
-            _set_module(model, path, kind(low.left, low.right, old.padding_idx))
-            replaced[name] = path
+            replaced[name] = _apply_embedding(model, name, entry, cand, stats, embeddings, safe)
             continue
         if cand.members:
             replaced[name] = _apply_joint(model, name, entry, cand, matrix, stats, mapping, linear)

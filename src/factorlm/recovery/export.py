@@ -29,7 +29,7 @@ import numpy as np
 from factorlm.errors import ModelLoadError
 from factorlm.passes.analysis import FACTOR_METADATA_KEY
 
-__all__ = ["export_student", "merge_shared_factors", "tag_factors"]
+__all__ = ["export_student", "merge_shared_factors", "share_transposed_factors", "tag_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,51 @@ def tag_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> dic
     onnx.save(model, str(onnx_path))
     logger.info("Tagged %d factor initializers in %s", len(tags), onnx_path)
     return tags
+
+
+def share_transposed_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> int:
+    """Replace an initializer that is the transpose of a factor by ``Transpose(factor)``, in place.
+
+    Why: a tied LM head reads the embedding's factor ``L`` as ``Lᵀ``, and the TorchScript exporter
+    folds that into a second (vocab x r) initializer; the factorized graph stores ``L`` once and
+    reads it through a Transpose, as the original export does for the tied dense head (ORT folds
+    it at session start, and the int4 build folds it for the quantizer). How many were replaced.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shapes: dict[tuple[int, bytes], set[tuple[int, ...]]] = {}
+    for tensors in factors.values():
+        for tensor in tensors:
+            if tensor.ndim == 2:
+                shapes.setdefault(_fingerprint(tensor), set()).add(tuple(tensor.shape))
+    model = onnx.load(str(onnx_path))
+    by_key: dict[tuple[int, bytes], list[tuple[onnx.TensorProto, np.ndarray]]] = {}
+    for init in model.graph.initializer:
+        if len(init.dims) != 2:
+            continue
+        key = _fingerprint(numpy_helper.to_array(init))
+        if key in shapes:
+            by_key.setdefault(key, []).append((init, numpy_helper.to_array(init)))
+    copies: list[tuple[onnx.TensorProto, str]] = []
+    for key, group in by_key.items():
+        # Keep the tensor in the module's own layout; its transposed twin becomes a Transpose.
+        group.sort(key=lambda item: tuple(item[0].dims) not in shapes[key])
+        kept = group[0]
+        for init, array in group[1:]:
+            if array.shape == kept[1].shape[::-1] and np.array_equal(array, kept[1].T):
+                copies.append((init, kept[0].name))
+    if not copies:
+        return 0
+    for position, (init, source) in enumerate(copies):
+        node = helper.make_node(
+            "Transpose", [source], [init.name], name=f"{init.name}/factorlm_shared", perm=[1, 0]
+        )
+        model.graph.node.insert(position, node)
+        model.graph.initializer.remove(init)
+    onnx.save(model, str(onnx_path))
+    logger.info("Replaced %d transposed factor copies by Transpose nodes", len(copies))
+    return len(copies)
 
 
 def merge_shared_factors(onnx_path: Path) -> int:
@@ -121,10 +166,12 @@ def export_student(
             f"The ONNX export of the recovered model differs from PyTorch on output {worst.name} "
             f"by {worst.relative:.2g} of its scale (tolerance {rtol:g})."
         )
+    shared = share_transposed_factors(onnx_path, factors)
     tags = tag_factors(onnx_path, factors)
     merged = merge_shared_factors(onnx_path)
     return {
         "max_relative_diff": worst.relative,
+        "shared_transposed_factors": shared,
         "tagged_factors": len(tags),
         "merged_matmuls": merged,
     }

@@ -8,6 +8,8 @@ rewritten graph:
 - ``JointFactorizedLinear`` + ``JointProjection``: sibling projections of one input (Q/K/V) share
   ``L``; ``[Wq Wk Wv] ≈ L [Rq Rk Rv]``, so member ``i`` computes ``(x @ L) @ Rᵢ + bᵢ``.
 - ``FactorizedEmbedding``: ``Embedding(vocab, r) -> Linear(r, d, bias=False)``; ``E ≈ L R``.
+- ``TiedFactorizedHead``: an LM head tied to a ``FactorizedEmbedding``, ``h Eᵀ ≈ (h Rᵀ) Lᵀ`` with
+  the embedding's own factors, as ``passes.embedding`` rewrites a tied head.
 - ``KroneckerLinear``: ``W ≈ Σᵢ Aᵢ ⊗ Bᵢ``; a token viewed as ``X: (a_in, b_in)`` maps to
   ``Σᵢ Aᵢᵀ X Bᵢ`` (two batched MatMuls, never the dense ``W``).
 - ``LowRankSparseLinear``: ``x L R + x (S ⊙ M) + b`` with a mask ``M`` that LoSparse prunes.
@@ -36,6 +38,7 @@ __all__ = [
     "KroneckerLinear",
     "LowRankSparseLinear",
     "SafeEmbedding",
+    "TiedFactorizedHead",
     "is_factorized",
 ]
 
@@ -322,6 +325,33 @@ class SafeEmbedding(FactorizedEmbedding):
         return [*super().factor_tensors(), self.qkv.weight, self.out.weight]
 
 
+class TiedFactorizedHead(nn.Module):
+    """An LM head tied to a ``FactorizedEmbedding``: ``logits = (h @ Rᵀ) @ Lᵀ``.
+
+    Why not a ``FactorizedLinear``: the head and the lookup share ``L: (vocab, r)`` and
+    ``R: (r, d)``, so training updates one pair and the export stores each factor once, as the
+    graph rewrite of a tied head does. Like ``JointProjection`` it holds no parameters: the
+    embedding is referenced, not registered, so the state dict and optimizer see each factor once.
+    """
+
+    _embedding: FactorizedEmbedding
+
+    def __init__(self, embedding: FactorizedEmbedding) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # a plain reference, not a submodule
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+
+    @property
+    def embedding(self) -> FactorizedEmbedding:
+        return self._embedding
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # proj.weight is Rᵀ (d, r); embed.weight is L (vocab, r).
+        reduced = torch.matmul(hidden, self._embedding.proj.weight)
+        return nn.functional.linear(reduced, self._embedding.embed.weight)
+
+
 def is_factorized(module: nn.Module) -> bool:
     """Whether ``module`` is one of the factorized modules above."""
     return isinstance(
@@ -330,5 +360,6 @@ def is_factorized(module: nn.Module) -> bool:
         | JointFactorizedLinear
         | JointProjection
         | KroneckerLinear
-        | FactorizedEmbedding,
+        | FactorizedEmbedding
+        | TiedFactorizedHead,
     )
