@@ -360,8 +360,9 @@ class CompressOptions(_Options):
     )
     ray_address: str | None = _opt(
         None,
-        "Run the per-weight factorizations as Ray tasks: 'auto' joins RAY_ADDRESS or starts a "
-        "local Ray, 'local' starts one, else a cluster address (pip install 'factorlm[ray]').",
+        "Gather the calibration Grams and run the per-weight factorizations as Ray tasks: "
+        "'auto' joins RAY_ADDRESS or starts a local Ray, 'local' starts one, else a cluster "
+        "address (pip install 'factorlm[ray]').",
         flag_value="auto",
     )
     target_speedup: float | None = _opt(

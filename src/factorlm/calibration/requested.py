@@ -81,6 +81,12 @@ def collect_requested(
         return torch_folder(why)
 
     label_column = opts.label_column or "label"
+    if opts.ray_address is not None and (need == "fisher" or opts.loss_aware or opts.blending):
+        logger.info(
+            "Gradient statistics (Fisher, output Fisher/Gram: PyTorch) and blend's generic "
+            "Grams are collected in this process; only the calibration set's input Grams are "
+            "gathered on Ray workers."
+        )
     if need == "fisher":
         fisher = collect_fisher(
             weights("method 'fwsvd'"),
@@ -116,6 +122,7 @@ def collect_requested(
         max_length=opts.max_length,
         batch_size=opts.batch_size,
         holdout=opts.shrinkage == "auto" or opts.blend == "auto",
+        ray_address=opts.ray_address,
     )
     if opts.blending:
         generic = generic_statistics(
