@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -224,3 +226,35 @@ def test_bad_inputs_are_one_sentence_data_errors(model_dir: Path, tmp_path: Path
         bare / "model.onnx", TEXTS, tokenizer=model_dir, cache_dir=tmp_path, progress=False
     )
     assert stats.tokens > 0
+
+
+def test_ray_workers_gather_the_local_statistics(
+    ray_cluster: Any, model_dir: Path, tmp_path: Path
+) -> None:
+    """Two Ray tasks on shards of the texts, sums added: the local statistics, held-back part too.
+
+    7 batches of one text on 2 CPUs: the second shard starts at batch 3, the held-back one.
+    """
+    model = model_dir / "model.onnx"
+    kwargs: dict[str, Any] = {"batch_size": 1, "holdout": True, "progress": False}
+    local = collect_statistics(model, TEXTS, cache_dir=tmp_path / "local", **kwargs)
+    remote = collect_statistics(
+        model, TEXTS, cache_dir=tmp_path / "ray", ray_address=ray_cluster.address, **kwargs
+    )
+    assert remote.tokens == local.tokens and remote.heldout_tokens == local.heldout_tokens > 0
+    for table in ("gram", "gram_heldout", "mean_abs"):
+        mine, theirs = getattr(local, table), getattr(remote, table)
+        assert mine.keys() == theirs.keys() == {"w1", "w2", "w3"}
+        for name, value in mine.items():
+            scale = np.abs(value).max()
+            np.testing.assert_allclose(theirs[name], value, rtol=1e-10, atol=1e-10 * scale)
+
+
+def test_ray_statistics_without_ray_name_the_extra(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match=r"needs Ray, which is not installed: pip install"):
+        collect_statistics(
+            model_dir / "model.onnx", TEXTS, cache_dir=tmp_path, progress=False, ray_address="auto"
+        )

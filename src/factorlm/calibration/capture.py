@@ -18,6 +18,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from factorlm.calibration.targets import Target, find_targets
 from factorlm.data import load_texts
 from factorlm.errors import ConfigError, DataError, ModelLoadError
 
-__all__ = ["HOLDOUT_EVERY", "activation_rows", "collect_statistics", "file_digest"]
+__all__ = [
+    "HOLDOUT_EVERY",
+    "ShardSums",
+    "activation_rows",
+    "collect_statistics",
+    "file_digest",
+    "shard_sums",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +142,166 @@ def _lookups(model: onnx.ModelProto, targets: Sequence[Target]) -> dict[str, tup
     }
 
 
+Group = tuple[str, bool]
+
+
+def _groups(targets: Sequence[Target]) -> dict[Group, list[Target]]:
+    """Targets by the activation they read, ``(activation, transpose)``: one Gram per group."""
+    groups: dict[Group, list[Target]] = {}
+    for target in targets:
+        groups.setdefault((target.activation, target.transpose), []).append(target)
+    return groups
+
+
+@dataclass
+class ShardSums:
+    """The additive part of calibration over some batches: every field sums across shards.
+
+    ``gram``/``held`` hold only their upper triangle (as ``dsyrk`` fills them).
+    """
+
+    gram: dict[Group, np.ndarray] = field(default_factory=dict)
+    abs_sum: dict[Group, np.ndarray] = field(default_factory=dict)
+    rows: dict[Group, int] = field(default_factory=dict)
+    held: dict[Group, np.ndarray] = field(default_factory=dict)
+    held_rows: dict[Group, int] = field(default_factory=dict)
+    tokens: int = 0
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, other: ShardSums) -> None:
+        """Add ``other``'s sums to these (in place); the caller fixes the order."""
+        for mine, theirs in (
+            (self.gram, other.gram),
+            (self.abs_sum, other.abs_sum),
+            (self.held, other.held),
+            (self.counts, other.counts),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine[key] + value if key in mine else value  # type: ignore[index]
+        for count, more in ((self.rows, other.rows), (self.held_rows, other.held_rows)):
+            for group, n in more.items():
+                count[group] = count.get(group, 0) + n
+        self.tokens += other.tokens
+
+
+def shard_sums(
+    model: Path,
+    targets: Sequence[Target],
+    lookups: dict[str, tuple[str, int]],
+    tokenizer: Path,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    holdout: bool,
+    first_batch: int = 0,
+    progress: bool = False,
+) -> ShardSums:
+    """:class:`ShardSums` of ``texts`` (batches ``first_batch``, ``first_batch + 1``, ...).
+
+    Why a function of its own: ``collect_statistics`` runs it on all texts, or each Ray task on
+    its shard with its own ORT session; ``first_batch`` keeps the held-back batches (every
+    ``HOLDOUT_EVERY``-th of the whole set) the same either way.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    tok = TextTokenizer(tokenizer)
+    groups = _groups(targets)
+    sums = ShardSums(
+        rows=dict.fromkeys(groups, 0),
+        held_rows=dict.fromkeys(groups, 0),
+        counts={name: np.zeros(vocab) for name, (_, vocab) in lookups.items()},
+    )
+    gram, abs_sum, held = sums.gram, sums.abs_sum, sums.held
+    batch_index = first_batch
+    with tempfile.TemporaryDirectory(prefix="factorlm-calib-") as scratch:
+        session = _instrumented_session(model, list(targets), Path(scratch))
+        names = [o.name for o in session.get_outputs()]
+        wanted = [n for n in dict.fromkeys(a for a, _ in groups) if n in names]
+        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(f"Calibrating {model.name}", total=len(texts))
+            done = 0
+            for end, mask, feeds in batch_feeds(
+                session.get_inputs(), tok, texts,
+                batch_size=batch_size, max_length=max_length, model_name=str(model),
+            ):  # fmt: skip
+                values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+                sums.tokens += int(mask.sum())
+                for name, (ids, vocab) in lookups.items():
+                    looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
+                    sums.counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
+                for group in groups:
+                    activation, transpose = group
+                    x = activation_rows(values[activation], mask, transpose).astype(np.float64)
+                    if group not in gram:
+                        gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
+                        abs_sum[group] = np.zeros(x.shape[1])
+                    # syrk computes only one triangle of X^T X: half the float64 work.
+                    gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
+                    abs_sum[group] += np.abs(x).sum(axis=0)
+                    sums.rows[group] += x.shape[0]
+                    if holdout and batch_index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+                        if group not in held:
+                            held[group] = np.zeros_like(gram[group])
+                        held[group] = dsyrk(1.0, x.T, beta=1.0, c=held[group], overwrite_c=1)
+                        sums.held_rows[group] += x.shape[0]
+                batch_index += 1
+                bar.advance(task, end - done)
+                done = end
+    return sums
+
+
+def _ray_sums(
+    model: Path,
+    targets: Sequence[Target],
+    lookups: dict[str, tuple[str, int]],
+    tokenizer: Path,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    holdout: bool,
+    address: str,
+) -> ShardSums:
+    """:func:`shard_sums` as one Ray task per CPU of the cluster on consecutive whole batches,
+    added in shard order (Grams add; only the rounding of the sum differs from one process)."""
+    from factorlm.distributed import ordered_map, ray_session
+
+    batches = -(-len(texts) // batch_size)
+    with ray_session(address) as ray:
+        shards = max(1, min(batches, int(ray.cluster_resources().get("CPU", 1))))
+        jobs: list[tuple[Any, ...]] = []
+        for i in range(shards):  # shards <= batches, so none is empty
+            lo, hi = i * batches // shards, (i + 1) * batches // shards
+            shard = list(texts[lo * batch_size : hi * batch_size])
+            settings = (max_length, batch_size, holdout, lo)
+            jobs.append((model, list(targets), lookups, tokenizer, shard, *settings))
+        logger.info("Calibrating %s on %d Ray workers (%d batches)", model.name, len(jobs), batches)
+        total = ShardSums()
+        for part in ordered_map(_shard_job, jobs):
+            total.add(part)
+    return total
+
+
+def _shard_job(
+    model: Path,
+    targets: list[Target],
+    lookups: dict[str, tuple[str, int]],
+    tokenizer: Path,
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    holdout: bool,
+    first_batch: int,
+) -> ShardSums:
+    """One Ray task: the sums of one shard (positional, as ``ordered_map`` calls it)."""
+    return shard_sums(
+        model, targets, lookups, tokenizer, texts,
+        max_length=max_length, batch_size=batch_size, holdout=holdout, first_batch=first_batch,
+    )  # fmt: skip
+
+
 def collect_statistics(
     model: Path,
     data: Path | Sequence[str],
@@ -147,6 +315,7 @@ def collect_statistics(
     cache_dir: Path | None = None,
     progress: bool = True,
     holdout: bool = False,
+    ray_address: str | None = None,
 ) -> CalibrationStats:
     """Gram ``X^T X``, mean ``|x|`` and token count of every target weight's input on real text.
 
@@ -158,6 +327,9 @@ def collect_statistics(
     batch apart (``stats.gram_heldout``), from which ``compress --shrinkage auto`` picks each
     Gram's shrinkage by held-back likelihood. An embedding tied to an LM head gets the Gram of
     the head's input and the count of each token id looked up (``stats.token_counts``).
+    ``ray_address`` (``compress --ray``'s address words) splits the texts into consecutive
+    whole-batch shards, one Ray task per cluster CPU, each with its own ORT session, and adds
+    their sums in shard order: equal to the local statistics up to rounding (1e-10 relative).
     """
     model = Path(model)
     if not model.is_file():
@@ -196,57 +368,20 @@ def collect_statistics(
         logger.info("Loading cached calibration statistics %s", cached)
         return CalibrationStats.load(cached)
 
-    tok = TextTokenizer(tok_dir)
     start = time.perf_counter()
-    groups: dict[tuple[str, bool], list[Target]] = {}
-    for target in targets:
-        groups.setdefault((target.activation, target.transpose), []).append(target)
-    gram: dict[tuple[str, bool], np.ndarray] = {}
-    abs_sum: dict[tuple[str, bool], np.ndarray] = {}
-    rows_seen: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
-    held: dict[tuple[str, bool], np.ndarray] = {}
-    held_rows: dict[tuple[str, bool], int] = dict.fromkeys(groups, 0)
-    tokens = 0
-    batch_index = 0
-    counts = {name: np.zeros(vocab) for name, (_, vocab) in lookups.items()}
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with tempfile.TemporaryDirectory(prefix="factorlm-calib-") as scratch:
-        session = _instrumented_session(model, targets, Path(scratch))
-        names = [o.name for o in session.get_outputs()]
-        wanted = [n for n in dict.fromkeys(a for a, _ in groups) if n in names]
-        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(f"Calibrating {model.name}", total=len(texts))
-            done = 0
-            for end, mask, feeds in batch_feeds(
-                session.get_inputs(), tok, texts,
-                batch_size=batch_size, max_length=max_length, model_name=str(model),
-            ):  # fmt: skip
-                values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
-                tokens += int(mask.sum())
-                for name, (ids, vocab) in lookups.items():
-                    looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
-                    counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
-                for group in groups:
-                    activation, transpose = group
-                    x = activation_rows(values[activation], mask, transpose).astype(np.float64)
-                    if group not in gram:
-                        gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
-                        abs_sum[group] = np.zeros(x.shape[1])
-                    # syrk computes only one triangle of X^T X: half the float64 work.
-                    gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
-                    abs_sum[group] += np.abs(x).sum(axis=0)
-                    rows_seen[group] += x.shape[0]
-                    if holdout and batch_index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
-                        if group not in held:
-                            held[group] = np.zeros_like(gram[group])
-                        held[group] = dsyrk(1.0, x.T, beta=1.0, c=held[group], overwrite_c=1)
-                        held_rows[group] += x.shape[0]
-                batch_index += 1
-                bar.advance(task, end - done)
-                done = end
+    if ray_address is None:
+        sums = shard_sums(
+            model, targets, lookups, tok_dir, texts,
+            max_length=max_length, batch_size=batch_size, holdout=holdout, progress=progress,
+        )  # fmt: skip
+    else:
+        sums = _ray_sums(
+            model, targets, lookups, tok_dir, texts,
+            max_length=max_length, batch_size=batch_size, holdout=holdout, address=ray_address,
+        )  # fmt: skip
+    groups = _groups(targets)
+    gram, abs_sum, rows_seen = sums.gram, sums.abs_sum, sums.rows
+    held, held_rows, tokens, counts = sums.held, sums.held_rows, sums.tokens, sums.counts
 
     stats = CalibrationStats(tokens=tokens, token_counts=counts)
     full = {g: np.triu(m) + np.triu(m, 1).T for g, m in gram.items()}  # syrk fills the upper part
