@@ -552,6 +552,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             ]
         )
         settings = dict(MINILM_RECOVERY)
+        if args.recover_steps:
+            settings["steps"] = args.recover_steps
         data_note = (
             f"reviews rows 0-{MINILM_CALIB_ROWS} calibrate (compression and static int8"
             f"{', 32 for static int8 in --quick' if args.quick else ''}); probe trained on "
@@ -577,6 +579,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         loss_aware = any(spec["variants"][v].get("loss_aware") for v in chosen)
         stats = Lazy(lambda: smollm_statistics(source, hf_dir, chunks, loss_aware))
         settings = dict(SMOLLM_RECOVERY)
+        if args.recover_steps:
+            settings["steps"] = args.recover_steps
         distill = Lazy(lambda: smollm_distill_texts(tokenizer, int(settings["max_length"]))[0])
         prompts = generation_prompts(tokenizer)
         data_note = (
@@ -983,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recover-minutes", type=float, default=0.0,
                         help="also distil each training-free model for this many CPU minutes (0: none)")  # fmt: skip
+    parser.add_argument("--recover-steps", type=int, default=None,
+                        help="distillation steps (default: the quality table's recovery settings)")  # fmt: skip
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "factorlm-frontier"
     )

@@ -115,28 +115,37 @@ def engines(args: argparse.Namespace, onnx_models: dict[str, Path]) -> dict[str,
 def quality(
     args: argparse.Namespace, built: dict[str, Path], split: dict[str, Any]
 ) -> dict[str, Any]:
-    """Probe accuracy per engine and paired drop intervals against both originals."""
+    """Probe accuracy per engine and paired drop intervals against both originals.
+
+    Each engine's per-row correctness is cached in ``--work/correct.json`` (the probe is
+    deterministic), so adding a ratio scores only its new engines.
+    """
     from factorlm.assets import exported_minilm
     from factorlm.bench.accuracy import paired_bootstrap_drop
     from frontier import MinilmQuality
 
-    cached = args.work / "quality.json"
-    if cached.is_file():
-        return dict(json.loads(cached.read_text()))
-    scorer = MinilmQuality(exported_minilm(), split)
-    scorer.fit(built["original-fp32"])
-    correct = {name: np.asarray(scorer.score(folder)["correct"]) for name, folder in built.items()}
+    cache_path = args.work / "correct.json"
+    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    missing = [name for name in built if name not in cached]
+    if missing:
+        scorer = MinilmQuality(exported_minilm(), split)
+        scorer.fit(built["original-fp32"])
+        for name in missing:
+            cached[name] = [int(v) for v in scorer.score(built[name])["correct"]]
+            cache_path.write_text(json.dumps(cached))
+    correct = {name: np.asarray(cached[name]) for name in built}
     result: dict[str, Any] = {}
     for name, ok in correct.items():
         row: dict[str, Any] = {"accuracy": float(ok.mean() * 100)}
         for ref in ("original-fp32", "original"):
             low, high = paired_bootstrap_drop(correct[ref], ok)
             row[f"drop_vs_{ref}"] = {
-                "estimate": float((correct[ref].mean() - ok.mean()) * 100), "ci_low": low, "ci_high": high,
-            }  # fmt: skip
+                "estimate": float((correct[ref].mean() - ok.mean()) * 100),
+                "ci_low": low,
+                "ci_high": high,
+            }
         result[name] = row
         say(f"{name}: accuracy {row['accuracy']:.2f} %")
-    cached.write_text(json.dumps(result, indent=1))
     return result
 
 
