@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,12 @@ import numpy as np
 import onnx_ir as ir
 
 from factorlm._common.files import write_text_atomic
-from factorlm._common.outputs import check_output, external_data_files, make_stage
+from factorlm._common.outputs import (
+    check_output,
+    external_data_files,
+    make_stage,
+    remove_stage,
+)
 from factorlm.calibration.stats import drop_mapped_pages, paged_statistics
 from factorlm.decompose import PreparedWeight, kronecker, lowrank_plus_sparse, prepared_lowrank
 from factorlm.errors import ConfigError, ModelLoadError
@@ -537,9 +541,11 @@ def compress(
     total = len(chosen.weights)
     start = time.perf_counter()
     rewrite = 0.0
-    stage = make_stage(target.parent, target.name, "compress") if external_data else None
-    spill = FactorSpill(stage) if stage is not None else None
+    stage: Path | None = None
+    spill: FactorSpill | None = None
     try:
+        stage = make_stage(target.parent, target.name, "compress") if external_data else None
+        spill = FactorSpill(stage) if stage is not None else None
         if opts.sequential:
             results: Iterator[tuple[str, Any]] = _sequential_factors(
                 model, source, chosen, analysis, stats, prepared, opts, data, tokenizer
@@ -577,8 +583,7 @@ def compress(
         if spill is not None:
             spill.close()
             logger.info("Spilled %.1f MB of factors while rewriting", spill.bytes_written / 1e6)
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+        remove_stage(stage)
     plan_file = plan_path_for(target)
     write_text_atomic(plan_file, chosen.to_json())
     seconds["save"] = time.perf_counter() - start

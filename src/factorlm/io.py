@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from factorlm._common.outputs import clean_stale, make_stage
+from factorlm._common.outputs import clean_stale, make_stage, remove_stage
 from factorlm._common.userfiles import check_onnx_model
 from factorlm.errors import ModelLoadError
 
@@ -157,8 +156,9 @@ def save_model(
         external_data = model_data_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     clean_stale(folder, path.name)  # the stage of a killed earlier save
-    staging = make_stage(folder, path.name, "save")
+    staging: Path | None = None
     try:
+        staging = make_stage(folder, path.name, "save")
         staged = staging / path.name
         if external_data:
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
@@ -175,7 +175,7 @@ def save_model(
             written.append(folder / data_name)
         os.replace(staged, path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_stage(staging)
     logger.info("Saved %s", ", ".join(str(p) for p in written))
     return written
 

@@ -165,3 +165,43 @@ def test_checkpoint_rng_state_is_plain_and_planted_pickle_refused(tmp_path: Path
     with pytest.raises(ModelLoadError, match="could run code"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_a_stage_interrupted_while_being_marked_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM (Terminated) between creating a stage and marking it leaves no folder behind."""
+    from factorlm._common import outputs
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise outputs.Terminated
+
+    monkeypatch.setattr(outputs, "mark_owned", interrupted)
+    with pytest.raises(outputs.Terminated):
+        outputs.make_stage(tmp_path, "m.onnx", "compress")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_stage_finishes_when_interrupted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt inside the first rmtree still ends with the stage gone (then propagates)."""
+    import shutil
+
+    from factorlm._common import outputs
+
+    stage = outputs.make_stage(tmp_path, "m.onnx", "save")
+    (stage / "model.onnx").write_bytes(b"x" * 10)
+    real_rmtree = shutil.rmtree
+    calls: list[int] = []
+
+    def flaky(path: object, ignore_errors: bool = False) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise outputs.Terminated
+        real_rmtree(path, ignore_errors=ignore_errors)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", flaky)
+    with pytest.raises(outputs.Terminated):
+        outputs.remove_stage(stage)
+    assert not stage.exists() and len(calls) == 2

@@ -43,6 +43,7 @@ __all__ = [
     "publish",
     "read_marker",
     "remove_owned",
+    "remove_stage",
     "sigterm_as_interrupt",
     "sigterm_received",
     "staged_output",
@@ -246,11 +247,30 @@ def make_stage(parent: str | os.PathLike[str], name: str, command: str) -> Path:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs are shared
-    mark_owned(stage, command)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; outputs are shared
+        mark_owned(stage, command)
+    except BaseException:  # a SIGTERM (Terminated) right here must not leave the stage behind
+        remove_stage(stage)
+        raise
     return stage
+
+
+def remove_stage(stage: str | os.PathLike[str] | None) -> None:
+    """Delete a stage folder, even when a SIGTERM (:class:`Terminated`) interrupts the deletion.
+
+    Why: a signal that lands inside ``shutil.rmtree`` stops it half way; the handler ignores
+    further SIGTERMs, so the second pass always completes before the interrupt propagates.
+    """
+    if stage is None:
+        return
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def publish(

@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx
 
+from factorlm._common.outputs import external_data_files
 from factorlm._common.sessions import create_session, session_options
 from factorlm.exporters.fusions import collapse_factor_pairs, restore_factor_pairs
 from factorlm.io import EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, one definition
@@ -186,7 +187,9 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 def ort_optimize(source: Path, target: Path, level: str, providers: list[str]) -> None:
     """Generic ONNX Runtime graph optimization, saved offline (for unknown architectures)."""
     entries = {}
-    if source.stat().st_size > EXTERNAL_DATA_THRESHOLD:
+    # A source with external data must be saved with external data too: ORT otherwise keeps
+    # references to the source's data file name, which does not exist next to ``target``.
+    if source.stat().st_size > EXTERNAL_DATA_THRESHOLD or external_data_files(source):
         entries["session.optimized_model_external_initializers_file_name"] = target.name + ".data"
     options = session_options(
         graph_optimization_level=level, optimized_model_filepath=target, config_entries=entries
