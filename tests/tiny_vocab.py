@@ -49,6 +49,16 @@ TEXTS = [
     "great film great story",
 ]
 
+#: Six longer review-like sentences the tiny decoder tests calibrate on (repeat them for volume).
+LONG_TEXTS = [
+    "the film is a good movie and the story is long",
+    "bad plot but the actor is funny",
+    "the best story is a quiet story",
+    "a long long long boring film with a sad ending",
+    "great clever movie",
+    "the worst plot and the worst actor",
+]
+
 
 def write_tokenizer(folder: Path, vocab: list[str] | None = None, *, decoder: bool = False) -> Path:
     """Write a word-level tokenizer (tokenizer.json + tokenizer_config.json) into ``folder``.

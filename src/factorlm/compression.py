@@ -149,20 +149,38 @@ def shrunk_statistics(stats: Any) -> Any:
             "compress option 'shrinkage' auto needs statistics collected with a held-back part "
             "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
         )
+
+    def shrink(name: str, gram: np.ndarray) -> tuple[float, np.ndarray]:
+        alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
+        return alpha, shrink_gram(gram, alpha) if alpha > 0 else gram
+
+    result, chosen = _map_grams(stats, held, shrink)
+    logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
+    return result
+
+
+def _map_grams(
+    stats: Any,
+    names: Any,
+    transform: Callable[[str, np.ndarray], tuple[float, np.ndarray]],
+) -> tuple[Any, dict[float, int]]:
+    """A copy of ``stats`` with ``transform`` applied to the Gram of every weight in ``names``.
+
+    Weights reading one input share one Gram object; it is transformed once. Returns the copy
+    and how many Grams got each chosen value (for the log line).
+    """
     result = copy.copy(stats)
     result.gram = dict(stats.gram)
     chosen: dict[float, int] = {}
-    done: dict[int, np.ndarray] = {}  # weights reading one input share one Gram object
+    done: dict[int, np.ndarray] = {}
     for name, gram in stats.gram.items():
-        if name not in held:
+        if name not in names:
             continue
         if id(gram) not in done:
-            alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
-            done[id(gram)] = shrink_gram(gram, alpha) if alpha > 0 else gram
-            chosen[alpha] = chosen.get(alpha, 0) + 1
+            value, done[id(gram)] = transform(name, gram)
+            chosen[value] = chosen.get(value, 0) + 1
         result.gram[name] = done[id(gram)]
-    logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
-    return result
+    return result, chosen
 
 
 def blended_statistics(stats: Any, weight: float | None) -> Any:
@@ -188,23 +206,17 @@ def blended_statistics(stats: Any, weight: float | None) -> Any:
             "compress option 'blend' auto needs statistics collected with a held-back part "
             "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
         )
-    result = copy.copy(stats)
-    result.gram = dict(stats.gram)
-    chosen: dict[float, int] = {}
-    done: dict[int, np.ndarray] = {}  # weights reading one input share one Gram object
-    for name, gram in stats.gram.items():
-        if name not in generic:
-            continue
-        if id(gram) not in done:
-            beta = weight
-            if beta is None:
-                beta = best_blend(
-                    gram - held[name], stats.tokens - n_held, held[name], n_held,
-                    generic[name], n_generic,
-                )  # fmt: skip
-            done[id(gram)] = blend_gram(gram, stats.tokens, generic[name], n_generic, beta)
-            chosen[beta] = chosen.get(beta, 0) + 1
-        result.gram[name] = done[id(gram)]
+
+    def blend(name: str, gram: np.ndarray) -> tuple[float, np.ndarray]:
+        beta = weight
+        if beta is None:
+            beta = best_blend(
+                gram - held[name], stats.tokens - n_held, held[name], n_held,
+                generic[name], n_generic,
+            )  # fmt: skip
+        return beta, blend_gram(gram, stats.tokens, generic[name], n_generic, beta)
+
+    result, chosen = _map_grams(stats, generic, blend)
     logger.info("Gram blend with generic text: %s", dict(sorted(chosen.items())))
     return result
 

@@ -19,15 +19,9 @@ from onnx import numpy_helper
 
 from factorlm import cli
 from factorlm.planning import load_plan
+from tiny_vocab import LONG_TEXTS
 
-TEXTS = [
-    "the film is a good movie and the story is long",
-    "bad plot but the actor is funny",
-    "the best story is a quiet story",
-    "a long long long boring film with a sad ending",
-    "great clever movie",
-    "the worst plot and the worst actor",
-] * 6
+TEXTS = LONG_TEXTS * 6
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:

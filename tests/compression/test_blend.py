@@ -17,15 +17,9 @@ from factorlm.decompose import best_blend, blend_gram
 from factorlm.errors import ConfigError, DataError
 from factorlm.options import CompressOptions
 from factorlm.pipeline.config import parse_config
+from tiny_vocab import LONG_TEXTS
 
-TEXTS = [
-    "the film is a good movie and the story is long",
-    "bad plot but the actor is funny",
-    "the best story is a quiet story",
-    "a long long long boring film with a sad ending",
-    "great clever movie",
-    "the worst plot and the worst actor",
-] * 8
+TEXTS = LONG_TEXTS * 8
 
 
 def _random_texts(count: int, seed: int) -> list[str]:

@@ -23,15 +23,9 @@ from factorlm.calibration.paired import collect_paired_statistics, prune_to_outp
 from factorlm.decompose import corrected_weight, prepared_lowrank, residual_error
 from factorlm.errors import ConfigError
 from factorlm.sequential import block_order
+from tiny_vocab import LONG_TEXTS
 
-TEXTS = [
-    "the film is a good movie and the story is long",
-    "bad plot but the actor is funny",
-    "the best story is a quiet story",
-    "a long long long boring film with a sad ending",
-    "great clever movie",
-    "the worst plot and the worst actor",
-] * 4
+TEXTS = LONG_TEXTS * 4
 
 
 def _data(folder: Path) -> Path:

@@ -16,15 +16,9 @@ from factorlm.calibration.capture import HOLDOUT_EVERY
 from factorlm.compression import shrunk_statistics
 from factorlm.decompose import shrink_gram
 from factorlm.errors import ConfigError
+from tiny_vocab import LONG_TEXTS
 
-TEXTS = [
-    "the film is a good movie and the story is long",
-    "bad plot but the actor is funny",
-    "the best story is a quiet story",
-    "a long long long boring film with a sad ending",
-    "great clever movie",
-    "the worst plot and the worst actor",
-] * 6
+TEXTS = LONG_TEXTS * 6
 
 
 def test_held_back_gram_is_the_gram_of_every_fourth_batch(
