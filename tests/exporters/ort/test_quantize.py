@@ -220,3 +220,38 @@ def test_a_transposed_constant_is_folded_so_the_head_gets_quantized() -> None:
     assert (after["E_t"].op_type, after["E_t"].via, after["E_t"].dims) == ("MatMul", None, (32, 40))
     ids = {"ids": np.array([[1, 5, 39]], dtype=np.int64)}
     np.testing.assert_allclose(run_ort(model, ids)[0], (emb[[1, 5, 39]] @ emb.T)[None], rtol=1e-5)
+
+
+def test_factors_named_by_the_torch_exporter_are_found_through_the_metadata() -> None:
+    """A recovered model's factors keep PyTorch's names; ``factorlm.factors`` still marks them."""
+    rng = np.random.default_rng(1)
+    left, right, dense = (
+        rng.standard_normal(s).astype(np.float32) for s in ((8, 3), (3, 8), (8, 8))
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["t"], name="/fc/a/MatMul"),
+            helper.make_node("MatMul", ["t", "onnx::MatMul_8"], ["y"], name="/fc/b/MatMul"),
+            helper.make_node("MatMul", ["y", "dense_w"], ["z"], name="/out/MatMul"),
+        ],
+        "recovered",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["b", 8])],
+        [
+            numpy_helper.from_array(left, "onnx::MatMul_7"),
+            numpy_helper.from_array(right, "onnx::MatMul_8"),
+            numpy_helper.from_array(dense, "dense_w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert not any(constant_matmul_weights(model).values())  # untagged: nothing is a factor
+    helper.set_model_props(
+        model,
+        {"factorlm.factors": '{"onnx::MatMul_7": "fc.weight", "onnx::MatMul_8": "fc.weight"}'},
+    )
+    assert constant_matmul_weights(model) == {
+        "onnx::MatMul_7": True, "onnx::MatMul_8": True, "dense_w": False
+    }  # fmt: skip
+    assert {n for n, use in weight_inventory(model).items() if use.factor} == {
+        "onnx::MatMul_7", "onnx::MatMul_8"
+    }  # fmt: skip

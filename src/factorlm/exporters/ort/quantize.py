@@ -15,6 +15,7 @@ anyway): the LM head then gets quantized like every other weight.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 
 from factorlm.exporters.ort.optimize import EXTERNAL_DATA_THRESHOLD, save_model
+from factorlm.passes.analysis import FACTOR_METADATA_KEY
 
 __all__ = [
     "QuantizationReport",
@@ -86,8 +88,29 @@ class WeightUse:
     dims: tuple[int, ...] = ()
 
 
-def _is_factor(name: str, tensor: onnx.TensorProto | None, node: onnx.NodeProto) -> bool:
-    if "factorlm" in name.lower() or "factorlm" in node.name.lower():
+def _tagged_factors(model: onnx.ModelProto) -> frozenset[str]:
+    """Factor initializers listed in the model's ``factorlm.factors`` metadata.
+
+    Why: a recovered (distilled) model is re-exported by PyTorch, so its factors carry the
+    exporter's names (``onnx::MatMul_123``); the metadata is what still marks them.
+    """
+    for prop in model.metadata_props:
+        if prop.key == FACTOR_METADATA_KEY:
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return frozenset()
+            return frozenset(str(k) for k in data) if isinstance(data, dict) else frozenset()
+    return frozenset()
+
+
+def _is_factor(
+    name: str,
+    tensor: onnx.TensorProto | None,
+    node: onnx.NodeProto,
+    tagged: frozenset[str] = frozenset(),
+) -> bool:
+    if name in tagged or "factorlm" in name.lower() or "factorlm" in node.name.lower():
         return True
     props = list(getattr(tensor, "metadata_props", [])) + list(node.metadata_props)
     return any(p.key.lower().startswith("factorlm") for p in props)
@@ -101,6 +124,7 @@ def constant_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
     """
     inits = {i.name: i for i in model.graph.initializer}
     constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    tagged = _tagged_factors(model)
     result: dict[str, bool] = {}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -108,7 +132,7 @@ def constant_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
         for name in node.input[:2]:
             tensor = inits.get(name)
             if (tensor is not None and tensor.data_type in _FLOATS) or name in constants:
-                result[name] = result.get(name, False) or _is_factor(name, tensor, node)
+                result[name] = result.get(name, False) or _is_factor(name, tensor, node, tagged)
     return result
 
 
@@ -120,6 +144,7 @@ def weight_inventory(model: onnx.ModelProto) -> dict[str, WeightUse]:
     """
     inits = {i.name: i for i in model.graph.initializer if i.data_type in _FLOATS}
     producers = {out: node for node in model.graph.node for out in node.output}
+    tagged = _tagged_factors(model)
     result: dict[str, WeightUse] = {}
 
     def constant(name: str) -> tuple[str, str | None] | None:
@@ -151,7 +176,7 @@ def weight_inventory(model: onnx.ModelProto) -> dict[str, WeightUse]:
                 found[0],
                 node.op_type,
                 node.name,
-                _is_factor(found[0], tensor, node),
+                _is_factor(found[0], tensor, node, tagged),
                 found[1],
                 tuple(int(d) for d in tensor.dims),
             )
