@@ -552,8 +552,6 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             ]
         )
         settings = dict(MINILM_RECOVERY)
-        if args.recover_steps:
-            settings["steps"] = args.recover_steps
         data_note = (
             f"reviews rows 0-{MINILM_CALIB_ROWS} calibrate (compression and static int8"
             f"{', 32 for static int8 in --quick' if args.quick else ''}); probe trained on "
@@ -579,8 +577,6 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
         loss_aware = any(spec["variants"][v].get("loss_aware") for v in chosen)
         stats = Lazy(lambda: smollm_statistics(source, hf_dir, chunks, loss_aware))
         settings = dict(SMOLLM_RECOVERY)
-        if args.recover_steps:
-            settings["steps"] = args.recover_steps
         distill = Lazy(lambda: smollm_distill_texts(tokenizer, int(settings["max_length"]))[0])
         prompts = generation_prompts(tokenizer)
         data_note = (
@@ -589,6 +585,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
             f"tokens; perplexity on the first {windows} windows of {SMOLLM_WINDOW} tokens of "
             "Pride and Prejudice"
         )
+    if args.recover_steps:
+        settings["steps"] = args.recover_steps
     # the model variants: original, training-free, recovered
     variants: dict[str, Path] = {"original": source}
     records: dict[str, dict[str, Any]] = {"original": {"method": "original"}}

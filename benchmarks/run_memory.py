@@ -249,15 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Whole run's peak: {peak:.0f} MiB"
         + (f" = {peak / model_mib:.1f}x the fp32 model." if model_mib else "."),
         "",
-        "| stage | seconds | RSS at start | stage peak | RSS after release | process peak so far |",
-        "|---|---|---|---|---|---|",
+        *_stage_table(rows),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['stage']} | {r['seconds']:.1f} | {r['start_rss_mib']:.0f} MiB | "
-            f"{r['peak_rss_mib']:.0f} MiB | {r['end_rss_mib']:.0f} MiB | "
-            f"{r['process_peak_rss_mib']:.0f} MiB |"
-        )
     if rows:
         lines += ["", f"Method: {rows[0]['method']}."]
     publish(args.out, "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ __all__ = [
     "count_fusions",
     "lost_fusions",
     "restore_factor_pairs",
+    "tagged_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,9 @@ class FactorFusionReport:
     dense: tuple[str, ...]  # stand-ins left dense (the optimizer consumed them some other way)
 
 
-def _factor_set(model: onnx.ModelProto) -> set[str]:
+def tagged_factors(model: onnx.ModelProto) -> set[str]:
+    """Initializers listed in the model's ``factorlm.factors`` metadata: factorlm's factors,
+    whatever their names (a recovered model's factors carry PyTorch's ``onnx::MatMul_*``)."""
     for prop in model.metadata_props:
         if prop.key == FACTOR_METADATA_KEY:
             try:
@@ -194,7 +197,7 @@ def collapse_factor_pairs(model: onnx.ModelProto) -> CollapsedFactors:
     (feed-forward layers) do not block any fusion and are left alone. Stand-ins are exact
     ``L @ R`` products, so the collapsed model computes what the factorized one does.
     """
-    factors = _factor_set(model)
+    factors = tagged_factors(model)
     result = CollapsedFactors()
     if not factors:
         return result

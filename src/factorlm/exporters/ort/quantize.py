@@ -15,7 +15,6 @@ anyway): the LM head then gets quantized like every other weight.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,8 +25,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from factorlm.exporters.fusions import tagged_factors
 from factorlm.exporters.ort.optimize import EXTERNAL_DATA_THRESHOLD, save_model
-from factorlm.passes.analysis import FACTOR_METADATA_KEY
 
 __all__ = [
     "QuantizationReport",
@@ -88,22 +87,6 @@ class WeightUse:
     dims: tuple[int, ...] = ()
 
 
-def _tagged_factors(model: onnx.ModelProto) -> frozenset[str]:
-    """Factor initializers listed in the model's ``factorlm.factors`` metadata.
-
-    Why: a recovered (distilled) model is re-exported by PyTorch, so its factors carry the
-    exporter's names (``onnx::MatMul_123``); the metadata is what still marks them.
-    """
-    for prop in model.metadata_props:
-        if prop.key == FACTOR_METADATA_KEY:
-            try:
-                data = json.loads(prop.value)
-            except json.JSONDecodeError:
-                return frozenset()
-            return frozenset(str(k) for k in data) if isinstance(data, dict) else frozenset()
-    return frozenset()
-
-
 def _is_factor(
     name: str,
     tensor: onnx.TensorProto | None,
@@ -124,7 +107,7 @@ def constant_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
     """
     inits = {i.name: i for i in model.graph.initializer}
     constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    tagged = _tagged_factors(model)
+    tagged = frozenset(tagged_factors(model))
     result: dict[str, bool] = {}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -144,7 +127,7 @@ def weight_inventory(model: onnx.ModelProto) -> dict[str, WeightUse]:
     """
     inits = {i.name: i for i in model.graph.initializer if i.data_type in _FLOATS}
     producers = {out: node for node in model.graph.node for out in node.output}
-    tagged = _tagged_factors(model)
+    tagged = frozenset(tagged_factors(model))
     result: dict[str, WeightUse] = {}
 
     def constant(name: str) -> tuple[str, str | None] | None:
