@@ -142,13 +142,7 @@ def shrunk_statistics(stats: Any) -> Any:
     """
     from factorlm.decompose import best_shrinkage, shrink_gram
 
-    held = getattr(stats, "gram_heldout", None) or {}
-    n_held = int(getattr(stats, "heldout_tokens", 0))
-    if not held or n_held < 1 or n_held >= stats.tokens:
-        raise ConfigError(
-            "compress option 'shrinkage' auto needs statistics collected with a held-back part "
-            "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
-        )
+    held, n_held = _held_back(stats, "shrinkage")
 
     def shrink(name: str, gram: np.ndarray) -> tuple[float, np.ndarray]:
         alpha = best_shrinkage(gram - held[name], stats.tokens - n_held, held[name], n_held)
@@ -157,6 +151,18 @@ def shrunk_statistics(stats: Any) -> Any:
     result, chosen = _map_grams(stats, held, shrink)
     logger.info("Gram shrinkage by held-back likelihood: %s", dict(sorted(chosen.items())))
     return result
+
+
+def _held_back(stats: Any, option: str) -> tuple[dict[str, np.ndarray], int]:
+    """The held-back Grams and their token count that ``option`` auto chooses by."""
+    held = getattr(stats, "gram_heldout", None) or {}
+    n_held = int(getattr(stats, "heldout_tokens", 0))
+    if not held or n_held < 1 or n_held >= stats.tokens:
+        raise ConfigError(
+            f"compress option '{option}' auto needs statistics collected with a held-back part "
+            "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
+        )
+    return held, n_held
 
 
 def _map_grams(
@@ -199,13 +205,7 @@ def blended_statistics(stats: Any, weight: float | None) -> Any:
             "compress option 'blend' needs the Grams on generic text (stats.gram_generic; the "
             "CLI, factorlm run and compress(data=...) collect them)."
         )
-    held = getattr(stats, "gram_heldout", None) or {}
-    n_held = int(getattr(stats, "heldout_tokens", 0))
-    if weight is None and (not held or n_held < 1 or n_held >= stats.tokens):
-        raise ConfigError(
-            "compress option 'blend' auto needs statistics collected with a held-back part "
-            "(collect_statistics(..., holdout=True); the CLI and factorlm run do this)."
-        )
+    held, n_held = _held_back(stats, "blend") if weight is None else ({}, 0)
 
     def blend(name: str, gram: np.ndarray) -> tuple[float, np.ndarray]:
         beta = weight
