@@ -258,3 +258,63 @@ def test_ray_statistics_without_ray_name_the_extra(
         collect_statistics(
             model_dir / "model.onnx", TEXTS, cache_dir=tmp_path, progress=False, ray_address="auto"
         )
+
+
+def test_external_data_model_is_calibrated_from_its_files(model_dir: Path, tmp_path: Path) -> None:
+    """A model with external data (threshold 0) gives the inline model's statistics, and its
+    folder is left as it was (the instrumented header and links live in a scratch folder)."""
+    inline = collect_statistics(
+        model_dir / "model.onnx", TEXTS, batch_size=3, cache_dir=tmp_path / "c1", progress=False
+    )
+    ext_dir = tmp_path / "external"
+    shutil.copytree(model_dir, ext_dir)
+    model = onnx.load(str(ext_dir / "model.onnx"))
+    onnx.save_model(
+        model,
+        str(ext_dir / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ext_dir.iterdir())
+    stats = collect_statistics(
+        ext_dir / "model.onnx", TEXTS, batch_size=3, cache_dir=tmp_path / "c2", progress=False
+    )
+    after = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ext_dir.iterdir())
+    assert before == after
+    assert stats.tokens == inline.tokens
+    for name, gram in inline.gram.items():
+        np.testing.assert_array_equal(stats.gram[name], gram)
+        np.testing.assert_array_equal(stats.gram[name], stats.gram[name].T)
+
+
+def test_missing_external_data_is_one_sentence(model_dir: Path, tmp_path: Path) -> None:
+    from factorlm.errors import ModelLoadError
+
+    model = onnx.load(str(model_dir / "model.onnx"))
+    onnx.save_model(
+        model,
+        str(model_dir / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    (model_dir / "weights.bin").unlink()
+    with pytest.raises(ModelLoadError, match="weights.bin"):
+        collect_statistics(
+            model_dir / "model.onnx", TEXTS, cache_dir=tmp_path / "c", progress=False
+        )
+
+
+@pytest.mark.parametrize("n", [3, 512, 1029])
+def test_symmetric_fills_the_lower_triangle_in_place(n: int) -> None:
+    from factorlm.calibration.capture import _symmetric
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((7, n))
+    gram = x.T @ x
+    upper = np.asfortranarray(np.triu(gram) + np.tril(rng.standard_normal((n, n)), -1))
+    out = _symmetric(upper)
+    assert out is upper
+    np.testing.assert_array_equal(out, np.triu(gram) + np.triu(gram, 1).T)

@@ -71,11 +71,17 @@ def file_digest(path: Path) -> str:
 
 
 def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path) -> Any:
-    """An ORT session of the model with every target's activation exposed as an output."""
+    """An ORT session of the model with every target's activation exposed as an output.
+
+    A model whose weights live in external data is instrumented without loading them: only its
+    header is rewritten, into ``scratch``, next to links to its data files, so that calibrating a
+    model larger than memory holds one copy of its weights (ONNX Runtime's) instead of three.
+    """
     try:
-        model = onnx.load(str(model_path))
+        model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(f"{model_path} is not a readable ONNX model ({exc}).") from exc
+    locations = _external_locations(model)
     existing = {o.name for o in model.graph.output}
     elem_types: dict[str, int] = {}
     try:
@@ -90,13 +96,92 @@ def _instrumented_session(model_path: Path, targets: list[Target], scratch: Path
         elem = elem_types.get(activation) or onnx.TensorProto.FLOAT
         model.graph.output.append(onnx.helper.make_tensor_value_info(activation, elem, None))
     # Fusions would swallow the exposed MatMul inputs; basic optimizations keep them.
+    path = scratch / "instrumented.onnx"
+    if locations:
+        _inline_small_tensors(model, model_path.parent)
+        for location in locations:
+            _link_or_copy(model_path.parent / location, scratch / location)
+        onnx.save_model(model, str(path))
+        return create_session(path, graph_optimization_level="basic", what=str(model_path))
     if model.ByteSize() < 2**31 - 1:
         return create_session(
             model.SerializeToString(), graph_optimization_level="basic", what=str(model_path)
         )
-    path = scratch / "instrumented.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="instrumented.onnx.data")
     return create_session(path, graph_optimization_level="basic", what=str(model_path))
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    """``upper`` (its upper triangle filled, as ``dsyrk`` leaves it) made symmetric in place.
+
+    Why in place: a 1B-parameter model's Grams take gigabytes; a symmetric copy of each would
+    double that at the end of calibration.
+    """
+    if not upper.flags.writeable:  # e.g. a Ray worker's result, read from its object store
+        upper = np.array(upper, order="F")
+    n = upper.shape[0]
+    step = 512
+    for lo in range(0, n, step):  # column blocks: the lower part of each from the upper rows
+        hi = min(n, lo + step)
+        block = upper[lo:hi, lo:hi]
+        block[:] = np.triu(block) + np.triu(block, 1).T
+        if hi < n:
+            upper[hi:, lo:hi] = upper[lo:hi, hi:].T
+    return upper
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    """The external-data files the model's initializers name (relative to its folder)."""
+    found = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return sorted(found)
+
+
+def _inline_small_tensors(model: onnx.ModelProto, folder: Path) -> None:
+    """Read the external tensors that are not float matrices (shapes, indices, biases) inline.
+
+    Why: ONNX Runtime's shape inference cannot read a Reshape's shape from external data (a
+    model saved with threshold 0 fails to load), and such tensors cost nothing to carry inline.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+        try:
+            load_external_data_for_tensor(tensor, str(folder))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"The external data file {folder / location} of {tensor.name} could not be read "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})."
+            ) from exc
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a symbolic link across file systems).
+
+    Why links: the instrumented header must sit next to the weights it names, and the input
+    model's folder must stay untouched; a link costs no disk and no memory.
+    """
+    import os
+
+    if not source.is_file():
+        raise ModelLoadError(f"The external data file {source} of the model does not exist.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        os.symlink(source.resolve(), target)
 
 
 def activation_rows(value: np.ndarray, mask: np.ndarray, transpose: bool) -> np.ndarray:
@@ -384,7 +469,7 @@ def collect_statistics(
     held, held_rows, tokens, counts = sums.held, sums.held_rows, sums.tokens, sums.counts
 
     stats = CalibrationStats(tokens=tokens, token_counts=counts)
-    full = {g: np.triu(m) + np.triu(m, 1).T for g, m in gram.items()}  # syrk fills the upper part
+    full = {g: _symmetric(m) for g, m in gram.items()}  # syrk fills the upper part
     for group, members in groups.items():
         for target in members:
             if gram[group].shape[0] != target.in_features:
@@ -402,7 +487,7 @@ def collect_statistics(
             stats.mean_abs[target.weight] = abs_sum[group] / rows_seen[group]
             if group in held:
                 m = held[group]
-                stats.gram_heldout[target.weight] = np.triu(m) + np.triu(m, 1).T
+                stats.gram_heldout[target.weight] = _symmetric(m)
                 stats.heldout_tokens = held_rows[group]
     widest = max(targets, key=lambda t: t.in_features)
     if tokens < _TOKENS_PER_FEATURE * widest.in_features:
