@@ -21,7 +21,14 @@ from typing import Any
 
 from factorlm.errors import ConfigError, FactorlmError
 
-__all__ = ["RAY_INSTALL_HINT", "import_ray", "ordered_map", "ray_connection", "ray_session"]
+__all__ = [
+    "RAY_INSTALL_HINT",
+    "import_ray",
+    "ordered_map",
+    "ray_connection",
+    "ray_scope",
+    "ray_session",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,22 @@ def ray_session(address: str) -> Iterator[Any]:
     """
     target = (os.environ.get("RAY_ADDRESS") or None) if address == "auto" else address
     with ray_connection(target) as ray:
+        yield ray
+
+
+@contextmanager
+def ray_scope(address: str | None) -> Iterator[Any]:
+    """One Ray session around several Ray steps of one command; yield the module, or None.
+
+    Why: ``compress --ray`` gathers the calibration Grams and then factorizes the weights, and
+    each step opens :func:`ray_session`. Alone, each would start (and stop) its own local Ray
+    (or connect to the cluster twice), paying the start-up and the workers' imports twice;
+    inside this block both find the session initialized and use it. ``None``: no Ray.
+    """
+    if address is None:
+        yield None
+        return
+    with ray_session(address) as ray:
         yield ray
 
 

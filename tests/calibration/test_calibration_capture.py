@@ -289,6 +289,29 @@ def test_external_data_model_is_calibrated_from_its_files(model_dir: Path, tmp_p
         np.testing.assert_array_equal(stats.gram[name], stats.gram[name].T)
 
 
+def test_external_data_with_a_second_link_is_calibrated(model_dir: Path, tmp_path: Path) -> None:
+    """While another calibration shard on this machine (``compress --ray``) holds its scratch
+    link to the data file, the file has two hard links, which onnx's own loader refuses; the
+    small tensors are read by offset instead, with the same statistics."""
+    import os
+
+    inline = collect_statistics(
+        model_dir / "model.onnx", TEXTS, batch_size=3, cache_dir=tmp_path / "c1", progress=False
+    )
+    model = onnx.load(str(model_dir / "model.onnx"))
+    onnx.save_model(
+        model, str(model_dir / "model.onnx"), save_as_external_data=True,
+        location="model.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    os.link(model_dir / "model.onnx.data", tmp_path / "other-shard.data")
+    stats = collect_statistics(
+        model_dir / "model.onnx", TEXTS, batch_size=3, cache_dir=tmp_path / "c2", progress=False
+    )
+    assert stats.tokens == inline.tokens and stats.gram.keys() == inline.gram.keys()
+    for name, gram in inline.gram.items():
+        np.testing.assert_array_equal(stats.gram[name], gram)
+
+
 def test_missing_external_data_is_one_sentence(model_dir: Path, tmp_path: Path) -> None:
     from factorlm.errors import ModelLoadError
 

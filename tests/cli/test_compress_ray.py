@@ -1,8 +1,8 @@
 """``factorlm compress --ray`` end to end: calibration Grams gathered by Ray workers.
 
 The CLI collects the statistics through ``collect_requested``, which shards the calibration set
-over the test cluster's CPUs and adds the Grams; the compressed model must match the local run
-up to the rounding of that sum.
+over the test cluster's CPUs and adds the Grams, then factorizes the weights as Ray tasks, both
+in one Ray session; the compressed model must match the local run up to the rounding of that sum.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def test_ray_calibration_compress_matches_local(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="factorlm.calibration.capture")
+    caplog.set_level(logging.INFO, logger="factorlm.distributed")
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     outputs = {}
@@ -51,6 +52,8 @@ def test_ray_calibration_compress_matches_local(
         assert any((tmp_path / f"cache-{run}" / "calibration").glob("stats-*.npz"))
         outputs[run] = out
     assert sum("on 2 Ray workers" in r.getMessage() for r in caplog.records) == 1
+    # calibration and factorization ran in one Ray session: one connection for the whole call
+    assert sum(r.getMessage().startswith("Ray started") for r in caplog.records) == 1
     ray_plan = load_plan(outputs["ray"].with_name("model.plan.json"))
     local_plan = load_plan(outputs["local"].with_name("model.plan.json"))
     assert ray_plan.weights and ray_plan.weights.keys() == local_plan.weights.keys()

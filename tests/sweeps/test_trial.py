@@ -85,3 +85,33 @@ def test_result_round_trip(tmp_path: Path) -> None:
     assert read_result(tmp_path / "missing") is None
     (tmp_path / "t" / "trial.json").write_text("{half")
     assert read_result(tmp_path / "t") is None
+
+
+def test_seeded_external_data_is_copied_so_onnx_reads_it(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    source = _run_folder(tmp_path / "a", {"export": "k1"})
+    values = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    weight = numpy_helper.from_array(values, "w")
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weight]
+    )
+    onnx.save_model(
+        helper.make_model(graph), str(source / "export" / "model.onnx"),
+        save_as_external_data=True, location="model.onnx_data", size_threshold=0,
+    )  # fmt: skip
+    target = tmp_path / "b"
+    assert seed_stages(source, target) == ["export"]
+    data = target / "export" / "model.onnx_data"
+    assert (
+        data.stat().st_nlink == 1 and (source / "export" / "model.onnx_data").stat().st_nlink == 1
+    )
+    header = target / "export" / "model.onnx"  # the rest is still linked
+    assert header.stat().st_ino == (source / "export" / "model.onnx").stat().st_ino
+    for folder in (source, target):  # onnx refuses external data with several hard links
+        loaded = onnx.load(str(folder / "export" / "model.onnx"))
+        np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), values)

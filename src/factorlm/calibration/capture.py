@@ -147,17 +147,27 @@ def _inline_small_tensors(model: onnx.ModelProto, folder: Path) -> None:
 
     Why: ONNX Runtime's shape inference cannot read a Reshape's shape from external data (a
     model saved with threshold 0 fails to load), and such tensors cost nothing to carry inline.
+    The bytes are read by offset here, not through onnx's loader: it refuses a data file with
+    more than one hard link, which is the case while another calibration shard on this machine
+    (``compress --ray``) holds its scratch link to the same file.
     """
-    from onnx.external_data_helper import load_external_data_for_tensor
-
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         if len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "?")
         try:
-            load_external_data_for_tensor(tensor, str(folder))
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise ValueError(f"location {location!r} is outside the model's folder")
+            with (folder / location).open("rb") as handle:
+                handle.seek(int(info.get("offset", 0)))
+                length = int(info["length"]) if "length" in info else -1
+                raw = handle.read(length)
+            if length >= 0 and len(raw) != length:
+                raise ValueError(f"{length} bytes expected, {len(raw)} found")
+            tensor.raw_data = raw
         except Exception as exc:
             raise ModelLoadError(
                 f"The external data file {folder / location} of {tensor.name} could not be read "

@@ -20,6 +20,7 @@ from rich.table import Table
 from factorlm.cli._flags import split_list, with_options
 from factorlm.cli._models import resolve_model, resolve_onnx
 from factorlm.cli._output import console
+from factorlm.distributed import ray_scope
 from factorlm.errors import ConfigError, ModelLoadError
 from factorlm.options import CompressOptions
 
@@ -103,7 +104,9 @@ def _statistics(
 
         if not stats.is_file():
             raise ConfigError(f"statistics file {stats} does not exist.")
-        return CalibrationStats.load(stats)
+        # mapped, not read, as in the pipeline: compress pages each Gram in when its weight is
+        # planned or factorized and hands it back after (``paged_statistics``)
+        return CalibrationStats.load(stats, mmap=True)
     if need is None:
         if data is not None:
             logger.warning("--data is not used: method %r needs no calibration data.", opts.method)
@@ -236,8 +239,31 @@ def compress_command(
         data = resolve_mixed(data, cache_root() / "calibration")
     onnx_path, folder = output_paths(output)
     _refuse_existing(onnx_path, overwrite)
-    calibration = _statistics(options, source, data, stats, tokenizer, split_list(labels), hf_model)
+    with ray_scope(options.ray_address):  # --ray: calibration and factorization share one Ray
+        result = _compress_steps(
+            source, onnx_path, options, data, stats, tokenizer, split_list(labels), hf_model
+        )
     out = console()
+    copied = _copy_sidecars(source, folder, tokenizer, overwrite)
+    out.print(_table(result))
+    for path in [*result.output_paths, result.plan_path]:
+        out.print(f"wrote {path}", highlight=False)
+    if copied:
+        out.print(f"copied {', '.join(copied)} to {folder}", highlight=False)
+
+
+def _compress_steps(
+    source: Path,
+    onnx_path: Path,
+    options: CompressOptions,
+    data: Path | None,
+    stats: Path | None,
+    tokenizer: Path | None,
+    labels: list[str],
+    hf_model: str | None,
+) -> Any:
+    """Statistics (from ``--stats`` or ``--data``), then the factorization, with a progress bar."""
+    calibration = _statistics(options, source, data, stats, tokenizer, labels, hf_model)
     with Progress(
         TextColumn("[bold]factorizing"),
         BarColumn(),
@@ -252,16 +278,10 @@ def compress_command(
         def progress(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = _run_compress(
+        return _run_compress(
             source, onnx_path, options, calibration, progress,
             data if options.sequential else None, tokenizer,
         )  # fmt: skip
-    copied = _copy_sidecars(source, folder, tokenizer, overwrite)
-    out.print(_table(result))
-    for path in [*result.output_paths, result.plan_path]:
-        out.print(f"wrote {path}", highlight=False)
-    if copied:
-        out.print(f"copied {', '.join(copied)} to {folder}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ calibration statistics) are copied in from that trial's folder as hard links tog
 manifest entries; the pipeline then finds them under the same stage key and reuses them, or, when
 the key differs, replaces them (removing links, never the source files). The source trial has
 finished before its followers start (``run.plan_seeds``), so nothing is read while being written.
+An ONNX model's external-data file is copied instead: onnx refuses to read one with several links.
 
 Fair latency. A trial holds a node-wide shared lock while it exports, compresses and builds, and
 trades it for the exclusive lock before its benchmark stage, so the paired reference/candidate
@@ -87,14 +88,39 @@ def write_result(trial_dir: Path, result: TrialResult) -> None:
     write_text_atomic(trial_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    """Hard-link a file (same filesystem, no bytes copied), else copy it."""
+def _external_data_files(folder: Path) -> set[str]:
+    """The external-data files that the ONNX models in ``folder`` name (absolute paths).
+
+    Why: onnx refuses to read external data from a file with more than one hard link (and from
+    a symbolic link), so those files are copied into a trial, never linked.
+    """
+    import onnx
+
+    found: set[str] = set()
+    for model in folder.rglob("*.onnx"):
+        try:
+            header = onnx.load(str(model), load_external_data=False)
+        except Exception:  # not ONNX after all: nothing to protect
+            continue
+        for tensor in header.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        found.add(os.path.abspath(model.parent / entry.value))
+    return found
+
+
+def _link_or_copy(src: str, dst: str, *, copy: bool = False) -> str:
+    """Hard-link a file (same filesystem, no bytes copied), else (or when ``copy``) copy it."""
     if os.path.lexists(dst):
         os.unlink(dst)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if not copy:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
     return dst
 
 
@@ -116,8 +142,13 @@ def seed_stages(source: Path, target: Path, names: tuple[str, ...] = SHARED_STAG
         if not entry or not folder.is_dir() or (name in stages and (target / name).is_dir()):
             continue
         stage = make_stage(target, f"seed-{name}", "sweep")
+        external = _external_data_files(folder)
+
+        def place(src: str, dst: str, external: set[str] = external) -> str:
+            return _link_or_copy(src, dst, copy=os.path.abspath(src) in external)
+
         try:
-            shutil.copytree(folder, stage, dirs_exist_ok=True, copy_function=_link_or_copy)
+            shutil.copytree(folder, stage, dirs_exist_ok=True, copy_function=place)
             remove_owned(target / name, what="stage folder")
             os.replace(stage, target / name)
         except BaseException:
