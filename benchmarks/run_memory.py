@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ from typing import Any
 
 from _common import machine, publish
 
-__all__ = ["BERT_SHAPES", "main", "make_bert", "stage_rows"]
+__all__ = ["BERT_SHAPES", "fresh_calibration_cache", "main", "make_bert", "stage_rows"]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -103,14 +105,36 @@ def make_bert(folder: Path, shape: dict[str, int]) -> Path:
     return folder
 
 
-def _run_job(config: Path | None, out: Path) -> tuple[list[str], int, float, dict[str, Any]]:
+def fresh_calibration_cache(folder: Path) -> dict[str, str]:
+    """The environment of a run whose calibration cache is new and empty: ``FACTORLM_CACHE`` is
+    ``folder``, holding links to every entry of the real cache root except ``calibration``.
+
+    Why: calibration results are cached by the model's digest, and the BERT jobs' random models
+    are the same every time (seed 0), so a second run would measure loading a cached statistics
+    file (BERT-base: 1,665 MiB) instead of calibrating (2,559 MiB).
+    """
+    from factorlm._common.files import cache_root
+
+    real = cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in real.iterdir() if real.is_dir() else ():
+        link = folder / entry.name
+        if entry.name != "calibration" and not link.exists():
+            link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    shutil.rmtree(folder / "calibration", ignore_errors=True)
+    return {**os.environ, "FACTORLM_CACHE": str(folder)}
+
+
+def _run_job(
+    config: Path | None, out: Path, env: dict[str, str] | None = None
+) -> tuple[list[str], int, float, dict[str, Any]]:
     """``factorlm run [config] -o out --force`` in a fresh process: command, status, wall, manifest."""
     command = [str(Path(sys.executable).with_name("factorlm")), "run"]
     if config is not None:
         command.append(str(config))
     command += ["-o", str(out), "--force"]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
     if done.returncode not in (0, 1):  # 1: a goal failed, the stages still ran
         raise SystemExit(f"factorlm run failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -149,7 +173,8 @@ def _bert_jobs(args: argparse.Namespace, argv: list[str]) -> int:
         path = work / job / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
-        command, status, wall, manifest = _run_job(path, work / job / "run")
+        env = fresh_calibration_cache(work / job / "cache")
+        command, status, wall, manifest = _run_job(path, work / job / "run", env)
         rows = stage_rows(manifest)
         peak = max((r["peak_rss_mib"] or 0.0 for r in rows), default=0.0)
         top = max(rows, key=lambda r: r["peak_rss_mib"] or 0.0)["stage"] if rows else "-"
@@ -182,7 +207,8 @@ def _bert_jobs(args: argparse.Namespace, argv: list[str]) -> int:
             else ""
         )
         + ". BERT models: `BertConfig` + `BertModel`, random weights (`torch.manual_seed(0)`), "
-        "with the all-MiniLM-L6-v2 tokenizer.  ",
+        "with the all-MiniLM-L6-v2 tokenizer. Each job calibrates for real: its calibration "
+        "cache starts empty (`FACTORLM_CACHE` = `JOB/cache`, linking the rest of the cache).  ",
         f"Machine (before): {before}  ",
         f"Machine (after): {machine()}  ",
         f"Fixed overhead = the tiny BERT's (2 layers, hidden 128) whole-run peak: "

@@ -91,7 +91,7 @@ def refit_sequentially(
                 )  # fmt: skip
             continue
         tick = time.perf_counter()
-        current = ir.serde.serialize_model(model)
+        current = _with_weights(model)
         paired = collect_paired_statistics(
             original,
             current,
@@ -120,6 +120,28 @@ def refit_sequentially(
                 output_weight=output_weight_of(name),
             )  # fmt: skip
         del paired
+
+
+def _with_weights(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a protobuf with the weights it still reads from external data read in.
+
+    Why: the paired capture hands ONNX Runtime the protobuf's bytes, and a model loaded from
+    bytes cannot resolve an external-data location relative to the input model's folder.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    folders = {
+        name: value.const_value.base_dir
+        for name, value in model.graph.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    proto = ir.serde.serialize_model(model)
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in folders:
+            load_external_data_for_tensor(tensor, str(folders[tensor.name]))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto
 
 
 def activations_for(

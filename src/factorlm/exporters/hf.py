@@ -6,6 +6,10 @@ text. Here the exported graph and the PyTorch model run on the same tokenized se
 so the attention mask matters) and each output is judged by ``max|onnx - torch| / max|torch|``,
 a tolerance relative to the output's scale. The export goes to a temporary folder next to the
 destination and is renamed into place only once it validates.
+
+The weights are written tensor by tensor to ``model.onnx_data`` beside ``model.onnx``
+(``exporters.streamed``): torch's exporter would otherwise hold the serialized model three times
+over while the PyTorch model is loaded. The graph and every value are the plain export's.
 """
 
 from __future__ import annotations
@@ -255,7 +259,8 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExportResult:
-    """Export ``model_dir`` to ``out_dir/model.onnx`` (+ tokenizer, config) and validate it.
+    """Export ``model_dir`` to ``out_dir/model.onnx`` (weights in ``model.onnx_data``, plus the
+    tokenizer and config) and validate it.
 
     Raises ``ModelLoadError`` for a folder that is not a model and when an output differs from
     PyTorch by more than ``rtol`` times that output's largest magnitude; ``ConfigError`` for an
@@ -278,10 +283,15 @@ def export(
     from optimum.exporters.onnx import main_export
     from rich.console import Console
 
+    from factorlm.exporters.streamed import streamed_weights
+
     start = time.perf_counter()
     console = Console(stderr=True, quiet=not progress)
     with staged_directory(out_dir) as stage:
-        with console.status(f"Exporting {model_dir.name} ({task}) with optimum"):
+        with (
+            console.status(f"Exporting {model_dir.name} ({task}) with optimum"),
+            streamed_weights(),  # weights to model.onnx_data one by one, not one whole proto
+        ):
             try:
                 main_export(
                     str(model_dir),
