@@ -341,3 +341,51 @@ def test_symmetric_fills_the_lower_triangle_in_place(n: int) -> None:
     out = _symmetric(upper)
     assert out is upper
     np.testing.assert_array_equal(out, np.triu(gram) + np.triu(gram, 1).T)
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_gram_budget_passes_give_the_same_statistics(
+    model_dir: Path, tmp_path: Path, holdout: bool
+) -> None:
+    """Grams over the budget are captured in several passes and spilled to memory maps: the
+    statistics (and the saved file) equal one pass's value for value."""
+    texts = TEXTS * 3
+    one = collect_statistics(
+        model_dir / "model.onnx", texts, batch_size=2, cache_dir=tmp_path / "c1",
+        progress=False, holdout=holdout, gram_budget="none",
+    )  # fmt: skip
+    # 8 B x (8^2 + 12^2) per pass at most: w1/w3 (width 8) and w2 (width 12) apart
+    passes = collect_statistics(
+        model_dir / "model.onnx", texts, batch_size=2, cache_dir=tmp_path / "c2",
+        progress=False, holdout=holdout, gram_budget=8 * 12 * 12 * (2 if holdout else 1),
+    )  # fmt: skip
+    assert passes.tokens == one.tokens and passes.heldout_tokens == one.heldout_tokens
+    assert set(passes.gram) == set(one.gram) == {"w1", "w2", "w3"}
+    assert any(isinstance(g, np.memmap) for g in passes.gram.values())
+    for table in ("gram", "mean_abs", "gram_heldout"):
+        mine, theirs = getattr(passes, table), getattr(one, table)
+        assert set(mine) == set(theirs)
+        for name, value in theirs.items():
+            np.testing.assert_array_equal(mine[name], value)
+    reloaded = CalibrationStats.load(next((tmp_path / "c2").glob("*.npz")), mmap=True)
+    for name, value in one.gram.items():
+        np.testing.assert_array_equal(reloaded.gram[name], value)
+
+
+def test_chunks_keep_order_and_fit_the_budget() -> None:
+    from factorlm.calibration.capture import _chunks
+    from factorlm.calibration.targets import Target
+
+    def target(width: int) -> Target:
+        return Target(
+            weight=f"w{width}", activation=f"a{width}", transpose=False,
+            in_features=width, out_features=4,
+        )  # fmt: skip
+
+    groups = {(f"a{w}", False): [target(w)] for w in (4, 8, 5, 16)}
+    assert _chunks(groups, None, False) == [list(groups)]
+    assert _chunks(groups, 10**9, True) == [list(groups)]
+    chunks = _chunks(groups, 8 * (16 + 64), False)
+    assert [g for c in chunks for g in c] == list(groups)
+    assert all(sum(8 * int(g[0][1:]) ** 2 for g in c) <= 8 * 80 or len(c) == 1 for c in chunks)
+    assert len(chunks) == 3  # (4, 8) | (5) | (16)

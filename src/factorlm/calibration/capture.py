@@ -20,7 +20,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -252,7 +252,8 @@ def _groups(targets: Sequence[Target]) -> dict[Group, list[Target]]:
 class ShardSums:
     """The additive part of calibration over some batches: every field sums across shards.
 
-    ``gram``/``held`` hold only their upper triangle (as ``dsyrk`` fills them).
+    ``gram``/``held`` hold only their upper triangle (as ``dsyrk`` fills them), unless
+    ``symmetric``.
     """
 
     gram: dict[Group, np.ndarray] = field(default_factory=dict)
@@ -262,9 +263,13 @@ class ShardSums:
     held_rows: dict[Group, int] = field(default_factory=dict)
     tokens: int = 0
     counts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The Grams are already symmetric (and memory-mapped): a pass-wise capture's result.
+    symmetric: bool = False
 
     def add(self, other: ShardSums) -> None:
         """Add ``other``'s sums to these (in place); the caller fixes the order."""
+        if self.symmetric or other.symmetric:
+            raise ValueError("pass-wise (symmetric, mapped) sums are not added across shards")
         for mine, theirs in (
             (self.gram, other.gram),
             (self.abs_sum, other.abs_sum),
@@ -291,60 +296,122 @@ def shard_sums(
     holdout: bool,
     first_batch: int = 0,
     progress: bool = False,
+    gram_budget: int | None = None,
+    spill: Path | None = None,
 ) -> ShardSums:
     """:class:`ShardSums` of ``texts`` (batches ``first_batch``, ``first_batch + 1``, ...).
 
     Why a function of its own: ``collect_statistics`` runs it on all texts, or each Ray task on
     its shard with its own ORT session; ``first_batch`` keeps the held-back batches (every
     ``HOLDOUT_EVERY``-th of the whole set) the same either way.
+
+    ``gram_budget`` (bytes) with a ``spill`` folder bounds the Grams held at once: when all of
+    them would not fit, the weights' input groups are split into chunks that do, the texts are
+    run once per chunk (only that chunk's activations are fetched), and each finished chunk's
+    Grams are made symmetric and moved to memory-mapped files in ``spill`` whose pages are
+    handed back. The sums are the same as in one pass, value for value; they come back
+    symmetric (``ShardSums.symmetric``).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     tok = TextTokenizer(tokenizer)
     groups = _groups(targets)
+    chunks = _chunks(groups, gram_budget if spill is not None else None, holdout)
     sums = ShardSums(
         rows=dict.fromkeys(groups, 0),
         held_rows=dict.fromkeys(groups, 0),
         counts={name: np.zeros(vocab) for name, (_, vocab) in lookups.items()},
+        symmetric=len(chunks) > 1,
     )
+    if len(chunks) > 1:
+        logger.info(
+            "Calibrating in %d passes over the texts: the Grams of %d input groups would not "
+            "fit in %.0f MiB at once",
+            len(chunks), len(groups), (gram_budget or 0) / 2**20,
+        )  # fmt: skip
     gram, abs_sum, held = sums.gram, sums.abs_sum, sums.held
-    batch_index = first_batch
     with tempfile.TemporaryDirectory(prefix="factorlm-calib-") as scratch:
         session = _instrumented_session(model, list(targets), Path(scratch))
         names = [o.name for o in session.get_outputs()]
-        wanted = [n for n in dict.fromkeys(a for a, _ in groups) if n in names]
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(f"Calibrating {model.name}", total=len(texts))
+            task = bar.add_task(f"Calibrating {model.name}", total=len(texts) * len(chunks))
             done = 0
-            for end, mask, feeds in batch_feeds(
-                session.get_inputs(), tok, texts,
-                batch_size=batch_size, max_length=max_length, model_name=str(model),
-            ):  # fmt: skip
-                values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
-                sums.tokens += int(mask.sum())
-                for name, (ids, vocab) in lookups.items():
-                    looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
-                    sums.counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
-                for group in groups:
-                    activation, transpose = group
-                    x = activation_rows(values[activation], mask, transpose).astype(np.float64)
-                    if group not in gram:
-                        gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
-                        abs_sum[group] = np.zeros(x.shape[1])
-                    # syrk computes only one triangle of X^T X: half the float64 work.
-                    gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
-                    abs_sum[group] += np.abs(x).sum(axis=0)
-                    sums.rows[group] += x.shape[0]
-                    if holdout and batch_index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
-                        if group not in held:
-                            held[group] = np.zeros_like(gram[group])
-                        held[group] = dsyrk(1.0, x.T, beta=1.0, c=held[group], overwrite_c=1)
-                        sums.held_rows[group] += x.shape[0]
-                batch_index += 1
-                bar.advance(task, end - done)
-                done = end
+            for chunk_index, chunk in enumerate(chunks):
+                wanted = [n for n in dict.fromkeys(a for a, _ in chunk) if n in names]
+                batch_index = first_batch
+                for end, mask, feeds in batch_feeds(
+                    session.get_inputs(), tok, texts,
+                    batch_size=batch_size, max_length=max_length, model_name=str(model),
+                ):  # fmt: skip
+                    values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+                    if chunk_index == 0:
+                        sums.tokens += int(mask.sum())
+                        for name, (ids, vocab) in lookups.items():
+                            looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
+                            sums.counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
+                    for group in chunk:
+                        activation, transpose = group
+                        x = activation_rows(values[activation], mask, transpose)
+                        x = x.astype(np.float64)
+                        if group not in gram:
+                            gram[group] = np.zeros((x.shape[1], x.shape[1]), order="F")
+                            abs_sum[group] = np.zeros(x.shape[1])
+                        # syrk computes only one triangle of X^T X: half the float64 work.
+                        gram[group] = dsyrk(1.0, x.T, beta=1.0, c=gram[group], overwrite_c=1)
+                        abs_sum[group] += np.abs(x).sum(axis=0)
+                        sums.rows[group] += x.shape[0]
+                        if holdout and batch_index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+                            if group not in held:
+                                held[group] = np.zeros_like(gram[group])
+                            held[group] = dsyrk(1.0, x.T, beta=1.0, c=held[group], overwrite_c=1)
+                            sums.held_rows[group] += x.shape[0]
+                    del values
+                    batch_index += 1
+                    bar.advance(task, chunk_index * len(texts) + end - done)
+                    done = chunk_index * len(texts) + end
+                if sums.symmetric:
+                    assert spill is not None
+                    for table in (gram, held):
+                        for group in chunk:
+                            if group in table:
+                                table[group] = _spilled(_symmetric(table[group]), spill)
     return sums
+
+
+def _chunks(
+    groups: dict[Group, list[Target]], budget: int | None, holdout: bool
+) -> list[list[Group]]:
+    """``groups`` in order, cut into runs whose float64 Grams fit in ``budget`` bytes."""
+    if budget is None:
+        return [list(groups)]
+    per = 2 if holdout else 1
+    sizes = [per * 8 * members[0].in_features ** 2 for members in groups.values()]
+    if sum(sizes) <= budget:
+        return [list(groups)]
+    chunks: list[list[Group]] = [[]]
+    used = 0
+    for group, size in zip(groups, sizes, strict=True):
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += size
+    return chunks
+
+
+def _spilled(array: np.ndarray, folder: Path) -> np.ndarray:
+    """``array`` moved to a read-only memory map of a new file in ``folder``, pages handed back."""
+    import mmap as mmap_module
+    import uuid
+
+    path = folder / f"gram-{uuid.uuid4().hex}.npy"
+    np.save(path, array, allow_pickle=False)
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    base = getattr(mapped, "_mmap", None)
+    if isinstance(base, mmap_module.mmap):
+        base.madvise(mmap_module.MADV_DONTNEED)
+    return mapped
 
 
 def _ray_sums(
@@ -411,6 +478,7 @@ def collect_statistics(
     progress: bool = True,
     holdout: bool = False,
     ray_address: str | None = None,
+    gram_budget: int | Literal["auto", "none"] = "auto",
 ) -> CalibrationStats:
     """Gram ``X^T X``, mean ``|x|`` and token count of every target weight's input on real text.
 
@@ -438,6 +506,7 @@ def collect_statistics(
     proto = onnx.load(str(model), load_external_data=False)
     targets = find_targets(proto, weights, tied_heads=True)
     lookups = _lookups(proto, targets)
+    budget = _float_bytes(proto) if gram_budget == "auto" else gram_budget
     del proto
     if not targets:
         raise ModelLoadError(f"{model} has no MatMul/Gemm with a 2-D float initializer weight.")
@@ -464,56 +533,79 @@ def collect_statistics(
         return CalibrationStats.load(cached)
 
     start = time.perf_counter()
-    if ray_address is None:
-        sums = shard_sums(
-            model, targets, lookups, tok_dir, texts,
-            max_length=max_length, batch_size=batch_size, holdout=holdout, progress=progress,
-        )  # fmt: skip
-    else:
-        sums = _ray_sums(
-            model, targets, lookups, tok_dir, texts,
-            max_length=max_length, batch_size=batch_size, holdout=holdout, address=ray_address,
-        )  # fmt: skip
-    groups = _groups(targets)
-    gram, abs_sum, rows_seen = sums.gram, sums.abs_sum, sums.rows
-    held, held_rows, tokens, counts = sums.held, sums.held_rows, sums.tokens, sums.counts
+    # Grams over the budget are spilled to files here; the folder goes at the end, and Linux
+    # keeps an unlinked file's pages for the maps that still use them.
+    with tempfile.TemporaryDirectory(prefix="factorlm-grams-") as spill_dir:
+        spill = Path(spill_dir)
+        if ray_address is None:
+            sums = shard_sums(
+                model, targets, lookups, tok_dir, texts,
+                max_length=max_length, batch_size=batch_size, holdout=holdout, progress=progress,
+                gram_budget=None if budget == "none" else int(budget), spill=spill,
+            )  # fmt: skip
+        else:
+            sums = _ray_sums(
+                model, targets, lookups, tok_dir, texts,
+                max_length=max_length, batch_size=batch_size, holdout=holdout, address=ray_address,
+            )  # fmt: skip
+        groups = _groups(targets)
+        gram, abs_sum, rows_seen = sums.gram, sums.abs_sum, sums.rows
+        held, held_rows, tokens, counts = sums.held, sums.held_rows, sums.tokens, sums.counts
 
-    stats = CalibrationStats(tokens=tokens, token_counts=counts)
-    full = {g: _symmetric(m) for g, m in gram.items()}  # syrk fills the upper part
-    for group, members in groups.items():
-        for target in members:
-            if gram[group].shape[0] != target.in_features:
-                raise ModelLoadError(
-                    f"The activation {group[0]} has {gram[group].shape[0]} features but weight "
-                    f"{target.weight} expects {target.in_features}."
-                )
-            if rows_seen[group] < target.in_features:
-                raise DataError(
-                    f"The calibration set gives {rows_seen[group]} tokens to weight "
-                    f"{target.weight}, fewer than its {target.in_features} input features; "
-                    "use more or longer samples."
-                )
-            stats.gram[target.weight] = full[group]
-            stats.mean_abs[target.weight] = abs_sum[group] / rows_seen[group]
-            if group in held:
-                m = held[group]
-                stats.gram_heldout[target.weight] = _symmetric(m)
-                stats.heldout_tokens = held_rows[group]
-    widest = max(targets, key=lambda t: t.in_features)
-    if tokens < _TOKENS_PER_FEATURE * widest.in_features:
-        logger.warning(
-            "The calibration set has %d tokens for weights with up to %d input features (%s): "
-            "fewer than %d per feature, so the whitening may fit this text's correlations; use "
-            "more or longer samples, or --shrinkage auto.",
-            tokens, widest.in_features, widest.weight, _TOKENS_PER_FEATURE,
+        stats = CalibrationStats(tokens=tokens, token_counts=counts)
+
+        def whole(m: np.ndarray) -> np.ndarray:
+            return m if sums.symmetric else _symmetric(m)  # syrk fills the upper part
+
+        full = {g: whole(m) for g, m in gram.items()}
+        for group, members in groups.items():
+            for target in members:
+                if gram[group].shape[0] != target.in_features:
+                    raise ModelLoadError(
+                        f"The activation {group[0]} has {gram[group].shape[0]} features but weight "
+                        f"{target.weight} expects {target.in_features}."
+                    )
+                if rows_seen[group] < target.in_features:
+                    raise DataError(
+                        f"The calibration set gives {rows_seen[group]} tokens to weight "
+                        f"{target.weight}, fewer than its {target.in_features} input features; "
+                        "use more or longer samples."
+                    )
+                stats.gram[target.weight] = full[group]
+                stats.mean_abs[target.weight] = abs_sum[group] / rows_seen[group]
+                if group in held:
+                    m = held[group]
+                    stats.gram_heldout[target.weight] = whole(m)
+                    stats.heldout_tokens = held_rows[group]
+        widest = max(targets, key=lambda t: t.in_features)
+        if tokens < _TOKENS_PER_FEATURE * widest.in_features:
+            logger.warning(
+                "The calibration set has %d tokens for weights with up to %d input features (%s): "
+                "fewer than %d per feature, so the whitening may fit this text's correlations; use "
+                "more or longer samples, or --shrinkage auto.",
+                tokens, widest.in_features, widest.weight, _TOKENS_PER_FEATURE,
+            )  # fmt: skip
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "Calibrated %s weights on %s tokens in %.1f s (%.0f tokens/s)",
+            len(stats.gram), tokens, elapsed, tokens / max(elapsed, 1e-9),
         )  # fmt: skip
-    elapsed = time.perf_counter() - start
-    logger.info(
-        "Calibrated %s weights on %s tokens in %.1f s (%.0f tokens/s)",
-        len(stats.gram), tokens, elapsed, tokens / max(elapsed, 1e-9),
-    )  # fmt: skip
-    try:
-        stats.save(cached)
-    except OSError as exc:  # a read-only cache must not lose the statistics
-        logger.warning("Could not cache calibration statistics in %s: %s", cached, exc)
+        try:
+            stats.save(cached)
+        except OSError as exc:  # a read-only cache must not lose the statistics
+            logger.warning("Could not cache calibration statistics in %s: %s", cached, exc)
     return stats
+
+
+def _float_bytes(model: onnx.ModelProto) -> int:
+    """fp32 bytes of the model's float initializers: the default budget for Grams held at once.
+
+    Why this budget: ``factorlm run`` must stay within a few times the model's size, and the
+    Grams of wide layers alone can be 2.5x it (BERT-base); beyond it, more passes over the
+    texts cost time, not memory.
+    """
+    return sum(
+        4 * int(np.prod(t.dims, dtype=np.int64))
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    )

@@ -59,11 +59,26 @@ def save_arrays(
     try:
         arrays["__header__"] = np.array(header)
         with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
+            _write_npz(handle, arrays)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_npz(handle: Any, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes (uncompressed members), one array at a time.
+
+    Why not ``np.savez``: after each memory-mapped array (spilled or loaded with ``mmap=True``)
+    is written, its pages are handed back, so saving statistics larger than memory does not
+    make them all resident.
+    """
+    with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+            for mapped in _maps_of([array]):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _mapped_members(path: Path) -> dict[str, np.ndarray]:
