@@ -66,6 +66,26 @@ model.save_pretrained(sys.argv[1], safe_serialization=True)
 print(json.dumps({"params": params, "seconds": time.perf_counter() - start}))
 """
 
+EMMA = Path.home() / ".cache" / "factorlm" / "data" / "austen" / "emma.txt"
+
+#: ``--run``'s job: real text for calibration (its first rows) and perplexity (its last rows);
+#: a short benchmark (the model is random, so its perplexity is only a smoke figure).
+RUN_CONFIG: dict[str, Any] = {
+    "export": {"task": "text-generation-with-past"},
+    "data": {"labels": None, "calibration_samples": 480, "eval_samples": 16},
+    "calibration": {"max_length": 128, "batch_size": 8},
+    "compress": {"method": "whiten"},
+    "benchmark": {
+        "task": "perplexity",
+        "shapes": ["1x64"],
+        "prefill_lengths": [64],
+        "decode_past": [64],
+        "decode_batches": [1],
+        "warmup": 1,
+        "iterations": 3,
+    },
+}
+
 _IMPORTS = """
 import factorlm.cli, factorlm.compression, factorlm.streaming, numpy, scipy.linalg, onnx, onnx_ir
 print("{}")
@@ -104,7 +124,9 @@ def _available_gb() -> float:
     return float("inf")
 
 
-def _step(name: str, argv: list[str], need_gb: float, env: dict[str, str]) -> dict[str, Any]:
+def _step(
+    name: str, argv: list[str], need_gb: float, env: dict[str, str], ok: tuple[int, ...] = (0,)
+) -> dict[str, Any]:
     """Run one measured step; stop the benchmark on failure or when memory is short."""
     free = _available_gb()
     if free < need_gb:
@@ -116,15 +138,155 @@ def _step(name: str, argv: list[str], need_gb: float, env: dict[str, str]) -> di
         "<code>" if "\n" in a else Path(a).name if i == 0 else a for i, a in enumerate(argv)
     )
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shown[:160]}", flush=True)
+    before = machine()
     done = run_with_peak(argv, cwd=ROOT, env=env)
     print(
         f"[{time.strftime('%H:%M:%S')}] {name}: exit {done['returncode']}, "
         f"{done['wall_s']:.0f} s, peak {done['peak_mib']:.0f} MiB",
         flush=True,
     )
-    if done["returncode"] != 0:
+    if done["returncode"] not in ok:
         raise SystemExit(f"{name} failed ({done['returncode']}):\n{done['stderr'][-4000:]}")
-    return {**done, "available_gb_before": free}
+    return {**done, "available_gb_before": free, "machine_before": before}
+
+
+def _run_flow(
+    args: argparse.Namespace,
+    shape: dict[str, int],
+    hf_dir: Path | None,
+    factorlm: str,
+    env: dict[str, str],
+    model_gb: float,
+    command: str,
+) -> list[str]:
+    """``--run``: the whole job, then compress from its statistics locally and on Ray."""
+    import yaml
+
+    from run_memory import stage_rows
+
+    config = {**RUN_CONFIG, "model": str(hf_dir)}
+    config["data"] = {**RUN_CONFIG["data"], "path": str(args.data)}
+    config["compress"] = {**RUN_CONFIG["compress"], "ratio": args.ratio}
+    if args.from_run is None:
+        assert hf_dir is not None
+        config_path = args.work / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
+        run_dir = args.work / "run"
+        run = _step(
+            "factorlm run",
+            [factorlm, "run", str(config_path), "-o", str(run_dir), "--force", "-q"],
+            3.2 * model_gb,
+            env,
+            ok=(0, 1),  # 1: a goal failed (none is set) — the stages still ran
+        )
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        shutil.rmtree(hf_dir)  # disk: only the run's export and statistics are needed from here
+    else:
+        run_dir = args.from_run
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        stages = stage_rows(manifest)
+        run = {
+            "wall_s": sum(r["seconds"] or 0 for r in stages),
+            "peak_mib": max(r["process_peak_rss_mib"] for r in stages),
+            "returncode": "not recorded (the run was made before, from the manifest)",
+            "machine_before": "not recorded (see the manifest's times)",
+        }
+    exported = next(run_dir.glob("*/model.onnx"), None)
+    exported = next(
+        (p for p in sorted(run_dir.glob("*/model.onnx")) if "export" in p.parent.name), exported
+    )
+    stats = next(iter(sorted(run_dir.glob("*/stats.npz"))), None)
+    if exported is None or stats is None:
+        raise SystemExit(f"{run_dir} has no exported model or statistics to compress again.")
+    sizes = model_sizes(exported)
+    # The local path is the run's own compress stage (same export, statistics and options);
+    # Ray's is the same compress in its own process, one worker per CPU.
+    workers = os.cpu_count() or 1
+    stage = next(r for r in stage_rows(manifest) if r["stage"] == "compress")
+    compressed: dict[str, dict[str, Any]] = {
+        "local (the run's compress stage)": {
+            "wall_s": stage["seconds"],
+            "peak_mib": stage["peak_rss_mib"],
+            "polled_mib": None,
+            "out": run_dir / "compress",
+        }
+    }
+    out = args.work / "compress-ray"
+    argv = [factorlm, "compress", str(exported), "--stats", str(stats), "-o", str(out)]
+    argv += ["--method", "whiten", "--ratio", str(args.ratio), "-q", "--ray", "auto"]
+    label = f"Ray, {workers} workers (`compress --stats --ray auto`)"
+    compressed[label] = _step("compress (Ray)", argv, 1.0 * model_gb, env)
+    same = _same_outputs(run_dir / "compress" / "model.onnx", out / "model.onnx")
+    imports = _step("imports", [sys.executable, "-c", _IMPORTS], 0.0, env)
+    model_mib = sizes["fp32_mib"]
+    rows = stage_rows(manifest)
+    lines = [
+        "## `factorlm run` on the 1.1B-parameter Llama, whitened at "
+        f"{args.ratio:.0%} with calibration on real text",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine (before): {run['machine_before']}  ",
+        f"Model: {sizes['fp32_mib'] * 2**20 / 4:,.0f} parameters ({json.dumps(shape)}; the "
+        "vocabulary is the "
+        f"stand-in tokenizer's, so that real text can be calibrated on), fp32 initializers "
+        f"{model_mib:,.0f} MiB; largest weight {sizes['largest']} {sizes['largest_mib']:.0f} "
+        f"MiB. Calibration and perplexity text: {args.data.name} (first / last rows). "
+        f"Run config: `{json.dumps(config, sort_keys=True)}`.  ",
+        f"Whole run: {run['wall_s']:.0f} s, peak RSS {run['peak_mib']:,.0f} MiB "
+        f"({run['peak_mib'] / model_mib:.2f}x the fp32 model; the issue's allowance is 3x + a "
+        f"fixed overhead = {3 * model_mib:,.0f} MiB + overhead), exit {run['returncode']}.",
+        "",
+        "| stage | seconds | RSS at start | stage peak | stage peak / model |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['seconds']:.0f} | {r['start_rss_mib']:,.0f} MiB | "
+            f"{r['peak_rss_mib']:,.0f} MiB | {r['peak_rss_mib'] / model_mib:.2f}x |"
+        )
+    lines += [
+        "",
+        "Compress from the run's export and statistics: locally (the run's stage: its own peak, "
+        "read from the manifest) and on a local Ray in its own process (peak = the driver's "
+        "maximum RSS; polled = its process tree, Ray's workers included). Fixed overhead "
+        f"(imports of compress): {imports['peak_mib']:,.0f} MiB.",
+        "",
+        "| compress | wall | peak RSS | polled (tree) | peak / model |",
+        "|---|---|---|---|---|",
+    ]
+    for label, step in compressed.items():
+        polled = "-" if step["polled_mib"] is None else f"{step['polled_mib']:,.0f} MiB"
+        lines.append(
+            f"| {label} | {step['wall_s']:.0f} s | {step['peak_mib']:,.0f} MiB | {polled} | "
+            f"{step['peak_mib'] / model_mib:.2f}x |"
+        )
+    lines += ["", f"Local and Ray outputs: {same}.", ""]
+    return lines
+
+
+def _same_outputs(first: Path, second: Path) -> str:
+    """Whether two compressed models hold the same nodes and initializers (names, shapes, bytes),
+    read one tensor at a time from their external data."""
+    import onnx
+    from onnx import numpy_helper
+
+    a = onnx.load(str(first), load_external_data=False)
+    b = onnx.load(str(second), load_external_data=False)
+    ta = {t.name: t for t in a.graph.initializer}
+    tb = {t.name: t for t in b.graph.initializer}
+    if ta.keys() != tb.keys():
+        return "different initializer names"
+    differ = 0
+    for name, tensor in ta.items():
+        x = numpy_helper.to_array(tensor, base_dir=str(first.parent))
+        y = numpy_helper.to_array(tb[name], base_dir=str(second.parent))
+        differ += x.shape != y.shape or x.tobytes() != y.tobytes()
+    nodes_same = [(n.op_type, list(n.input)) for n in a.graph.node] == [
+        (n.op_type, list(n.input)) for n in b.graph.node
+    ]
+    if not differ and nodes_same:
+        return f"identical ({len(ta)} initializers, byte for byte; same nodes)"
+    return f"{differ} of {len(ta)} initializers differ; nodes same: {nodes_same}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         "build, 2.8x for export, 1x for compress)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the models under --work")
+    parser.add_argument(
+        "--run",
+        action="store_true",
+        help="instead of export + compress: the whole `factorlm run` job on the model (export, "
+        "calibration on --data, whitened compress at --ratio, ORT build, benchmark), then "
+        "compress from the run's statistics again, locally and on a local Ray (one worker "
+        "per CPU) (needs --vocab >= the tokenizer's vocabulary, e.g. 49152 for SmolLM2's)",
+    )
+    parser.add_argument("--data", type=Path, default=EMMA, help="--run: calibration text")
+    parser.add_argument(
+        "--from-run",
+        type=Path,
+        default=None,
+        help="--run's second half only: read an existing run folder (made with the same "
+        "RUN_CONFIG) instead of building the model and running the job",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "big_model_memory.md")
     args = parser.parse_args(argv)
     command = "python benchmarks/big_model_memory.py " + " ".join(argv or sys.argv[1:])
@@ -176,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = {k: os.environ.get(k, "1") for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     env = {**os.environ, **threads}  # a shared machine: one BLAS / torch thread unless asked
     hf_dir, onnx_dir, out_dir = args.work / "hf", args.work / "onnx", args.work / "compressed"
+    if args.from_run is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        lines = _run_flow(args, shape, None, factorlm, env, model_gb, command)
+        publish(args.out, "\n".join([*lines, f"Machine (after): {machine()}", ""]))
+        return 0
     marker = args.work / ".big_model_memory"
     if args.work.exists() and any(args.work.iterdir()) and not marker.is_file():
         raise SystemExit(
@@ -195,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in _TOKENIZER_FILES:
             if (args.tokenizer / name).is_file():
                 shutil.copy(args.tokenizer / name, hf_dir / name)
+        if args.run:
+            lines = _run_flow(args, shape, hf_dir, factorlm, env, model_gb, command)
+            publish(args.out, "\n".join([*lines, f"Machine (after): {machine()}", ""]))
+            return 0
         export = _step(
             "export",
             [factorlm, "export", str(hf_dir), "-o", str(onnx_dir), "--task", args.task, "-q"],
