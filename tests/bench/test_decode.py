@@ -342,3 +342,32 @@ def test_smollm_decode_step_equals_prefill(smollm_onnx: Path) -> None:
             assert np.abs(step - whole).max() <= 1e-4 * np.abs(whole).max()
     text = factorlm.generate(smollm_onnx, ["The capital of France is"], max_new_tokens=8)[0]
     assert "Paris" in text
+
+
+def test_perplexity_replays_the_reference_and_generation_never_does(
+    tmp_path: Path, tiny_decoder: dict[str, Path], prompts_file: Path
+) -> None:
+    """A decoder's perplexity windows replay exactly; generation times every engine live."""
+    from factorlm.bench.run import record_reference
+
+    common = {"prefill_lengths": (), "decode_past": (8,), "decode_batches": (1,),
+              "warmup": 0, "iterations": 3}  # fmt: skip
+    ppl = {"task": "perplexity", "window": 8, "max_windows": 3}
+    record = tmp_path / "ppl"
+    recorded = record_reference(tiny_decoder["onnx"], record, data=prompts_file, **ppl)
+    assert recorded["record"]["inferences"] == 3
+    ref, cand = tiny_decoder["onnx"], [("same", tiny_decoder["onnx"])]
+    live = run_benchmark(ref, cand, data=prompts_file, **ppl, **common).data["task"]
+    replayed = run_benchmark(
+        ref, cand, data=prompts_file, reference_record=record, **ppl, **common
+    ).data["task"]
+    assert (replayed["reference_replay"]["replayed"], replayed["reference_replay"]["ran"]) == (3, 0)
+    assert replayed["reference"] == live["reference"] == recorded["task"]["reference"]
+    assert replayed["candidates"] == live["candidates"]
+
+    gen = {"task": "generation", "max_new_tokens": 4, "generation_prompts": 2}
+    record_reference(tiny_decoder["onnx"], tmp_path / "gen", data=prompts_file, **gen)
+    task = run_benchmark(
+        ref, cand, data=prompts_file, reference_record=tmp_path / "gen", **gen, **common
+    ).data["task"]
+    assert "reference_replay" not in task and task["details"]["tokens_per_s"]["same"] > 0

@@ -18,7 +18,16 @@ from factorlm.pipeline import run as pipeline_run
 from factorlm.pipeline.artifacts import LOCK_NAME, ArtifactStore, lock_output_dir
 from factorlm.pipeline.config import RunConfig, parse_config
 
-STAGES = ["export", "data", "calibrate", "compress", "build", "benchmark"]
+STAGES = [
+    "export",
+    "data",
+    "calibrate",
+    "compress",
+    "reference",
+    "reference-scores",
+    "build",
+    "benchmark",
+]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
         "data",
         "calibrate",
         "compress",
+        "reference",
+        "reference-scores",
         "build",
         "benchmark",
     ]
@@ -117,6 +119,8 @@ def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
         "calibrate",
         "compress",
         "recover",
+        "reference",
+        "reference-scores",
         "build",
         "benchmark",
     ]

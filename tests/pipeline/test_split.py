@@ -76,13 +76,21 @@ def test_benchmark_scores_the_contiguous_text(
     class Stop(Exception):
         pass
 
-    def fake(reference: object, candidates: object, options: object, *, data: Path) -> None:
+    def fake(
+        reference: object,
+        candidates: object,
+        options: object,
+        *,
+        data: Path,
+        reference_record: Path | None = None,
+        timing_guard: object = None,
+    ) -> None:
         seen.update(options=options, data=data)
         raise Stop
 
     monkeypatch.setattr(factorlm.bench.run, "run_benchmark", fake)
     with pytest.raises(Stop):
-        benchmark(_config("auto", label_column="label"), tmp_path, split, tmp_path)
+        benchmark(_config("auto", label_column="label"), tmp_path, tmp_path, split, tmp_path)
     assert seen["data"] == split / "eval.txt"
     options = seen["options"]
     assert isinstance(options, BenchOptions) and options.label_column is None

@@ -115,3 +115,38 @@ def test_seeded_external_data_is_copied_so_onnx_reads_it(tmp_path: Path) -> None
     for folder in (source, target):  # onnx refuses external data with several hard links
         loaded = onnx.load(str(folder / "export" / "model.onnx"))
         np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), values)
+
+
+def test_seed_shares_the_reference_engine_and_scores_never_the_candidate(tmp_path: Path) -> None:
+    keys = {"export": "k1", "data": "k2", "reference": "k5", "reference-scores": "k6",
+            "compress": "k3", "build": "k7", "benchmark": "k8"}  # fmt: skip
+    source = _run_folder(tmp_path / "a", keys)
+    target = tmp_path / "b"
+    assert seed_stages(source, target) == ["export", "data", "reference", "reference-scores"]
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["stages"]["reference"]["key"] == "k5"
+    for name in ("compress", "build", "benchmark"):
+        assert not (target / name).exists() and name not in manifest["stages"]
+
+
+def test_exclusive_section_returns_the_node_to_shared_use(tmp_path: Path) -> None:
+    lock = NodeBenchLock(tmp_path)
+    events: list[str] = []
+
+    def other_trial() -> None:  # computes: needs the shared lock
+        other = NodeBenchLock(tmp_path)
+        other.acquire(exclusive=False)
+        events.append("other-computes")
+        other.close()
+
+    with lock.held():
+        with lock.exclusive() as waited:
+            assert lock.mode == "exclusive" and waited >= 0.0
+            thread = threading.Thread(target=other_trial)
+            thread.start()
+            time.sleep(0.3)
+            assert events == []  # the timed section has the node to itself
+        assert lock.mode == "shared"  # back to computing, alongside the other trial
+        thread.join(5)
+        assert events == ["other-computes"]
+    assert lock.mode is None

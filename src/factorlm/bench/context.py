@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -40,6 +41,10 @@ class BenchContext:
     boot_rng: np.random.Generator
     order_rng: np.random.Generator
     progress: Progress | None = None
+    # the task stage's reference: a replay or recording of ctx.reference (bench.replay), or None
+    task_reference: BaseRunner | None = None
+    # held around every timed section (a sweep's node lock: the CPUs to this benchmark alone)
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None = None
     decoder: DecoderLayout | None = None  # the KV-cache layout of a decoder exported with past
     points: list[DecodePoint] = field(default_factory=list)  # its prefill/decode latency grid
     engines: dict[str, Any] = field(default_factory=dict)  # size on disk and session memory
@@ -58,6 +63,15 @@ class BenchContext:
     @property
     def candidates(self) -> list[BaseRunner]:
         return self.runners[1:]
+
+    def timed(self) -> AbstractContextManager[Any]:
+        """The timing guard's block, or a no-op without one."""
+        return self.timing_guard() if self.timing_guard is not None else nullcontext()
+
+    @property
+    def task_runners(self) -> list[BaseRunner]:
+        """The runners the task stage scores: latency always times the real reference."""
+        return [self.task_reference or self.reference, *self.candidates]
 
 
 class BenchStage(Protocol):

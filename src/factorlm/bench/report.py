@@ -35,7 +35,9 @@ task               null or {task, metric, higher_is_better, drop_unit ("points" 
                             bootstrap over rows, details.confidence), agreement: {name: rate};
                             generation: value = token agreement percent, details
                             {first_divergence_mean, exact_match_rate, tokens_per_s, ...},
-                            samples: [{prompt, reference, candidates: {name: text}}]}
+                            samples: [{prompt, reference, candidates: {name: text}}];
+                            reference_replay?: {record, replayed, ran} when the reference's
+                            task outputs came from a recording (factorlm.bench.replay)}
 prediction         optional (latency-targeted plans): {candidate name: {shape, predicted_speedup,
                     measured_speedup, ci_low, ci_high, error_pct, predicted_ms, model_ms}}
 goals              [{type, value, candidate, passed, measured, margin, detail}]

@@ -8,9 +8,10 @@ stages report progress through one callback.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,15 @@ from factorlm.bench.prepare import (
     prepare_context,
     resolve_options,
 )
+from factorlm.bench.replay import (
+    DEFAULT_BUDGET_BYTES,
+    UNREPLAYED_TASKS,
+    RecordingRunner,
+    ReplayRunner,
+)
 from factorlm.bench.report import Report
-from factorlm.bench.stages import STAGES
-from factorlm.options import BenchOptions
+from factorlm.bench.stages import STAGES, TaskStage
+from factorlm.options import BenchOptions, replace
 
 __all__ = [
     "DEFAULT_MAX_REGRESSION",
@@ -34,6 +41,7 @@ __all__ = [
     "BenchStage",
     "Progress",
     "parse_model_arg",
+    "record_reference",
     "run_benchmark",
 ]
 
@@ -49,6 +57,8 @@ def run_benchmark(
     goals: Sequence[Goal] | Mapping[str, Any] | Path | str | None = None,
     baseline: Mapping[str, Any] | str | Path | None = None,
     progress: Progress | None = None,
+    reference_record: str | Path | None = None,
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
     **overrides: Any,
 ) -> Report:
     """Benchmark ``candidates`` against ``reference`` and judge the goals.
@@ -58,7 +68,10 @@ def run_benchmark(
     (``run_benchmark(ref, [cand], shapes=["1x128"], iterations=10)``). Goals come from
     ``options.goals_file``, ``goals`` (Goal objects, a mapping or a YAML path) and the goal
     options; a baseline (``options.baseline`` or a loaded report mapping) without an explicit
-    ``max_regression`` gates at 5 %. Raises ``FactorlmError`` subclasses on usage errors.
+    ``max_regression`` gates at 5 %. ``reference_record``: a folder ``record_reference`` wrote
+    for this reference engine; the task stage replays the reference's outputs from it (latency
+    still times the real engine). ``timing_guard``: entered around every timed section only
+    (a sweep's node lock), not around the untimed task scoring. Raises ``FactorlmError`` subclasses on usage errors.
     """
     if isinstance(baseline, str | Path):
         overrides["baseline"] = Path(baseline)
@@ -78,6 +91,46 @@ def run_benchmark(
     )
     with ExitStack() as stack:
         open_runners(ctx, stack, Path(parse_model_arg(reference)[1]))
+        if reference_record is not None and ctx.task not in UNREPLAYED_TASKS:
+            ctx.task_reference = ReplayRunner(ctx.reference, Path(reference_record))
+        ctx.timing_guard = timing_guard
         for stage in STAGES:
             stage.run(ctx)
     return Report(ctx.data, ctx.results)
+
+
+def record_reference(
+    reference: str | Path,
+    out: str | Path,
+    options: BenchOptions | None = None,
+    *,
+    data: str | Path,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run the task on ``reference`` alone and record its outputs into ``out`` for replay.
+
+    Returns the reference's task result (also written to ``out/task.json``) plus what the
+    record holds. Goals and baselines do not apply to a lone reference and are ignored.
+    """
+    opts = replace(
+        resolve_options(options, overrides),
+        goals_file=None,
+        max_accuracy_drop=None,
+        min_speedup=None,
+        max_fidelity_loss=None,
+        max_regression=None,
+        baseline=None,
+    )
+    out = Path(out)
+    ctx = prepare_context(reference, [reference], opts, Path(data), None, None, None)
+    ctx.runners = ctx.runners[:1]  # the reference alone: no candidate session is opened
+    with ExitStack() as stack:
+        stack.enter_context(ctx.reference)  # no latency grid, no memory probe: the task only
+        recorder = RecordingRunner(ctx.reference, out, budget_bytes=budget_bytes)
+        ctx.task_reference = recorder
+        TaskStage().run(ctx)
+        recorded = recorder.close()
+    result = {"task": ctx.task_result, "record": recorded}
+    (out / "task.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result

@@ -26,6 +26,7 @@ from factorlm.bench.latency import (
     measure_alternating,
     speedup_interval,
 )
+from factorlm.bench.replay import ReplayRunner
 from factorlm.bench.report import SCHEMA, SCHEMA_VERSION
 from factorlm.bench.runners import BaseRunner
 from factorlm.bench.tasks import (
@@ -58,6 +59,10 @@ class LatencyStage:
 
     def run(self, ctx: BenchContext) -> None:
         ctx.random_fidelity = [FidelityAccumulator() for _ in ctx.candidates]
+        with ctx.timed():
+            self._run(ctx)
+
+    def _run(self, ctx: BenchContext) -> None:
         if ctx.decoder is not None:
             for point in ctx.points:
                 feeds = point_feeds(
@@ -139,12 +144,13 @@ class TaskStage:
         ctx.data_fidelity = [FidelityAccumulator() for _ in ctx.candidates]
         if ctx.dataset is None or ctx.task is None:
             return
-        folders: list[Path | None] = [r.folder or r.path.parent for r in ctx.runners]
+        runners = ctx.task_runners
+        folders: list[Path | None] = [r.folder or r.path.parent for r in runners]
         tok = TextTokenizer(find_tokenizer(*folders, explicit=opts.tokenizer))
         result: dict[str, Any]
         if ctx.task == "classification":
             result = classification_task(
-                ctx.runners,
+                runners,
                 tok,
                 ctx.dataset,
                 seed=opts.seed,
@@ -157,17 +163,18 @@ class TaskStage:
                 progress=ctx.progress,
             )
         elif ctx.task == "generation":
-            result = generation_task(
-                ctx.runners,
-                tok,
-                ctx.dataset.texts[: opts.generation_prompts],
-                max_new_tokens=opts.max_new_tokens,
-                max_length=opts.max_length,
-                progress=ctx.progress,
-            )
+            with ctx.timed():  # it reports tokens/s
+                result = generation_task(
+                    runners,
+                    tok,
+                    ctx.dataset.texts[: opts.generation_prompts],
+                    max_new_tokens=opts.max_new_tokens,
+                    max_length=opts.max_length,
+                    progress=ctx.progress,
+                )
         elif ctx.task == "similarity":
             result = similarity_task(
-                ctx.runners,
+                runners,
                 tok,
                 ctx.dataset,
                 batch_size=opts.batch_size,
@@ -177,7 +184,7 @@ class TaskStage:
             )
         else:
             result = perplexity_task(
-                ctx.runners,
+                runners,
                 tok,
                 ctx.dataset,
                 window=opts.window,
@@ -187,6 +194,8 @@ class TaskStage:
             )
         result["data"] = str(ctx.dataset.path)
         result["rows"] = len(ctx.dataset.texts)
+        if isinstance(runners[0], ReplayRunner):  # the reference's outputs came from a record
+            result["reference_replay"] = runners[0].summary()
         ctx.task_result = result
 
 

@@ -95,8 +95,8 @@ def _summary(result: RunResult, console: Console) -> None:
     for goal in report.get("goals", []):
         mark = "[green]PASS[/]" if goal.get("passed") else "[red]FAIL[/]"
         console.print(f"{mark} {goal.get('type')} {goal.get('value')}: {goal.get('detail', '')}")
-    build = result.stage("build").path
-    console.print(f"Engines: {build / 'reference'}  {build / 'compressed'}")
+    reference, build = result.stage("reference").path, result.stage("build").path
+    console.print(f"Engines: {reference}  {build / 'compressed'}")
     console.print(f"Report:  {result.stage('benchmark').path / 'report.md'}")
 
 

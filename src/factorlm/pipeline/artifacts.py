@@ -51,7 +51,17 @@ LOCK_NAME = ".factorlm.lock"
 
 #: What ``factorlm run`` owns inside output_dir (besides manifest.json, the lock file and its
 #: hidden ``.tmp-*`` stages): one folder per stage and the recover checkpoints.
-STAGE_FOLDERS = ("export", "data", "calibrate", "compress", "recover", "build", "benchmark")
+STAGE_FOLDERS = (
+    "export",
+    "data",
+    "calibrate",
+    "compress",
+    "recover",
+    "reference",
+    "reference-scores",
+    "build",
+    "benchmark",
+)
 
 
 def check_run_folder(root: Path) -> None:

@@ -1,10 +1,14 @@
-"""``factorlm run``: export → data split → calibrate → compress → build → benchmark.
+"""``factorlm run``: export → data split → calibrate → compress → [recover] → reference →
+reference-scores → build → benchmark.
 
 Each stage is a plain function over the previous stages' folders (``pipeline.stages``).
 ``ArtifactStore`` keys every stage by its settings, its inputs' keys and the versions of
 factorlm and of the libraries the stage uses (``STAGE_LIBRARIES``), so a second run with the
 same config reuses every folder and finishes in seconds, while a config change or a library
-upgrade reruns only the stages it affects; ``force=True`` reruns them all. A lock on the output
+upgrade reruns only the stages it affects; ``force=True`` reruns them all. The original model's
+engine (``reference``) and its recorded task outputs (``reference-scores``, replayed by the
+benchmark; latency still alternates both real engines) are keyed without the compression, so a
+run that changes only the compression or recovery reuses them. A lock on the output
 folder (``lock_output_dir``) makes a second concurrent run on the same folder refuse instead of
 deleting the first run's files.
 """
@@ -16,6 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,17 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     ),
     "compress": ("onnx", "onnx-ir", "numpy", "scipy"),
     "recover": ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy"),
+    "reference": ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
     "build": ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"),
+    # the reference engine's raw outputs on the tokenized data (the probe is fitted per run)
+    "reference-scores": (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "numpy",
+        "tokenizers",
+        "transformers",
+    ),
     "benchmark": (
         "onnxruntime",
         "onnxruntime-gpu",
@@ -114,16 +129,18 @@ def run_pipeline(
     console: Console | None = None,
     on_stage: Callable[[StageResult], None] | None = None,
     force: bool = False,
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> RunResult:
     """Run every stage of ``config`` into ``config.output_dir`` and return what each produced.
 
     ``force`` reruns every stage even when its cached output is current. The output folder is
     locked for the whole run: a second run on it raises ``ConfigError`` and touches nothing.
+    ``timing_guard`` is entered around the benchmark's timed sections (a sweep's node lock).
     """
     console = console or Console(stderr=True)
     root = Path(config.output_dir)
     with lock_output_dir(root):
-        return _run_locked(config, console, on_stage, force)
+        return _run_locked(config, console, on_stage, force, timing_guard)
 
 
 def _run_locked(
@@ -131,6 +148,7 @@ def _run_locked(
     console: Console,
     on_stage: Callable[[StageResult], None] | None,
     force: bool,
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> RunResult:
     model, data = stages.resolve_inputs(config, console)
     installed = installed_versions()
@@ -242,26 +260,62 @@ def _run_locked(
                 checkpoints,
             ),
         )
+    build_cfg = {
+        "cfg": config.build.model_dump(mode="json"),
+        **({"data": split.key} if config.build.int8_mode == "static" else {}),
+    }
+    # The original's engine and its task outputs depend on neither compression nor recovery:
+    # their own stages, so a run that changes only those (a sweep's trials) reuses them.
+    reference = stage(
+        "reference",
+        hash_json({"export": exported.key, **build_cfg}),
+        lambda out: stages.build_reference(config, exported.path, split.path, out),
+    )
+    from factorlm.bench.replay import UNREPLAYED_TASKS  # (generation times its reference)
+
+    record: StageResult | None = None
+    if config.benchmark.task not in ("none", *UNREPLAYED_TASKS):
+        record = stage(
+            "reference-scores",
+            hash_json(
+                {
+                    "reference": reference.key,
+                    "data": split.key,
+                    "task": stages.reference_task_settings(config, split.path),
+                }
+            ),
+            lambda out: stages.score_reference(config, reference.path, split.path, out),
+        )
     built = stage(
         "build",
-        hash_json(
-            {
-                "export": exported.key,
-                "candidate": candidate.key,
-                "cfg": config.build.model_dump(mode="json"),
-                **({"data": split.key} if config.build.int8_mode == "static" else {}),
-            }
+        hash_json({"reference": reference.key, "candidate": candidate.key, **build_cfg}),
+        lambda out: stages.build_engines(
+            config, exported.path, reference.path, candidate.path, split.path, out
         ),
-        lambda out: stages.build_engines(config, exported.path, candidate.path, split.path, out),
     )
     bench_cfg = config.benchmark.model_dump(mode="json")
     baseline_key = hash_files([config.benchmark.baseline]) if config.benchmark.baseline else None
     bench = stage(
         "benchmark",
         hash_json(
-            {"build": built.key, "data": split.key, "cfg": bench_cfg, "baseline": baseline_key}
+            {
+                "reference": reference.key,
+                "record": record.key if record is not None else None,
+                "build": built.key,
+                "data": split.key,
+                "cfg": bench_cfg,
+                "baseline": baseline_key,
+            }
         ),
-        lambda out: stages.benchmark(config, built.path, split.path, out),
+        lambda out: stages.benchmark(
+            config,
+            reference.path,
+            built.path,
+            split.path,
+            out,
+            record.path if record is not None else None,
+            timing_guard,
+        ),
     )
     result.report = json.loads((bench.path / "report.json").read_text(encoding="utf-8"))
     return result

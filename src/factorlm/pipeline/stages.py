@@ -7,10 +7,13 @@ record the run manifest keeps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +24,20 @@ from factorlm.options import BenchOptions, BuildOptions, CompressOptions, Recove
 from factorlm.pipeline.config import RunConfig
 
 __all__ = [
+    "LATENCY_ONLY",
     "bench_options",
     "benchmark",
     "build_engines",
+    "build_reference",
     "calibrate",
     "compress_model",
+    "eval_inputs",
     "export_model",
     "predicted_speedup",
     "recover_model",
+    "reference_task_settings",
     "resolve_inputs",
+    "score_reference",
     "split_data",
 ]
 
@@ -298,31 +306,119 @@ def recover_model(
     }
 
 
-def build_engines(
-    config: RunConfig, onnx_dir: Path, compressed_dir: Path, split: Path, out: Path
-) -> dict[str, Any]:
+def build_reference(config: RunConfig, onnx_dir: Path, split: Path, out: Path) -> dict[str, Any]:
+    """The original model's engine, with the candidate's engine options, into ``out`` itself.
+
+    Its own stage, keyed by the export and the build options only, so a run or sweep trial that
+    changes only the compression reuses it (and its task record, ``score_reference``).
+    """
     from factorlm.exporters.engine import build_engine
 
+    options, data = _engine_options(config, split)
+    manifest = build_engine(onnx_dir / "model.onnx", out / "engine", options, data=data)
+    _move_up(out / "engine", out)
+    return {"engine": manifest.engine, "fusions": manifest.fusions}
+
+
+def build_engines(
+    config: RunConfig,
+    onnx_dir: Path,
+    reference_dir: Path,
+    compressed_dir: Path,
+    split: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """The candidate's engine into ``out/compressed`` (the reference's is its own stage)."""
+    from factorlm.exporters.engine import build_engine
+
+    options, data = _engine_options(config, split)
+    # The lost-fusion check reads the reference engine's own counts, so the reference is not
+    # run through ORT's optimizer a second time (gigabytes at BERT-base).
+    reference: Path | dict[str, int] | None = None
+    if options.backend == "ort":
+        fusions = _read_json(reference_dir / "manifest.json").get("fusions") or {}
+        reference = fusions.get("optimized") or onnx_dir / "model.onnx"
+    manifest = build_engine(
+        compressed_dir / "model.onnx", out / "compressed", options, reference=reference, data=data
+    )
+    return {"compressed": {"engine": manifest.engine, "fusions": manifest.fusions}}
+
+
+def _engine_options(config: RunConfig, split: Path) -> tuple[BuildOptions, Path | None]:
+    """The build options of both engines, and the static int8 calibration rows if any."""
     options = config.options(BuildOptions)
     static = options.backend == "ort" and options.int8 and options.int8_mode == "static"
     data = split / "calibration.jsonl" if static else None  # the compression's calibration rows
     if static:
         options = replace(options, text_column="text")  # the split's column
-    info: dict[str, Any] = {}
-    # The compressed engine's lost-fusion check reads the reference engine's own counts, so the
-    # reference is not run through ORT's optimizer a second time (gigabytes at BERT-base).
-    reference: Path | dict[str, int] | None = None
-    for name, source in (("reference", onnx_dir), ("compressed", compressed_dir)):
-        manifest = build_engine(
-            source / "model.onnx",
-            out / name,
-            options,
-            reference=reference if options.backend == "ort" else None,
-            data=data,
-        )
-        info[name] = {"engine": manifest.engine, "fusions": manifest.fusions}
-        reference = manifest.fusions.get("optimized") or onnx_dir / "model.onnx"
-    return info
+    return options, data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def eval_inputs(config: RunConfig, split: Path) -> tuple[BenchOptions, Path]:
+    """The benchmark's options and its evaluation file (perplexity: the text's contiguous end)."""
+    options = bench_options(config)
+    data = split / "eval.jsonl"
+    if (split / "eval.txt").is_file():  # perplexity: the contiguous end of the text
+        data = split / "eval.txt"
+        options = replace(options, label_column=None, labels=None)
+    return options, data
+
+
+#: Benchmark options that only shape latency or goals: the reference's task record ignores them.
+LATENCY_ONLY = frozenset(
+    {
+        "shapes",
+        "warmup",
+        "iterations",
+        "confidence",
+        "bootstrap_resamples",
+        "prefill_lengths",
+        "decode_past",
+        "decode_batches",
+        "goals_file",
+        "max_accuracy_drop",
+        "min_speedup",
+        "max_fidelity_loss",
+        "baseline",
+        "max_regression",
+        "regression_basis",
+    }
+)
+
+
+def reference_task_settings(config: RunConfig, split: Path) -> dict[str, Any]:
+    """What the reference's task outputs depend on beyond its engine and the data: every benchmark
+    option but the latency/goal ones (an option added later counts until listed)."""
+    options, data = eval_inputs(config, split)
+    values = dataclasses.asdict(options)
+    return {
+        "options": {k: v for k, v in values.items() if k not in LATENCY_ONLY},
+        "data": data.name,
+    }
+
+
+def score_reference(
+    config: RunConfig, reference_dir: Path, split: Path, out: Path
+) -> dict[str, Any]:
+    """The reference engine's task outputs on the evaluation data, recorded for replay.
+
+    Every run's benchmark answers the reference's task inferences from this record
+    (``factorlm.bench.replay``), so trials that share the reference engine score it once.
+    """
+    from factorlm.bench.run import record_reference
+
+    options, data = eval_inputs(config, split)
+    result = record_reference(reference_dir, out, options, data=data)
+    task = result.get("task") or {}
+    return {"task": task.get("task"), "reference": task.get("reference"), **result["record"]}
 
 
 def bench_options(config: RunConfig) -> BenchOptions:
@@ -335,19 +431,25 @@ def bench_options(config: RunConfig) -> BenchOptions:
     )
 
 
-def benchmark(config: RunConfig, build_dir: Path, split: Path, out: Path) -> dict[str, Any]:
+def benchmark(
+    config: RunConfig,
+    reference_dir: Path,
+    build_dir: Path,
+    split: Path,
+    out: Path,
+    record: Path | None = None,
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
     from factorlm.bench.run import run_benchmark
 
-    options = bench_options(config)
-    data = split / "eval.jsonl"
-    if (split / "eval.txt").is_file():  # perplexity: the contiguous end of the text
-        data = split / "eval.txt"
-        options = replace(options, label_column=None, labels=None)
+    options, data = eval_inputs(config, split)
     report = run_benchmark(
-        build_dir / "reference",
+        reference_dir,
         [("compressed", build_dir / "compressed")],
         options,
         data=data if options.task != "none" else None,
+        reference_record=record,
+        timing_guard=timing_guard,
     )
     prediction = predicted_speedup(report.data, "compressed", build_dir / "compressed")
     if prediction is not None:

@@ -81,7 +81,9 @@ def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
     """For each trial, the earlier trial whose export/data/calibration stages it reuses.
 
     Trials with the same model, export, data and task share export and data; those that also
-    calibrate alike share the statistics. The first trial of each such group runs first (a
+    calibrate alike share the statistics. The original's engine and its recorded task outputs
+    travel with them (``trial.SHARED_STAGES``) and are reused where the build and benchmark
+    settings match too (the stage keys decide). The first trial of each such group runs first (a
     warm-up that populates the shared stages); the others start from its folder.
     """
     first_inputs: dict[str, str] = {}

@@ -3,16 +3,19 @@
 Shared stages. Every trial is a ``factorlm run`` into its own folder (``trials/<id>/``), so the
 pipeline's output-folder lock and stage cache work unchanged and no two processes ever write the
 same folder. Before a trial starts, the stages it shares with an earlier trial (export, data split,
-calibration statistics) are copied in from that trial's folder as hard links together with their
+calibration statistics, the original's engine and its recorded task outputs) are copied in from that trial's folder as hard links together with their
 manifest entries; the pipeline then finds them under the same stage key and reuses them, or, when
 the key differs, replaces them (removing links, never the source files). The source trial has
 finished before its followers start (``run.plan_seeds``), so nothing is read while being written.
 An ONNX model's external-data file is copied instead: onnx refuses to read one with several links.
 
-Fair latency. A trial holds a node-wide shared lock while it exports, compresses and builds, and
-trades it for the exclusive lock before its benchmark stage, so the paired reference/candidate
-timing runs with the node's CPUs to itself (other trials on the node wait at their next
-benchmark or before they start; a waiting benchmark blocks new trials from starting). The lock
+Fair latency. A trial holds a node-wide shared lock while it runs, and trades it for the
+exclusive lock only around its benchmark's timed sections (``run_pipeline(timing_guard=...)``:
+the latency rounds, and generation, which reports tokens/s), so the paired reference/candidate
+timing runs with the node's CPUs to itself while the untimed work (compression, engine builds,
+task scoring) of several trials overlaps. A waiting timed section blocks new shared holders
+(writer preference); a trial already holding it computes on until its own timed section or
+its end. The lock
 files live in the node's temporary folder, keyed by host name, so simulated nodes on one machine
 share one lock, as they share its CPUs.
 """
@@ -56,7 +59,7 @@ logger = logging.getLogger(__name__)
 #: A trial's result, written last: its presence (status done) marks the trial finished.
 RESULT_FILE = "trial.json"
 #: Stages whose outputs do not depend on the compression settings, reused across trials.
-SHARED_STAGES = ("export", "data", "calibrate")
+SHARED_STAGES = ("export", "data", "calibrate", "reference", "reference-scores")
 _MANIFEST = "manifest.json"  # the pipeline's run manifest (pipeline.artifacts)
 _LOG_FILE = "trial.log"
 _ERROR_FILE = "error.log"
@@ -165,7 +168,7 @@ def seed_stages(source: Path, target: Path, names: tuple[str, ...] = SHARED_STAG
 class NodeBenchLock:
     """A writer-preferring reader/writer lock shared by the trials of one host (``fcntl``).
 
-    Compute stages hold it shared; the benchmark holds it exclusively. Without ``fcntl``
+    Compute holds it shared; the benchmark's timed sections hold it exclusively. Without ``fcntl``
     (Windows) it does nothing.
     """
 
@@ -239,6 +242,19 @@ class NodeBenchLock:
         self.release()  # flock upgrades are not atomic: release, then queue as a writer
         return self.acquire(exclusive=True)
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[float]:
+        """The node to itself for the block (a timed section), shared again after it.
+
+        Yields the seconds spent waiting for the node.
+        """
+        waited = self.to_exclusive()
+        try:
+            yield waited
+        finally:
+            self.release()
+            self.acquire(exclusive=False)
+
 
 def result_from_run(
     trial_id: str, params: Mapping[str, Any], run: RunResult, seconds: float, node: str | None
@@ -305,12 +321,13 @@ def run_trial(
                     console.print(f"Reusing {', '.join(seeded)} from {seed_from}")
             with lock.held():
 
-                def on_stage(stage: Any) -> None:
-                    if stage.name == "build":  # the benchmark comes next: take the node
-                        waited = lock.to_exclusive()
+                @contextlib.contextmanager
+                def timed() -> Iterator[None]:  # latency: the node's CPUs to this trial alone
+                    with lock.exclusive() as waited:
                         console.print(f"Benchmark lock taken after {waited:.1f} s")
+                        yield
 
-                run = run_pipeline(run_config, console=console, on_stage=on_stage)
+                run = run_pipeline(run_config, console=console, timing_guard=timed)
             result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
         except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
             (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
