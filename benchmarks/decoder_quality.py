@@ -16,11 +16,19 @@ Variants (``--variants``): ``whiten`` (today's default), ``loss_aware``, ``seque
 (4 blocks, default ridge), ``sequential_no_ridge``, ``loss_aware+sequential``,
 ``shrinkage`` and ``loss_aware+shrinkage`` (Grams shrunk by held-back likelihood),
 ``loss_aware+blend`` (each Gram blended with its Gram on factorlm's mixed-genre set, the weight
-chosen by the likelihood of the calibration data's held-back batches) and ``loss_aware+blend0.5``
-(a fixed weight of one half).
+chosen by the likelihood of the calibration data's held-back batches, and each output Fisher
+with its generic one at its input Gram's weight), ``loss_aware+blend0.5`` / ``0.75`` / ``0.9``
+/ ``1.0`` (fixed weights; 1.0 is the generic set's statistics alone), ``..._gram_only`` (the
+Grams only: session 5's blend) and, exploration, ``loss_aware+blend+fisher1`` (Grams auto, the
+output Fisher entirely the generic one). The ``loss_aware+blend_broad`` rows of the results
+(session 6 exploration; the option was removed) chose the weight by the held-back batches of
+both the calibration data and the generic set.
 
 Domains (``--domains``): ``reviews128`` is four times as many review snippets (128 chunks), to
-tell a narrow genre from a small set.
+tell a narrow genre from a small set. Diagnostics of what the cross-domain target measures:
+``persuasion`` (32 chunks of *Persuasion* from token 8,192: the test novel's author; its tune
+column is the same novel, so not held back) and ``austen3`` (the mixed set's prose records
+only: three other Austen novels, no reviews).
 
 Times: ``calibrate_s`` is the cold cost of the statistics the variant needs (Gram, plus the
 output Fisher for loss-aware), measured once into a fresh cache; ``compress_s`` is the
@@ -54,6 +62,10 @@ from _common import environment_lines, uptime  # noqa: E402
 
 RESULTS = HERE / "results" / "decoder_quality"
 CHUNKS, CHUNK_TOKENS, WINDOW, WINDOWS = 32, 256, 512, 8
+#: Where the ``persuasion`` calibration starts: past the tune windows (8 × 512 tokens), twice.
+PERSUASION_OFFSET = 2 * WINDOW * WINDOWS
+#: Records of the mixed set behind ``blend``'s generic statistics (``compress --blend``'s).
+GENERIC_DEFAULT = 64
 VARIANTS: dict[str, dict[str, Any]] = {
     "whiten": {},
     "loss_aware": {"loss_aware": True},
@@ -74,9 +86,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "embeddings0.6": {"embeddings": 0.6},
     "embeddings0.8_plain_svd": {"embeddings": 0.8, "_plain_embedding": True},
     "loss_aware+shrinkage": {"loss_aware": True, "shrinkage": "auto"},
+    # blend under loss-aware: the Grams and the output Fisher (session 6); ``_gram_only``: the
+    # Grams only (session 5's blend); ``_fisher_weight``: exploration, the output Fisher blended
+    # at a fixed weight whatever the Grams' weight
     "loss_aware+blend": {"loss_aware": True, "blend": "auto"},
     "loss_aware+blend0.5": {"loss_aware": True, "blend_weight": 0.5},
-    "loss_aware+blend0.25": {"loss_aware": True, "blend_weight": 0.25},
+    "loss_aware+blend0.75": {"loss_aware": True, "blend_weight": 0.75},
+    "loss_aware+blend0.9": {"loss_aware": True, "blend_weight": 0.9},
+    # the ceiling of the generic set: its Grams and Fisher only, in the calibration's token units
+    "loss_aware+blend1.0": {"loss_aware": True, "blend_weight": 1.0},
+    "loss_aware+blend+fisher1": {"loss_aware": True, "blend": "auto", "_fisher_weight": 1.0},
+    "loss_aware+blend_gram_only": {"loss_aware": True, "blend": "auto", "_gram_only": True},
+    "loss_aware+blend0.5_gram_only": {
+        "loss_aware": True,
+        "blend_weight": 0.5,
+        "_gram_only": True,
+    },
+    "loss_aware+blend0.25_gram_only": {
+        "loss_aware": True,
+        "blend_weight": 0.25,
+        "_gram_only": True,
+    },
 }
 
 
@@ -89,6 +119,19 @@ def _emma_chunks(tokenizer: Any) -> list[str]:
 
     ids = tokenizer((austen_dir() / "emma.txt").read_text(encoding="utf-8"))["input_ids"]
     return [tokenizer.decode(ids[i * CHUNK_TOKENS : (i + 1) * CHUNK_TOKENS]) for i in range(CHUNKS)]
+
+
+def _persuasion_chunks(tokenizer: Any) -> list[str]:
+    """32 chunks of *Persuasion* from token ``PERSUASION_OFFSET`` on (past the tune windows):
+    a diagnostic calibration by the test novel's author; its tune figure is not held back."""
+    from factorlm.assets import austen_dir
+
+    ids = tokenizer((austen_dir() / "persuasion.txt").read_text(encoding="utf-8"))["input_ids"]
+    start = PERSUASION_OFFSET
+    return [
+        tokenizer.decode(ids[start + i * CHUNK_TOKENS : start + (i + 1) * CHUNK_TOKENS])
+        for i in range(CHUNKS)
+    ]
 
 
 def _review_chunks(tokenizer: Any, count: int = CHUNKS) -> list[str]:
@@ -164,19 +207,32 @@ def _statistics(
     return stats, gram_s, fisher_s
 
 
-def _generic(source: Path, work: Path) -> tuple[dict[str, Any], int, float]:
-    """The Grams on generic text that ``blend`` mixes in (as ``compress --blend`` collects them),
-    cached under ``work``; the seconds are those of the cold collection."""
+def _generic(source: Path, work: Path, fisher: bool) -> tuple[Any, dict[str, float]]:
+    """The statistics on generic text that ``blend`` mixes in (as ``compress --blend`` collects
+    them: the Grams, and with ``fisher`` the output Fisher), cached under ``work``; the seconds
+    are those of the cold collections (``generic_s``: Grams, ``generic_fisher_s``: Fisher)."""
+    from factorlm.assets import smollm_dir
+    from factorlm.calibration import requested
     from factorlm.calibration.requested import generic_statistics
 
-    times = work / "generic-cache" / "seconds.json"
+    count = requested.GENERIC_TEXTS
+    cache = work / ("generic-cache" if count == GENERIC_DEFAULT else f"generic-cache-{count}")
+    cache.mkdir(parents=True, exist_ok=True)
+    times = cache / "seconds.json"
     tick = time.perf_counter()
-    generic = generic_statistics(
-        source, max_length=CHUNK_TOKENS, batch_size=4, cache_dir=work / "generic-cache"
-    )
-    if not times.is_file():
-        times.write_text(json.dumps({"generic_s": time.perf_counter() - tick}))
-    return generic.gram, generic.tokens, float(json.loads(times.read_text())["generic_s"])
+    generic = generic_statistics(source, max_length=CHUNK_TOKENS, batch_size=4, cache_dir=cache)
+    seconds = json.loads(times.read_text()) if times.is_file() else {}
+    seconds.setdefault("generic_s", time.perf_counter() - tick)
+    if fisher:
+        tick = time.perf_counter()
+        with_fisher = generic_statistics(
+            source, max_length=CHUNK_TOKENS, batch_size=4, cache_dir=cache,
+            fisher_weights=smollm_dir(), fisher_task="lm",
+        )  # fmt: skip
+        generic.output_fisher_generic = with_fisher.output_fisher_generic
+        seconds.setdefault("generic_fisher_s", time.perf_counter() - tick)
+    times.write_text(json.dumps(seconds))
+    return generic, seconds
 
 
 class _BlendLog(logging.Handler):
@@ -200,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         "--domains",
         nargs="+",
         default=["emma"],
-        choices=["emma", "reviews", "reviews128", "mixed", "generated", "reviews+generated"],
+        choices=[
+            "emma",
+            "reviews",
+            "reviews128",
+            "mixed",
+            "generated",
+            "reviews+generated",
+            "persuasion",
+            "austen3",
+        ],
         help="calibration texts: Emma (in-domain), review snippets (cross-domain), factorlm's "
         "mixed-genre set (--data mixed), text sampled by the model (--generated-samples) or "
         "half reviews, half sampled",
@@ -209,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "decoder_quality"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--generic-texts",
+        type=int,
+        default=GENERIC_DEFAULT,
+        help="records of the mixed-genre set that blend's generic statistics use (exploration; "
+        "compress --blend uses %(default)s); rows get the suffix @genericN",
+    )
     parser.add_argument(
         "--stats-cache",
         type=Path,
@@ -249,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         "reviews": _review_chunks,
         "reviews128": lambda tok: _review_chunks(tok, 4 * CHUNKS),
         "mixed": lambda _tok: mixed_calibration_texts(CHUNKS),
+        "persuasion": _persuasion_chunks,
+        # the mixed set's prose records only: three other Austen novels, no reviews
+        "austen3": lambda _tok: mixed_calibration_texts(2 * CHUNKS)[::2],
         "generated": lambda _tok: sampled(CHUNKS),
         "reviews+generated": lambda tok: with_generated(
             _review_chunks(tok)[: CHUNKS // 2], sampled(CHUNKS // 2)
@@ -256,10 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     domains = {name: makers[name](tokenizer) for name in args.domains}
     need_fisher = any(VARIANTS[v].get("loss_aware") for v in args.variants)
-    generic: tuple[dict[str, Any], int, float] | None = None
+    generic: tuple[Any, dict[str, float]] | None = None
     if any("blend" in VARIANTS[v] or "blend_weight" in VARIANTS[v] for v in args.variants):
-        generic = _generic(source, args.work)
-        say(f"generic Grams: {generic[1]} tokens, {generic[2]:.1f} s cold")
+        from factorlm.calibration import requested
+
+        requested.GENERIC_TEXTS = args.generic_texts  # exploration: a larger generic set
+        generic = _generic(source, args.work, need_fisher)
+        say(f"generic statistics: {generic[0].tokens} tokens, {generic[1]} s cold")
     blend_log = _BlendLog()
     logging.getLogger("factorlm.compression").addHandler(blend_log)
     logging.getLogger("factorlm.compression").setLevel(logging.INFO)
@@ -278,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 options = dict(VARIANTS[variant])
                 blends = "blend" in options or "blend_weight" in options
                 given = _plain_embedding(stats) if options.pop("_plain_embedding", False) else stats
+                gram_only = options.pop("_gram_only", False)
+                fisher_beta = options.pop("_fisher_weight", None)
                 if blends:
                     assert generic is not None
-                    given = copy.copy(given)
-                    given.gram_generic, given.generic_tokens = generic[0], generic[1]
+                    given = _with_generic(given, generic[0], gram_only, fisher_beta)
                 blend_log.chosen = ""
                 tick = time.perf_counter()
                 result = factorlm.compress(
@@ -303,9 +382,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if blends:
                     assert generic is not None
-                    point["generic_s"] = round(generic[2], 1)
+                    point["generic_s"] = round(generic[1]["generic_s"], 1)
+                    if options.get("loss_aware") and not gram_only:
+                        point["generic_fisher_s"] = round(generic[1]["generic_fisher_s"], 1)
                     point["blend_chosen"] = blend_log.chosen  # weight: number of Grams
-                results["points"][f"{domain}/{variant}/{ratio}"] = point
+                name = variant
+                if blends and args.generic_texts != GENERIC_DEFAULT:
+                    name = f"{variant}@generic{args.generic_texts}"
+                    point["variant"] = name
+                results["points"][f"{domain}/{name}/{ratio}"] = point
                 say(json.dumps(point))
                 args.out.mkdir(parents=True, exist_ok=True)
                 results_file.write_text(json.dumps(results, indent=1))
@@ -315,6 +400,29 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "decoder_quality.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def _with_generic(stats: Any, generic: Any, gram_only: bool, fisher_beta: float | None) -> Any:
+    """``stats`` with the generic statistics ``compress --blend`` would collect attached.
+
+    ``gram_only``: without the generic output Fisher (``blend`` as in session 5: the Grams
+    only). ``fisher_beta`` (exploration): the output Fisher blended here at this fixed weight,
+    whatever ``β`` compress then chooses for the Grams.
+    """
+    from factorlm.decompose import blend_gram
+
+    given = copy.copy(stats)
+    given.gram_generic, given.generic_tokens = generic.gram, generic.tokens
+    given.output_fisher_generic = {} if gram_only else generic.output_fisher_generic
+    if fisher_beta is not None:
+        given.output_fisher = {
+            name: blend_gram(
+                f, stats.tokens, generic.output_fisher_generic[name], generic.tokens, fisher_beta
+            )
+            for name, f in stats.output_fisher.items()
+        }
+        given.output_fisher_generic = {}
+    return given
 
 
 def _plain_embedding(stats: Any) -> Any:
@@ -330,6 +438,8 @@ def _stat_time(point: dict[str, Any]) -> str:
     if "gram_s" in point:
         fisher = f" + {point['fisher_s']:.0f}" if point["fisher_s"] else ""
         generic = f" + {point['generic_s']:.0f} generic" if "generic_s" in point else ""
+        if "generic_fisher_s" in point:
+            generic += f" + {point['generic_fisher_s']:.0f} generic Fisher"
         return f"{point['gram_s']:.0f}{fisher}{generic}"
     return f"{point['calibrate_s']:.0f} (both, one figure)"
 

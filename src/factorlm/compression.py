@@ -169,32 +169,47 @@ def _map_grams(
     stats: Any,
     names: Any,
     transform: Callable[[str, np.ndarray], tuple[float, np.ndarray]],
+    values: dict[str, float] | None = None,
 ) -> tuple[Any, dict[float, int]]:
     """A copy of ``stats`` with ``transform`` applied to the Gram of every weight in ``names``.
 
-    Weights reading one input share one Gram object; it is transformed once. Returns the copy
-    and how many Grams got each chosen value (for the log line).
+    Weights reading one input share one Gram; it is transformed once, whether they share one
+    object or (read back from ``.npz``) hold equal copies, found by a digest of the bytes.
+    Returns the copy and how many Grams got each chosen value (for the log line); ``values``,
+    when given, receives the value chosen for each weight.
     """
+    import hashlib
+
     result = copy.copy(stats)
     result.gram = dict(stats.gram)
     chosen: dict[float, int] = {}
-    done: dict[int, np.ndarray] = {}
+    done: dict[str, tuple[float, np.ndarray]] = {}
+    digests: dict[int, str] = {}
     for name, gram in stats.gram.items():
         if name not in names:
             continue
-        if id(gram) not in done:
-            value, done[id(gram)] = transform(name, gram)
-            chosen[value] = chosen.get(value, 0) + 1
-        result.gram[name] = done[id(gram)]
+        if id(gram) not in digests:
+            data = np.ascontiguousarray(gram)
+            digest = hashlib.blake2b(data.data, digest_size=16)
+            digests[id(gram)] = f"{data.shape}{data.dtype}{digest.hexdigest()}"
+        key = digests[id(gram)]
+        if key not in done:
+            done[key] = transform(name, gram)
+            chosen[done[key][0]] = chosen.get(done[key][0], 0) + 1
+        result.gram[name] = done[key][1]
+        if values is not None:
+            values[name] = done[key][0]
     return result, chosen
 
 
-def blended_statistics(stats: Any, weight: float | None) -> Any:
+def blended_statistics(stats: Any, weight: float | None, *, loss_aware: bool = False) -> Any:
     """A copy of ``stats`` whose Grams are blended with their generic-text Grams (``blend``).
 
     ``weight`` fixes the generic share ``β``; None chooses it per Gram by the likelihood of the
     calibration data's held-back batches (``decompose.best_blend``). Why: a Gram fitted on one
     genre whitens the directions other text uses poorly; the generic Gram restores them.
+    With ``loss_aware`` the output Fisher is blended with its generic-text Fisher
+    (``output_fisher_generic``) by the β of the weight's input Gram; a full output Gram is not.
     """
     from factorlm.decompose import best_blend, blend_gram
 
@@ -206,6 +221,7 @@ def blended_statistics(stats: Any, weight: float | None) -> Any:
             "CLI, factorlm run and compress(data=...) collect them)."
         )
     held, n_held = _held_back(stats, "blend") if weight is None else ({}, 0)
+    betas: dict[str, float] = {}  # per weight: Q/K/V share one Gram and so one β
 
     def blend(name: str, gram: np.ndarray) -> tuple[float, np.ndarray]:
         beta = weight
@@ -216,8 +232,31 @@ def blended_statistics(stats: Any, weight: float | None) -> Any:
             )  # fmt: skip
         return beta, blend_gram(gram, stats.tokens, generic[name], n_generic, beta)
 
-    result, chosen = _map_grams(stats, generic, blend)
+    result, chosen = _map_grams(stats, generic, blend, betas)
     logger.info("Gram blend with generic text: %s", dict(sorted(chosen.items())))
+    own = getattr(stats, "output_fisher", None) or {}
+    generic_fisher = getattr(stats, "output_fisher_generic", None) or {}
+    if loss_aware and own and generic_fisher:
+        # The output Fisher is a sum over the same tokens as the Gram (same texts, same
+        # max_length), so it blends per token the same way, with the β of the weight's input
+        # Gram: the generic set weights the output features other text needs too.
+        result.output_fisher = dict(own)
+        blended = 0
+        for name, fisher in own.items():
+            beta = betas.get(name)
+            if beta is None or name not in generic_fisher:
+                continue
+            result.output_fisher[name] = blend_gram(
+                fisher, stats.tokens, generic_fisher[name], n_generic, beta
+            )
+            blended += 1
+        logger.info("Output Fisher blended with generic text's for %d weights", blended)
+    elif loss_aware and own:
+        logger.warning(
+            "compress option 'blend' blends only the Grams: the statistics have no output "
+            "Fisher on generic text (output_fisher_generic; the CLI, factorlm run and "
+            "calibration.requested.generic_statistics(fisher_weights=...) collect it)."
+        )
     return result
 
 
@@ -483,7 +522,7 @@ def compress(
     if opts.shrinkage == "auto" and stats is not None:
         stats = shrunk_statistics(stats)
     if opts.blending and stats is not None:
-        stats = blended_statistics(stats, opts.blend_weight)
+        stats = blended_statistics(stats, opts.blend_weight, loss_aware=opts.loss_aware)
     if not opts.loss_aware and (
         getattr(stats, "output_fisher", None) or getattr(stats, "output_gram", None)
     ):

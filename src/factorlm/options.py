@@ -331,7 +331,8 @@ class CompressOptions(_Options):
     blend: Blend = _opt(
         "none",
         "Blend each calibration Gram with its Gram on generic text (factorlm's mixed-genre set: "
-        "three Austen novels and review snippets; collected once per model). auto: the weight "
+        "three Austen novels and review snippets; collected once per model), and with "
+        "loss_aware the output Fisher with its generic one at the same weight. auto: the weight "
         "per Gram by the likelihood of held-back batches of the calibration data.",
         choices=BLENDS,
         yaml="calibration.blend",

@@ -324,7 +324,7 @@ def test_missing_external_data_is_one_sentence(model_dir: Path, tmp_path: Path) 
         size_threshold=0,
     )
     (model_dir / "weights.bin").unlink()
-    with pytest.raises(ModelLoadError, match="weights.bin"):
+    with pytest.raises(ModelLoadError, match=r"weights\.bin"):
         collect_statistics(
             model_dir / "model.onnx", TEXTS, cache_dir=tmp_path / "c", progress=False
         )

@@ -3,6 +3,7 @@ Llama: the fixed and held-back-chosen weights, the options that refuse it, CLI a
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -130,3 +131,124 @@ def test_cli_blend_auto_collects_the_generic_grams(tiny_llama_past: Path, tmp_pa
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert out.is_file()
+
+
+def _squared_gradients(stats: CalibrationStats, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-token output gradients (tokens × out) per weight, with out = the Gram's width."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal((tokens, gram.shape[0])) * rng.uniform(0.1, 3.0, gram.shape[0])
+        for name, gram in stats.gram.items()
+    }
+
+
+@pytest.mark.parametrize("weight", [0.3, None])
+def test_blended_output_fisher_is_the_mixture_of_squared_gradients(
+    stats: CalibrationStats, weight: float | None
+) -> None:
+    own = _squared_gradients(stats, stats.tokens, 2)
+    generic = _squared_gradients(stats, stats.generic_tokens, 3)
+    stats.output_fisher = {n: np.sum(g**2, axis=0) for n, g in own.items()}
+    stats.output_fisher_generic = {n: np.sum(g**2, axis=0) for n, g in generic.items()}
+    blended = blended_statistics(stats, weight, loss_aware=True)
+    n, n_gen, held = stats.tokens, stats.generic_tokens, stats.heldout_tokens
+    betas = set()
+    for name, gram in stats.gram.items():
+        beta = weight
+        if beta is None:  # the β chosen for the weight's input Gram
+            beta = best_blend(
+                gram - stats.gram_heldout[name], n - held, stats.gram_heldout[name], held,
+                stats.gram_generic[name], n_gen,
+            )  # fmt: skip
+        betas.add(beta)
+        # the output Fisher of the token mixture: each own token weighs (1 − β), each generic
+        # one β·n/n_gen, so the result stays in the calibration data's token units
+        tokens = np.concatenate([own[name], generic[name]])
+        weights = np.concatenate([np.full(n, 1.0 - beta), np.full(n_gen, beta * n / n_gen)])
+        want = np.sum(weights[:, None] * tokens**2, axis=0)
+        np.testing.assert_allclose(blended.output_fisher[name], want, rtol=1e-10)
+        # and the Gram at the same β
+        np.testing.assert_allclose(
+            blended.gram[name], blend_gram(gram, n, stats.gram_generic[name], n_gen, beta),
+            rtol=1e-12,
+        )  # fmt: skip
+    assert weight is not None or max(betas) > 0  # something was blended
+    assert stats.output_fisher[name] is not blended.output_fisher[name]  # input left alone
+    # without loss_aware the output Fisher is not touched (compress drops it anyway)
+    plain = blended_statistics(stats, weight)
+    assert all(plain.output_fisher[k] is v for k, v in stats.output_fisher.items())
+
+
+def test_blend_without_generic_output_fisher_warns_and_blends_the_grams(
+    stats: CalibrationStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats.output_fisher = {n: np.ones(g.shape[0]) for n, g in stats.gram.items()}
+    with caplog.at_level("WARNING", logger="factorlm.compression"):
+        blended = blended_statistics(stats, 0.5, loss_aware=True)
+    assert "output_fisher_generic" in caplog.text
+    assert all(blended.output_fisher[k] is v for k, v in stats.output_fisher.items())
+    name = next(iter(stats.gram))
+    assert not np.allclose(blended.gram[name], stats.gram[name])
+
+
+def test_generic_output_fisher_survives_save_and_load(
+    stats: CalibrationStats, tmp_path: Path
+) -> None:
+    name = next(iter(stats.gram))
+    stats.output_fisher_generic = {name: np.arange(3.0)}
+    again = CalibrationStats.load(stats.save(tmp_path / "s.npz"))
+    np.testing.assert_array_equal(again.output_fisher_generic[name], np.arange(3.0))
+
+
+def test_cli_blend_with_loss_aware_blends_the_output_fisher(
+    tiny_llama_past: Path, tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from factorlm.assets.mixed import mixed_calibration_texts
+    from factorlm.calibration import collect_output_fisher
+    from factorlm.calibration.requested import GENERIC_TEXTS, generic_statistics
+
+    try:
+        texts = mixed_calibration_texts(GENERIC_TEXTS)
+    except DataError as exc:  # the assets are prepared by .ci/run and the README's command
+        pytest.skip(str(exc))
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "out" / "model.onnx"
+    argv = [
+        "compress", str(tiny_llama_past), "-o", str(out), "--data", str(data), "--ratio", "0.5",
+        "--min-size", "256", "--max-length", "16", "--batch-size", "3", "--blend", "auto",
+        "--loss-aware",
+    ]  # fmt: skip
+    with caplog.at_level("INFO", logger="factorlm.compression"):
+        assert cli.main(argv) == 0
+    assert out.is_file()
+    blended = [r.getMessage() for r in caplog.records if "Output Fisher blended" in r.getMessage()]
+    assert blended and not blended[0].startswith("Output Fisher blended with generic text's for 0")
+    # generic_statistics' output Fisher is the one of the mixed set's texts
+    hf = tiny_llama_dir
+    generic = generic_statistics(
+        tiny_llama_past, max_length=16, batch_size=3, cache_dir=tmp_path / "c", fisher_weights=hf
+    )
+    direct = collect_output_fisher(
+        hf, tiny_llama_past, texts, task="lm", max_samples=GENERIC_TEXTS, max_length=16,
+        batch_size=3, cache_dir=tmp_path / "d", progress=False,
+    )  # fmt: skip
+    assert set(generic.output_fisher_generic) == set(direct) and direct
+    for name, value in direct.items():
+        np.testing.assert_allclose(generic.output_fisher_generic[name], value, rtol=1e-6)
+
+
+def test_grams_read_back_from_npz_are_scored_once_per_input(
+    stats: CalibrationStats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    again = CalibrationStats.load(stats.save(tmp_path / "s.npz"))
+    unique = {id(g) for g in stats.gram.values()}
+    assert len({id(g) for g in again.gram.values()}) > len(unique)  # copies after the round trip
+    with caplog.at_level("INFO", logger="factorlm.compression"):
+        blended = blended_statistics(again, None)
+    line = next(r.getMessage() for r in caplog.records if "Gram blend" in r.getMessage())
+    counts = ast.literal_eval(line.split(": ", 1)[1])  # the log's {β: number of Grams}
+    assert sum(counts.values()) == len(unique)
+    direct = blended_statistics(stats, None)
+    for name in stats.gram:
+        np.testing.assert_allclose(blended.gram[name], direct.gram[name], rtol=1e-12)

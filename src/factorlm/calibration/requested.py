@@ -38,20 +38,41 @@ def generic_statistics(
     max_length: int = 256,
     batch_size: int = 4,
     cache_dir: Path | None = None,
+    fisher_weights: Path | None = None,
+    fisher_task: str = "auto",
 ) -> CalibrationStats:
     """The Grams of ``model``'s weights on generic text, for ``blend``: the first
-    ``GENERIC_TEXTS`` records of factorlm's mixed-genre set (cached like any calibration)."""
+    ``GENERIC_TEXTS`` records of factorlm's mixed-genre set (cached like any calibration).
+
+    ``fisher_weights`` (the PyTorch folder; ``blend`` under ``loss_aware``): the output Fisher
+    on the same texts too, in ``output_fisher_generic``. Why: the output Fisher of a narrow set
+    weights the output features that genre's next tokens need, which is the second half of the
+    cross-domain loss (issue 16); the generic one is blended in by the same rule as the Gram.
+    """
     from factorlm.assets.mixed import mixed_calibration_texts
 
-    return collect_statistics(
+    texts = mixed_calibration_texts(GENERIC_TEXTS)
+    stats = collect_statistics(
         model,
-        mixed_calibration_texts(GENERIC_TEXTS),
+        texts,
         tokenizer=tokenizer,
         max_samples=GENERIC_TEXTS,
         max_length=max_length,
         batch_size=batch_size,
         cache_dir=cache_dir,
     )
+    if fisher_weights is not None:
+        stats.output_fisher_generic = collect_output_fisher(
+            fisher_weights,
+            model,
+            texts,
+            task=fisher_task,
+            max_samples=GENERIC_TEXTS,
+            max_length=max_length,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+        )
+    return stats
 
 
 def collect_requested(
@@ -125,10 +146,19 @@ def collect_requested(
         ray_address=opts.ray_address,
     )
     if opts.blending:
+        # under loss_aware the output Fisher is blended too (not a full output Gram: that stays
+        # the calibration data's own, see compression.blended_statistics)
+        blend_fisher = opts.loss_aware and not opts.output_gram
         generic = generic_statistics(
-            model, tokenizer=tokenizer, max_length=opts.max_length, batch_size=opts.batch_size
+            model,
+            tokenizer=tokenizer,
+            max_length=opts.max_length,
+            batch_size=opts.batch_size,
+            fisher_weights=weights("compress option 'loss_aware'") if blend_fisher else None,
+            fisher_task=opts.fisher_task,
         )
         stats.gram_generic, stats.generic_tokens = generic.gram, generic.tokens
+        stats.output_fisher_generic = generic.output_fisher_generic
     if opts.loss_aware:
         collect = collect_output_gram if opts.output_gram else collect_output_fisher
         table = collect(

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _KINDS = (
     "gram", "mean_abs", "fisher", "output_fisher", "gram_heldout", "output_gram", "token_counts",
-    "gram_generic",
+    "gram_generic", "output_fisher_generic",
 )  # fmt: skip
 _FORMAT = "factorlm-calibration-1"
 
@@ -224,6 +224,8 @@ class CalibrationStats:
             the rows a factorization of the shared matrix must keep (``planning.lookup_weight``).
         gram_generic: the same Grams on generic text (factorlm's mixed-genre set,
             ``generic_tokens`` tokens), for ``compress --blend``; empty unless asked for.
+        output_fisher_generic: the output Fisher on the same generic text, which ``--blend``
+            mixes into ``output_fisher`` under ``--loss-aware``; empty unless asked for.
     """
 
     gram: dict[str, np.ndarray] = field(default_factory=dict)
@@ -237,6 +239,7 @@ class CalibrationStats:
     token_counts: dict[str, np.ndarray] = field(default_factory=dict)
     gram_generic: dict[str, np.ndarray] = field(default_factory=dict)
     generic_tokens: int = 0
+    output_fisher_generic: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         """Write the statistics to ``path`` (.npz), atomically; return the path."""
@@ -267,6 +270,7 @@ class CalibrationStats:
             output_gram=groups.get("output_gram", {}),
             token_counts=groups.get("token_counts", {}),
             gram_generic=groups.get("gram_generic", {}),
+            output_fisher_generic=groups.get("output_fisher_generic", {}),
             generic_tokens=_count(meta.get("generic_tokens", 0)),
             heldout_tokens=_count(meta.get("heldout_tokens", 0)),
             tokens=int(tokens) if isinstance(tokens, int | float | str) else 0,

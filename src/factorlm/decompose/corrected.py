@@ -168,7 +168,8 @@ def blend_gram(
 ) -> np.ndarray:
     """``n·[(1 − β) G/n + β G_gen/n_gen]``: ``gram`` (of ``tokens`` tokens) pulled toward the
     generic-text Gram ``generic`` per token, kept in ``gram``'s token units (``n = tokens``) so
-    loss-unit errors stay comparable with unblended weights."""
+    loss-unit errors stay comparable with unblended weights. Any per-token sum of one shape
+    blends the same way: the output Fisher ``Σ_t g_t²`` (out,) too."""
     if not 0.0 <= beta <= 1.0:
         raise DecompositionError(f"blend must be in [0, 1], got {beta}.")
     if tokens < 1 or generic_tokens < 1:
