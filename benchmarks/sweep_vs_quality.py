@@ -14,11 +14,11 @@ as it is (quality.py then reuses its cached export and statistics, the sweep doe
 
 The full grid (6 methods x 3 budgets) runs the example file unchanged (``-o`` only moves its
 output); ``--methods`` / ``--ratios`` run a reduced grid through a copy of the file whose axes
-alone differ. Expected on 2 cores (estimated from one-point runs, not measured): the full grid
-about 17 minutes for both runs (quality.py about 6: a fixed 1.5 plus 15 s a point; the sweep
-about 10: a fixed 1 plus 30 s a trial, since a trial is a whole ``factorlm run`` that builds and
-scores its own reference engine, and the benchmarks on one node take turns for fair latency);
-``--methods svd whiten asvd --ratios 0.75 0.6`` about 6.
+alone differ. A trial is a whole ``factorlm run`` that reuses the shared stages (export, data,
+calibration, the reference engine and its recorded task outputs), so its own cost is compress,
+build, scoring the candidate and the paired latency; only the timed rounds take turns on a node.
+The recorded results page gives the measured wall times (estimates before measuring: quality.py
+a fixed 1.5 minutes plus about 15 s a point).
 
 Usage: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sweep_vs_quality.py
 [--methods svd whiten] [--ratios 0.6] [--order quality sweep] [--work DIR] [--out FILE]``

@@ -39,6 +39,41 @@ def _fingerprint(array: np.ndarray) -> tuple[int, bytes]:
     return flat.size, hashlib.sha1(flat.tobytes()).digest()
 
 
+def _data_location(onnx_path: Path) -> str | None:
+    """The external-data file the model's weights live in (relative), or None when inline."""
+    import onnx
+
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in header.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                return str(entry.value)
+    return None
+
+
+def _save_back(model: Any, onnx_path: Path) -> None:
+    """Write a fully loaded ``model`` over ``onnx_path`` in the same layout as it was read.
+
+    Why: the student's export keeps its weights in external data above 2 GB (optimum), where an
+    inline save fails; a model read with external data is written back with it, to the same file
+    name (removed first: onnx appends to an existing data file, and its bytes are in memory).
+    """
+    import onnx
+
+    location = _data_location(onnx_path)
+    if location is None:
+        onnx.save(model, str(onnx_path))
+        return
+    (onnx_path.parent / location).unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(onnx_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+    )
+
+
 def tag_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> dict[str, str]:
     """Record ``{initializer: original}`` for every factor of ``factors`` (original -> tensors).
 
@@ -70,7 +105,7 @@ def tag_factors(onnx_path: Path, factors: Mapping[str, list[np.ndarray]]) -> dic
     del model.metadata_props[:]
     for key, value in {**props, FACTOR_METADATA_KEY: json.dumps(merged, sort_keys=True)}.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(onnx_path))
+    _save_back(model, onnx_path)
     logger.info("Tagged %d factor initializers in %s", len(tags), onnx_path)
     return tags
 
@@ -115,7 +150,7 @@ def share_transposed_factors(onnx_path: Path, factors: Mapping[str, list[np.ndar
         )
         model.graph.node.insert(position, node)
         model.graph.initializer.remove(init)
-    onnx.save(model, str(onnx_path))
+    _save_back(model, onnx_path)
     logger.info("Replaced %d transposed factor copies by Transpose nodes", len(copies))
     return len(copies)
 
@@ -131,7 +166,9 @@ def merge_shared_factors(onnx_path: Path) -> int:
     result = MergeSharedMatMulsPass()(model)
     if not result.modified:
         return 0
-    ir.save(result.model, str(onnx_path))
+    location = _data_location(onnx_path)
+    # onnx_ir writes external data through a temporary file, so the old one stays readable
+    ir.save(result.model, str(onnx_path), external_data=location)
     return before - sum(1 for _ in result.model.graph)
 
 
