@@ -262,9 +262,12 @@ DIFFERENCES = (
     "latency: quality.py alternates every engine together in one loop with one intra-op thread; "
     "each trial pairs its engine with its own reference engine, ORT's default thread count, "
     "under the node's benchmark lock.",
-    "work per point: quality.py embeds the original once and builds its engine once; every "
-    "trial builds and scores the reference engine again (a trial is a whole `factorlm run`). "
-    "The sweep runs up to one trial per CPU at once; quality.py runs one point at a time.",
+    "work per point: quality.py embeds the original once and builds its engine once; the "
+    "sweep builds the reference engine and records its task outputs once (shared stages "
+    "`reference/`, `reference-scores/`), but each trial is still a whole `factorlm run` (its own "
+    "process work, stage keys, manifest and report) and times its engine against the "
+    "reference's. The sweep runs up to one trial per CPU at once; quality.py runs one point at "
+    "a time. Both embed texts in batches sorted by length.",
     "quality.py's default extra point whiten 0.5 is not in the product grid; both runs here "
     "take the grid given by --methods x --ratios only.",
 )

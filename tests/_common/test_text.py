@@ -26,6 +26,8 @@ TEXTS = [
     "Another line\twith a tab",
 ]
 BATCH, MAX_LENGTH = 3, 24
+#: The benchmark embeds texts sorted by length (less padding); calibration takes them in order.
+BY_LENGTH = sorted(TEXTS, key=len)
 
 
 def _minilm_like_model(folder: Path, vocab: int) -> Path:
@@ -98,7 +100,7 @@ def _calibration_feeds(
 
     monkeypatch.setattr(capture, "_instrumented_session", lambda *a: Recorder(real(*a)))
     capture.collect_statistics(
-        model, TEXTS, batch_size=BATCH, max_length=MAX_LENGTH, cache_dir=cache, progress=False
+        model, BY_LENGTH, batch_size=BATCH, max_length=MAX_LENGTH, cache_dir=cache, progress=False
     )
     return seen
 
@@ -118,7 +120,7 @@ def _benchmark_feeds(model: Path) -> list[dict[str, np.ndarray]]:
 
     tokenizer = TextTokenizer(find_tokenizer(None, model.parent))
     with Recording(model, name="ref") as runner:
-        embed_texts([runner], tokenizer, TEXTS, batch_size=BATCH, max_length=MAX_LENGTH)
+        embed_texts([runner], tokenizer, BY_LENGTH, batch_size=BATCH, max_length=MAX_LENGTH)
     return seen
 
 
@@ -135,16 +137,16 @@ def test_calibration_and_benchmark_feed_identical_tokens(
             assert cal[name].dtype == bench[name].dtype == np.int64
             np.testing.assert_array_equal(cal[name], bench[name])
     # The long text is truncated to MAX_LENGTH with [SEP] (id 102) kept last.
-    assert benchmark[1]["input_ids"].shape[1] == MAX_LENGTH
-    assert benchmark[1]["input_ids"][0, -1] == 102
+    assert benchmark[-1]["input_ids"].shape[1] == MAX_LENGTH
+    assert benchmark[-1]["input_ids"][-1, -1] == 102
 
     # The same ids transformers gives (the benchmark's tokenizer before the paths merged).
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(minilm_folder))
-    for start, bench in zip(range(0, len(TEXTS), BATCH), benchmark, strict=True):
+    for start, bench in zip(range(0, len(BY_LENGTH), BATCH), benchmark, strict=True):
         enc = hf(
-            TEXTS[start : start + BATCH], padding=True, truncation=True,
+            BY_LENGTH[start : start + BATCH], padding=True, truncation=True,
             max_length=MAX_LENGTH, return_tensors="np",
         )  # fmt: skip
         np.testing.assert_array_equal(enc["input_ids"], bench["input_ids"])
@@ -201,3 +203,17 @@ def test_feeds_for_decoder_inputs() -> None:
             [SimpleNamespace(name="pixel_values", type="tensor(float)", shape=["b", 3])],
             {"input_ids": ids, "attention_mask": mask},
         )
+
+
+def test_embeddings_come_back_in_the_texts_order(minilm_folder: Path) -> None:
+    """The benchmark batches texts by length; each vector must still be its own text's."""
+    from factorlm._common.text import TextTokenizer, find_tokenizer
+    from factorlm.bench.runners import OrtRunner
+    from factorlm.bench.tasks import embed_texts
+
+    model = minilm_folder / "model.onnx"
+    tokenizer = TextTokenizer(find_tokenizer(None, model.parent))
+    with OrtRunner(model, name="ref") as runner:
+        (batched,), _ = embed_texts([runner], tokenizer, TEXTS, batch_size=BATCH)
+        alone = [embed_texts([runner], tokenizer, [t], batch_size=1)[0][0][0] for t in TEXTS]
+    np.testing.assert_allclose(batched, np.stack(alone), rtol=1e-4, atol=1e-5)

