@@ -41,6 +41,9 @@ from typing import Any
 
 import yaml
 
+from quality import machine as quality_machine
+from quality import say, uptime
+
 __all__ = ["main"]
 
 HERE = Path(__file__).resolve().parent
@@ -56,25 +59,9 @@ ASSET_ENTRIES = ("models", "data", "manifest.json")
 ORIGINAL = ("original", 1.0)
 
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
-
-
 def machine() -> dict[str, Any]:
-    from factorlm.bench.latency import environment_info
-
-    info = environment_info()
-    info["git_commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    """quality.py's machine facts (CPU, memory, commit) plus the platform string."""
+    info = quality_machine()
     info["python_platform"] = platform.platform()
     return info
 
