@@ -28,7 +28,7 @@ from scipy.linalg.blas import dsyrk
 
 from factorlm._common.sessions import create_session
 from factorlm._common.text import TOKENIZER_FILES, TextTokenizer, batch_feeds, find_tokenizer
-from factorlm.calibration.stats import CalibrationStats
+from factorlm.calibration.stats import CalibrationStats, release_pages
 from factorlm.calibration.targets import Target, find_targets
 from factorlm.data import load_texts
 from factorlm.errors import ConfigError, DataError, ModelLoadError
@@ -57,13 +57,7 @@ def file_digest(path: Path) -> str:
 
     digest = hashlib.sha256(sha256_file(path).encode())
     model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for init in model.graph.initializer
-        for entry in init.external_data
-        if entry.key == "location"
-    }
-    for location in sorted(locations):
+    for location in _external_locations(model):
         extra = path.parent / location
         if extra.is_file():
             digest.update(sha256_file(extra).encode())
@@ -402,15 +396,12 @@ def _chunks(
 
 def _spilled(array: np.ndarray, folder: Path) -> np.ndarray:
     """``array`` moved to a read-only memory map of a new file in ``folder``, pages handed back."""
-    import mmap as mmap_module
     import uuid
 
     path = folder / f"gram-{uuid.uuid4().hex}.npy"
     np.save(path, array, allow_pickle=False)
     mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    base = getattr(mapped, "_mmap", None)
-    if isinstance(base, mmap_module.mmap):
-        base.madvise(mmap_module.MADV_DONTNEED)
+    release_pages([mapped])
     return mapped
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "drop_mapped_pages",
     "load_arrays",
     "paged_statistics",
+    "release_pages",
     "save_arrays",
 ]
 
@@ -77,8 +78,7 @@ def _write_npz(handle: Any, arrays: dict[str, np.ndarray]) -> None:
         for name, array in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-            for mapped in _maps_of([array]):
-                mapped.madvise(mmap.MADV_DONTNEED)
+            release_pages([array])
 
 
 def _mapped_members(path: Path) -> dict[str, np.ndarray]:
@@ -131,6 +131,18 @@ def _maps_of(arrays: Iterable[np.ndarray]) -> list[mmap.mmap]:
     return list(maps.values())
 
 
+def release_pages(arrays: Iterable[np.ndarray]) -> int:
+    """Hand back the resident pages of the memory maps behind ``arrays``; how many maps.
+
+    The arrays stay valid (read-only views of their files): a later read maps the pages in
+    again from the page cache. Arrays not backed by a memory map are untouched.
+    """
+    maps = _maps_of(arrays)
+    for mapped in maps:
+        mapped.madvise(mmap.MADV_DONTNEED)
+    return len(maps)
+
+
 def drop_mapped_pages(stats: object) -> int:
     """Hand back the resident pages of every memory map behind ``stats``' arrays.
 
@@ -139,10 +151,7 @@ def drop_mapped_pages(stats: object) -> int:
     with ``mmap=True`` are untouched.
     """
     tables = [getattr(stats, kind, None) or {} for kind in _KINDS]
-    maps = _maps_of(array for table in tables for array in table.values())
-    for mapped in maps:
-        mapped.madvise(mmap.MADV_DONTNEED)
-    return len(maps)
+    return release_pages(array for table in tables for array in table.values())
 
 
 class _PagedTable(dict[str, np.ndarray]):

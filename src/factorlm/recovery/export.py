@@ -41,14 +41,10 @@ def _fingerprint(array: np.ndarray) -> tuple[int, bytes]:
 
 def _data_location(onnx_path: Path) -> str | None:
     """The external-data file the model's weights live in (relative), or None when inline."""
-    import onnx
+    from factorlm._common.outputs import external_data_files
 
-    header = onnx.load(str(onnx_path), load_external_data=False)
-    for tensor in header.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                return str(entry.value)
-    return None
+    files = external_data_files(onnx_path)
+    return str(files[0].relative_to(onnx_path.parent)) if files else None
 
 
 def _save_back(model: Any, onnx_path: Path) -> None:
