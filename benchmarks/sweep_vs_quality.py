@@ -241,7 +241,8 @@ def markdown(result: dict[str, Any]) -> str:
 DIFFERENCES = (
     "calibration rows: quality.py takes the reviews file's first 256 rows (any label); the run "
     "config's split takes 256 rows of a seeded shuffle of the fresh/rotten rows. fwsvd's Fisher: "
-    "128 fresh/rotten rows among them (quality.py) vs the same 256 rows (sweep).",
+    "128 rows for both (`calibration.fisher_samples: 128`): the first 128 fresh/rotten rows among "
+    "quality.py's 256, the first 128 of the sweep's.",
     "accuracy: quality.py trains one probe on 2000 held-out rows of the original's embeddings "
     "and scores 1000 others; the pipeline cross-fits the probe over 5 folds of its 1000 "
     "evaluation rows (each probe trains on 800). Cosine: quality.py's mean cosine of mean-pooled "

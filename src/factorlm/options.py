@@ -294,6 +294,14 @@ class CompressOptions(_Options):
         choices=FISHER_TASKS,
         yaml="calibration.fisher_task",
     )
+    fisher_samples: int | None = _opt(
+        None,
+        "Calibration texts for the gradient statistics (fwsvd's Fisher, loss_aware's output "
+        "Fisher or Gram): one backward pass each, so fewer than the Grams' texts may do; null: "
+        "all calibration texts (the first ones are used).",
+        ge=1,
+        yaml="calibration.fisher_samples",
+    )
     sequential: bool = _opt(
         False,
         "Refit the whitened weights block by block to the inputs of the partially compressed "

@@ -114,3 +114,36 @@ def test_real_minilm_fisher_with_probe(tmp_path: Path) -> None:
     for name, values in fisher.items():
         assert values.shape == (targets[name].out_features,)
         assert np.all(values >= 0) and values.sum() > 0
+
+
+def test_fisher_samples_takes_the_first_texts(
+    tiny_bert_dir: Path, tiny_bert_onnx: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """``fisher_samples`` runs the backward pass on the first N calibration texts only: the
+    Fisher equals the one of a data file holding just those texts, and differs from all five."""
+    from factorlm.calibration.requested import collect_requested
+    from factorlm.options import CompressOptions
+
+    onnx_path, names = tiny_bert_onnx
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in DATA))
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in DATA[:2]))
+
+    def fisher(path: Path, **options: object) -> dict[str, np.ndarray]:
+        opts = CompressOptions(method="fwsvd", **options)  # type: ignore[arg-type]
+        stats = collect_requested(onnx_path, path, opts, torch_folder=lambda why: tiny_bert_dir)
+        assert stats is not None
+        return stats.fisher
+
+    limited = fisher(data, fisher_samples=2)
+    direct = fisher(first)
+    everything = fisher(data)
+    assert set(limited) == set(names)
+    for name in names:
+        np.testing.assert_allclose(limited[name], direct[name], rtol=1e-6, atol=1e-12)
+    assert any(not np.allclose(limited[n], everything[n]) for n in names)
+    # more than the calibration texts: all of them, no error
+    capped = fisher(data, fisher_samples=50)
+    for name in names:
+        np.testing.assert_allclose(capped[name], everything[name], rtol=1e-6, atol=1e-12)

@@ -150,3 +150,30 @@ def test_exclusive_section_returns_the_node_to_shared_use(tmp_path: Path) -> Non
         thread.join(5)
         assert events == ["other-computes"]
     assert lock.mode is None
+
+
+def test_pause_lets_a_waiting_benchmark_run_between_stages(tmp_path: Path) -> None:
+    """A trial computing under the shared lock steps aside at ``pause``: the waiting benchmark
+    times its section then, and the pausing trial goes on only after it (never alongside)."""
+    events: list[str] = []
+    compute = NodeBenchLock(tmp_path)
+    with compute.held():
+        compute.pause()  # nobody waits: it keeps the node shared at once
+        assert compute.mode == "shared"
+
+        def benchmark() -> None:
+            lock = NodeBenchLock(tmp_path)
+            with lock.held(), lock.exclusive():
+                events.append("bench-running")
+                time.sleep(0.2)
+                events.append("bench-done")
+
+        thread = threading.Thread(target=benchmark)
+        thread.start()
+        time.sleep(0.3)
+        assert events == []  # still computing: the benchmark waits for a stage boundary
+        compute.pause()
+        events.append("compute-resumed")
+        assert compute.mode == "shared"
+        thread.join(5)
+    assert events == ["bench-running", "bench-done", "compute-resumed"]

@@ -75,6 +75,11 @@ def generic_statistics(
     return stats
 
 
+def _gradient_samples(opts: CompressOptions, texts: int) -> int:
+    """How many of ``texts`` calibration texts the gradient statistics run backward on."""
+    return min(texts, opts.fisher_samples) if opts.fisher_samples else texts
+
+
 def collect_requested(
     model: Path,
     data: Path,
@@ -117,7 +122,7 @@ def collect_requested(
             text_column=opts.text_column,
             label_column=label_column,
             labels=labels,
-            max_samples=opts.calibration_samples,
+            max_samples=_gradient_samples(opts, opts.calibration_samples),
             max_length=opts.max_length,
         )
         return CalibrationStats(gram={}, mean_abs={}, fisher=fisher, tokens=0)
@@ -169,7 +174,7 @@ def collect_requested(
             text_column=opts.text_column,
             label_column=label_column,
             labels=labels,
-            max_samples=samples,
+            max_samples=_gradient_samples(opts, samples),
             max_length=opts.max_length,
         )
         if opts.output_gram:

@@ -159,6 +159,7 @@ class CalibrationConfig(_Section):
     max_length: int = _opt(CompressOptions, "max_length")
     batch_size: int = _opt(CompressOptions, "batch_size")
     fisher_task: FisherTask = _opt(CompressOptions, "fisher_task")
+    fisher_samples: int | None = _opt(CompressOptions, "fisher_samples")
     sequential: bool = _opt(CompressOptions, "sequential")
     sequential_blocks: int = _opt(CompressOptions, "sequential_blocks")
     sequential_ridge: float = _opt(CompressOptions, "sequential_ridge")

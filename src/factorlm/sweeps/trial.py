@@ -14,8 +14,8 @@ exclusive lock only around its benchmark's timed sections (``run_pipeline(timing
 the latency rounds, and generation, which reports tokens/s), so the paired reference/candidate
 timing runs with the node's CPUs to itself while the untimed work (compression, engine builds,
 task scoring) of several trials overlaps. A waiting timed section blocks new shared holders
-(writer preference); a trial already holding it computes on until its own timed section or
-its end. The lock
+(writer preference); a trial already holding it computes on until the end of its current
+stage, where it steps aside (``NodeBenchLock.pause``). The lock
 files live in the node's temporary folder, keyed by host name, so simulated nodes on one machine
 share one lock, as they share its CPUs.
 """
@@ -38,7 +38,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from factorlm._common.files import write_text_atomic
-from factorlm._common.outputs import make_stage, remove_owned
+from factorlm._common.outputs import external_data_files, make_stage, remove_owned
 from factorlm.pipeline.config import parse_config
 from factorlm.pipeline.run import RunResult, run_pipeline
 from factorlm.sweeps.select import TrialResult
@@ -97,20 +97,11 @@ def _external_data_files(folder: Path) -> set[str]:
     Why: onnx refuses to read external data from a file with more than one hard link (and from
     a symbolic link), so those files are copied into a trial, never linked.
     """
-    import onnx
-
-    found: set[str] = set()
-    for model in folder.rglob("*.onnx"):
-        try:
-            header = onnx.load(str(model), load_external_data=False)
-        except Exception:  # not ONNX after all: nothing to protect
-            continue
-        for tensor in header.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        found.add(os.path.abspath(model.parent / entry.value))
-    return found
+    return {
+        os.path.abspath(data)
+        for model in folder.rglob("*.onnx")
+        for data in external_data_files(model)
+    }
 
 
 def _link_or_copy(src: str, dst: str, *, copy: bool = False) -> str:
@@ -238,6 +229,17 @@ class NodeBenchLock:
         finally:
             self.close()
 
+    def pause(self) -> None:
+        """Let a timed section that waits for the node run now, then go on sharing it.
+
+        Why: a benchmark waiting for the exclusive lock would otherwise wait for every other
+        trial's compute up to that trial's own timed section or its end (seconds with a core
+        idle); trials call this between stages. Nobody waiting: two system calls.
+        """
+        if self.mode == "shared":
+            self.release()
+            self.acquire(exclusive=False)  # queues behind a waiting writer (the turnstile)
+
     def to_exclusive(self) -> float:
         self.release()  # flock upgrades are not atomic: release, then queue as a writer
         return self.acquire(exclusive=True)
@@ -289,6 +291,21 @@ def result_from_run(
     )
 
 
+def _freeze_heap() -> None:
+    """Collect garbage, then move every surviving object out of the collector's sight.
+
+    Why: a Ray worker runs trial after trial in one process whose heap holds every module the
+    pipeline imported (torch, transformers, onnx, ...). Each ``gc.collect`` the pipeline makes to
+    hand memory back between stages walks all of it: about 0.1 s each, a second per MiniLM
+    trial. What is alive when a trial starts outlives it anyway; the trial's own objects are
+    still collected as usual.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def run_trial(
     trial_id: str,
     params: Mapping[str, Any],
@@ -310,6 +327,7 @@ def run_trial(
     (trial_dir / RESULT_FILE).unlink(missing_ok=True)
     (trial_dir / _ERROR_FILE).unlink(missing_ok=True)
     node = node or socket.gethostname()
+    _freeze_heap()
     start = time.perf_counter()
     lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
     with (trial_dir / _LOG_FILE).open("a", encoding="utf-8") as log:
@@ -327,7 +345,12 @@ def run_trial(
                         console.print(f"Benchmark lock taken after {waited:.1f} s")
                         yield
 
-                run = run_pipeline(run_config, console=console, timing_guard=timed)
+                run = run_pipeline(
+                    run_config,
+                    console=console,
+                    timing_guard=timed,
+                    on_stage=lambda _stage: lock.pause(),  # a waiting benchmark goes first
+                )
             result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
         except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
             (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
