@@ -24,6 +24,10 @@ killer.
 
     .venv/bin/python benchmarks/big_model_memory.py [--work /tmp/bigmodel] [--layers 22]
         [--method svd] [--ratio 0.8] [--keep] [--out benchmarks/results/big_model_memory.md]
+
+``--run`` runs the whole ``factorlm run`` job instead, then compresses from its statistics on
+a local Ray; with ``--ray-calibrate`` it gathers the statistics again on a local Ray (within the
+default Gram budget) and compares them with the run's, instead of that compress.
 """
 
 from __future__ import annotations
@@ -91,6 +95,22 @@ import factorlm.cli, factorlm.compression, factorlm.streaming, numpy, scipy.lina
 print("{}")
 """
 
+#: ``--ray-calibrate``: the run's calibrate stage's statistics, gathered on a local Ray (one
+#: worker per CPU) into a fresh cache folder: argv = model, data, cache folder, settings (JSON).
+_RAY_CALIBRATE = """
+import json, logging, sys, time
+from pathlib import Path
+from factorlm.calibration import collect_statistics
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+logging.getLogger("factorlm.calibration.capture").setLevel(logging.INFO)  # the Ray plan
+start = time.perf_counter()
+stats = collect_statistics(
+    Path(sys.argv[1]), Path(sys.argv[2]), cache_dir=Path(sys.argv[3]), ray_address="auto",
+    progress=False, **json.loads(sys.argv[4]),
+)
+print(json.dumps({"seconds": time.perf_counter() - start, "tokens": stats.tokens}))
+"""
+
 
 def model_sizes(onnx_path: Path) -> dict[str, Any]:
     """fp32 bytes of every initializer, the largest one and the files on disk (MiB)."""
@@ -139,7 +159,8 @@ def _step(
     )
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shown[:160]}", flush=True)
     before = machine()
-    done = run_with_peak(argv, cwd=ROOT, env=env)
+    with _LowestAvailable() as lowest:
+        done = run_with_peak(argv, cwd=ROOT, env=env)
     print(
         f"[{time.strftime('%H:%M:%S')}] {name}: exit {done['returncode']}, "
         f"{done['wall_s']:.0f} s, peak {done['peak_mib']:.0f} MiB",
@@ -147,7 +168,40 @@ def _step(
     )
     if done["returncode"] not in ok:
         raise SystemExit(f"{name} failed ({done['returncode']}):\n{done['stderr'][-4000:]}")
-    return {**done, "available_gb_before": free, "machine_before": before}
+    return {
+        **done,
+        "available_gb_before": free,
+        "available_gb_low": lowest.gb,
+        "machine_before": before,
+    }
+
+
+class _LowestAvailable:
+    """The machine's lowest MemAvailable (GB) while the block runs, sampled every 0.2 s.
+
+    Why: a Ray step's memory is spread over its workers and the object store, whose shared
+    pages the process-tree sum counts more than once; the machine's own figure does not (the
+    drop from ``available before`` bounds what the step took, other jobs included).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gb = _available_gb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.gb = min(self.gb, _available_gb())
+
+    def __enter__(self) -> _LowestAvailable:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _run_flow(
@@ -211,12 +265,18 @@ def _run_flow(
             "out": run_dir / "compress",
         }
     }
-    out = args.work / "compress-ray"
-    argv = [factorlm, "compress", str(exported), "--stats", str(stats), "-o", str(out)]
-    argv += ["--method", "whiten", "--ratio", str(args.ratio), "-q", "--ray", "auto"]
-    label = f"Ray, {workers} workers (`compress --stats --ray auto`)"
-    compressed[label] = _step("compress (Ray)", argv, 1.0 * model_gb, env)
-    same = _same_outputs(run_dir / "compress" / "model.onnx", out / "model.onnx")
+    calibrated: list[str] = []
+    if args.ray_calibrate:
+        calibrated = _ray_calibration(
+            args, run_dir, exported, stats, manifest, env, model_gb, sizes["fp32_mib"]
+        )
+    else:
+        out = args.work / "compress-ray"
+        argv = [factorlm, "compress", str(exported), "--stats", str(stats), "-o", str(out)]
+        argv += ["--method", "whiten", "--ratio", str(args.ratio), "-q", "--ray", "auto"]
+        label = f"Ray, {workers} workers (`compress --stats --ray auto`)"
+        compressed[label] = _step("compress (Ray)", argv, 1.0 * model_gb, env)
+        same = _same_outputs(run_dir / "compress" / "model.onnx", out / "model.onnx")
     imports = _step("imports", [sys.executable, "-c", _IMPORTS], 0.0, env)
     model_mib = sizes["fp32_mib"]
     rows = stage_rows(manifest)
@@ -244,6 +304,8 @@ def _run_flow(
             f"| {r['stage']} | {r['seconds']:.0f} | {r['start_rss_mib']:,.0f} MiB | "
             f"{r['peak_rss_mib']:,.0f} MiB | {r['peak_rss_mib'] / model_mib:.2f}x |"
         )
+    if calibrated:
+        return [*lines, "", *calibrated]
     lines += [
         "",
         "Compress from the run's export and statistics: locally (the run's stage: its own peak, "
@@ -262,6 +324,96 @@ def _run_flow(
         )
     lines += ["", f"Local and Ray outputs: {same}.", ""]
     return lines
+
+
+def _ray_calibration(
+    args: argparse.Namespace,
+    run_dir: Path,
+    exported: Path,
+    stats: Path,
+    manifest: dict[str, Any],
+    env: dict[str, str],
+    model_gb: float,
+    model_mib: float,
+) -> list[str]:
+    """``--ray-calibrate``: the run's calibrate stage again on a local Ray; its table lines.
+
+    Same export, calibration split and settings as the stage (``RUN_CONFIG``), a fresh cache
+    folder; the statistics are compared with the run's Gram for Gram.
+    """
+    from run_memory import stage_rows
+
+    data = run_dir / "data" / "calibration.jsonl"
+    if not data.is_file():
+        raise SystemExit(f"{run_dir} has no calibration split ({data}).")
+    settings = {
+        "max_samples": RUN_CONFIG["data"]["calibration_samples"],
+        "max_length": RUN_CONFIG["calibration"]["max_length"],
+        "batch_size": RUN_CONFIG["calibration"]["batch_size"],
+    }
+    cache = args.work / "calibrate-ray"
+    shutil.rmtree(cache, ignore_errors=True)
+    argv = [sys.executable, "-c", _RAY_CALIBRATE, str(exported), str(data), str(cache)]
+    # two workers' ORT weights and a share of the Gram budget each, the driver's chunk
+    need = args.min_free_gb or 3.0 * model_gb
+    ray = _step("calibrate (Ray)", [*argv, json.dumps(settings)], need, env)
+    (remote,) = sorted(cache.glob("stats-*.npz"))
+    same = _same_statistics(stats, remote)
+    shutil.rmtree(cache, ignore_errors=True)
+    stage = next(r for r in stage_rows(manifest) if r["stage"] == "calibrate")
+    workers = os.cpu_count() or 1
+    low = ray["available_gb_before"] - ray["available_gb_low"]
+    plan = next((x for x in ray["stderr"].splitlines() if "Ray workers" in x), "(not logged)")
+    tree = ray["polled_mib"] or 0.0
+    return [
+        "Calibrate from the run's export and calibration split "
+        f"(`collect_statistics(..., {json.dumps(settings)})`): locally (the run's stage, read "
+        'from the manifest) and on a local Ray in its own process (`ray_address="auto"`, '
+        f"{workers} workers, the default Gram budget: the model's fp32 size). Peak = the "
+        "driver's maximum RSS; polled = its process tree's summed RSS (Ray's workers "
+        "included; pages they share are counted more than once); available drop = the "
+        "machine's MemAvailable before the step minus its lowest during it.",
+        "",
+        "| calibrate | wall | peak RSS | polled (tree) | available drop | peak / model | "
+        "tree / model |",
+        "|---|---|---|---|---|---|---|",
+        f"| local (the run's calibrate stage) | {stage['seconds']:.0f} s | "
+        f"{stage['peak_rss_mib']:,.0f} MiB | - | - | {stage['peak_rss_mib'] / model_mib:.2f}x "
+        "| - |",
+        f"| Ray, {workers} workers | {ray['wall_s']:.0f} s | {ray['peak_mib']:,.0f} MiB | "
+        f"{tree:,.0f} MiB | {low:.1f} GB | {ray['peak_mib'] / model_mib:.2f}x | "
+        f"{tree / model_mib:.2f}x |",
+        "",
+        f"Ray's plan: {plan.strip()}.  ",
+        f"Local and Ray statistics: {same}.",
+        "",
+    ]
+
+
+def _same_statistics(first: Path, second: Path) -> str:
+    """Whether two statistics files hold the same tables, array for array (memory-mapped, one
+    array at a time), and else the largest relative difference."""
+    import numpy as np
+
+    from factorlm.calibration import CalibrationStats
+
+    a = CalibrationStats.load(first, mmap=True)
+    b = CalibrationStats.load(second, mmap=True)
+    if a.tokens != b.tokens or a.gram.keys() != b.gram.keys():
+        return f"different tokens ({a.tokens}, {b.tokens}) or weights"
+    differ, worst = 0, 0.0
+    for table in ("gram", "mean_abs", "gram_heldout"):
+        mine, theirs = getattr(a, table), getattr(b, table)
+        for name, value in mine.items():
+            other = theirs[name]
+            if not np.array_equal(value, other):
+                differ += 1
+                scale = float(np.abs(value).max()) or 1.0
+                worst = max(worst, float(np.abs(np.asarray(value) - other).max()) / scale)
+    total = len(a.gram) + len(a.mean_abs) + len(a.gram_heldout)
+    if not differ:
+        return f"identical ({total} arrays, value for value; {a.tokens} tokens)"
+    return f"{differ} of {total} arrays differ, by at most {worst:.1e} of their largest value"
 
 
 def _same_outputs(first: Path, second: Path) -> str:
@@ -319,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         "per CPU) (needs --vocab >= the tokenizer's vocabulary, e.g. 49152 for SmolLM2's)",
     )
     parser.add_argument("--data", type=Path, default=EMMA, help="--run: calibration text")
+    parser.add_argument(
+        "--ray-calibrate",
+        action="store_true",
+        help="with --run or --from-run: instead of compressing from the run's statistics on "
+        "Ray, gather them again on a local Ray (one worker per CPU, the default Gram budget) "
+        "from the run's export and calibration split, and compare them with the run's",
+    )
     parser.add_argument(
         "--from-run",
         type=Path,

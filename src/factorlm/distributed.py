@@ -16,21 +16,24 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol, TypeVar
 
 from factorlm.errors import ConfigError, FactorlmError
 
 __all__ = [
     "RAY_INSTALL_HINT",
+    "RayCall",
     "import_ray",
     "ordered_map",
     "ray_connection",
     "ray_scope",
+    "ray_scope_on_demand",
     "ray_session",
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RAY_INSTALL_HINT = "pip install 'factorlm[ray]'"
 
@@ -129,6 +132,32 @@ def ray_scope(address: str | None) -> Iterator[Any]:
         return
     with ray_session(address) as ray:
         yield ray
+
+
+class RayCall(Protocol):
+    """``call(func, *args)``: ``func(*args)`` inside the shared Ray session (see below)."""
+
+    def __call__(self, func: Callable[..., T], /, *args: Any) -> T: ...
+
+
+@contextmanager
+def ray_scope_on_demand(address: str | None) -> Iterator[RayCall]:
+    """:func:`ray_scope` opened by the first step that needs it; yield ``call(func, *args)``.
+
+    Why: ``factorlm run`` reuses the stages whose output is current, so a rerun whose calibrate
+    and compress stages are both reused must not start Ray at all, while a run that does both
+    shares one session. ``call`` opens the session (once, and only with an address) and then
+    runs ``func(*args)``; the session ends with the block.
+    """
+    with ExitStack() as stack:
+        opened: list[Any] = []
+
+        def call(func: Callable[..., T], /, *args: Any) -> T:
+            if address is not None and not opened:
+                opened.append(stack.enter_context(ray_session(address)))
+            return func(*args)
+
+        yield call
 
 
 def _call(func: Callable[..., Any], args: tuple[Any, ...]) -> Any:

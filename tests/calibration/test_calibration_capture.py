@@ -233,10 +233,13 @@ def test_ray_workers_gather_the_local_statistics(
 ) -> None:
     """Two Ray tasks on shards of the texts, sums added: the local statistics, held-back part too.
 
-    7 batches of one text on 2 CPUs: the second shard starts at batch 3, the held-back one.
+    7 batches of one text on 2 CPUs, no Gram budget (so one pass, split by text): the second
+    shard starts at batch 3, the held-back one. (Within a budget: test_calibration_ray.py.)
     """
     model = model_dir / "model.onnx"
-    kwargs: dict[str, Any] = {"batch_size": 1, "holdout": True, "progress": False}
+    kwargs: dict[str, Any] = {
+        "batch_size": 1, "holdout": True, "progress": False, "gram_budget": "none",
+    }  # fmt: skip
     local = collect_statistics(model, TEXTS, cache_dir=tmp_path / "local", **kwargs)
     remote = collect_statistics(
         model, TEXTS, cache_dir=tmp_path / "ray", ray_address=ray_cluster.address, **kwargs

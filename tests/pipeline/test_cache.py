@@ -21,10 +21,10 @@ from factorlm.pipeline.config import RunConfig, parse_config
 STAGES = [
     "export",
     "data",
-    "calibrate",
-    "compress",
     "reference",
     "reference-scores",
+    "calibrate",
+    "compress",
     "build",
     "benchmark",
 ]

@@ -121,3 +121,25 @@ def test_latency_settings_do_not_touch_the_reference_scores(
         _with(config, "benchmark", task="similarity"), first.stage("data").path
     )
     assert hash_json(longer) not in keys
+
+
+def test_until_runs_only_the_shared_stages_which_a_full_run_then_reuses(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    """``until="reference-scores"`` (a sweep's shared job) stops before anything that depends on
+    the compression; the whole run in the same folder then reuses those four stages."""
+    config = _config(tmp_path, tiny_bert_dir)
+    shared = pipeline_run.run_pipeline(
+        config, console=Console(quiet=True), until="reference-scores"
+    )
+    assert [s.name for s in shared.stages] == ["export", "data", "reference", "reference-scores"]
+    assert shared.report is None
+    out = Path(config.output_dir)
+    assert not (out / "compress").exists() and not (out / "benchmark").exists()
+    whole = _run(config)
+    skipped = {s.name: s.skipped for s in whole.stages}
+    assert all(skipped[n] for n in ("export", "data", "reference", "reference-scores"))
+    assert not skipped["compress"] and not skipped["benchmark"]
+    assert whole.report is not None
+    with pytest.raises(ValueError, match="until must name a stage"):
+        pipeline_run.run_pipeline(config, console=Console(quiet=True), until="compile")

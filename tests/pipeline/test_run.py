@@ -30,10 +30,10 @@ def test_run_executes_every_stage_then_reuses_them(job: Path) -> None:
     assert list(manifest["stages"]) == [
         "export",
         "data",
-        "calibrate",
-        "compress",
         "reference",
         "reference-scores",
+        "calibrate",
+        "compress",
         "build",
         "benchmark",
     ]
@@ -116,11 +116,11 @@ def test_recover_stage_sits_between_compress_and_build(job: Path) -> None:
     assert list(manifest["stages"]) == [
         "export",
         "data",
+        "reference",
+        "reference-scores",
         "calibrate",
         "compress",
         "recover",
-        "reference",
-        "reference-scores",
         "build",
         "benchmark",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from factorlm.sweeps import parse_sweep, plan_seeds
+from factorlm.sweeps.shared import plan_shared
 
 BASE = {"model": "/m", "data": {"path": "/d.jsonl"}}
 
@@ -90,3 +91,52 @@ def test_seeds_share_inputs_and_statistics(tmp_path: Path) -> None:
                 break
             ident = seeds[ident]
         assert ident is None
+
+
+def test_shared_job_feeds_every_trial_that_needs_no_more(tmp_path: Path) -> None:
+    """One shared job per input group: its first trial, the trials that calibrate nothing and each
+    calibration's first trial start from it; the other calibrated trials wait for their
+    calibration's first trial, as before."""
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "axes": {"compress.method": ["svd", "whiten", "fwsvd"], "compress.ratio": [0.5, 0.7]},
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    seeds = plan_seeds(trials)
+    jobs, redirect = plan_shared(trials, seeds, tmp_path)
+    by = {(t.params["compress.method"], t.params["compress.ratio"]): t.id for t in trials}
+    assert len(jobs) == 1
+    (job,) = jobs.values()
+    assert job.folder.parent == tmp_path / "shared"
+    assert job.config["output_dir"] == str(job.folder)
+    firsts = [by[("svd", 0.5)], by[("svd", 0.7)], by[("whiten", 0.5)], by[("fwsvd", 0.5)]]
+    assert sorted(job.trials) == sorted(firsts)
+    assert all(redirect[t] == job.id for t in firsts)
+    # the second whiten and fwsvd trials reuse their calibration's first trial
+    for method in ("whiten", "fwsvd"):
+        follower = by[(method, 0.7)]
+        assert follower not in redirect and seeds[follower] == by[(method, 0.5)]
+    # a lone trial has nobody to share with: no job
+    single = parse_sweep({"base": BASE, "axes": {"compress.ratio": [0.5]}}, root=tmp_path / "one")
+    assert plan_shared(single.trials(), plan_seeds(single.trials()), tmp_path / "one") == ({}, {})
+
+
+def test_shared_job_when_the_first_trial_calibrates(tmp_path: Path) -> None:
+    """A first trial that calibrates keeps its calibration's followers waiting for it."""
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "axes": {"compress.method": ["whiten", "svd"], "compress.ratio": [0.5, 0.7]},
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    seeds = plan_seeds(trials)
+    _, redirect = plan_shared(trials, seeds, tmp_path)
+    by = {(t.params["compress.method"], t.params["compress.ratio"]): t.id for t in trials}
+    leader = by[("whiten", 0.5)]
+    assert redirect[leader] == redirect[by[("svd", 0.5)]] == redirect[by[("svd", 0.7)]]
+    assert by[("whiten", 0.7)] not in redirect and seeds[by[("whiten", 0.7)]] == leader

@@ -2,7 +2,7 @@
 
 Four trials (ratio x include), two of which fail on purpose at run time (an include pattern
 that is valid in the schema but matches no weight): the sweep records them and goes on, the
-shared stages run once, the result files and best.yaml appear, and after a trial's result is
+shared stages run once (a job of their own), the result files and best.yaml appear, and after a trial's result is
 deleted a rerun runs only that trial.
 """
 
@@ -61,16 +61,20 @@ def test_sweep_on_two_nodes_then_resume(
         assert t["metric"] == "accuracy_percent" and t["speedup"] > 0
         assert (out / "trials" / t["id"] / "benchmark" / "report.json").is_file()
     assert len({t["node"] for t in trials}) == 2  # both nodes ran trials
-    # Shared stages ran once: every trial after the first started from the first one's folder.
+    # Shared stages ran once, as a job of their own (sweeps.shared): the first trial started
+    # from its folder and calibrated; the trials after it started from the first one's folder.
     leader, follower = done
-    assert leader["reused_stages"] == []
-    assert {"export", "data", "calibrate"} <= set(follower["reused_stages"])
+    shared = out / "shared" / trials[0]["id"]
+    assert {s.name for s in shared.iterdir() if s.is_dir()} >= {"export", "reference"}
+    assert not (shared / "compress").exists()
+    shared_stages = {"export", "data", "reference", "reference-scores"}
+    assert set(leader["reused_stages"]) == shared_stages  # it calibrated and compressed itself
+    assert shared_stages | {"calibrate"} <= set(follower["reused_stages"])
     assert "compress" not in follower["reused_stages"]
-    export = out / "trials" / leader["id"] / "export" / "model.onnx"
-    assert (
-        export.stat().st_ino
-        == (out / "trials" / follower["id"] / "export" / "model.onnx").stat().st_ino
-    )
+    export = shared / "export" / "model.onnx"
+    for trial in (leader, follower):
+        linked = out / "trials" / trial["id"] / "export" / "model.onnx"
+        assert linked.stat().st_ino == export.stat().st_ino
 
     best_id = data["selection"]["best"]
     assert best_id in {t["id"] for t in done}

@@ -13,11 +13,12 @@ the tokenizer and the settings, so a second call with the same inputs is a file 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -292,6 +293,7 @@ def shard_sums(
     progress: bool = False,
     gram_budget: int | None = None,
     spill: Path | None = None,
+    chunk: tuple[int, Sequence[Group]] | None = None,
 ) -> ShardSums:
     """:class:`ShardSums` of ``texts`` (batches ``first_batch``, ``first_batch + 1``, ...).
 
@@ -305,15 +307,25 @@ def shard_sums(
     Grams are made symmetric and moved to memory-mapped files in ``spill`` whose pages are
     handed back. The sums are the same as in one pass, value for value; they come back
     symmetric (``ShardSums.symmetric``).
+
+    ``chunk`` ``(index, groups)`` runs only that pass of such a capture (a Ray task's share):
+    the upper triangles of those groups' Grams come back, to be added across shards; the
+    tokens and looked-up ids are counted in pass 0 only, as the local passes count them.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     tok = TextTokenizer(tokenizer)
     groups = _groups(targets)
-    chunks = _chunks(groups, gram_budget if spill is not None else None, holdout)
+    budget = gram_budget if spill is not None else None
+    if chunk is None:
+        first_chunk, chunks = 0, _chunks(groups, budget, holdout)
+    else:
+        first_chunk, chunks = chunk[0], [list(chunk[1])]
+    if first_chunk > 0:
+        lookups = {}  # counted with the tokens, in pass 0
     sums = ShardSums(
-        rows=dict.fromkeys(groups, 0),
-        held_rows=dict.fromkeys(groups, 0),
+        rows={g: 0 for c in chunks for g in c},
+        held_rows={g: 0 for c in chunks for g in c},
         counts={name: np.zeros(vocab) for name, (_, vocab) in lookups.items()},
         symmetric=len(chunks) > 1,
     )
@@ -331,20 +343,20 @@ def shard_sums(
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(f"Calibrating {model.name}", total=len(texts) * len(chunks))
             done = 0
-            for chunk_index, chunk in enumerate(chunks):
-                wanted = [n for n in dict.fromkeys(a for a, _ in chunk) if n in names]
+            for chunk_index, chunk_groups in enumerate(chunks):
+                wanted = [n for n in dict.fromkeys(a for a, _ in chunk_groups) if n in names]
                 batch_index = first_batch
                 for end, mask, feeds in batch_feeds(
                     session.get_inputs(), tok, texts,
                     batch_size=batch_size, max_length=max_length, model_name=str(model),
                 ):  # fmt: skip
                     values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
-                    if chunk_index == 0:
+                    if first_chunk + chunk_index == 0:
                         sums.tokens += int(mask.sum())
                         for name, (ids, vocab) in lookups.items():
                             looked_up = np.asarray(feeds[ids])[mask.astype(bool)]
                             sums.counts[name] += np.bincount(looked_up, minlength=vocab)[:vocab]
-                    for group in chunk:
+                    for group in chunk_groups:
                         activation, transpose = group
                         x = activation_rows(values[activation], mask, transpose)
                         x = x.astype(np.float64)
@@ -367,7 +379,7 @@ def shard_sums(
                 if sums.symmetric:
                     assert spill is not None
                     for table in (gram, held):
-                        for group in chunk:
+                        for group in chunk_groups:
                             if group in table:
                                 table[group] = _spilled(_symmetric(table[group]), spill)
     return sums
@@ -416,25 +428,89 @@ def _ray_sums(
     batch_size: int,
     holdout: bool,
     address: str,
+    gram_budget: int | None,
+    spill: Path,
 ) -> ShardSums:
-    """:func:`shard_sums` as one Ray task per CPU of the cluster on consecutive whole batches,
-    added in shard order (Grams add; only the rounding of the sum differs from one process)."""
+    """:func:`shard_sums` as Ray tasks, holding at most ``gram_budget`` bytes of Grams at once.
+
+    The budget rule: with ``n`` CPUs in the cluster, ``n`` tasks are in flight at once (each
+    holding, or having returned, one chunk's Grams) and the driver adds up one more chunk, so a
+    chunk's Grams get ``gram_budget / (n + 1)``; the input groups are cut into chunks of that
+    size as the local passes cut them (a group wider than that is a chunk of its own). Each
+    chunk is split into ``n // chunks`` shards of consecutive whole batches (at least one, at
+    most one per batch), and each Ray task computes one (chunk, shard) pair with its own ORT
+    session and returns only that chunk's sums. The driver adds a chunk's shards in order and,
+    when there are several chunks, makes its Grams symmetric and spills them to ``spill``
+    before it fetches the next chunk's results.
+
+    One chunk (all Grams fit) is plain data parallelism: equal to the local statistics up to
+    the rounding of the sum across shards. Several chunks of one shard each are the local
+    passes, value for value; several shards per chunk again differ only by rounding.
+    """
     from factorlm.distributed import ordered_map, ray_session
 
+    groups = _groups(targets)
     batches = -(-len(texts) // batch_size)
     with ray_session(address) as ray:
-        shards = max(1, min(batches, int(ray.cluster_resources().get("CPU", 1))))
-        jobs: list[tuple[Any, ...]] = []
-        for i in range(shards):  # shards <= batches, so none is empty
-            lo, hi = i * batches // shards, (i + 1) * batches // shards
-            shard = list(texts[lo * batch_size : hi * batch_size])
-            settings = (max_length, batch_size, holdout, lo)
-            jobs.append((model, list(targets), lookups, tokenizer, shard, *settings))
-        logger.info("Calibrating %s on %d Ray workers (%d batches)", model.name, len(jobs), batches)
-        total = ShardSums()
-        for part in ordered_map(_shard_job, jobs):
-            total.add(part)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        share = None if gram_budget is None else gram_budget // (cpus + 1)
+        chunks = _chunks(groups, share, holdout)
+        shards = max(1, min(batches, cpus // len(chunks)))
+        common = (model, list(targets), lookups, tokenizer)
+        parts = _shard_texts(texts, batches, shards, batch_size, max_length, holdout)
+        jobs = [(*common, *part, (i, chunk)) for i, chunk in enumerate(chunks) for part in parts]
+        logger.info(
+            "Calibrating %s on %d Ray workers (%d batches; %d pass(es) of %d shard(s))",
+            model.name, min(cpus, len(jobs)), batches, len(chunks), shards,
+        )  # fmt: skip
+        results = ordered_map(_shard_job, jobs, window=cpus)
+        if len(chunks) == 1:
+            return _added(results)
+        total = ShardSums(symmetric=True)
+        for _ in chunks:  # a chunk's Grams are spilled before the next chunk's are fetched
+            _settle(_added(itertools.islice(results, shards)), total, spill)
+        return total
+
+
+def _shard_texts(
+    texts: Sequence[str], batches: int, shards: int, batch_size: int, max_length: int, holdout: bool
+) -> list[tuple[Any, ...]]:
+    """``(texts, max_length, batch_size, holdout, first_batch)`` of each shard, in order.
+
+    ``shards <= batches``, so none is empty.
+    """
+    jobs = []
+    for i in range(shards):
+        lo, hi = i * batches // shards, (i + 1) * batches // shards
+        jobs.append(
+            (list(texts[lo * batch_size : hi * batch_size]), max_length, batch_size, holdout, lo)
+        )
+    return jobs
+
+
+def _added(parts: Iterable[ShardSums]) -> ShardSums:
+    """The sum of ``parts``, added in their order."""
+    total = ShardSums()
+    for part in parts:
+        total.add(part)
     return total
+
+
+def _settle(chunk: ShardSums, total: ShardSums, spill: Path) -> None:
+    """One chunk's added-up sums moved into ``total``, its Grams made symmetric and spilled to
+    memory maps in ``spill``: what the local passes leave after each chunk.
+
+    The small arrays are copied: a Ray result's arrays are views of its object-store buffer,
+    and keeping one would keep the chunk's whole result, Grams included, in the store.
+    """
+    for theirs, mine in ((chunk.gram, total.gram), (chunk.held, total.held)):
+        for group in list(theirs):
+            mine[group] = _spilled(_symmetric(theirs.pop(group)), spill)
+    total.abs_sum.update({group: np.array(v) for group, v in chunk.abs_sum.items()})
+    total.counts.update({name: np.array(v) for name, v in chunk.counts.items()})
+    total.rows.update(chunk.rows)
+    total.held_rows.update(chunk.held_rows)
+    total.tokens += chunk.tokens
 
 
 def _shard_job(
@@ -447,11 +523,13 @@ def _shard_job(
     batch_size: int,
     holdout: bool,
     first_batch: int,
+    chunk: tuple[int, list[Group]],
 ) -> ShardSums:
-    """One Ray task: the sums of one shard (positional, as ``ordered_map`` calls it)."""
+    """One Ray task: one chunk's sums over one shard (positional, as ``ordered_map`` calls it)."""
     return shard_sums(
         model, targets, lookups, tokenizer, texts,
         max_length=max_length, batch_size=batch_size, holdout=holdout, first_batch=first_batch,
+        chunk=chunk,
     )  # fmt: skip
 
 
@@ -484,6 +562,9 @@ def collect_statistics(
     ``ray_address`` (``compress --ray``'s address words) splits the texts into consecutive
     whole-batch shards, one Ray task per cluster CPU, each with its own ORT session, and adds
     their sums in shard order: equal to the local statistics up to rounding (1e-10 relative).
+    ``gram_budget`` bounds the Grams held at once (``"auto"``: the model's fp32 size), locally
+    by passes over the texts, one per chunk of input groups, and on Ray by the same chunks
+    shared among the tasks in flight (``_ray_sums``); ``"none"``: one pass, no bound.
     """
     model = Path(model)
     if not model.is_file():
@@ -538,6 +619,7 @@ def collect_statistics(
             sums = _ray_sums(
                 model, targets, lookups, tok_dir, texts,
                 max_length=max_length, batch_size=batch_size, holdout=holdout, address=ray_address,
+                gram_budget=None if budget == "none" else int(budget), spill=spill,
             )  # fmt: skip
         groups = _groups(targets)
         gram, abs_sum, rows_seen = sums.gram, sums.abs_sum, sums.rows

@@ -1,5 +1,5 @@
-"""``factorlm run``: export → data split → calibrate → compress → [recover] → reference →
-reference-scores → build → benchmark.
+"""``factorlm run``: export → data split → reference → reference-scores → calibrate → compress →
+[recover] → build → benchmark.
 
 Each stage is a plain function over the previous stages' folders (``pipeline.stages``).
 ``ArtifactStore`` keys every stage by its settings, its inputs' keys and the versions of
@@ -20,13 +20,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from factorlm.distributed import ray_scope_on_demand
 from factorlm.options import DATA_AWARE_METHODS
 from factorlm.pipeline import stages
 from factorlm.pipeline.artifacts import (
@@ -130,17 +131,27 @@ def run_pipeline(
     on_stage: Callable[[StageResult], None] | None = None,
     force: bool = False,
     timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
+    until: str | None = None,
 ) -> RunResult:
     """Run every stage of ``config`` into ``config.output_dir`` and return what each produced.
 
     ``force`` reruns every stage even when its cached output is current. The output folder is
     locked for the whole run: a second run on it raises ``ConfigError`` and touches nothing.
     ``timing_guard`` is entered around the benchmark's timed sections (a sweep's node lock).
+    ``until`` names the last stage to run (``"reference-scores"``: only the stages that do not
+    depend on the compression, which a sweep runs once for all its trials); the result then has
+    no report.
     """
+    if until is not None and until not in STAGE_LIBRARIES:
+        raise ValueError(f"until must name a stage ({', '.join(STAGE_LIBRARIES)}), not {until!r}")
     console = console or Console(stderr=True)
     root = Path(config.output_dir)
     with lock_output_dir(root):
-        return _run_locked(config, console, on_stage, force, timing_guard)
+        return _run_locked(config, console, on_stage, force, timing_guard, until)
+
+
+class _Stop(Exception):
+    """Raised after the stage ``until`` names: the run ends there."""
 
 
 def _run_locked(
@@ -149,12 +160,27 @@ def _run_locked(
     on_stage: Callable[[StageResult], None] | None,
     force: bool,
     timing_guard: Callable[[], AbstractContextManager[Any]] | None = None,
+    until: str | None = None,
 ) -> RunResult:
+    result = RunResult(output_dir=Path(config.output_dir))
+    with suppress(_Stop):
+        _run_stages(config, console, on_stage, force, timing_guard, until, result)
+    return result
+
+
+def _run_stages(
+    config: RunConfig,
+    console: Console,
+    on_stage: Callable[[StageResult], None] | None,
+    force: bool,
+    timing_guard: Callable[[], AbstractContextManager[Any]] | None,
+    until: str | None,
+    result: RunResult,
+) -> None:
     model, data = stages.resolve_inputs(config, console)
     installed = installed_versions()
     store = ArtifactStore(Path(config.output_dir))
     store.update_header({"config": json.loads(config.model_dump_json()), "versions": installed})
-    result = RunResult(output_dir=Path(config.output_dir))
 
     def stage(name: str, key: str, build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
         console.rule(f"[bold]{name}")
@@ -181,6 +207,8 @@ def _run_locked(
         result.stages.append(done)
         if on_stage is not None:
             on_stage(done)
+        if name == until:
+            raise _Stop
         return done
 
     model_key = hash_files([model])
@@ -201,36 +229,67 @@ def _run_locked(
         ),
         lambda out: stages.split_data(config, data, out),
     )
+    build_cfg = {
+        "cfg": config.build.model_dump(mode="json"),
+        **({"data": split.key} if config.build.int8_mode == "static" else {}),
+    }
+    # The original's engine and its task outputs depend on neither compression nor recovery:
+    # their own stages, so a run that changes only those (a sweep's trials) reuses them.
+    reference = stage(
+        "reference",
+        hash_json({"export": exported.key, **build_cfg}),
+        lambda out: stages.build_reference(config, exported.path, split.path, out),
+    )
+    from factorlm.bench.replay import UNREPLAYED_TASKS  # (generation times its reference)
+
+    record: StageResult | None = None
+    if config.benchmark.task not in ("none", *UNREPLAYED_TASKS):
+        record = stage(
+            "reference-scores",
+            hash_json(
+                {
+                    "reference": reference.key,
+                    "data": split.key,
+                    "task": stages.reference_task_settings(config, split.path),
+                }
+            ),
+            lambda out: stages.score_reference(config, reference.path, split.path, out),
+        )
     stats_dir: Path | None = None
     method = config.compress.method
-    if (method in DATA_AWARE_METHODS or method == "fwsvd") and config.compress.plan is None:
-        calibrated = stage(
-            "calibrate",
+    # calibrate and compress share one Ray session (compress.ray_address), started by the
+    # first of them that runs: none when both are reused
+    with ray_scope_on_demand(config.compress.ray_address) as on_ray:
+        if (method in DATA_AWARE_METHODS or method == "fwsvd") and config.compress.plan is None:
+            calibrated = stage(
+                "calibrate",
+                hash_json(
+                    {
+                        "export": exported.key,
+                        "data": split.key,
+                        "fisher": method == "fwsvd",
+                        "cfg": config.calibration.model_dump(mode="json"),
+                    }
+                ),
+                lambda out: on_ray(stages.calibrate, config, model, exported.path, split.path, out),
+            )
+            stats_dir = calibrated.path
+        plan_key = hash_files([config.compress.plan]) if config.compress.plan else None
+        compressed = stage(
+            "compress",
             hash_json(
                 {
                     "export": exported.key,
-                    "data": split.key,
-                    "fisher": method == "fwsvd",
-                    "cfg": config.calibration.model_dump(mode="json"),
+                    "stats": stats_dir and result.stage("calibrate").key,
+                    # Ray or not, the output is bit-identical: the address is not part of the key.
+                    "cfg": config.compress.model_dump(mode="json", exclude={"ray_address"}),
+                    "plan": plan_key,
                 }
             ),
-            lambda out: stages.calibrate(config, model, exported.path, split.path, out),
+            lambda out: on_ray(
+                stages.compress_model, config, exported.path, stats_dir, out, split.path
+            ),
         )
-        stats_dir = calibrated.path
-    plan_key = hash_files([config.compress.plan]) if config.compress.plan else None
-    compressed = stage(
-        "compress",
-        hash_json(
-            {
-                "export": exported.key,
-                "stats": stats_dir and result.stage("calibrate").key,
-                # Ray or not, the output is bit-identical: the address is not part of the key.
-                "cfg": config.compress.model_dump(mode="json", exclude={"ray_address"}),
-                "plan": plan_key,
-            }
-        ),
-        lambda out: stages.compress_model(config, exported.path, stats_dir, out, split.path),
-    )
     candidate = compressed
     if config.recover.method is not None:
         recover_key = hash_json(
@@ -259,32 +318,6 @@ def _run_locked(
                 out,
                 checkpoints,
             ),
-        )
-    build_cfg = {
-        "cfg": config.build.model_dump(mode="json"),
-        **({"data": split.key} if config.build.int8_mode == "static" else {}),
-    }
-    # The original's engine and its task outputs depend on neither compression nor recovery:
-    # their own stages, so a run that changes only those (a sweep's trials) reuses them.
-    reference = stage(
-        "reference",
-        hash_json({"export": exported.key, **build_cfg}),
-        lambda out: stages.build_reference(config, exported.path, split.path, out),
-    )
-    from factorlm.bench.replay import UNREPLAYED_TASKS  # (generation times its reference)
-
-    record: StageResult | None = None
-    if config.benchmark.task not in ("none", *UNREPLAYED_TASKS):
-        record = stage(
-            "reference-scores",
-            hash_json(
-                {
-                    "reference": reference.key,
-                    "data": split.key,
-                    "task": stages.reference_task_settings(config, split.path),
-                }
-            ),
-            lambda out: stages.score_reference(config, reference.path, split.path, out),
         )
     built = stage(
         "build",
@@ -318,4 +351,3 @@ def _run_locked(
         ),
     )
     result.report = json.loads((bench.path / "report.json").read_text(encoding="utf-8"))
-    return result

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,11 @@ from factorlm._common.files import exclusive_lock
 from factorlm.distributed import import_ray as _import_ray
 from factorlm.distributed import ray_connection
 from factorlm.errors import BackendUnavailableError, ConfigError
-from factorlm.options import DATA_AWARE_METHODS
-from factorlm.pipeline.artifacts import hash_json
 from factorlm.sweeps.config import SweepConfig
 from factorlm.sweeps.grid import Trial
 from factorlm.sweeps.report import write_results
 from factorlm.sweeps.select import Selection, TrialResult, select
+from factorlm.sweeps.shared import plan_seeds, plan_shared, run_shared
 from factorlm.sweeps.trial import read_result, run_trial, write_result
 
 __all__ = ["SweepResult", "import_ray", "plan_seeds", "run_sweep"]
@@ -66,51 +66,6 @@ class SweepResult:
 
     def trial(self, ident: str) -> TrialResult:
         return next(r for r in self.trials if r.id == ident)
-
-
-def _calibration_kind(trial: Trial) -> str | None:
-    compress = trial.config.compress
-    if compress.plan is not None:
-        return None
-    if compress.method == "fwsvd":
-        return "fisher"
-    return "stats" if compress.method in DATA_AWARE_METHODS else None
-
-
-def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
-    """For each trial, the earlier trial whose export/data/calibration stages it reuses.
-
-    Trials with the same model, export, data and task share export and data; those that also
-    calibrate alike share the statistics. The original's engine and its recorded task outputs
-    travel with them (``trial.SHARED_STAGES``) and are reused where the build and benchmark
-    settings match too (the stage keys decide). The first trial of each such group runs first (a
-    warm-up that populates the shared stages); the others start from its folder.
-    """
-    first_inputs: dict[str, str] = {}
-    first_stats: dict[str, str] = {}
-    seeds: dict[str, str | None] = {}
-    for t in trials:
-        cfg = t.config
-        inputs = hash_json(
-            {
-                "model": str(cfg.model),
-                "export": cfg.export.model_dump(mode="json"),
-                "data": cfg.data.model_dump(mode="json"),
-                "task": cfg.benchmark.task,
-            }
-        )
-        kind = _calibration_kind(t)
-        calibration = cfg.calibration.model_dump(mode="json") if kind else None
-        stats = hash_json({"inputs": inputs, "kind": kind, "calibration": calibration})
-        leader = first_inputs.setdefault(inputs, t.id)
-        stats_leader = first_stats.setdefault(stats, t.id)
-        if stats_leader != t.id:
-            seeds[t.id] = stats_leader
-        elif leader != t.id:
-            seeds[t.id] = leader
-        else:
-            seeds[t.id] = None
-    return seeds
 
 
 @contextlib.contextmanager
@@ -187,6 +142,7 @@ class _Progress:
         self.trials = trials
         self.state: dict[str, str] = {t.id: "pending" for t in trials}
         self.results: dict[str, TrialResult] = {}
+        self.shared = 0  # shared-stage jobs still running (sweeps.shared)
         self.started = time.perf_counter()
 
     def counts(self) -> dict[str, int]:
@@ -226,8 +182,9 @@ class _Progress:
         c = self.counts()
         line = (
             f"{c['done'] + c['resumed']} done ({c['resumed']} resumed), {c['running']} running, "
-            f"{c['failed']} failed, {c['pending']} pending - "
-            f"{time.perf_counter() - self.started:.0f} s"
+            f"{c['failed']} failed, {c['pending']} pending"
+            + (f", shared stages running ({self.shared})" if self.shared else "")
+            + f" - {time.perf_counter() - self.started:.0f} s"
         )
         return Group(table, Text(line))
 
@@ -277,7 +234,15 @@ def run_sweep(
                 limit = _capacity(ray, settings.cpus_per_trial)
                 limit = min(limit, max_concurrent) if max_concurrent else limit
                 ran = _schedule(
-                    ray, todo, seeds, progress, limit, settings.cpus_per_trial, console, on_trial
+                    ray,
+                    todo,
+                    seeds,
+                    progress,
+                    limit,
+                    settings.cpus_per_trial,
+                    console,
+                    on_trial,
+                    root,
                 )
         results = [progress.results[t.id] for t in trials]
         selection = select(results, config.select)
@@ -301,6 +266,33 @@ def run_sweep(
     return SweepResult(root, results, selection, paths, ran)
 
 
+def _warm_worker() -> None:
+    """A Ray task that imports what every trial imports, on a worker that would idle meanwhile.
+
+    Why: the shared stages run alone first; a worker importing torch, transformers and
+    onnxruntime then (seconds) does not make the first trial it runs pay for them.
+    """
+    import importlib
+
+    for name in _WARM_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+_WARM_MODULES = (
+    "factorlm.pipeline.run",
+    "factorlm.pipeline.stages",
+    "factorlm.compression",
+    "factorlm.exporters.engine",
+    "factorlm.exporters.ort.build",
+    "factorlm.bench.run",
+    "factorlm.bench.accuracy",
+    "onnxruntime.transformers.optimizer",
+    "sklearn.linear_model",
+    "matplotlib.pyplot",
+)
+
+
 def _schedule(
     ray: Any,
     todo: list[Trial],
@@ -310,53 +302,101 @@ def _schedule(
     cpus_per_trial: int,
     console: Console,
     on_trial: Callable[[TrialResult], None] | None,
+    root: Path,
 ) -> list[str]:
-    """Submit trials as their seed trial finishes and slots free up; collect their results."""
+    """Run the shared jobs, then submit trials as their seed finishes and slots free up.
+
+    Trials that others wait for (a calibration's first trial) are submitted first; slots that
+    nothing can use while the shared stages run warm their worker's imports.
+    """
     by_id = {t.id: t for t in progress.trials}
-    task = ray.remote(_remote_trial).options(
-        num_cpus=cpus_per_trial, max_retries=0, retry_exceptions=False
-    )
-    waiting = list(todo)
-    in_flight: dict[Any, Trial] = {}
+    options = {"num_cpus": cpus_per_trial, "max_retries": 0}
+    trial_task = ray.remote(_remote_trial).options(**options, retry_exceptions=False)
+    shared_task = ray.remote(run_shared).options(**options, retry_exceptions=False)
+    warm_task = ray.remote(_warm_worker).options(**options)
+    jobs, redirect = plan_shared(progress.trials, seeds, root)
+    pending = {t.id for t in todo}
+    jobs = {key: job for key, job in jobs.items() if pending.intersection(job.trials)}
+    job_ok: dict[str, bool | None] = dict.fromkeys(jobs)  # None: still running
+    followers = Counter(seeds.get(t.id) for t in todo if t.id not in redirect)
+    waiting = sorted(todo, key=lambda t: -followers.get(t.id, 0))  # stable: grid order within
+    in_flight: dict[Any, tuple[str, Any]] = {}
     ran: list[str] = []
+    warmed = False
 
     def finished(ident: str | None) -> bool:
         return ident is None or progress.state[ident] in ("done", "failed", "resumed")
 
+    def seed_of(t: Trial) -> tuple[bool, str | None]:
+        """Whether ``t`` can start, and the folder it starts from."""
+        if t.id in redirect and redirect[t.id] in jobs:
+            job = jobs[redirect[t.id]]
+            ok = job_ok[job.id]
+            return ok is not None, str(job.folder) if ok else None  # failed: start bare
+        seed = seeds.get(t.id)
+        return finished(seed), str(by_id[seed].output_dir) if seed else None
+
     try:
+        for job in jobs.values():
+            in_flight[shared_task.remote(job.id, job.config)] = ("shared", job.id)
+        progress.shared = len(jobs)
         with Live(progress.render(), console=console, refresh_per_second=2) as live:
             while waiting or in_flight:
                 for t in list(waiting):
                     if len(in_flight) >= limit:
                         break
-                    seed = seeds.get(t.id)
-                    if not finished(seed):
+                    ready, source = seed_of(t)
+                    if not ready:
                         continue
                     waiting.remove(t)
-                    source = str(by_id[seed].output_dir) if seed else None
                     config = json.loads(t.config.model_dump_json())
-                    in_flight[task.remote(t.id, t.params, config, source)] = t
+                    in_flight[trial_task.remote(t.id, t.params, config, source)] = ("trial", t)
                     progress.state[t.id] = "running"
                     ran.append(t.id)
+                if not warmed:
+                    warmed = True
+                    for _ in range(min(limit - len(in_flight), len(waiting))):
+                        in_flight[warm_task.remote()] = ("warm", None)
                 if not in_flight:  # pragma: no cover - a seed that never finishes
                     raise RuntimeError("sweep scheduler stalled: no trial can start")
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    t = in_flight.pop(ref)
-                    result = _collect(ray, ref, t)
-                    progress.results[t.id] = result
-                    progress.state[t.id] = "done" if result.ok else "failed"
-                    if on_trial is not None:
-                        on_trial(result)
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in done:
+                    kind, what = in_flight.pop(ref)
+                    if kind == "shared":
+                        job_ok[what] = _collect_shared(ray, ref, what)
+                        progress.shared -= 1
+                    elif kind == "trial":
+                        result = _collect(ray, ref, what)
+                        progress.results[what.id] = result
+                        progress.state[what.id] = "done" if result.ok else "failed"
+                        if on_trial is not None:
+                            on_trial(result)
+                    else:
+                        with contextlib.suppress(Exception):
+                            ray.get(ref)  # a failed warm-up costs nothing but its time
                 live.update(progress.render())
         if not console.is_terminal:
             console.print()  # the final table ends without a newline when not a terminal
     except BaseException:
-        for ref in in_flight:  # interrupted: stop the running trials (they rerun on resume)
+        for ref in in_flight:  # interrupted: stop the running tasks (trials rerun on resume)
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
     return ran
+
+
+def _collect_shared(ray: Any, ref: Any, job_id: str) -> bool:
+    """Whether a shared job finished; its trials start without it when it did not."""
+    try:
+        answer = ray.get(ref)
+    except Exception as exc:
+        logger.warning("Shared stages %s failed (%s); trials start without them", job_id, exc)
+        return False
+    if not answer.get("ok"):
+        logger.warning(
+            "Shared stages %s failed (%s); trials start without them", job_id, answer.get("error")
+        )
+    return bool(answer.get("ok"))
 
 
 def _collect(ray: Any, ref: Any, trial: Trial) -> TrialResult:
