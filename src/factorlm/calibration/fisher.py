@@ -64,7 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FISHER_TASKS = ("auto", "classification", "lm", "embedding")
-_VERSION = 1
+_VERSION = 2  # 2: squares in float32, summed in float64
 _OUTPUT_VERSION = 1
 _GRAM_VERSION = 1
 
@@ -467,7 +467,10 @@ def collect_fisher(
                 value.backward(retain_graph=k + 1 < len(values))
                 for name, (param, axis) in linear.items():
                     if param.grad is not None:
-                        fisher[name] += (param.grad.double() ** 2).sum(dim=1 - axis)
+                        # squares in float32 (relative error 6e-8), summed in float64:
+                        # faster than squaring a float64 copy of every gradient
+                        square = param.grad.square()
+                        fisher[name] += square.sum(dim=1 - axis, dtype=torch.float64)
             advance(batch["input_ids"].shape[0])
 
     mapping = job.mapping()

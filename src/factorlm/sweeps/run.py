@@ -277,9 +277,15 @@ def _warm_worker() -> None:
     for name in _WARM_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    with contextlib.suppress(Exception):  # transformers loads its model classes on first use
+        import transformers
+
+        _ = transformers.AutoModel, transformers.AutoModelForSequenceClassification
 
 
 _WARM_MODULES = (
+    "torch",
+    "factorlm.calibration.fisher",
     "factorlm.pipeline.run",
     "factorlm.pipeline.stages",
     "factorlm.compression",
