@@ -143,3 +143,18 @@ def test_until_runs_only_the_shared_stages_which_a_full_run_then_reuses(
     assert whole.report is not None
     with pytest.raises(ValueError, match="until must name a stage"):
         pipeline_run.run_pipeline(config, console=Console(quiet=True), until="compile")
+
+
+def test_until_stops_where_its_stage_is_skipped(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """With ``benchmark.task: none`` there are no reference scores: ``until`` that names them
+    stops before calibrate/compress instead of running the whole pipeline."""
+    config = _config(tmp_path, tiny_bert_dir, benchmark={"task": "none", "shapes": ["1x16"]})
+    shared = pipeline_run.run_pipeline(
+        config, console=Console(quiet=True), until="reference-scores"
+    )
+    assert [s.name for s in shared.stages] == ["export", "data", "reference"]
+    assert not (Path(config.output_dir) / "compress").exists()
+
+
+def test_stage_order_names_every_stage() -> None:
+    assert sorted(pipeline_run.STAGE_ORDER) == sorted(pipeline_run.STAGE_LIBRARIES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from factorlm.sweeps import parse_sweep, plan_seeds
-from factorlm.sweeps.shared import plan_shared
+from factorlm.sweeps.shared import StartPoints, plan_shared
 
 BASE = {"model": "/m", "data": {"path": "/d.jsonl"}}
 
@@ -140,3 +140,67 @@ def test_shared_job_when_the_first_trial_calibrates(tmp_path: Path) -> None:
     leader = by[("whiten", 0.5)]
     assert redirect[leader] == redirect[by[("svd", 0.5)]] == redirect[by[("svd", 0.7)]]
     assert by[("whiten", 0.7)] not in redirect and seeds[by[("whiten", 0.7)]] == leader
+
+
+def test_a_failed_shared_job_falls_back_to_the_seeds(tmp_path: Path) -> None:
+    """Trials of a shared job wait for it; when it failed, the first trial starts bare and the
+    others wait for it, instead of all starting bare at once."""
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "axes": {"compress.method": ["svd", "whiten"], "compress.ratio": [0.5, 0.7]},
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    seeds = plan_seeds(trials)
+    jobs, redirect = plan_shared(trials, seeds, tmp_path)
+    (job,) = jobs.values()
+    done: set[str] = set()
+    starts = StartPoints(
+        jobs,
+        redirect,
+        seeds,
+        {t.id: t.output_dir for t in trials},
+        finished=done.__contains__,
+        job_ok=dict.fromkeys(jobs),
+    )
+    by = {(t.params["compress.method"], t.params["compress.ratio"]): t for t in trials}
+    leader, follower = by[("svd", 0.5)], by[("svd", 0.7)]
+    assert starts.of(leader.id) == (False, None) == starts.of(follower.id)  # job running
+    starts.job_ok[job.id] = True
+    assert starts.of(follower.id) == (True, str(job.folder))
+    starts.job_ok[job.id] = False
+    assert starts.of(leader.id) == (True, None)  # bare: it meets the job's error itself
+    assert starts.of(follower.id) == (False, str(leader.output_dir))  # waits for the leader
+    done.add(leader.id)
+    assert starts.of(follower.id) == (True, str(leader.output_dir))
+    # a trial that reuses a calibration never waited for the job at all
+    second_whiten = by[("whiten", 0.7)]
+    assert second_whiten.id not in redirect
+    assert starts.of(second_whiten.id) == (False, str(by[("whiten", 0.5)].output_dir))
+
+
+def test_fisher_samples_split_only_gradient_calibrations(tmp_path: Path) -> None:
+    """``calibration.fisher_samples`` bounds the Fisher passes: whiten trials that differ only in
+    it share one calibration, fwsvd trials do not."""
+    config = parse_sweep(
+        {
+            "base": BASE,
+            "axes": {
+                "compress.method": ["whiten", "fwsvd"],
+                "calibration.fisher_samples": [64, 128],
+            },
+        },
+        root=tmp_path,
+    )
+    trials = config.trials()
+    seeds = plan_seeds(trials)
+    by = {(t.params["compress.method"], t.params["calibration.fisher_samples"]): t.id
+          for t in trials}  # fmt: skip
+    assert seeds[by[("whiten", 128)]] == by[("whiten", 64)]
+    assert seeds[by[("fwsvd", 128)]] != by[("fwsvd", 64)]
+    whiten = next(t.config for t in trials if t.id == by[("whiten", 64)])
+    assert "fisher_samples" not in whiten.calibration_settings()
+    fisher = next(t.config for t in trials if t.id == by[("fwsvd", 64)])
+    assert fisher.calibration_settings()["fisher_samples"] == 64

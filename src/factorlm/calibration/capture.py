@@ -262,7 +262,11 @@ class ShardSums:
     symmetric: bool = False
 
     def add(self, other: ShardSums) -> None:
-        """Add ``other``'s sums to these (in place); the caller fixes the order."""
+        """Add ``other``'s sums to these (in place); the caller fixes the order.
+
+        Arrays are taken over, not copied, and then added into in place (one sum buffer per
+        array, not one per shard): ``other`` must not be used afterwards.
+        """
         if self.symmetric or other.symmetric:
             raise ValueError("pass-wise (symmetric, mapped) sums are not added across shards")
         for mine, theirs in (
@@ -272,7 +276,12 @@ class ShardSums:
             (self.counts, other.counts),
         ):
             for key, value in theirs.items():
-                mine[key] = mine[key] + value if key in mine else value  # type: ignore[index]
+                if key not in mine:
+                    mine[key] = value  # type: ignore[index]
+                elif mine[key].flags.writeable and mine[key].flags.owndata:  # type: ignore[index]
+                    np.add(mine[key], value, out=mine[key])  # type: ignore[index]
+                else:  # a read-only (Ray object store) or borrowed array: one copy, then in place
+                    mine[key] = mine[key] + value  # type: ignore[index]
         for count, more in ((self.rows, other.rows), (self.held_rows, other.held_rows)):
             for group, n in more.items():
                 count[group] = count.get(group, 0) + n
@@ -431,12 +440,13 @@ def _ray_sums(
     gram_budget: int | None,
     spill: Path,
 ) -> ShardSums:
-    """:func:`shard_sums` as Ray tasks, holding at most ``gram_budget`` bytes of Grams at once.
+    """:func:`shard_sums` as Ray tasks, holding about ``gram_budget`` bytes of Grams at once.
 
     The budget rule: with ``n`` CPUs in the cluster, ``n`` tasks are in flight at once (each
     holding, or having returned, one chunk's Grams) and the driver adds up one more chunk, so a
     chunk's Grams get ``gram_budget / (n + 1)``; the input groups are cut into chunks of that
-    size as the local passes cut them (a group wider than that is a chunk of its own). Each
+    size as the local passes cut them (a group wider than that is a chunk of its own, and then
+    the budget is exceeded: on many CPUs the share is small). Each
     chunk is split into ``n // chunks`` shards of consecutive whole batches (at least one, at
     most one per batch), and each Ray task computes one (chunk, shard) pair with its own ORT
     session and returns only that chunk's sums. The driver adds a chunk's shards in order and,
@@ -560,8 +570,8 @@ def collect_statistics(
     Gram's shrinkage by held-back likelihood. An embedding tied to an LM head gets the Gram of
     the head's input and the count of each token id looked up (``stats.token_counts``).
     ``ray_address`` (``compress --ray``'s address words) splits the texts into consecutive
-    whole-batch shards, one Ray task per cluster CPU, each with its own ORT session, and adds
-    their sums in shard order: equal to the local statistics up to rounding (1e-10 relative).
+    whole-batch shards, as many per chunk of Grams as the cluster's CPUs allow, each a Ray task
+    with its own ORT session, and adds their sums in shard order: equal to the local statistics up to rounding (1e-10 relative).
     ``gram_budget`` bounds the Grams held at once (``"auto"``: the model's fp32 size), locally
     by passes over the texts, one per chunk of input groups, and on Ray by the same chunks
     shared among the tasks in flight (``_ray_sums``); ``"none"``: one pass, no bound.

@@ -309,6 +309,17 @@ class RunConfig(_Section):
                 values[f.name] = value
         return cls(**{**values, **changes})
 
+    def calibration_settings(self) -> dict[str, Any]:
+        """The calibration section as the calibrate stage's key sees it (JSON).
+
+        Why: ``fisher_samples`` bounds only the gradient passes (``fwsvd``, ``loss_aware``);
+        for any other method it changes nothing, so it must not make a new calibration.
+        """
+        gradients = self.compress.method == "fwsvd" or self.calibration.loss_aware
+        return self.calibration.model_dump(
+            mode="json", exclude=None if gradients else {"fisher_samples"}
+        )
+
 
 def json_schema() -> dict[str, Any]:
     """The JSON schema of the YAML config (published as docs/config.schema.json)."""

@@ -40,9 +40,29 @@ from factorlm.pipeline.artifacts import (
 from factorlm.pipeline.config import RunConfig
 from factorlm.pipeline.memory import StagePeak
 
-__all__ = ["STAGE_LIBRARIES", "RunResult", "installed_versions", "run_pipeline", "stage_versions"]
+__all__ = [
+    "STAGE_LIBRARIES",
+    "STAGE_ORDER",
+    "RunResult",
+    "installed_versions",
+    "run_pipeline",
+    "stage_versions",
+]
 
 logger = logging.getLogger(__name__)
+
+#: The order the stages run in (a run skips those its config does not need).
+STAGE_ORDER: tuple[str, ...] = (
+    "export",
+    "data",
+    "reference",
+    "reference-scores",
+    "calibrate",
+    "compress",
+    "recover",
+    "build",
+    "benchmark",
+)
 
 #: The distributions whose versions each stage's output depends on (factorlm for all of them).
 STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -139,8 +159,9 @@ def run_pipeline(
     locked for the whole run: a second run on it raises ``ConfigError`` and touches nothing.
     ``timing_guard`` is entered around the benchmark's timed sections (a sweep's node lock).
     ``until`` names the last stage to run (``"reference-scores"``: only the stages that do not
-    depend on the compression, which a sweep runs once for all its trials); the result then has
-    no report.
+    depend on the compression, which a sweep runs once for all its trials); a config that skips
+    that stage stops before the first stage after it in ``STAGE_ORDER``. The result then has no
+    report.
     """
     if until is not None and until not in STAGE_LIBRARIES:
         raise ValueError(f"until must name a stage ({', '.join(STAGE_LIBRARIES)}), not {until!r}")
@@ -148,6 +169,10 @@ def run_pipeline(
     root = Path(config.output_dir)
     with lock_output_dir(root):
         return _run_locked(config, console, on_stage, force, timing_guard, until)
+
+
+def _direct(func: Callable[..., Any], /, *args: Any) -> Any:
+    return func(*args)
 
 
 class _Stop(Exception):
@@ -183,6 +208,8 @@ def _run_stages(
     store.update_header({"config": json.loads(config.model_dump_json()), "versions": installed})
 
     def stage(name: str, key: str, build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
+        if until is not None and STAGE_ORDER.index(name) > STAGE_ORDER.index(until):
+            raise _Stop  # ``until`` was skipped (e.g. no reference-scores for task none)
         console.rule(f"[bold]{name}")
         start = time.perf_counter()
         # A library upgrade must not reuse engines or reports made with the old one.
@@ -268,10 +295,13 @@ def _run_stages(
                         "export": exported.key,
                         "data": split.key,
                         "fisher": method == "fwsvd",
-                        "cfg": config.calibration.model_dump(mode="json"),
+                        "cfg": config.calibration_settings(),
                     }
                 ),
-                lambda out: on_ray(stages.calibrate, config, model, exported.path, split.path, out),
+                # Fisher gradients run in this process (PyTorch): no Ray session for them
+                lambda out: (on_ray if method != "fwsvd" else _direct)(
+                    stages.calibrate, config, model, exported.path, split.path, out
+                ),
             )
             stats_dir = calibrated.path
         plan_key = hash_files([config.compress.plan]) if config.compress.plan else None

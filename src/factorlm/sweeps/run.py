@@ -1,11 +1,14 @@
 """Run a sweep's trials on Ray: a local Ray by default, or an existing cluster by address.
 
 Each trial is one Ray task (``trial.run_trial``) holding ``cpus_per_trial`` CPUs; the driver
-only schedules, shows a live table and writes the results. Trials that share stages with an
-earlier trial wait for it and start from its stage folders (``plan_seeds``). A trial whose
+only schedules, shows a live table and writes the results. The stages trials share (export,
+data, the original's engine and its task outputs) run first, once per input group, as a job of
+their own (``shared.plan_shared``); the group's trials start from its folder, and trials that
+share a calibration wait for the first of them (``plan_seeds``). A trial whose
 ``trials/<id>/trial.json`` says done is not run again, so an interrupted sweep resumes where it
-stopped: trials with a result file are skipped (failed ones too, unless ``retry_failed``). Trial folders must be on storage every node sees (one
-machine, or a shared filesystem on a cluster), like the model and data paths in the config.
+stopped: trials with a result file are skipped (failed ones too, unless ``retry_failed``).
+Trial folders must be on storage every node sees (one machine, or a shared filesystem on a
+cluster), like the model and data paths in the config.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from factorlm.sweeps.config import SweepConfig
 from factorlm.sweeps.grid import Trial
 from factorlm.sweeps.report import write_results
 from factorlm.sweeps.select import Selection, TrialResult, select
-from factorlm.sweeps.shared import plan_seeds, plan_shared, run_shared
+from factorlm.sweeps.shared import StartPoints, plan_seeds, plan_shared, run_shared
 from factorlm.sweeps.trial import read_result, run_trial, write_result
 
 __all__ = ["SweepResult", "import_ray", "plan_seeds", "run_sweep"]
@@ -315,7 +318,6 @@ def _schedule(
     Trials that others wait for (a calibration's first trial) are submitted first; slots that
     nothing can use while the shared stages run warm their worker's imports.
     """
-    by_id = {t.id: t for t in progress.trials}
     options = {"num_cpus": cpus_per_trial, "max_retries": 0}
     trial_task = ray.remote(_remote_trial).options(**options, retry_exceptions=False)
     shared_task = ray.remote(run_shared).options(**options, retry_exceptions=False)
@@ -323,24 +325,19 @@ def _schedule(
     jobs, redirect = plan_shared(progress.trials, seeds, root)
     pending = {t.id for t in todo}
     jobs = {key: job for key, job in jobs.items() if pending.intersection(job.trials)}
-    job_ok: dict[str, bool | None] = dict.fromkeys(jobs)  # None: still running
+    starts = StartPoints(
+        jobs,
+        redirect,
+        seeds,
+        {t.id: t.output_dir for t in progress.trials},
+        finished=lambda ident: progress.state[ident] in ("done", "failed", "resumed"),
+        job_ok=dict.fromkeys(jobs),
+    )
     followers = Counter(seeds.get(t.id) for t in todo if t.id not in redirect)
     waiting = sorted(todo, key=lambda t: -followers.get(t.id, 0))  # stable: grid order within
     in_flight: dict[Any, tuple[str, Any]] = {}
     ran: list[str] = []
     warmed = False
-
-    def finished(ident: str | None) -> bool:
-        return ident is None or progress.state[ident] in ("done", "failed", "resumed")
-
-    def seed_of(t: Trial) -> tuple[bool, str | None]:
-        """Whether ``t`` can start, and the folder it starts from."""
-        if t.id in redirect and redirect[t.id] in jobs:
-            job = jobs[redirect[t.id]]
-            ok = job_ok[job.id]
-            return ok is not None, str(job.folder) if ok else None  # failed: start bare
-        seed = seeds.get(t.id)
-        return finished(seed), str(by_id[seed].output_dir) if seed else None
 
     try:
         for job in jobs.values():
@@ -351,7 +348,7 @@ def _schedule(
                 for t in list(waiting):
                     if len(in_flight) >= limit:
                         break
-                    ready, source = seed_of(t)
+                    ready, source = starts.of(t.id)
                     if not ready:
                         continue
                     waiting.remove(t)
@@ -369,7 +366,7 @@ def _schedule(
                 for ref in done:
                     kind, what = in_flight.pop(ref)
                     if kind == "shared":
-                        job_ok[what] = _collect_shared(ray, ref, what)
+                        starts.job_ok[what] = _collect_shared(ray, ref, what)
                         progress.shared -= 1
                     elif kind == "trial":
                         result = _collect(ray, ref, what)

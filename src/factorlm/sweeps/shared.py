@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from factorlm.sweeps.grid import Trial
 __all__ = [
     "LAST_SHARED_STAGE",
     "SharedJob",
+    "StartPoints",
     "calibration_kind",
     "plan_seeds",
     "plan_shared",
@@ -63,8 +64,8 @@ def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
     Trials with the same model, export, data and task share export and data; those that also
     calibrate alike share the statistics. The original's engine and its recorded task outputs
     travel with them (``trial.SHARED_STAGES``) and are reused where the build and benchmark
-    settings match too (the stage keys decide). The first trial of each such group runs first (a
-    warm-up that populates the shared stages); the others start from its folder.
+    settings match too (the stage keys decide). ``plan_shared`` turns each group into a shared
+    job; a trial whose job failed falls back to waiting for its seed here.
     """
     first_inputs: dict[str, str] = {}
     first_stats: dict[str, str] = {}
@@ -80,7 +81,7 @@ def plan_seeds(trials: list[Trial]) -> dict[str, str | None]:
             }
         )
         kind = calibration_kind(t)
-        calibration = cfg.calibration.model_dump(mode="json") if kind else None
+        calibration = cfg.calibration_settings() if kind else None
         stats = hash_json({"inputs": inputs, "kind": kind, "calibration": calibration})
         leader = first_inputs.setdefault(inputs, t.id)
         stats_leader = first_stats.setdefault(stats, t.id)
@@ -128,15 +129,49 @@ def plan_shared(
     return jobs, redirect
 
 
+@dataclass
+class StartPoints:
+    """Whether each trial can start yet, and the folder it starts from.
+
+    A trial of a shared job starts from the job's folder once the job is done. When the job
+    failed, its trials fall back to their seeds (``plan_seeds``): the group's first trial starts
+    bare and meets the error itself, the others wait for it as they did before shared jobs,
+    instead of all starting bare at once and each redoing the export.
+    """
+
+    jobs: Mapping[str, SharedJob]
+    redirect: Mapping[str, str]
+    seeds: Mapping[str, str | None]
+    folders: Mapping[str, Path]
+    finished: Callable[[str], bool]
+    job_ok: dict[str, bool | None] = field(default_factory=dict)  # None: still running
+
+    def of(self, trial_id: str) -> tuple[bool, str | None]:
+        job_id = self.redirect.get(trial_id)
+        if job_id is not None and job_id in self.jobs:
+            ok = self.job_ok.get(job_id)
+            if ok is None:
+                return False, None
+            if ok:
+                return True, str(self.jobs[job_id].folder)
+        seed = self.seeds.get(trial_id)
+        if seed is None:
+            return True, None
+        return self.finished(seed), str(self.folders[seed])
+
+
 def _shares_calibration(trial: Trial, leader: Trial) -> bool:
     """Whether ``trial`` reuses ``leader``'s calibration stage (same kind and settings)."""
     kind = calibration_kind(trial)
     return kind is not None and (
-        kind == calibration_kind(leader) and trial.config.calibration == leader.config.calibration
+        kind == calibration_kind(leader)
+        and trial.config.calibration_settings() == leader.config.calibration_settings()
     )
 
 
-def run_shared(job_id: str, config: Mapping[str, Any]) -> dict[str, Any]:
+def run_shared(
+    job_id: str, config: Mapping[str, Any], lock_dir: str | None = None
+) -> dict[str, Any]:
     """Run a shared job's stages (a Ray task body); ``{"id", "ok", "error", "seconds"}``.
 
     An error is returned, not raised: the trials then start without the shared stages and
@@ -144,15 +179,25 @@ def run_shared(job_id: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """
     from factorlm.pipeline.config import parse_config
     from factorlm.pipeline.run import run_pipeline
+    from factorlm.sweeps.trial import NodeBenchLock
 
     start = time.perf_counter()
     run_config = parse_config(dict(config), source=job_id)
     folder = Path(run_config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.log").unlink(missing_ok=True)  # a resumed sweep's old failure
     with (folder / "shared.log").open("a", encoding="utf-8") as log:
         console = Console(file=log, width=120, force_terminal=False, highlight=False)
+        # computes like a trial: steps aside for another trial's timed benchmark
+        lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
         try:
-            run_pipeline(run_config, console=console, until=LAST_SHARED_STAGE)
+            with lock.held():
+                run_pipeline(
+                    run_config,
+                    console=console,
+                    until=LAST_SHARED_STAGE,
+                    on_stage=lambda _stage: lock.pause(),
+                )
         except Exception as exc:
             (folder / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
             error = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]

@@ -23,6 +23,7 @@ share one lock, as they share its CPUs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -300,8 +301,6 @@ def _freeze_heap() -> None:
     trial. What is alive when a trial starts outlives it anyway; the trial's own objects are
     still collected as usual.
     """
-    import gc
-
     gc.collect()
     gc.freeze()
 
@@ -328,41 +327,44 @@ def run_trial(
     (trial_dir / _ERROR_FILE).unlink(missing_ok=True)
     node = node or socket.gethostname()
     _freeze_heap()
-    start = time.perf_counter()
-    lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
-    with (trial_dir / _LOG_FILE).open("a", encoding="utf-8") as log:
-        console = Console(file=log, width=120, force_terminal=False, highlight=False)
-        try:
-            if seed_from is not None:
-                seeded = seed_stages(Path(seed_from), trial_dir)
-                if seeded:
-                    console.print(f"Reusing {', '.join(seeded)} from {seed_from}")
-            with lock.held():
+    try:
+        start = time.perf_counter()
+        lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
+        with (trial_dir / _LOG_FILE).open("a", encoding="utf-8") as log:
+            console = Console(file=log, width=120, force_terminal=False, highlight=False)
+            try:
+                if seed_from is not None:
+                    seeded = seed_stages(Path(seed_from), trial_dir)
+                    if seeded:
+                        console.print(f"Reusing {', '.join(seeded)} from {seed_from}")
+                with lock.held():
 
-                @contextlib.contextmanager
-                def timed() -> Iterator[None]:  # latency: the node's CPUs to this trial alone
-                    with lock.exclusive() as waited:
-                        console.print(f"Benchmark lock taken after {waited:.1f} s")
-                        yield
+                    @contextlib.contextmanager
+                    def timed() -> Iterator[None]:  # latency: the node's CPUs to this trial alone
+                        with lock.exclusive() as waited:
+                            console.print(f"Benchmark lock taken after {waited:.1f} s")
+                            yield
 
-                run = run_pipeline(
-                    run_config,
-                    console=console,
-                    timing_guard=timed,
-                    on_stage=lambda _stage: lock.pause(),  # a waiting benchmark goes first
+                    run = run_pipeline(
+                        run_config,
+                        console=console,
+                        timing_guard=timed,
+                        on_stage=lambda _stage: lock.pause(),  # a waiting benchmark goes first
+                    )
+                result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
+            except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
+                (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+                console.print(f"Trial failed: {_one_line(exc)}")
+                result = TrialResult(
+                    id=trial_id,
+                    params=dict(params),
+                    status="failed",
+                    error=_one_line(exc),
+                    seconds=round(time.perf_counter() - start, 2),
+                    node=node,
+                    output_dir=str(trial_dir),
                 )
-            result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
-        except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
-            (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-            console.print(f"Trial failed: {_one_line(exc)}")
-            result = TrialResult(
-                id=trial_id,
-                params=dict(params),
-                status="failed",
-                error=_one_line(exc),
-                seconds=round(time.perf_counter() - start, 2),
-                node=node,
-                output_dir=str(trial_dir),
-            )
+    finally:
+        gc.unfreeze()  # what the trial left behind is collectable again
     write_result(trial_dir, result)
     return result.to_dict()
