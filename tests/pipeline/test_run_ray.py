@@ -54,3 +54,41 @@ def test_run_connects_to_ray_once_for_calibrate_and_compress(
     mapped.clear()
     assert cli.main(["run", str(tmp_path / "job.yaml")]) == 0
     assert mapped == [] and starts() == 0  # every stage reused: Ray not even connected to
+
+
+def test_fisher_calibration_runs_without_ray(
+    ray_cluster: Any,
+    tiny_bert_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FWSVD's gradients are PyTorch work in this process: its calibrate stage opens no Ray
+    session; the compress stage after it still factorizes on Ray."""
+    ray = pytest.importorskip("ray")
+    from factorlm.pipeline import stages
+
+    monkeypatch.setenv("FACTORLM_CACHE", str(tmp_path / "cache"))
+    write_reviews(tmp_path / "reviews.jsonl")
+    config = {**review_job(tiny_bert_dir), "output_dir": "out"}
+    config["compress"].update(method="fwsvd", ray_address=ray_cluster.address)
+    config["benchmark"]["goals"] = {"min_speedup": 0.01}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    ray_during_calibrate: list[bool] = []
+    real_calibrate = stages.calibrate
+
+    def watched(*args: Any) -> Any:
+        ray_during_calibrate.append(ray.is_initialized())
+        return real_calibrate(*args)
+
+    monkeypatch.setattr(stages, "calibrate", watched)
+    mapped: list[str] = []
+    real_map = distributed.ordered_map
+
+    def recording_map(func: Any, jobs: Any, **kwargs: Any) -> Any:
+        mapped.append(func.__name__)
+        return real_map(func, jobs, **kwargs)
+
+    monkeypatch.setattr(distributed, "ordered_map", recording_map)
+    assert cli.main(["run", str(tmp_path / "job.yaml")]) == 0
+    assert ray_during_calibrate == [False]
+    assert mapped == ["factorize_source"]
