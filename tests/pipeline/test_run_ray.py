@@ -18,12 +18,27 @@ from factorlm import cli, distributed
 from tiny_vocab import review_job, write_reviews
 
 
+@pytest.fixture
+def mapped(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions ``distributed.ordered_map`` sent to Ray, in order."""
+    names: list[str] = []
+    real_map = distributed.ordered_map
+
+    def recording_map(func: Any, jobs: Any, **kwargs: Any) -> Any:
+        names.append(func.__name__)
+        return real_map(func, jobs, **kwargs)
+
+    monkeypatch.setattr(distributed, "ordered_map", recording_map)
+    return names
+
+
 def test_run_connects_to_ray_once_for_calibrate_and_compress(
     ray_cluster: Any,
     tiny_bert_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    mapped: list[str],
 ) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("FACTORLM_CACHE", str(tmp_path / "cache"))  # no cached statistics
@@ -32,14 +47,6 @@ def test_run_connects_to_ray_once_for_calibrate_and_compress(
     config["compress"]["ray_address"] = ray_cluster.address
     config["benchmark"]["goals"] = {"min_speedup": 0.01}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    mapped: list[str] = []
-    real_map = distributed.ordered_map
-
-    def recording_map(func: Any, jobs: Any, **kwargs: Any) -> Any:
-        mapped.append(func.__name__)
-        return real_map(func, jobs, **kwargs)
-
-    monkeypatch.setattr(distributed, "ordered_map", recording_map)
     caplog.set_level(logging.INFO, logger="factorlm.distributed")
 
     def starts() -> int:
@@ -61,6 +68,7 @@ def test_fisher_calibration_runs_without_ray(
     tiny_bert_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    mapped: list[str],
 ) -> None:
     """FWSVD's gradients are PyTorch work in this process: its calibrate stage opens no Ray
     session; the compress stage after it still factorizes on Ray."""
@@ -81,14 +89,6 @@ def test_fisher_calibration_runs_without_ray(
         return real_calibrate(*args)
 
     monkeypatch.setattr(stages, "calibrate", watched)
-    mapped: list[str] = []
-    real_map = distributed.ordered_map
-
-    def recording_map(func: Any, jobs: Any, **kwargs: Any) -> Any:
-        mapped.append(func.__name__)
-        return real_map(func, jobs, **kwargs)
-
-    monkeypatch.setattr(distributed, "ordered_map", recording_map)
     assert cli.main(["run", str(tmp_path / "job.yaml")]) == 0
     assert ray_during_calibrate == [False]
     assert mapped == ["factorize_source"]

@@ -446,8 +446,8 @@ def _ray_sums(
     holding, or having returned, one chunk's Grams) and the driver adds up one more chunk, so a
     chunk's Grams get ``gram_budget / (n + 1)``; the input groups are cut into chunks of that
     size as the local passes cut them (a group wider than that is a chunk of its own, and then
-    the budget is exceeded: on many CPUs the share is small). Each
-    chunk is split into ``n // chunks`` shards of consecutive whole batches (at least one, at
+    the budget is exceeded: on many CPUs the share is small). Each chunk is split into
+    ``n // chunks`` shards of consecutive whole batches (at least one, at
     most one per batch), and each Ray task computes one (chunk, shard) pair with its own ORT
     session and returns only that chunk's sums. The driver adds a chunk's shards in order and,
     when there are several chunks, makes its Grams symmetric and spills them to ``spill``
@@ -571,7 +571,8 @@ def collect_statistics(
     the head's input and the count of each token id looked up (``stats.token_counts``).
     ``ray_address`` (``compress --ray``'s address words) splits the texts into consecutive
     whole-batch shards, as many per chunk of Grams as the cluster's CPUs allow, each a Ray task
-    with its own ORT session, and adds their sums in shard order: equal to the local statistics up to rounding (1e-10 relative).
+    with its own ORT session, and adds their sums in shard order: equal to the local statistics
+    up to rounding (1e-10 relative).
     ``gram_budget`` bounds the Grams held at once (``"auto"``: the model's fp32 size), locally
     by passes over the texts, one per chunk of input groups, and on Ray by the same chunks
     shared among the tasks in flight (``_ray_sums``); ``"none"``: one pass, no bound.

@@ -163,16 +163,12 @@ def run_pipeline(
     that stage stops before the first stage after it in ``STAGE_ORDER``. The result then has no
     report.
     """
-    if until is not None and until not in STAGE_LIBRARIES:
-        raise ValueError(f"until must name a stage ({', '.join(STAGE_LIBRARIES)}), not {until!r}")
+    if until is not None and until not in STAGE_ORDER:
+        raise ValueError(f"until must name a stage ({', '.join(STAGE_ORDER)}), not {until!r}")
     console = console or Console(stderr=True)
     root = Path(config.output_dir)
     with lock_output_dir(root):
         return _run_locked(config, console, on_stage, force, timing_guard, until)
-
-
-def _direct(func: Callable[..., Any], /, *args: Any) -> Any:
-    return func(*args)
 
 
 class _Stop(Exception):
@@ -298,9 +294,10 @@ def _run_stages(
                         "cfg": config.calibration_settings(),
                     }
                 ),
-                # Fisher gradients run in this process (PyTorch): no Ray session for them
-                lambda out: (on_ray if method != "fwsvd" else _direct)(
-                    stages.calibrate, config, model, exported.path, split.path, out
+                lambda out: (
+                    stages.calibrate(config, model, exported.path, split.path, out)
+                    if method == "fwsvd"  # Fisher gradients: PyTorch in this process, no Ray
+                    else on_ray(stages.calibrate, config, model, exported.path, split.path, out)
                 ),
             )
             stats_dir = calibrated.path

@@ -389,16 +389,16 @@ def _schedule(
 
 
 def _collect_shared(ray: Any, ref: Any, job_id: str) -> bool:
-    """Whether a shared job finished; its trials start without it when it did not."""
+    """Whether a shared job finished (``StartPoints`` decides what its trials do when not)."""
     try:
         answer = ray.get(ref)
     except Exception as exc:
-        logger.warning("Shared stages %s failed (%s); trials start without them", job_id, exc)
-        return False
+        answer = {"ok": False, "error": str(exc)}
     if not answer.get("ok"):
         logger.warning(
-            "Shared stages %s failed (%s); trials start without them", job_id, answer.get("error")
-        )
+            "Shared stages %s failed (%s); their trials fall back to the seed order",
+            job_id, answer.get("error"),
+        )  # fmt: skip
     return bool(answer.get("ok"))
 
 

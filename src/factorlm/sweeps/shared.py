@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,29 +177,19 @@ def run_shared(
     meet (and record) the same error themselves.
     """
     from factorlm.pipeline.config import parse_config
-    from factorlm.pipeline.run import run_pipeline
-    from factorlm.sweeps.trial import NodeBenchLock
+    from factorlm.sweeps.trial import ERROR_FILE, record_failure, run_on_node
 
     start = time.perf_counter()
     run_config = parse_config(dict(config), source=job_id)
     folder = Path(run_config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.log").unlink(missing_ok=True)  # a resumed sweep's old failure
+    (folder / ERROR_FILE).unlink(missing_ok=True)  # a resumed sweep's old failure
     with (folder / "shared.log").open("a", encoding="utf-8") as log:
         console = Console(file=log, width=120, force_terminal=False, highlight=False)
-        # computes like a trial: steps aside for another trial's timed benchmark
-        lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
-        try:
-            with lock.held():
-                run_pipeline(
-                    run_config,
-                    console=console,
-                    until=LAST_SHARED_STAGE,
-                    on_stage=lambda _stage: lock.pause(),
-                )
+        try:  # computes like a trial: steps aside for another trial's timed benchmark
+            run_on_node(run_config, console, lock_dir, until=LAST_SHARED_STAGE)
         except Exception as exc:
-            (folder / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-            error = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+            error = record_failure(folder, exc)
             return {"id": job_id, "ok": False, "error": error, "seconds": _since(start)}
     return {"id": job_id, "ok": True, "error": None, "seconds": _since(start)}
 

@@ -40,7 +40,7 @@ from rich.console import Console
 
 from factorlm._common.files import write_text_atomic
 from factorlm._common.outputs import external_data_files, make_stage, remove_owned
-from factorlm.pipeline.config import parse_config
+from factorlm.pipeline.config import RunConfig, parse_config
 from factorlm.pipeline.run import RunResult, run_pipeline
 from factorlm.sweeps.select import TrialResult
 
@@ -63,7 +63,8 @@ RESULT_FILE = "trial.json"
 SHARED_STAGES = ("export", "data", "calibrate", "reference", "reference-scores")
 _MANIFEST = "manifest.json"  # the pipeline's run manifest (pipeline.artifacts)
 _LOG_FILE = "trial.log"
-_ERROR_FILE = "error.log"
+#: A failed job's traceback (a trial, or a sweep's shared job).
+ERROR_FILE = "error.log"
 
 
 def _one_line(exc: BaseException, limit: int = 400) -> str:
@@ -292,6 +293,42 @@ def result_from_run(
     )
 
 
+def run_on_node(
+    run_config: RunConfig,
+    console: Console,
+    lock_dir: str | None = None,
+    *,
+    until: str | None = None,
+) -> RunResult:
+    """``run_pipeline`` as one job of a node shared with other trials.
+
+    It computes holding the node's lock shared, steps aside between stages for a benchmark
+    that waits (``NodeBenchLock.pause``), and times its own benchmark with the node to itself.
+    """
+    lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
+    with lock.held():
+
+        @contextlib.contextmanager
+        def timed() -> Iterator[None]:  # latency: the node's CPUs to this job alone
+            with lock.exclusive() as waited:
+                console.print(f"Benchmark lock taken after {waited:.1f} s")
+                yield
+
+        return run_pipeline(
+            run_config,
+            console=console,
+            timing_guard=timed,
+            on_stage=lambda _stage: lock.pause(),  # a waiting benchmark goes first
+            until=until,
+        )
+
+
+def record_failure(folder: Path, exc: BaseException) -> str:
+    """Write the traceback being handled to ``folder/error.log``; return ``exc`` in one line."""
+    (folder / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+    return _one_line(exc)
+
+
 def _freeze_heap() -> None:
     """Collect garbage, then move every surviving object out of the collector's sight.
 
@@ -324,12 +361,11 @@ def run_trial(
     trial_dir = Path(run_config.output_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / RESULT_FILE).unlink(missing_ok=True)
-    (trial_dir / _ERROR_FILE).unlink(missing_ok=True)
+    (trial_dir / ERROR_FILE).unlink(missing_ok=True)
     node = node or socket.gethostname()
     _freeze_heap()
     try:
         start = time.perf_counter()
-        lock = NodeBenchLock(Path(lock_dir) if lock_dir else None)
         with (trial_dir / _LOG_FILE).open("a", encoding="utf-8") as log:
             console = Console(file=log, width=120, force_terminal=False, highlight=False)
             try:
@@ -337,29 +373,16 @@ def run_trial(
                     seeded = seed_stages(Path(seed_from), trial_dir)
                     if seeded:
                         console.print(f"Reusing {', '.join(seeded)} from {seed_from}")
-                with lock.held():
-
-                    @contextlib.contextmanager
-                    def timed() -> Iterator[None]:  # latency: the node's CPUs to this trial alone
-                        with lock.exclusive() as waited:
-                            console.print(f"Benchmark lock taken after {waited:.1f} s")
-                            yield
-
-                    run = run_pipeline(
-                        run_config,
-                        console=console,
-                        timing_guard=timed,
-                        on_stage=lambda _stage: lock.pause(),  # a waiting benchmark goes first
-                    )
+                run = run_on_node(run_config, console, lock_dir)
                 result = result_from_run(trial_id, params, run, time.perf_counter() - start, node)
             except Exception as exc:  # recorded, never raised: one failed trial ends no sweep
-                (trial_dir / _ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-                console.print(f"Trial failed: {_one_line(exc)}")
+                error = record_failure(trial_dir, exc)
+                console.print(f"Trial failed: {error}")
                 result = TrialResult(
                     id=trial_id,
                     params=dict(params),
                     status="failed",
-                    error=_one_line(exc),
+                    error=error,
                     seconds=round(time.perf_counter() - start, 2),
                     node=node,
                     output_dir=str(trial_dir),
